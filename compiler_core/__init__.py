@@ -1,0 +1,5 @@
+"""modelc's core: the IR, hook specs, plugin manager, formats, runtime and CLI group."""
+
+from compiler_core.hookspecs import hookimpl
+
+__all__ = ["hookimpl"]

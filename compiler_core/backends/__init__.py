@@ -1,0 +1,1 @@
+"""Execution backends that ship with the core."""

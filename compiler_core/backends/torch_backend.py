@@ -1,0 +1,31 @@
+"""The torch backend: per-rank safetensors executed by the reference executor (CPU or CUDA)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compiler_core.checkpoint import load_rank_weights, rank_file, save_rank_weights
+from compiler_core.ir import Graph
+from compiler_core.registry import Backend
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    description = "PyTorch executor: runs everywhere (CPU included); the fast path on NVIDIA GPUs."
+
+    def preference(self) -> int:
+        return 0
+
+    def build_rank(self, graph: Graph, weights: dict[str, torch.Tensor], out_dir: Path, rank: int, settings: dict[str, Any]):
+        save_rank_weights(rank_file(out_dir, rank), {name: weights[name] for name in graph.params})
+        return {"weights": rank_file(out_dir, rank).name}
+
+    def load_rank(self, engine_dir: Path, engine_config: dict[str, Any], rank: int, device: str):
+        from compiler_core.engine import engine_graph
+        from compiler_core.runtime.session import TorchSession
+
+        graph = engine_graph(engine_config, rank)
+        return TorchSession(graph, load_rank_weights(rank_file(engine_dir, rank)), device)

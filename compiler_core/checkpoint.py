@@ -1,0 +1,95 @@
+"""The checkpoint directory: ``config.json`` + ``rank{r}.safetensors`` (r = pp_rank * tp_size + tp_rank)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping as AbcMapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from compiler_core.errors import UsageError
+from compiler_core.fileio import read_json, write_json
+from compiler_core.mapping import Mapping
+
+FORMAT = "modelc-checkpoint"
+FORMAT_VERSION = 1
+DTYPES = ("float32", "float16", "bfloat16")
+REQUIRED_FIELDS = ("architecture", "dtype", "mapping", "quantization", "format_version")
+
+NO_QUANTIZATION: dict[str, Any] = {"quant_algo": None, "kv_cache_quant_algo": None}
+
+
+def rank_file(directory: Path, rank: int, suffix: str = "safetensors") -> Path:
+    return Path(directory) / f"rank{rank}.{suffix}"
+
+
+def save_rank_weights(path: Path, weights: AbcMapping[str, torch.Tensor]) -> None:
+    """Save one rank's tensors; tensors that share storage (tied weights) are stored separately."""
+    seen: set[int] = set()
+    out = {}
+    for name in sorted(weights):
+        t = weights[name].contiguous()
+        if t.untyped_storage().data_ptr() in seen:
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        out[name] = t
+    save_file(out, str(path), metadata={"format": "pt"})
+
+
+def load_rank_weights(path: Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path}: rank weights not found")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise UsageError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+def make_config(
+    model_config: dict[str, Any], dtype: str, mapping: Mapping, quantization: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        **model_config,
+        "dtype": dtype,
+        "mapping": mapping.to_json(),
+        "quantization": {**NO_QUANTIZATION, **(quantization or {})},
+    }
+
+
+def write_config(directory: Path, config: dict[str, Any]) -> None:
+    write_json(Path(directory) / "config.json", config)
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    """Read and validate a checkpoint's config.json; errors name the file and field."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UsageError(f"{directory}: checkpoint directory not found")
+    path = directory / "config.json"
+    config = read_json(path, "checkpoint config")
+    for field in REQUIRED_FIELDS:
+        if field not in config:
+            raise UsageError(f"{path}: field {field!r} is missing")
+    if config["format_version"] != FORMAT_VERSION:
+        raise UsageError(f"{path}: format_version {config['format_version']!r} is not {FORMAT_VERSION}")
+    if config["dtype"] not in DTYPES:
+        raise UsageError(f"{path}: field 'dtype' is {config['dtype']!r}, expected one of {', '.join(DTYPES)}")
+    if not isinstance(config["quantization"], dict):
+        raise UsageError(f"{path}: field 'quantization' must be an object")
+    mapping = Mapping.from_json(config["mapping"], str(path))
+    missing = [r for r in mapping.ranks() if not rank_file(directory, r).is_file()]
+    if missing:
+        raise UsageError(
+            f"{directory}: rank{missing[0]}.safetensors is missing (mapping has world_size {mapping.world_size})"
+        )
+    return config
+
+
+def mapping_of(config: dict[str, Any]) -> Mapping:
+    return Mapping.from_json(config["mapping"])

@@ -1,0 +1,13 @@
+"""``modelc summarize``."""
+
+from __future__ import annotations
+
+import click
+
+from compiler_core.errors import ModelcError
+
+
+@click.command("summarize", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+def summarize_command() -> None:
+    """Not built yet in this version of modelc."""
+    raise ModelcError("'modelc summarize' is not built yet in this version")

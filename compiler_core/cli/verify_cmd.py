@@ -1,0 +1,13 @@
+"""``modelc verify``."""
+
+from __future__ import annotations
+
+import click
+
+from compiler_core.errors import ModelcError
+
+
+@click.command("verify", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+def verify_command() -> None:
+    """Not built yet in this version of modelc."""
+    raise ModelcError("'modelc verify' is not built yet in this version")

@@ -1,0 +1,15 @@
+"""Errors the CLI turns into one line on stderr and an exit code."""
+
+from __future__ import annotations
+
+
+class ModelcError(Exception):
+    """A failure the user can act on; the message is the whole story."""
+
+    exit_code = 1
+
+
+class UsageError(ModelcError):
+    """Bad input: a file, field, flag or value. Exit code 2."""
+
+    exit_code = 2

@@ -1,0 +1,36 @@
+"""Summaries of checkpoint and engine directories for ``modelc inspect``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from compiler_core.checkpoint import read_config
+from compiler_core.errors import UsageError
+from compiler_core.ir import format_graph
+from compiler_core.mapping import Mapping
+from compiler_core.model import rank_graph
+
+
+def describe(directory: Path, max_nodes: int | None = 40) -> str:
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise UsageError(f"{directory}: no config.json (not a modelc checkpoint or engine)")
+    from compiler_core.fileio import read_json
+
+    raw = read_json(directory / "config.json")
+    if raw.get("format") == "modelc-engine":
+        from compiler_core.engine import describe_engine
+
+        return describe_engine(directory, raw, max_nodes)
+    config = read_config(directory)
+    mapping = Mapping.from_json(config["mapping"])
+    q = config["quantization"]
+    lines = [
+        f"checkpoint {directory}",
+        f"  architecture: {config['architecture']}  dtype: {config['dtype']}  "
+        f"mapping: tp={mapping.tp_size} pp={mapping.pp_size} world={mapping.world_size}",
+        f"  quantization: quant_algo={q.get('quant_algo')} kv_cache_quant_algo={q.get('kv_cache_quant_algo')}",
+    ]
+    for rank in mapping.ranks():
+        lines.append(format_graph(rank_graph(config, rank, str(directory / "config.json")), max_nodes=max_nodes))
+    return "\n".join(lines)

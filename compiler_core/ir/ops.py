@@ -1,0 +1,81 @@
+"""Operation signatures.
+
+An :class:`OpSpec` says how many inputs and outputs an op has, which parameter roles it needs
+and which attributes must be present. The core registers the ops every decoder needs through
+the same ``register_ops`` hook that a plugin uses for its own (a quantized linear, say), so the
+validator knows every op without the core naming any plugin.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """The signature of one op kind."""
+
+    name: str
+    doc: str
+    num_inputs: tuple[int, int] = (1, 1)
+    num_outputs: int = 1
+    params: tuple[str, ...] = ()
+    optional_params: tuple[str, ...] = ()
+    attrs: tuple[str, ...] = ()
+    optional_attrs: tuple[str, ...] = ()
+    #: Sets of ops the core treats alike (e.g. every op in "linear" is a GEMM with a weight
+    #: [out, in]: quantizers, sharding rules and scale groups look for that tag).
+    tags: frozenset[str] = field(default_factory=frozenset)
+
+
+def _unary(name: str, doc: str, **kw) -> OpSpec:
+    return OpSpec(name, doc, **kw)
+
+
+CORE_OPS: tuple[OpSpec, ...] = (
+    OpSpec("embedding", "Token ids [b, s] -> rows of `weight` [vocab, hidden].", params=("weight",)),
+    OpSpec(
+        "layer_norm",
+        "LayerNorm over the last axis: (x - mean) / sqrt(var + eps) * weight + bias.",
+        params=("weight",),
+        optional_params=("bias",),
+        attrs=("eps",),
+    ),
+    OpSpec("rms_norm", "x / sqrt(mean(x^2) + eps) * weight.", params=("weight",), attrs=("eps",)),
+    OpSpec(
+        "linear",
+        "x @ weight.T (+ bias), weight [out, in]. attr `parallel` is 'column', 'row' or absent.",
+        params=("weight",),
+        optional_params=("bias",),
+        optional_attrs=("parallel",),
+        tags=frozenset({"linear"}),
+    ),
+    OpSpec("bias_add", "x + bias (bias broadcast over the last axis).", params=("bias",)),
+    OpSpec(
+        "attention",
+        "Causal self-attention with a KV cache. Input: fused [Q(num_heads) | K(num_kv_heads) | V(num_kv_heads)]"
+        " rows of head_dim each; output [b, s, num_heads*head_dim]. `position_embedding` is 'rope', 'alibi'"
+        " or 'none'; `cache_slot` names the layer's KV-cache slot.",
+        optional_params=("kv_cache_scaling_factor",),
+        attrs=("num_heads", "num_kv_heads", "head_dim", "cache_slot", "position_embedding"),
+        optional_attrs=(
+            "rope_theta",
+            "rotary_dim",
+            "rope_scaling",
+            "alibi_num_heads",
+            "alibi_head_offset",
+            "alibi_scale",
+            "alibi_compute_dtype",
+            "softmax_scale",
+            "kv_cache_dtype",
+        ),
+    ),
+    OpSpec("gelu", "GELU; attr `approximate` is 'none' (erf) or 'tanh'.", optional_attrs=("approximate",)),
+    OpSpec("relu", "max(x, 0)."),
+    OpSpec("silu", "x * sigmoid(x)."),
+    OpSpec("add", "Elementwise a + b.", num_inputs=(2, 2)),
+    OpSpec("mul", "Elementwise a * b.", num_inputs=(2, 2)),
+    OpSpec("all_reduce", "Sum across the tensor-parallel group.", optional_attrs=("group",)),
+    OpSpec("all_gather", "Concatenate across the tensor-parallel group along `axis`.", attrs=("axis",)),
+    OpSpec("narrow", "Slice `length` elements from `start` along `axis`.", attrs=("axis", "start", "length")),
+)

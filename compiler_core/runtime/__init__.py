@@ -1,0 +1,1 @@
+"""Executing graphs: the reference executor, KV cache, generation and multi-rank runs."""

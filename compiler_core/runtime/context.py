@@ -1,0 +1,115 @@
+"""Per-forward state shared by every node of a graph: positions, mask, KV cache, collectives."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+FP8_E4M3_MAX = 448.0
+
+
+class Communicator(Protocol):
+    """Collectives within a tensor-parallel group."""
+
+    tp_size: int
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def all_gather(self, x: torch.Tensor, axis: int) -> torch.Tensor: ...
+
+
+@dataclass
+class CacheSlot:
+    """One attention layer's cache: [batch, kv_heads, max_len, head_dim] for K and V.
+
+    When ``scale`` is set the slot stores a quantized type (e.g. float8_e4m3fn): values are
+    divided by the scale and saturated on write, multiplied back on read.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    scale: torch.Tensor | None = None
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scale is None:
+            return x.to(self.k.dtype)
+        limit = torch.finfo(self.k.dtype).max
+        return (x.float() / self.scale).clamp(-limit, limit).to(self.k.dtype)
+
+    def _decode(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if self.scale is None:
+            return x
+        return (x.float() * self.scale).to(dtype)
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = self._encode(k)
+        self.v[:, :, start:end] = self._encode(v)
+
+    def read(self, end: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._decode(self.k[:, :, :end], dtype), self._decode(self.v[:, :, :end], dtype)
+
+
+@dataclass
+class KVCache:
+    """Preallocated key/value storage for every attention slot of one rank."""
+
+    slots: dict[str, CacheSlot]
+    max_len: int
+
+    @classmethod
+    def allocate(
+        cls,
+        specs: dict[str, dict[str, Any]],
+        batch: int,
+        max_len: int,
+        device: torch.device | str,
+    ) -> KVCache:
+        """``specs`` maps slot -> {num_kv_heads, head_dim, dtype, scale (optional tensor)}."""
+        slots = {}
+        for name, spec in specs.items():
+            shape = (batch, spec["num_kv_heads"], max_len, spec["head_dim"])
+            dtype = spec["dtype"]
+            slots[name] = CacheSlot(
+                torch.zeros(shape, dtype=dtype, device=device),
+                torch.zeros(shape, dtype=dtype, device=device),
+                spec.get("scale"),
+            )
+        return cls(slots, max_len)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Gather batch rows (beam search keeps the cache of each surviving beam)."""
+        for slot in self.slots.values():
+            slot.k = slot.k.index_select(0, index)
+            slot.v = slot.v.index_select(0, index)
+
+
+@dataclass
+class ForwardContext:
+    """What a forward pass knows besides its input tensor.
+
+    ``attention_mask`` is [batch, start + seq] with 1 for real tokens and 0 for padding,
+    covering the cached tokens and the new ones; ``positions`` are the new tokens' position
+    ids [batch, seq]. Kernels memoise derived tensors (rotary tables, masks) in ``memo`` so
+    each is computed once per forward, not once per layer.
+    """
+
+    positions: torch.Tensor
+    attention_mask: torch.Tensor
+    start: int = 0
+    cache: KVCache | None = None
+    comm: Communicator | None = None
+    memo: dict[Any, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def for_prompt(cls, attention_mask: torch.Tensor, **kw: Any) -> ForwardContext:
+        """Context for a whole (left-padded) prompt: positions count real tokens only."""
+        return cls(positions=positions_from_mask(attention_mask), attention_mask=attention_mask, **kw)
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids for left-padded rows: 0 at each row's first real token (pads get 1)."""
+    positions = mask.long().cumsum(-1) - 1
+    return positions.masked_fill(mask == 0, 1)

@@ -1,0 +1,78 @@
+"""Runs a graph node by node with kernels obtained from the ``lower_layer`` hook."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from compiler_core.errors import ModelcError
+from compiler_core.ir import Graph
+from compiler_core.runtime.context import ForwardContext, KVCache
+from compiler_core.runtime.kernels import TorchLowering, torch_dtype
+
+
+class GraphExecutor:
+    """The torch reference executor for one rank's graph.
+
+    Kernels come from the ``lower_layer`` hook with ``backend="torch"``, so a plugin's op (a
+    quantized linear, say) runs here exactly like a core op. Intermediate values are dropped
+    after their last use.
+    """
+
+    def __init__(self, graph: Graph, weights: Mapping[str, torch.Tensor], device: torch.device | str = "cpu"):
+        from compiler_core.plugins import get_plugin_manager
+
+        self.graph = graph
+        self.device = torch.device(device)
+        self.dtype = torch_dtype(graph.attrs.get("dtype", "float32"))
+        missing = [p for p in graph.params if p not in weights]
+        if missing:
+            raise ModelcError(f"graph {graph.name}: no weight for parameter {missing[0]!r}")
+        self.weights = {name: weights[name].to(self.device) for name in graph.params}
+        lowering = TorchLowering(self.weights, self.device, graph)
+        hook = get_plugin_manager().hook.lower_layer
+        self.kernels = []
+        for node in graph.nodes:
+            kernel = hook(node=node, graph=graph, backend="torch", context=lowering)
+            if kernel is None:
+                raise ModelcError(f"node {node.name}: no plugin lowers op {node.op!r} for the torch backend")
+            self.kernels.append(kernel)
+        last_use: dict[str, int] = {}
+        for i, node in enumerate(graph.nodes):
+            for value in node.inputs:
+                last_use[value] = i
+        keep = set(graph.outputs)
+        self._free_after = [
+            [v for v in node.inputs if last_use[v] == i and v not in keep] for i, node in enumerate(graph.nodes)
+        ]
+
+    def cache_specs(self) -> dict[str, dict[str, Any]]:
+        """KV-cache slot shapes and storage types declared by the graph's attention nodes."""
+        specs = {}
+        for node in self.graph.nodes_of("attention"):
+            a = node.attrs
+            scale_name = node.params.get("kv_cache_scaling_factor")
+            specs[a["cache_slot"]] = {
+                "num_kv_heads": int(a["num_kv_heads"]),
+                "head_dim": int(a["head_dim"]),
+                "dtype": torch_dtype(a.get("kv_cache_dtype", self.graph.attrs.get("dtype", "float32"))),
+                "scale": None if scale_name is None else self.weights[scale_name].float().reshape(()),
+            }
+        return specs
+
+    def allocate_cache(self, batch: int, max_len: int) -> KVCache:
+        return KVCache.allocate(self.cache_specs(), batch, max_len, self.device)
+
+    def run(self, inputs: Mapping[str, torch.Tensor], ctx: ForwardContext) -> dict[str, torch.Tensor]:
+        values: dict[str, torch.Tensor] = dict(inputs)
+        for node, kernel, dead in zip(self.graph.nodes, self.kernels, self._free_after, strict=True):
+            out = kernel(ctx, *(values[v] for v in node.inputs))
+            if len(node.outputs) == 1:
+                values[node.outputs[0]] = out
+            else:
+                values.update(zip(node.outputs, out, strict=True))
+            for v in dead:
+                del values[v]
+        return {name: values[name] for name in self.graph.outputs}

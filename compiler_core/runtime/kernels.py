@@ -1,0 +1,233 @@
+"""Plain torch implementations of the core IR ops: the reference semantics of every op.
+
+Each ``lower_*`` function receives the node and a :class:`TorchLowering` and returns a
+kernel ``fn(ctx, *inputs) -> output``. Weights are looked up once, at lowering time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from compiler_core.ir import Graph, Node
+from compiler_core.runtime.context import ForwardContext
+
+Kernel = Callable[..., torch.Tensor]
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "int32": torch.int32,
+    "int64": torch.int64,
+}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return TORCH_DTYPES[name]
+
+
+@dataclass
+class TorchLowering:
+    """The torch backend's lowering context: the rank's weights on their device."""
+
+    weights: Mapping[str, torch.Tensor]
+    device: torch.device
+    graph: Graph
+
+    def param(self, node: Node, role: str) -> torch.Tensor | None:
+        name = node.params.get(role)
+        return None if name is None else self.weights[name]
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return torch_dtype(self.graph.attrs.get("dtype", "float32"))
+
+
+def lower_embedding(node: Node, low: TorchLowering) -> Kernel:
+    weight = low.param(node, "weight")
+    return lambda ctx, ids: F.embedding(ids, weight)
+
+
+def lower_layer_norm(node: Node, low: TorchLowering) -> Kernel:
+    weight, bias, eps = low.param(node, "weight"), low.param(node, "bias"), float(node.attrs["eps"])
+    return lambda ctx, x: F.layer_norm(x, weight.shape, weight, bias, eps)
+
+
+def lower_rms_norm(node: Node, low: TorchLowering) -> Kernel:
+    weight, eps = low.param(node, "weight"), float(node.attrs["eps"])
+
+    def rms_norm(ctx: ForwardContext, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * xf.to(x.dtype)
+
+    return rms_norm
+
+
+def lower_linear(node: Node, low: TorchLowering) -> Kernel:
+    weight, bias = low.param(node, "weight"), low.param(node, "bias")
+    return lambda ctx, x: F.linear(x, weight, bias)
+
+
+def lower_bias_add(node: Node, low: TorchLowering) -> Kernel:
+    bias = low.param(node, "bias")
+    return lambda ctx, x: x + bias
+
+
+def lower_gelu(node: Node, low: TorchLowering) -> Kernel:
+    approximate = node.attrs.get("approximate", "none")
+    return lambda ctx, x: F.gelu(x, approximate=approximate)
+
+
+def lower_add(node: Node, low: TorchLowering) -> Kernel:
+    return lambda ctx, a, b: a + b
+
+
+def lower_mul(node: Node, low: TorchLowering) -> Kernel:
+    return lambda ctx, a, b: a * b
+
+
+def lower_all_reduce(node: Node, low: TorchLowering) -> Kernel:
+    return lambda ctx, x: x if ctx.comm is None else ctx.comm.all_reduce(x)
+
+
+def lower_all_gather(node: Node, low: TorchLowering) -> Kernel:
+    axis = int(node.attrs["axis"])
+    return lambda ctx, x: x if ctx.comm is None else ctx.comm.all_gather(x, axis)
+
+
+def lower_narrow(node: Node, low: TorchLowering) -> Kernel:
+    axis, start, length = (int(node.attrs[k]) for k in ("axis", "start", "length"))
+    return lambda ctx, x: x.narrow(axis, start, length)
+
+
+# --- attention -----------------------------------------------------------------------------
+
+
+def alibi_slopes(total_heads: int) -> torch.Tensor:
+    """ALiBi slopes for ``total_heads`` heads (Press et al.), including non-power-of-two counts."""
+    closest = 2 ** math.floor(math.log2(total_heads))
+    base = 2.0 ** (-(2.0 ** -(math.log2(closest) - 3)))
+    slopes = [base ** (i + 1) for i in range(closest)]
+    if closest != total_heads:
+        extra_base = 2.0 ** (-(2.0 ** -(math.log2(2 * closest) - 3)))
+        remaining = min(closest, total_heads - closest)
+        slopes += [extra_base ** (2 * i + 1) for i in range(remaining)]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def rotary_tables(
+    positions: torch.Tensor, dim: int, theta: float, scaling: Mapping[str, Any] | None, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [b, 1, s, dim] for GPT-NeoX style (rotate-half) rotary embeddings."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim))
+    pos = positions.float()
+    if scaling and scaling.get("rope_type", scaling.get("type")) == "linear":
+        pos = pos / float(scaling["factor"])
+    freqs = pos[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    dim = cos.shape[-1]
+    if dim == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    rot, rest = x[..., :dim], x[..., dim:]
+    return torch.cat((rot * cos + _rotate_half(rot) * sin, rest), dim=-1)
+
+
+def attention_bias(
+    ctx: ForwardContext, seq: int, dtype: torch.dtype, alibi: tuple[torch.Tensor, float, torch.dtype] | None
+) -> torch.Tensor:
+    """Additive mask [b, heads or 1, seq, total]: causal + padding (+ ALiBi), finite minimum."""
+    mask = ctx.attention_mask
+    total = mask.shape[1]
+    query_pos = torch.arange(ctx.start, ctx.start + seq, device=mask.device)
+    key_pos = torch.arange(total, device=mask.device)
+    allowed = (key_pos[None, :] <= query_pos[:, None])[None, None] & (mask[:, None, None, :] != 0)
+    if alibi is None:
+        bias = torch.zeros((), dtype=dtype, device=mask.device)
+    else:
+        slopes, scale, compute_dtype = alibi
+        # The bias grows with the key's absolute position among real tokens, as in HF Falcon/BLOOM.
+        key_index = (mask.long().cumsum(-1) - 1) * mask.long()
+        bias = (slopes.to(mask.device, compute_dtype)[None, :, None] * key_index[:, None, :]).to(dtype)
+        bias = (bias * scale)[:, :, None, :]
+    return torch.where(allowed, bias, torch.finfo(dtype).min)
+
+
+def lower_attention(node: Node, low: TorchLowering) -> Kernel:
+    a = node.attrs
+    nh, nkv, hd = int(a["num_heads"]), int(a["num_kv_heads"]), int(a["head_dim"])
+    slot, kind = a["cache_slot"], a["position_embedding"]
+    scale = float(a.get("softmax_scale", 1.0 / math.sqrt(hd)))
+    rotary_dim = int(a.get("rotary_dim", hd))
+    theta = float(a.get("rope_theta", 10000.0))
+    rope_scaling = a.get("rope_scaling")
+    alibi, alibi_key = None, None
+    if kind == "alibi":
+        offset = int(a.get("alibi_head_offset", 0))
+        slopes = alibi_slopes(int(a.get("alibi_num_heads", nh)))[offset : offset + nh]
+        compute = torch_dtype(a.get("alibi_compute_dtype", "float32"))
+        alibi_key = ("alibi", offset, nh)
+        alibi = (slopes, float(a.get("alibi_scale", 1.0)), compute)
+    groups = nh // nkv
+
+    def attention(ctx: ForwardContext, qkv: torch.Tensor) -> torch.Tensor:
+        b, s, _ = qkv.shape
+        q = qkv[..., : nh * hd].view(b, s, nh, hd).transpose(1, 2)
+        k = qkv[..., nh * hd : (nh + nkv) * hd].view(b, s, nkv, hd).transpose(1, 2)
+        v = qkv[..., (nh + nkv) * hd :].view(b, s, nkv, hd).transpose(1, 2)
+        if kind == "rope":
+            key = ("rope", rotary_dim, theta, q.dtype)
+            if key not in ctx.memo:
+                ctx.memo[key] = rotary_tables(ctx.positions, rotary_dim, theta, rope_scaling, q.dtype)
+            cos, sin = ctx.memo[key]
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if ctx.cache is not None:
+            cache = ctx.cache.slots[slot]
+            cache.write(k, v, ctx.start)
+            k, v = cache.read(ctx.start + s, q.dtype)
+        mask_key = ("mask", alibi_key, q.dtype, s)
+        if mask_key not in ctx.memo:
+            ctx.memo[mask_key] = attention_bias(ctx, s, q.dtype, alibi)
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.memo[mask_key], scale=scale)
+        return out.transpose(1, 2).reshape(b, s, nh * hd)
+
+    return attention
+
+
+CORE_KERNELS: dict[str, Callable[[Node, TorchLowering], Kernel]] = {
+    "embedding": lower_embedding,
+    "layer_norm": lower_layer_norm,
+    "rms_norm": lower_rms_norm,
+    "linear": lower_linear,
+    "bias_add": lower_bias_add,
+    "attention": lower_attention,
+    "gelu": lower_gelu,
+    "relu": lambda node, low: lambda ctx, x: F.relu(x),
+    "silu": lambda node, low: lambda ctx, x: F.silu(x),
+    "add": lower_add,
+    "mul": lower_mul,
+    "all_reduce": lower_all_reduce,
+    "all_gather": lower_all_gather,
+    "narrow": lower_narrow,
+}

@@ -1,0 +1,27 @@
+"""Runners for a checkpoint directory (verify, calibration) and for one rank of it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from compiler_core.checkpoint import load_rank_weights, rank_file, read_config
+from compiler_core.mapping import Mapping
+from compiler_core.model import rank_graph
+from compiler_core.runtime.runner import LocalRunner
+from compiler_core.runtime.session import TorchSession
+
+
+def checkpoint_runner(checkpoint_dir: Path, device: str = "cpu") -> LocalRunner:
+    """Every rank of a checkpoint in this process, combined as the parallel run combines them."""
+    checkpoint_dir = Path(checkpoint_dir)
+    config = read_config(checkpoint_dir)
+    mapping = Mapping.from_json(config["mapping"])
+    sessions = [
+        TorchSession(
+            rank_graph(config, rank, str(checkpoint_dir / "config.json")),
+            load_rank_weights(rank_file(checkpoint_dir, rank)),
+            device,
+        )
+        for rank in mapping.ranks()
+    ]
+    return LocalRunner(sessions, mapping)

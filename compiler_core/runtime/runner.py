@@ -1,0 +1,122 @@
+"""Whole-model forward passes over the ranks of an engine or checkpoint.
+
+A runner hides the parallel layout from generation: ``logits()`` returns the full-vocabulary
+logits of the last position(s) on every caller, whatever the tp/pp split.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import torch
+
+from compiler_core.mapping import Mapping
+from compiler_core.runtime.session import RankSession
+
+
+class ModelRunner(ABC):
+    """Forward passes of the whole model, whatever its split."""
+
+    mapping: Mapping
+    device: torch.device
+
+    @abstractmethod
+    def allocate(self, batch: int, max_len: int) -> None: ...
+
+    @abstractmethod
+    def logits(self, ids: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor, start: int) -> torch.Tensor:
+        """Logits [batch, seq, vocab] for the new tokens ``ids`` written at cache offset ``start``."""
+
+    @abstractmethod
+    def reorder_cache(self, index: torch.Tensor) -> None: ...
+
+
+class ThreadGroup:
+    """Collectives between tensor-parallel ranks that run as threads of one process."""
+
+    def __init__(self, size: int) -> None:
+        self.tp_size = size
+        self._barrier = threading.Barrier(size)
+        self._slots: list[torch.Tensor | None] = [None] * size
+
+    def member(self, index: int) -> _ThreadMember:
+        return _ThreadMember(self, index)
+
+    def _exchange(self, index: int, x: torch.Tensor) -> list[torch.Tensor]:
+        self._slots[index] = x
+        self._barrier.wait()
+        parts = list(self._slots)
+        self._barrier.wait()
+        return parts
+
+
+class _ThreadMember:
+    def __init__(self, group: ThreadGroup, index: int) -> None:
+        self.group, self.index, self.tp_size = group, index, group.tp_size
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        parts = self.group._exchange(self.index, x)
+        # Sum in rank order on every member so all of them get bit-identical results.
+        out = parts[0].clone()
+        for p in parts[1:]:
+            out += p
+        return out
+
+    def all_gather(self, x: torch.Tensor, axis: int) -> torch.Tensor:
+        return torch.cat(self.group._exchange(self.index, x), dim=axis)
+
+
+class LocalRunner(ModelRunner):
+    """Every rank in this process: tensor-parallel ranks as threads, pipeline stages in turn."""
+
+    def __init__(self, sessions: Sequence[RankSession], mapping: Mapping) -> None:
+        if len(sessions) != mapping.world_size:
+            raise ValueError(f"{len(sessions)} sessions for world_size {mapping.world_size}")
+        self.sessions = list(sessions)
+        self.mapping = mapping
+        self.device = sessions[0].device
+        if mapping.tp_size > 1:
+            for stage in range(mapping.pp_size):
+                group = ThreadGroup(mapping.tp_size)
+                for tp in range(mapping.tp_size):
+                    sessions[mapping.rank(tp, stage)].comm = group.member(tp)
+
+    def allocate(self, batch: int, max_len: int) -> None:
+        for s in self.sessions:
+            s.allocate(batch, max_len)
+
+    def reorder_cache(self, index: torch.Tensor) -> None:
+        for s in self.sessions:
+            s.reorder_cache(index)
+
+    def logits(self, ids, positions, attention_mask, start):
+        x = ids
+        for stage in range(self.mapping.pp_size):
+            ranks = [self.mapping.rank(tp, stage) for tp in range(self.mapping.tp_size)]
+            outs = self._run_stage(ranks, x, positions, attention_mask, start)
+            x = outs[0]
+        return x
+
+    def _run_stage(self, ranks, x, positions, attention_mask, start) -> list[torch.Tensor]:
+        if len(ranks) == 1:
+            return [self.sessions[ranks[0]].forward(x, positions, attention_mask, start)]
+        outs: list[torch.Tensor | None] = [None] * len(ranks)
+        errors: list[BaseException] = []
+
+        def work(i: int, rank: int) -> None:
+            try:
+                outs[i] = self.sessions[rank].forward(x, positions, attention_mask, start)
+            except BaseException as exc:
+                errors.append(exc)
+                self.sessions[rank].comm.group._barrier.abort()
+
+        threads = [threading.Thread(target=work, args=(i, r)) for i, r in enumerate(ranks)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
+        return outs

@@ -1,0 +1,1 @@
+"""First-party modelc plugins; each subpackage registers through the compiler_core entry-point group."""
