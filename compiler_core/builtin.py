@@ -66,7 +66,9 @@ def shard_param(name: str, tensor: torch.Tensor, graph: Graph, config, mapping: 
     chunk = want[axis]
     total = chunk * mapping.tp_size
     if total < have[axis]:
-        raise ValueError(f"parameter {name}: {mapping.tp_size} chunks of {chunk} cannot hold axis {axis} of {list(have)}")
+        raise ValueError(
+            f"parameter {name}: {mapping.tp_size} chunks of {chunk} cannot hold axis {axis} of {list(have)}"
+        )
     if total > have[axis]:
         pad = list(have)
         pad[axis] = total - have[axis]

@@ -17,6 +17,7 @@ from compiler_core.mapping import Mapping
 FORMAT = "modelc-checkpoint"
 FORMAT_VERSION = 1
 DTYPES = ("float32", "float16", "bfloat16")
+TOKENIZER_DIR = "tokenizer"
 REQUIRED_FIELDS = ("architecture", "dtype", "mapping", "quantization", "format_version")
 
 NO_QUANTIZATION: dict[str, Any] = {"quant_algo": None, "kv_cache_quant_algo": None}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import multiprocessing
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 
 import torch
 
-from compiler_core.checkpoint import make_config, rank_file, save_rank_weights, write_config
+from compiler_core.checkpoint import TOKENIZER_DIR, make_config, rank_file, save_rank_weights, write_config
 from compiler_core.errors import ModelcError, UsageError
 from compiler_core.fileio import atomic_output_dir, read_json
 from compiler_core.ir import Graph
@@ -23,6 +24,25 @@ from compiler_core.registry import get_registry
 from compiler_core.runtime.kernels import torch_dtype
 
 DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+)
+
+
+def copy_tokenizer(model_dir: Path | None, checkpoint_dir: Path) -> None:
+    """Keep the source tokenizer beside the weights so engines can decode text on their own."""
+    if model_dir is None:
+        return
+    files = [Path(model_dir) / name for name in TOKENIZER_FILES if (Path(model_dir) / name).is_file()]
+    if files:
+        (checkpoint_dir / TOKENIZER_DIR).mkdir()
+        for f in files:
+            shutil.copy2(f, checkpoint_dir / TOKENIZER_DIR / f.name)
 
 
 @dataclass
@@ -31,6 +51,7 @@ class LoadedModel:
 
     config: dict[str, Any]
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    source_dir: Path | None = None
 
 
 def read_hf_config(model_dir: Path) -> dict[str, Any]:
@@ -79,7 +100,7 @@ def read_source_file(path: Path, want: Any = None) -> Iterator[tuple[str, torch.
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+            for name in f.keys():
                 if want is None or want(name):
                     yield name, f.get_tensor(name)
         return
@@ -113,10 +134,12 @@ def load_full_model(model_dir: Path, dtype: str, show_progress: bool = True) -> 
     weights: dict[str, torch.Tensor] = {}
     for path in progress(source_files(model_dir), desc="load", unit="shard", enable=show_progress):
         weights.update(map_tensors(config, read_source_file(path), str(path)))
-    return LoadedModel(config, weights)
+    return LoadedModel(config, weights, Path(model_dir))
 
 
-def shard_for_rank(graph: Graph, config: dict[str, Any], mapping: Mapping, rank: int, name: str, tensor) -> torch.Tensor:
+def shard_for_rank(
+    graph: Graph, config: dict[str, Any], mapping: Mapping, rank: int, name: str, tensor
+) -> torch.Tensor:
     hook = get_plugin_manager().hook.shard_param
     try:
         out = hook(name=name, tensor=tensor, graph=graph, config=config, mapping=mapping, rank=rank)
@@ -184,6 +207,7 @@ def write_model(model: LoadedModel, output_dir: Path, mapping: Mapping, show_pro
         for rank in progress(mapping.ranks(), desc="write", unit="rank", enable=show_progress):
             save_rank_weights(rank_file(tmp, rank), rank_weights(model, rank))
         write_config(tmp, model.config)
+        copy_tokenizer(model.source_dir, tmp)
 
 
 def convert(
@@ -191,12 +215,13 @@ def convert(
     output_dir: Path,
     *,
     dtype: str = "auto",
-    mapping: Mapping = Mapping(),
+    mapping: Mapping | None = None,
     load_by_shard: bool = False,
     workers: int = 1,
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """Convert a Hugging Face checkpoint into a modelc checkpoint directory; return its config."""
+    mapping = mapping or Mapping()
     config = model_config_from_hf(model_dir, dtype, mapping)
     for rank in mapping.ranks():
         rank_graph(config, rank)  # fail on a bad split before any weight is read
@@ -222,4 +247,5 @@ def convert(
             for rank in progress(mapping.ranks(), desc="convert", unit="rank", enable=show_progress):
                 save_rank_weights(rank_file(tmp, rank), rank_weights(model, rank))
         write_config(tmp, config)
+        copy_tokenizer(model_dir, tmp)
     return config

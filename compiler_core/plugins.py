@@ -82,9 +82,7 @@ def plugin_info() -> list[dict]:
 
     pm = get_plugin_manager()
     registry = get_registry()
-    dists = {
-        ep.name: ep.dist for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP) if ep.dist is not None
-    }
+    dists = {ep.name: ep.dist for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP) if ep.dist is not None}
     provides: dict[str, dict[str, list[str]]] = {}
     for (kind, name), owner in registry.provided_by.items():
         provides.setdefault(owner, {}).setdefault(kind + "s", []).append(name)

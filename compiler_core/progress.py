@@ -9,7 +9,9 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def progress(items: Iterable[T], *, desc: str, unit: str = "it", total: int | None = None, enable: bool = True) -> Iterator[T]:
+def progress(
+    items: Iterable[T], *, desc: str, unit: str = "it", total: int | None = None, enable: bool = True
+) -> Iterator[T]:
     """Iterate ``items`` with a tqdm bar on stderr (no bar when disabled or not installed)."""
     if not enable:
         yield from items

@@ -192,4 +192,3 @@ def ops_table() -> dict[str, OpSpec]:
 def reset_registry() -> None:
     """Forget the registry (tests that register throwaway plugins call this)."""
     get_registry.cache_clear()
-

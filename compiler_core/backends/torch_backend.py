@@ -19,7 +19,9 @@ class TorchBackend(Backend):
     def preference(self) -> int:
         return 0
 
-    def build_rank(self, graph: Graph, weights: dict[str, torch.Tensor], out_dir: Path, rank: int, settings: dict[str, Any]):
+    def build_rank(
+        self, graph: Graph, weights: dict[str, torch.Tensor], out_dir: Path, rank: int, settings: dict[str, Any]
+    ):
         save_rank_weights(rank_file(out_dir, rank), {name: weights[name] for name in graph.params})
         return {"weights": rank_file(out_dir, rank).name}
 

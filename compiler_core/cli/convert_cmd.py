@@ -15,14 +15,24 @@ from compiler_core.mapping import Mapping
 @click.command("convert")
 @option("--model_dir", required=True, type=click.Path(path_type=Path), help="Hugging Face checkpoint directory.")
 @option("--output_dir", required=True, type=click.Path(path_type=Path), help="Checkpoint directory to write.")
-@option("--dtype", default="auto", show_default=True, type=click.Choice(DTYPE_CHOICES), help="Weight dtype; auto follows the model's torch_dtype.")
+@option(
+    "--dtype",
+    default="auto",
+    show_default=True,
+    type=click.Choice(DTYPE_CHOICES),
+    help="Weight dtype; auto follows the model's torch_dtype.",
+)
 @option("--tp_size", default=1, show_default=True, type=int, help="Tensor-parallel ranks.")
 @option("--pp_size", default=1, show_default=True, type=int, help="Pipeline-parallel stages.")
 @option("--world_size", default=None, type=int, help="tp_size x pp_size (checked when given).")
-@option("--load_by_shard", is_flag=True, help="Stream source shards one at a time (peak memory ~ one shard + one rank).")
+@option(
+    "--load_by_shard", is_flag=True, help="Stream source shards one at a time (peak memory ~ one shard + one rank)."
+)
 @option("--workers", default=1, show_default=True, type=int, help="Convert ranks in parallel processes.")
 @option("--ammo_quant_ckpt_path", default=None, help="Not supported: use `modelc quantize` (one step).", hidden=True)
-def convert_command(model_dir, output_dir, dtype, tp_size, pp_size, world_size, load_by_shard, workers, ammo_quant_ckpt_path):
+def convert_command(
+    model_dir, output_dir, dtype, tp_size, pp_size, world_size, load_by_shard, workers, ammo_quant_ckpt_path
+):
     """Convert a Hugging Face checkpoint to config.json + rank{r}.safetensors."""
     if ammo_quant_ckpt_path is not None:
         raise UsageError(
@@ -30,7 +40,9 @@ def convert_command(model_dir, output_dir, dtype, tp_size, pp_size, world_size, 
             "`modelc quantize --model_dir M --output_dir O --qformat fp8|int4_awq`"
         )
     mapping = Mapping.create(tp_size, pp_size, world_size)
-    config = convert(Path(model_dir), Path(output_dir), dtype=dtype, mapping=mapping, load_by_shard=load_by_shard, workers=workers)
+    config = convert(
+        Path(model_dir), Path(output_dir), dtype=dtype, mapping=mapping, load_by_shard=load_by_shard, workers=workers
+    )
     click.echo(
         f"converted {config['architecture']} ({config['dtype']}, tp={mapping.tp_size} pp={mapping.pp_size}) "
         f"to {output_dir}"

@@ -179,7 +179,5 @@ class GraphBuilder:
         self.nodes.append(Node(name, op, tuple(inputs), outputs, dict(params or {}), dict(attrs)))
         return outputs if num_outputs > 1 else outputs[0]
 
-    def build(
-        self, inputs: Iterable[str], outputs: Iterable[str], attrs: Mapping[str, Any] | None = None
-    ) -> Graph:
+    def build(self, inputs: Iterable[str], outputs: Iterable[str], attrs: Mapping[str, Any] | None = None) -> Graph:
         return Graph(self.name, tuple(inputs), tuple(outputs), tuple(self.nodes), dict(self.params), dict(attrs or {}))

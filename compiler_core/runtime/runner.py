@@ -26,7 +26,9 @@ class ModelRunner(ABC):
     def allocate(self, batch: int, max_len: int) -> None: ...
 
     @abstractmethod
-    def logits(self, ids: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor, start: int) -> torch.Tensor:
+    def logits(
+        self, ids: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor, start: int
+    ) -> torch.Tensor:
         """Logits [batch, seq, vocab] for the new tokens ``ids`` written at cache offset ``start``."""
 
     @abstractmethod

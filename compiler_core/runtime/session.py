@@ -35,7 +35,13 @@ class RankSession(ABC):
 class TorchSession(RankSession):
     """A rank executed by the torch reference executor (CPU or CUDA)."""
 
-    def __init__(self, graph: Graph, weights: dict[str, torch.Tensor], device: str | torch.device, comm: Communicator | None = None):
+    def __init__(
+        self,
+        graph: Graph,
+        weights: dict[str, torch.Tensor],
+        device: str | torch.device,
+        comm: Communicator | None = None,
+    ):
         self.graph = graph
         self.device = torch.device(device)
         self.executor = GraphExecutor(graph, weights, self.device)

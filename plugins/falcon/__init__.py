@@ -59,9 +59,10 @@ def map_weight(config, name, tensor):
 def shard_param(name, tensor, graph, config, mapping, rank):
     if not _is_falcon(config) or ".attention.qkv." not in name:
         return None
-    if tensor.dim() == 0 or tensor.shape[0] != (config["num_attention_heads"] + 2 * config["num_kv_heads"]) * config[
-        "head_dim"
-    ]:
+    if (
+        tensor.dim() == 0
+        or tensor.shape[0] != (config["num_attention_heads"] + 2 * config["num_kv_heads"]) * config["head_dim"]
+    ):
         return None  # a per-tensor scale or another non-row-indexed companion: the default handles it
     return rank_qkv(
         tensor,

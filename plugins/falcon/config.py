@@ -25,9 +25,8 @@ _LEGACY_MODEL_TYPES = {"RefinedWeb", "RefinedWebModel"}
 
 def is_falcon(hf: dict[str, Any]) -> bool:
     archs = hf.get("architectures") or []
-    return (
-        hf.get("model_type") in {"falcon", *_LEGACY_MODEL_TYPES}
-        or any(a in {"FalconForCausalLM", "RWForCausalLM"} for a in archs)
+    return hf.get("model_type") in {"falcon", *_LEGACY_MODEL_TYPES} or any(
+        a in {"FalconForCausalLM", "RWForCausalLM"} for a in archs
     )
 
 

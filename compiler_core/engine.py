@@ -1,0 +1,130 @@
+"""The engine directory: ``config.json`` (build settings, backend, each rank's IR) + per-rank artefacts."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from compiler_core.checkpoint import TOKENIZER_DIR, load_rank_weights, rank_file, read_config
+from compiler_core.errors import UsageError
+from compiler_core.fileio import atomic_output_dir, read_json, write_json
+from compiler_core.ir import Graph, format_graph, validate
+from compiler_core.mapping import Mapping
+from compiler_core.model import rank_graph
+from compiler_core.progress import progress
+from compiler_core.registry import Backend, get_registry
+
+ENGINE_FORMAT = "modelc-engine"
+ENGINE_FORMAT_VERSION = 1
+DEFAULT_SETTINGS = {"max_batch_size": 8, "max_input_len": 1024, "max_seq_len": 2048}
+
+
+def choose_backend(requested: str | None) -> tuple[Backend, str]:
+    """The backend to build with and a one-line reason for the choice."""
+    registry = get_registry()
+    if requested is not None:
+        backend = registry.backend(requested, "--backend")
+        reason = backend.unavailable_reason()
+        if reason is not None:
+            raise UsageError(f"--backend {requested}: {reason}")
+        return backend, "requested with --backend"
+    usable = [b for b in registry.backends.values() if b.unavailable_reason() is None and b.preference() >= 0]
+    best = max(usable, key=lambda b: b.preference())
+    others = ", ".join(
+        sorted(
+            f"{b.name} ({b.unavailable_reason() or 'lower preference'})"
+            for b in registry.backends.values()
+            if b is not best
+        )
+    )
+    return best, f"default: highest preference usable here; others: {others or 'none'}"
+
+
+def build_engine(
+    checkpoint_dir: Path,
+    output_dir: Path,
+    backend: Backend,
+    settings: dict[str, Any],
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Build every rank of a checkpoint with ``backend`` into ``output_dir`` (atomically)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    config = read_config(checkpoint_dir)
+    mapping = Mapping.from_json(config["mapping"])
+    settings = {**DEFAULT_SETTINGS, **{k: v for k, v in settings.items() if v is not None}}
+    if settings["max_input_len"] > settings["max_seq_len"]:
+        raise UsageError(f"--max_input_len {settings['max_input_len']} exceeds --max_seq_len {settings['max_seq_len']}")
+    graphs = [rank_graph(config, r, str(checkpoint_dir / "config.json")) for r in mapping.ranks()]
+    with atomic_output_dir(output_dir) as tmp:
+        facts = []
+        for rank in progress(mapping.ranks(), desc=f"build ({backend.name})", unit="rank", enable=show_progress):
+            weights = load_rank_weights(rank_file(checkpoint_dir, rank))
+            facts.append(backend.build_rank(graphs[rank], weights, tmp, rank, settings) or {})
+        tokenizer = checkpoint_dir / TOKENIZER_DIR
+        if tokenizer.is_dir():
+            shutil.copytree(tokenizer, tmp / TOKENIZER_DIR)
+        engine_config = {
+            "format": ENGINE_FORMAT,
+            "format_version": ENGINE_FORMAT_VERSION,
+            "backend": backend.name,
+            "build": settings,
+            "checkpoint": config,
+            "ranks": facts,
+            "graphs": [g.to_json() for g in graphs],
+        }
+        write_json(tmp / "config.json", engine_config)
+    return engine_config
+
+
+def read_engine_config(engine_dir: Path) -> dict[str, Any]:
+    engine_dir = Path(engine_dir)
+    if not engine_dir.is_dir():
+        raise UsageError(f"{engine_dir}: engine directory not found")
+    path = engine_dir / "config.json"
+    config = read_json(path, "engine config")
+    if config.get("format") != ENGINE_FORMAT:
+        raise UsageError(f"{path}: not a modelc engine (field 'format' is {config.get('format')!r})")
+    if config.get("format_version") != ENGINE_FORMAT_VERSION:
+        raise UsageError(f"{path}: format_version {config.get('format_version')!r} is not {ENGINE_FORMAT_VERSION}")
+    for field in ("backend", "build", "checkpoint", "graphs"):
+        if field not in config:
+            raise UsageError(f"{path}: field {field!r} is missing")
+    return config
+
+
+def engine_mapping(engine_config: dict[str, Any]) -> Mapping:
+    return Mapping.from_json(engine_config["checkpoint"]["mapping"])
+
+
+def engine_graph(engine_config: dict[str, Any], rank: int) -> Graph:
+    """Rank ``rank``'s IR as stored at build time, validated against the loaded ops."""
+    try:
+        graph = Graph.from_json(engine_config["graphs"][rank])
+    except (KeyError, IndexError, ValueError) as exc:
+        raise UsageError(f"engine config.json: graph of rank {rank} is unreadable ({exc})") from None
+    return validate(graph, get_registry().ops)
+
+
+def load_rank_session(engine_dir: Path, rank: int, device: str, engine_config: dict[str, Any] | None = None):
+    """Load rank ``rank`` with the backend recorded in the engine."""
+    engine_config = engine_config or read_engine_config(engine_dir)
+    backend = get_registry().backend(engine_config["backend"], str(Path(engine_dir) / "config.json"))
+    return backend.load_rank(Path(engine_dir), engine_config, rank, device)
+
+
+def describe_engine(engine_dir: Path, raw: dict[str, Any], max_nodes: int | None) -> str:
+    config = read_engine_config(engine_dir)
+    ckpt = config["checkpoint"]
+    mapping = engine_mapping(config)
+    lines = [
+        f"engine {engine_dir} (backend {config['backend']})",
+        f"  architecture: {ckpt['architecture']}  dtype: {ckpt['dtype']}  "
+        f"mapping: tp={mapping.tp_size} pp={mapping.pp_size}  build: {config['build']}",
+        f"  quantization: {ckpt['quantization']}",
+    ]
+    for rank in mapping.ranks():
+        if config.get("ranks") and config["ranks"][rank]:
+            lines.append(f"  rank {rank} artefacts: {config['ranks'][rank]}")
+        lines.append(format_graph(engine_graph(config, rank), max_nodes=max_nodes))
+    return "\n".join(lines)
