@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -21,6 +22,9 @@ class ModelRunner(ABC):
 
     mapping: Mapping
     device: torch.device
+    #: The engine's build settings (max_batch_size, max_input_len, max_seq_len) that generation
+    #: enforces; None for runners over a checkpoint, which have no build limits.
+    build_limits: dict[str, Any] | None = None
 
     @abstractmethod
     def allocate(self, batch: int, max_len: int) -> None: ...

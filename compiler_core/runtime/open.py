@@ -1,0 +1,81 @@
+"""Open a built engine for generation, in this process or across the ranks of an MPI job."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compiler_core.engine import engine_mapping, load_rank_session, read_engine_config
+from compiler_core.errors import UsageError
+from compiler_core.runtime.runner import LocalRunner, ModelRunner
+
+#: Environment variables in which MPI launchers (Open MPI, MPICH/Intel MPI/PMI, PMIx) publish rank and size.
+_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
+_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+
+
+def _env_int(names: tuple[str, ...], default: int) -> int:
+    for name in names:
+        value = os.environ.get(name)
+        if value is not None and value.isdigit():
+            return int(value)
+    return default
+
+
+def mpi_world_size() -> int:
+    """Number of processes of the MPI job this process belongs to (1 outside mpirun)."""
+    return _env_int(_SIZE_VARS, 1)
+
+
+def mpi_rank() -> int:
+    """This process's rank in its MPI job (0 outside mpirun)."""
+    return _env_int(_RANK_VARS, 0)
+
+
+def is_output_rank() -> bool:
+    """True on the one process that prints results and writes output files (rank 0)."""
+    return mpi_rank() == 0
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> cuda when a GPU is usable, else cpu; an explicit cuda without a GPU is a usage error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA device is available here (use --device cpu)")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UsageError(f"--device {device}: expected auto, cpu or cuda[:N]")
+    return device
+
+
+def open_runner(engine_dir: Path, device: str = "auto") -> tuple[ModelRunner, dict[str, Any]]:
+    """A runner for every rank of the engine and the engine's config.
+
+    A single-rank engine runs here; a multi-rank engine needs one MPI process per rank
+    (``mpirun -n W``), each of which opens its own rank. The runner carries the engine's build
+    limits, which :func:`compiler_core.runtime.generation.generate` enforces.
+    """
+    engine_dir = Path(engine_dir)
+    config = read_engine_config(engine_dir)
+    mapping = engine_mapping(config)
+    device = resolve_device(device)
+    size = mpi_world_size()
+    if mapping.world_size == 1:
+        if size > 1:
+            raise UsageError(f"{engine_dir}: engine has world_size 1; run it without mpirun (or with -n 1)")
+        runner: ModelRunner = LocalRunner([load_rank_session(engine_dir, 0, device, config)], mapping)
+    else:
+        if size != mapping.world_size:
+            raise UsageError(
+                f"{engine_dir}: engine has world_size {mapping.world_size}; run it with "
+                f"`mpirun -n {mapping.world_size} modelc ...`"
+                + (f" (this job has {size} processes)" if size > 1 else "")
+            )
+        from compiler_core.runtime.distributed import open_distributed_runner
+
+        runner = open_distributed_runner(engine_dir, config, device)
+    runner.build_limits = dict(config["build"])
+    return runner, config
