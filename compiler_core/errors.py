@@ -7,6 +7,8 @@ class ModelcError(Exception):
     """A failure the user can act on; the message is the whole story."""
 
     exit_code = 1
+    #: True when another process reports the same error (an mpirun rank other than 0): exit silently.
+    quiet = False
 
 
 class UsageError(ModelcError):

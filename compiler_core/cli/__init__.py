@@ -37,7 +37,8 @@ class ModelcGroup(click.Group):
         except ModelcError as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            click.echo(f"modelc: error: {exc}", err=True)
+            if not exc.quiet:
+                click.echo(f"modelc: error: {exc}", err=True)
             ctx.exit(exc.exit_code)
 
 
