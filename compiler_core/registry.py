@@ -8,10 +8,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from compiler_core.errors import UsageError
+import click
+
+from compiler_core.errors import ModelcError, UsageError
+from compiler_core.plugins import PLUGINS_ENV
 
 if TYPE_CHECKING:
+    import pluggy
     import torch
+    from pluggy import HookImpl
 
     from compiler_core.ir import Graph, OpSpec
     from compiler_core.mapping import Mapping
@@ -83,6 +88,18 @@ class QuantScheme(ABC):
         with its ``quantization`` section filled in.
         """
 
+    #: ``--kv_cache_dtype`` values this scheme can store KV caches in (empty: none).
+    kv_cache_dtypes: tuple[str, ...] = ()
+
+    def quantize_kv_cache(self, model: Any, calibration: Any, options: dict[str, Any]) -> Any:
+        """Calibrate and quantize only the KV cache to ``options["kv_cache_dtype"]``.
+
+        Called after the weight scheme (if any) has run, so ``model`` may already be quantized;
+        return it with ``kv_cache_quant_algo`` set. Only schemes listing ``kv_cache_dtypes``
+        implement this.
+        """
+        raise NotImplementedError(f"quantization format {self.name!r} does not quantize KV caches")
+
 
 class Backend(ABC):
     """An execution backend: builds per-rank artefacts and loads them for the runtime."""
@@ -123,33 +140,43 @@ class ScaleGroup:
 
 
 class Registry:
-    """Name -> object tables built from every plugin's ``register_*`` hook."""
+    """Name -> object tables built from every plugin's ``register_*`` hook.
 
-    def __init__(self, pm) -> None:
-        self.ops: dict[str, OpSpec] = self._collect(pm, "register_ops", "op")
-        self.architectures: dict[str, Architecture] = self._collect(pm, "register_architectures", "architecture")
-        self.quant_schemes: dict[str, QuantScheme] = self._collect(pm, "register_quant_schemes", "quant scheme")
-        self.backends: dict[str, Backend] = self._collect(pm, "register_backends", "backend")
-        self.provided_by: dict[tuple[str, str], str] = dict(self._owners)
+    ``provided_by`` maps (kind, name) to the plugin that registered it; kinds are the
+    attribute names ("ops", "architectures", "quant_schemes", "backends").
+    """
 
-    def _collect(self, pm, hook_name: str, kind: str) -> dict[str, Any]:
-        if not hasattr(self, "_owners"):
-            self._owners: dict[tuple[str, str], str] = {}
+    def __init__(self, pm: pluggy.PluginManager) -> None:
+        from compiler_core.ir import OpSpec
+
+        self.provided_by: dict[tuple[str, str], str] = {}
+        self.ops: dict[str, OpSpec] = self._collect(pm, "register_ops", "ops", OpSpec)
+        self.architectures: dict[str, Architecture] = self._collect(
+            pm, "register_architectures", "architectures", Architecture
+        )
+        self.quant_schemes: dict[str, QuantScheme] = self._collect(
+            pm, "register_quant_schemes", "quant_schemes", QuantScheme
+        )
+        self.backends: dict[str, Backend] = self._collect(pm, "register_backends", "backends", Backend)
+
+    def _collect(self, pm: pluggy.PluginManager, hook_name: str, kind: str, expected: type) -> dict[str, Any]:
+        noun = _NOUNS[kind]
         table: dict[str, Any] = {}
         for impl in getattr(pm.hook, hook_name).get_hookimpls():
             owner = impl.plugin_name
 
             def register(obj: Any, _owner: str = owner) -> None:
-                name = obj.name
-                if name in table:
-                    first = self._owners[(kind, name)]
-                    raise RuntimeError(
-                        f"{kind} {name!r} is registered twice: by plugin {first!r} and by plugin {_owner!r}"
+                if not isinstance(obj, expected):
+                    raise ModelcError(
+                        f"plugin {_owner!r}: {hook_name} was given {type(obj).__name__}, not a {expected.__name__}"
                     )
+                name = getattr(obj, "name", None)
+                if not isinstance(name, str) or not name:
+                    raise ModelcError(f"plugin {_owner!r}: {hook_name} was given a {noun} without a name")
+                _claim(self.provided_by, kind, noun, name, _owner)
                 table[name] = obj
-                self._owners[(kind, name)] = _owner
 
-            impl.function(register=register)
+            _call_impl(impl, hook_name, register=register)
         return table
 
     def architecture_for_hf(self, hf_config: dict[str, Any], source: str) -> Architecture:
@@ -177,6 +204,64 @@ def _lookup(table: dict[str, Any], name: str, kind: str, source: str) -> Any:
         raise UsageError(f"{source}: unknown {kind} {name!r} (known: {known})") from None
 
 
+_NOUNS = {
+    "ops": "op",
+    "architectures": "architecture",
+    "quant_schemes": "quant scheme",
+    "backends": "backend",
+    "commands": "command",
+}
+
+
+def _claim(owners: dict[tuple[str, str], str], kind: str, noun: str, name: str, owner: str) -> None:
+    """Record that ``owner`` registered ``name``; a second registration is an error naming both."""
+    first = owners.get((kind, name))
+    if first is not None:
+        raise ModelcError(
+            f"{noun} {name!r} is registered twice: by plugin {first!r} and by plugin {owner!r} "
+            f"(uninstall one, or list the plugins to load in {PLUGINS_ENV})"
+        )
+    owners[(kind, name)] = owner
+
+
+def _call_impl(impl: HookImpl, hook_name: str, **kwargs: Any) -> None:
+    """Call one plugin's registration hook; its failure names the plugin."""
+    try:
+        impl.function(*(kwargs[a] for a in impl.argnames))
+    except ModelcError:
+        raise
+    except Exception as exc:
+        raise ModelcError(f"plugin {impl.plugin_name!r}: {hook_name} failed: {type(exc).__name__}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class CommandTable:
+    """The CLI subcommands every plugin added through ``register_commands``, and who added each."""
+
+    commands: dict[str, click.Command]
+    provided_by: dict[tuple[str, str], str]
+
+
+@functools.cache
+def get_commands() -> CommandTable:
+    """Collect subcommands plugin by plugin, so a name two plugins add is an error naming both.
+
+    Kept apart from :func:`get_registry` so ``modelc --help`` does not depend on every
+    architecture, scheme and backend registering cleanly.
+    """
+    from compiler_core.plugins import get_plugin_manager
+
+    commands: dict[str, click.Command] = {}
+    owners: dict[tuple[str, str], str] = {}
+    for impl in get_plugin_manager().hook.register_commands.get_hookimpls():
+        scratch = click.Group()
+        _call_impl(impl, "register_commands", cli=scratch)
+        for name, command in scratch.commands.items():
+            _claim(owners, "commands", "command", name, impl.plugin_name)
+            commands[name] = command
+    return CommandTable(commands, owners)
+
+
 @functools.cache
 def get_registry() -> Registry:
     """The process-wide registry, built on first use from the loaded plugins."""
@@ -186,9 +271,11 @@ def get_registry() -> Registry:
 
 
 def ops_table() -> dict[str, OpSpec]:
+    """The op signatures every loaded plugin registered."""
     return get_registry().ops
 
 
 def reset_registry() -> None:
-    """Forget the registry (tests that register throwaway plugins call this)."""
+    """Forget the registry and commands (tests that register throwaway plugins call this)."""
     get_registry.cache_clear()
+    get_commands.cache_clear()

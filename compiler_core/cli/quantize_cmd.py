@@ -1,13 +1,163 @@
-"""``modelc quantize``."""
+"""``modelc quantize``: Hugging Face checkpoint -> calibrated, quantized, sharded modelc checkpoint.
+
+The one-step equivalent of TensorRT-LLM's ``examples/quantization/quantize.py``; the formats
+come from the loaded quant-scheme plugins (see :mod:`compiler_core.quantize`).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import click
 
-from compiler_core.errors import ModelcError
+from compiler_core.calibration import DEFAULT_CALIB_SIZE, DEFAULT_MAX_SEQ_LENGTH
+from compiler_core.cli.options import option
+from compiler_core.convert import DTYPE_CHOICES
+from compiler_core.errors import UsageError
+from compiler_core.mapping import Mapping
 
 
-@click.command("quantize", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def quantize_command() -> None:
-    """Not built yet in this version of modelc."""
-    raise ModelcError("'modelc quantize' is not built yet in this version")
+class RegistryChoice(click.ParamType):
+    """A choice among names that plugins register, looked up only when needed (help or parsing)."""
+
+    name = "choice"
+
+    def __init__(self, choices: Callable[[], list[str]], flag: str, what: str) -> None:
+        self.choices, self.flag, self.what = choices, flag, what
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        return "[" + "|".join(self.choices()) + "]"
+
+    def convert(self, value, param, ctx):
+        known = self.choices()
+        if value not in known:
+            raise UsageError(f"{self.flag} {value!r}: unknown {self.what} (known: {', '.join(known) or 'none'})")
+        return value
+
+
+def _qformats() -> list[str]:
+    from compiler_core.quantize import qformat_choices
+
+    return qformat_choices()
+
+
+def _kv_dtypes() -> list[str]:
+    from compiler_core.quantize import kv_cache_dtype_choices
+
+    return kv_cache_dtype_choices()
+
+
+def _patterns(values: tuple[str, ...]) -> list[str] | None:
+    """--exclude_modules values (repeatable, comma-separated); '' or 'none' means exclude nothing."""
+    if not values:
+        return None
+    patterns = [p.strip() for v in values for p in v.split(",")]
+    return [p for p in patterns if p and p.lower() != "none"]
+
+
+@click.command("quantize")
+@option("--model_dir", required=True, type=click.Path(path_type=Path), help="Hugging Face checkpoint directory.")
+@option(
+    "--output_dir",
+    "--export_path",
+    "output_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Checkpoint directory to write (--export_path is TensorRT-LLM quantize.py's name for it).",
+)
+@option(
+    "--qformat",
+    default="full_prec",
+    show_default=True,
+    type=RegistryChoice(_qformats, "--qformat", "quantization format"),
+    help="Quantization format from the loaded plugins; full_prec keeps the weights (use with --kv_cache_dtype).",
+)
+@option(
+    "--kv_cache_dtype",
+    default=None,
+    type=RegistryChoice(_kv_dtypes, "--kv_cache_dtype", "KV-cache dtype"),
+    help="Also store the KV cache quantized, with a calibrated scale per layer.",
+)
+@option("--calib_size", default=DEFAULT_CALIB_SIZE, show_default=True, type=int, help="Calibration samples (blocks).")
+@option(
+    "--calib_dataset",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="Calibration text: .txt (paragraphs), .jsonl or .parquet with a 'text' or 'article' field. "
+    "Default: the corpus shipped with modelc.",
+)
+@option(
+    "--calib_max_seq_length",
+    default=DEFAULT_MAX_SEQ_LENGTH,
+    show_default=True,
+    type=int,
+    help="Tokens per calibration sample.",
+)
+@option("--batch_size", default=1, show_default=True, type=int, help="Calibration samples per forward pass.")
+@option(
+    "--dtype",
+    default="auto",
+    show_default=True,
+    type=click.Choice(DTYPE_CHOICES),
+    help="Dtype of the unquantized parts; auto follows the model's torch_dtype.",
+)
+@option("--tp_size", default=1, show_default=True, type=int, help="Tensor-parallel ranks of the output.")
+@option("--pp_size", default=1, show_default=True, type=int, help="Pipeline-parallel stages of the output.")
+@option(
+    "--exclude_modules",
+    multiple=True,
+    help="Node-name patterns (fnmatch, repeatable or comma-separated) to leave unquantized; replaces the "
+    "format's default (lm_head). '' or none quantizes every layer the format supports.",
+)
+@option("--seed", default=1234, show_default=True, type=int, help="Random seed for calibration.")
+@option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="Where calibration runs: auto (cuda when available), cpu, cuda, cuda:N.",
+)
+def quantize_command(
+    model_dir,
+    output_dir,
+    qformat,
+    kv_cache_dtype,
+    calib_size,
+    calib_dataset,
+    calib_max_seq_length,
+    batch_size,
+    dtype,
+    tp_size,
+    pp_size,
+    exclude_modules,
+    seed,
+    device,
+):
+    """Calibrate and quantize a Hugging Face checkpoint, writing config.json + rank{r}.safetensors.
+
+    Example: modelc quantize --model_dir falcon-7b --output_dir ckpt --qformat fp8 --kv_cache_dtype fp8
+    """
+    from compiler_core.quantize import quantize
+
+    config, calibration = quantize(
+        Path(model_dir),
+        Path(output_dir),
+        qformat=qformat,
+        kv_cache_dtype=kv_cache_dtype,
+        calib_size=calib_size,
+        calib_dataset=calib_dataset,
+        calib_max_seq_length=calib_max_seq_length,
+        batch_size=batch_size,
+        dtype=dtype,
+        mapping=Mapping.create(tp_size, pp_size),
+        exclude_modules=_patterns(exclude_modules),
+        seed=seed,
+        device=device,
+    )
+    q = config["quantization"]
+    click.echo(
+        f"quantized {config['architecture']} (quant_algo={q['quant_algo']}, "
+        f"kv_cache_quant_algo={q['kv_cache_quant_algo']}, tp={tp_size} pp={pp_size}) on "
+        f"{calibration.num_samples} samples / {calibration.num_tokens} tokens of {calibration.source} "
+        f"to {output_dir}"
+    )
