@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import multiprocessing
 import shutil
 from pathlib import Path
 from typing import Any
@@ -41,26 +43,77 @@ def choose_backend(requested: str | None) -> tuple[Backend, str]:
     return best, f"default: highest preference usable here; others: {others or 'none'}"
 
 
+def _build_rank(backend: Backend, graph: Graph, checkpoint_dir: Path, out_dir: Path, rank: int, settings):
+    weights = load_rank_weights(rank_file(checkpoint_dir, rank))
+    return backend.build_rank(graph, weights, out_dir, rank, settings) or {}
+
+
+def _build_rank_worker(
+    backend_name: str, graph_json: dict[str, Any], checkpoint_dir: str, out_dir: str, rank: int, settings
+) -> dict[str, Any]:
+    """One rank in a worker process: the backend comes from that process's own plugin registry."""
+    backend = get_registry().backend(backend_name, "--backend")
+    graph = Graph.from_json(graph_json)
+    return _build_rank(backend, graph, Path(checkpoint_dir), Path(out_dir), rank, settings)
+
+
+def build_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """Defaults filled in and checked: max_batch_size, max_input_len, max_seq_len (all >= 1)."""
+    settings = {**DEFAULT_SETTINGS, **{k: v for k, v in settings.items() if v is not None}}
+    for key in DEFAULT_SETTINGS:
+        if not isinstance(settings[key], int) or settings[key] < 1:
+            raise UsageError(f"--{key} must be a positive integer, got {settings[key]!r}")
+    if settings["max_input_len"] > settings["max_seq_len"]:
+        raise UsageError(f"--max_input_len {settings['max_input_len']} exceeds --max_seq_len {settings['max_seq_len']}")
+    return settings
+
+
 def build_engine(
     checkpoint_dir: Path,
     output_dir: Path,
     backend: Backend,
     settings: dict[str, Any],
     show_progress: bool = True,
+    workers: int = 1,
 ) -> dict[str, Any]:
-    """Build every rank of a checkpoint with ``backend`` into ``output_dir`` (atomically)."""
+    """Build every rank of a checkpoint with ``backend`` into ``output_dir`` (atomically).
+
+    ``workers`` > 1 builds ranks in that many spawned processes (each loads only its own
+    rank's weights); the result is the same engine as a sequential build.
+    """
     checkpoint_dir = Path(checkpoint_dir)
     config = read_config(checkpoint_dir)
     mapping = Mapping.from_json(config["mapping"])
-    settings = {**DEFAULT_SETTINGS, **{k: v for k, v in settings.items() if v is not None}}
-    if settings["max_input_len"] > settings["max_seq_len"]:
-        raise UsageError(f"--max_input_len {settings['max_input_len']} exceeds --max_seq_len {settings['max_seq_len']}")
+    settings = build_settings(settings)
+    if workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {workers}")
     graphs = [rank_graph(config, r, str(checkpoint_dir / "config.json")) for r in mapping.ranks()]
+    desc = f"build ({backend.name})"
     with atomic_output_dir(output_dir) as tmp:
-        facts = []
-        for rank in progress(mapping.ranks(), desc=f"build ({backend.name})", unit="rank", enable=show_progress):
-            weights = load_rank_weights(rank_file(checkpoint_dir, rank))
-            facts.append(backend.build_rank(graphs[rank], weights, tmp, rank, settings) or {})
+        if workers > 1 and mapping.world_size > 1:
+            ctx = multiprocessing.get_context("spawn")  # fork is unsafe once torch has started its threads
+            with concurrent.futures.ProcessPoolExecutor(min(workers, mapping.world_size), mp_context=ctx) as pool:
+                futures = [
+                    pool.submit(
+                        _build_rank_worker,
+                        backend.name,
+                        graphs[r].to_json(),
+                        str(checkpoint_dir),
+                        str(tmp),
+                        r,
+                        settings,
+                    )
+                    for r in mapping.ranks()
+                ]
+                done = concurrent.futures.as_completed(futures)
+                for future in progress(done, total=len(futures), desc=desc, unit="rank", enable=show_progress):
+                    future.result()
+                facts = [f.result() for f in futures]
+        else:
+            facts = [
+                _build_rank(backend, graphs[rank], checkpoint_dir, tmp, rank, settings)
+                for rank in progress(mapping.ranks(), desc=desc, unit="rank", enable=show_progress)
+            ]
         tokenizer = checkpoint_dir / TOKENIZER_DIR
         if tokenizer.is_dir():
             shutil.copytree(tokenizer, tmp / TOKENIZER_DIR)

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from compiler_core.checkpoint import TOKENIZER_DIR
 from compiler_core.engine import engine_mapping, load_rank_session, read_engine_config
 from compiler_core.errors import UsageError
 from compiler_core.runtime.runner import LocalRunner, ModelRunner
@@ -79,3 +80,37 @@ def open_runner(engine_dir: Path, device: str = "auto") -> tuple[ModelRunner, di
         runner = open_distributed_runner(engine_dir, config, device)
     runner.build_limits = dict(config["build"])
     return runner, config
+
+
+def load_tokenizer(engine_dir: Path, tokenizer_dir: Path | None = None, required: bool = True):
+    """The tokenizer from ``tokenizer_dir``, else the one saved with the engine (``tokenizer/``).
+
+    Returns None when neither exists and ``required`` is false.
+    """
+    source = Path(tokenizer_dir) if tokenizer_dir is not None else Path(engine_dir) / TOKENIZER_DIR
+    if not source.is_dir():
+        if tokenizer_dir is not None:
+            raise UsageError(f"--tokenizer_dir {source}: directory not found")
+        if not required:
+            return None
+        raise UsageError(f"{engine_dir}: the engine has no tokenizer/ directory; pass --tokenizer_dir D")
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise UsageError("reading text needs transformers: pip install 'modelc[hf]'") from None
+    try:
+        return AutoTokenizer.from_pretrained(str(source))
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{source}: not a loadable tokenizer ({exc})") from None
+
+
+def special_ids(engine_config: dict[str, Any], tokenizer=None) -> tuple[int | None, int | None]:
+    """(end_id, pad_id): the model config's eos/pad ids, else the tokenizer's; pad falls back to end."""
+    checkpoint = engine_config["checkpoint"]
+    end_id = checkpoint.get("eos_token_id")
+    if end_id is None and tokenizer is not None:
+        end_id = tokenizer.eos_token_id
+    pad_id = checkpoint.get("pad_token_id")
+    if pad_id is None and tokenizer is not None:
+        pad_id = tokenizer.pad_token_id
+    return end_id, end_id if pad_id is None else pad_id
