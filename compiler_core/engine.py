@@ -176,8 +176,12 @@ def describe_engine(engine_dir: Path, raw: dict[str, Any], max_nodes: int | None
         f"mapping: tp={mapping.tp_size} pp={mapping.pp_size}  build: {config['build']}",
         f"  quantization: {ckpt['quantization']}",
     ]
+    backend = get_registry().backends.get(config["backend"])
     for rank in mapping.ranks():
-        if config.get("ranks") and config["ranks"][rank]:
+        extra = backend.describe_rank(Path(engine_dir), config, rank) if backend is not None else ""
+        if extra:
+            lines.append(f"  rank {rank} artefacts:\n{extra}")
+        elif config.get("ranks") and config["ranks"][rank]:
             lines.append(f"  rank {rank} artefacts: {config['ranks'][rank]}")
         lines.append(format_graph(engine_graph(config, rank), max_nodes=max_nodes))
     return "\n".join(lines)

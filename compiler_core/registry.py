@@ -130,6 +130,10 @@ class Backend(ABC):
     def load_rank(self, engine_dir: Path, engine_config: dict[str, Any], rank: int, device: str) -> RankSession:
         """Load rank ``rank`` of a built engine for execution on ``device``."""
 
+    def describe_rank(self, engine_dir: Path, engine_config: dict[str, Any], rank: int) -> str:
+        """Extra lines about rank ``rank``'s artefacts for ``modelc inspect`` (default: none)."""
+        return ""
+
 
 @dataclass(frozen=True)
 class ScaleGroup:
