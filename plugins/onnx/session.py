@@ -1,0 +1,147 @@
+"""Running a rank's plan: ONNX segments (or TensorRT engines built from them) and collectives between.
+
+:class:`PlanSession` holds what every plan-driven backend shares: the KV cache as tensors kept
+between steps (``present_*`` of one step become ``past_*`` of the next, truncated to ``start``),
+beam reordering, and the collectives run with the session's ``comm`` (set by the runner, as for
+``TorchSession``). :class:`OnnxSession` runs the segments with onnxruntime.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from compiler_core.errors import ModelcError
+from compiler_core.ir import Graph
+from compiler_core.runtime.context import Communicator
+from compiler_core.runtime.kernels import torch_dtype
+from compiler_core.runtime.session import RankSession
+from plugins.onnx.export import RankPlan, Step
+from plugins.onnx.lowering import ATTENTION_MASK, POSITION_IDS, onnx_type, past_name, present_name
+
+
+class PlanSession(RankSession):
+    """A rank run step by step from its :class:`RankPlan`; subclasses run the model steps."""
+
+    def __init__(self, graph: Graph, plan: RankPlan, device: torch.device, comm: Communicator | None = None):
+        self.graph = graph
+        self.plan = plan
+        self.device = device
+        self.comm = comm
+        self.cache: dict[str, torch.Tensor] = {}
+
+    @abstractmethod
+    def run_step(self, step: Step, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Run one model step on ``feeds`` (by input name); return its outputs by name."""
+
+    def allocate(self, batch: int, max_len: int) -> None:
+        self.cache = self._empty_cache(batch)
+
+    def _empty_cache(self, batch: int) -> dict[str, torch.Tensor]:
+        cache = {}
+        for slot, spec in self.plan.cache.items():
+            shape = (batch, spec.num_kv_heads, 0, spec.head_dim)
+            for kind in ("key", "value"):
+                cache[past_name(kind, slot)] = torch.empty(shape, dtype=torch_dtype(spec.dtype), device=self.device)
+        return cache
+
+    def forward(self, x, positions, attention_mask, start):
+        if start == 0 or not self.cache:
+            self.cache = self._empty_cache(x.shape[0])
+        values: dict[str, torch.Tensor] = {
+            self.plan.input: x.to(self.device),
+            POSITION_IDS: positions.to(self.device, torch.int64),
+            ATTENTION_MASK: attention_mask.to(self.device, torch.int64),
+        }
+        for name, past in self.cache.items():
+            if past.shape[2] < start:
+                raise ModelcError(f"KV cache holds {past.shape[2]} tokens but the step starts at position {start}")
+            values[name] = past[:, :, :start]
+        for step in self.plan.steps:
+            if step.kind == "onnx":
+                values.update(self.run_step(step, {name: values[name] for name in step.inputs}))
+            else:
+                values[step.outputs[0]] = self._collective(step, values[step.inputs[0]])
+        for slot in self.plan.cache:
+            for kind in ("key", "value"):
+                self.cache[past_name(kind, slot)] = values[present_name(kind, slot)]
+        return values[self.plan.output]
+
+    def _collective(self, step: Step, x: torch.Tensor) -> torch.Tensor:
+        if self.comm is None:
+            return x
+        if step.kind == "all_reduce":
+            return self.comm.all_reduce(x)
+        return self.comm.all_gather(x, int(step.axis))
+
+    def reorder_cache(self, index):
+        self.cache = {name: t.index_select(0, index.to(t.device)) for name, t in self.cache.items()}
+
+
+# Types numpy cannot hold travel as raw bits: (torch bits type, numpy twin, numpy type onnxruntime expects).
+_BIT_VIEWS = {
+    "bfloat16": (torch.int16, np.int16, np.uint16),
+    "float8_e4m3fn": (torch.uint8, np.uint8, np.uint8),
+}
+
+
+def to_ortvalue(tensor: torch.Tensor, dtype: str):
+    """A CPU OrtValue of ``tensor`` typed ``dtype`` (bfloat16/float8 pass as their bits)."""
+    import onnxruntime as ort
+
+    tensor = tensor.detach().cpu().contiguous()
+    if dtype in _BIT_VIEWS:
+        torch_bits, _, ort_bits = _BIT_VIEWS[dtype]
+        bits = tensor.view(torch_bits).numpy().view(ort_bits)
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bits, onnx_type(dtype))
+    return ort.OrtValue.ortvalue_from_numpy(tensor.numpy())
+
+
+def from_ortvalue(value, dtype: str) -> torch.Tensor:
+    """The torch tensor of an OrtValue of IR dtype ``dtype``."""
+    array = value.numpy()
+    if dtype in _BIT_VIEWS:
+        return torch.from_numpy(array.view(_BIT_VIEWS[dtype][1])).view(torch_dtype(dtype))
+    return torch.from_numpy(array)
+
+
+class OnnxSession(PlanSession):
+    """A rank of an onnx engine run by onnxruntime (CPU provider; CUDA provider on ``device="cuda"``).
+
+    Inputs and outputs pass through host memory, so the runner's tensors live on the CPU.
+    """
+
+    def __init__(self, engine_dir: Path, graph: Graph, plan: RankPlan, device: str = "cpu"):
+        import onnxruntime as ort
+
+        super().__init__(graph, plan, torch.device("cpu"))
+        providers = ["CPUExecutionProvider"]
+        if torch.device(device).type == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise ModelcError(
+                    "onnxruntime here has no CUDAExecutionProvider: install onnxruntime-gpu, or run on the CPU"
+                )
+            providers.insert(0, "CUDAExecutionProvider")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # warnings about unused initializers etc. are noise here
+        self.sessions = {}
+        for file in plan.files:
+            path = Path(engine_dir) / file
+            try:
+                self.sessions[file] = ort.InferenceSession(str(path), options, providers=providers)
+            except Exception as exc:  # onnxruntime raises its own exception types per failure
+                hint = ""
+                if graph.attrs.get("dtype") == "bfloat16" and providers[0] == "CPUExecutionProvider":
+                    hint = " (onnxruntime's CPU provider has no bfloat16 MatMul/Softmax: use float16/float32 or CUDA)"
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise ModelcError(f"{path}: onnxruntime cannot load it: {first}{hint}") from None
+
+    def run_step(self, step, feeds):
+        session = self.sessions[step.file]
+        ort_feeds = {name: to_ortvalue(t, step.types[name].dtype) for name, t in feeds.items()}
+        outs = session.run_with_ort_values(step.outputs, ort_feeds)
+        return {name: from_ortvalue(v, step.types[name].dtype) for name, v in zip(step.outputs, outs, strict=True)}
