@@ -18,6 +18,10 @@ Flow (:func:`quantize`)::
     kv_cache_dtype   str | None   the --kv_cache_dtype value
     exclude_modules  list | None  fnmatch patterns of node names to leave unquantized
                                   (None: the scheme's default, typically ["lm_head"])
+    group_size       int | None   weights per quantization group for group-wise schemes
+                                  (None: the scheme's default)
+    mapping          Mapping      the output's tp/pp split, for schemes whose layouts must
+                                  divide per rank (checked before calibrating)
     device           str          where calibration runs ("cpu", "cuda")
     seed             int          torch is seeded with it before each scheme runs
     show_progress    bool         show progress bars
@@ -190,6 +194,7 @@ def quantize(
     dtype: str = "auto",
     mapping: ParallelMapping | None = None,
     exclude_modules: list[str] | None = None,
+    group_size: int | None = None,
     seed: int = DEFAULT_SEED,
     device: str = "auto",
     show_progress: bool = True,
@@ -209,6 +214,8 @@ def quantize(
     options: dict[str, Any] = {
         "kv_cache_dtype": kv_cache_dtype,
         "exclude_modules": exclude_modules,
+        "group_size": group_size,
+        "mapping": mapping,
         "device": device,
         "seed": seed,
         "show_progress": show_progress,

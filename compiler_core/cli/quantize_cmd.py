@@ -110,6 +110,15 @@ def _patterns(values: tuple[str, ...]) -> list[str] | None:
     help="Node-name patterns (fnmatch, repeatable or comma-separated) to leave unquantized; replaces the "
     "format's default (lm_head). '' or none quantizes every layer the format supports.",
 )
+@option(
+    "--group_size",
+    "--awq_block_size",
+    "group_size",
+    default=None,
+    type=int,
+    help="Weights per quantization group of group-wise formats (int4_awq: default 128); --awq_block_size is "
+    "TensorRT-LLM quantize.py's name for it.",
+)
 @option("--seed", default=1234, show_default=True, type=int, help="Random seed for calibration.")
 @option(
     "--device",
@@ -130,6 +139,7 @@ def quantize_command(
     tp_size,
     pp_size,
     exclude_modules,
+    group_size,
     seed,
     device,
 ):
@@ -151,6 +161,7 @@ def quantize_command(
         dtype=dtype,
         mapping=Mapping.create(tp_size, pp_size),
         exclude_modules=_patterns(exclude_modules),
+        group_size=group_size,
         seed=seed,
         device=device,
     )

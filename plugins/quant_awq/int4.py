@@ -1,0 +1,101 @@
+"""Symmetric group-wise INT4 weights: quantize, pack two per byte, unpack, dequantize.
+
+Layout (the checkpoint's and every backend's): a linear weight is ``[out, in]``. Each row is cut
+into groups of ``group_size`` consecutive input channels; group ``g`` of row ``o`` has one scale
+``scales[o, g] = amax / 7`` (TensorRT and ModelOpt INT4 are symmetric: no zero point), and
+``q = clamp(round_half_even(w / scale), -8, 7)``.
+
+Packing is along the input dim (dim 1): byte ``[o, j]`` holds ``q[o, 2j]`` in its low nibble and
+``q[o, 2j + 1]`` in its high nibble, i.e. TensorRT-LLM's ``q[:, 1::2] * 16 + (q[:, ::2] & 0xF)``.
+That is also ONNX's int4 byte order for a row-major ``[out, in]`` tensor, so the packed bytes are
+a DequantizeLinear initializer as they are. Packing along ``in`` keeps every output row intact,
+so row-wise transforms (column-parallel splits, Falcon's fused-QKV reorder) apply to the packed
+weight and its scales exactly as to a plain weight.
+"""
+
+from __future__ import annotations
+
+import torch
+
+INT4_MIN, INT4_MAX = -8, 7
+
+
+def check_group_size(in_features: int, group_size: int, what: str = "weight") -> None:
+    """Raise ValueError unless ``in_features`` splits into whole groups of an even ``group_size``."""
+    if group_size <= 0 or group_size % 2:
+        raise ValueError(f"group_size must be a positive even number, got {group_size}")
+    if in_features % group_size:
+        raise ValueError(f"{what}: input dim {in_features} is not a multiple of group_size {group_size}")
+
+
+def group_amax(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per-group max |w|: ``[out, in]`` -> ``[out, in / group_size]`` (float32)."""
+    out, inp = w.shape
+    check_group_size(inp, group_size)
+    return w.float().abs().reshape(out, inp // group_size, group_size).amax(-1)
+
+
+def scales_from_amax(amax: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``amax / 7`` rounded to ``dtype``, kept at or above the smallest normal of ``dtype``.
+
+    The scale is rounded to the storage dtype *before* the weight is divided by it, so that
+    dequantization with the stored scale reproduces exactly the values the search scored. The
+    floor keeps an all-zero (or underflowing) group finite: its codes are then 0.
+    """
+    return (amax.float() / INT4_MAX).clamp(min=torch.finfo(dtype).tiny).to(dtype)
+
+
+def quantize_groups(
+    w: torch.Tensor, group_size: int, amax: torch.Tensor | None = None, scale_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``w [out, in]`` to int4 codes (int8 ``[out, in]``) and scales ``[out, in / group_size]``.
+
+    ``amax`` (per group, default: the group's max |w|) is the clipping range: weights beyond it
+    saturate, which is how AWQ's clip search shrinks a group's range.
+    """
+    check_group_size(w.shape[1], group_size)
+    if amax is None:
+        amax = group_amax(w, group_size)
+    scales = scales_from_amax(amax, scale_dtype)
+    s = scales.float().repeat_interleave(group_size, dim=1)
+    a = amax.float().repeat_interleave(group_size, dim=1)
+    # Clip to the (possibly shrunk) range first, as llm-awq does, then round half to even.
+    wc = torch.maximum(torch.minimum(w.float(), a), -a)
+    q = torch.round(wc / s).clamp(INT4_MIN, INT4_MAX).to(torch.int8)
+    return q, scales
+
+
+def dequantize_codes(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """int4 codes ``[out, in]`` times their group scales -> ``[out, in]`` in ``dtype``."""
+    out, inp = q.shape
+    groups = scales.shape[1]
+    w = q.float().reshape(out, groups, inp // groups) * scales.float()[..., None]
+    return w.reshape(out, inp).to(dtype)
+
+
+def fake_quantize(w: torch.Tensor, group_size: int, amax: torch.Tensor | None = None) -> torch.Tensor:
+    """Quantize then dequantize (float32), the error model every search scores."""
+    q, scales = quantize_groups(w, group_size, amax)
+    return dequantize_codes(q, scales)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int4 codes ``[out, in]`` (int8 in [-8, 7]) -> packed int8 ``[out, in / 2]``, low nibble = even index."""
+    if q.shape[-1] % 2:
+        raise ValueError(f"cannot pack an odd input dim ({q.shape[-1]}) into int4 pairs")
+    q = q.to(torch.int8)
+    # hi << 4 keeps hi's sign in the top nibble; masking lo keeps its sign bits out of hi's nibble.
+    return (q[..., 1::2] << 4) | (q[..., 0::2] & 0x0F)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: int8 ``[out, in / 2]`` -> sign-extended codes int8 ``[out, in]``."""
+    p = packed.to(torch.int8)
+    lo = (p << 4) >> 4  # arithmetic shifts on int8 sign-extend the nibble
+    hi = p >> 4
+    return torch.stack((lo, hi), dim=-1).reshape(*p.shape[:-1], p.shape[-1] * 2)
+
+
+def dequantize_packed(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Packed int4 weight and group scales -> the dense ``[out, in]`` weight in ``dtype``."""
+    return dequantize_codes(unpack_int4(packed), scales, dtype)

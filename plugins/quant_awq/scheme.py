@@ -1,0 +1,118 @@
+"""The ``int4_awq`` quantization scheme (``modelc quantize --qformat int4_awq``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from compiler_core.calibration import CalibrationSet, model_graph
+from compiler_core.convert import LoadedModel
+from compiler_core.errors import ModelcError, UsageError
+from compiler_core.mapping import Mapping
+from compiler_core.model import rank_graph
+from compiler_core.plugins import get_plugin_manager
+from compiler_core.progress import progress
+from compiler_core.quantize import quantize_layers
+from compiler_core.registry import QuantScheme
+from plugins.quant_awq import transform
+from plugins.quant_awq.calibrate import (
+    DEFAULT_MAX_TOKENS,
+    feeds_attention,
+    observe_inputs,
+    plan_scales,
+    search_scales,
+)
+from plugins.quant_awq.transform import (
+    DEFAULT_GROUP_SIZE,
+    QUANT_ALGO,
+    SCHEME_NAME,
+    check_divisible,
+    output_heads,
+    quantizable_linears,
+    quantization_section,
+)
+
+
+class Int4AwqScheme(QuantScheme):
+    """INT4 weight-only, group-wise, symmetric, with AWQ activation-aware scales and clipping.
+
+    ``options`` read by :meth:`quantize` (besides the generic ones): ``group_size`` (default 128),
+    ``awq_max_tokens`` (calibration tokens each search is scored on, default 4096) and
+    ``mapping`` (the target split, checked for whole groups per rank before calibrating).
+    """
+
+    name = SCHEME_NAME
+    quant_algo = QUANT_ALGO
+    description = "INT4 weights (group-wise, symmetric) with AWQ scales and clipping; activations in model dtype"
+
+    def transform_graph(self, graph, config):
+        return transform.transform_graph(graph, config)
+
+    def quantize(self, model: LoadedModel, calibration: CalibrationSet, options: dict[str, Any]) -> LoadedModel:
+        group_size = int(options.get("group_size") or DEFAULT_GROUP_SIZE)
+        if group_size <= 0 or group_size % 2:
+            raise UsageError(f"--group_size must be a positive even number, got {group_size}")
+        max_tokens = int(options.get("awq_max_tokens") or DEFAULT_MAX_TOKENS)
+        device = options.get("device") or "cpu"
+        show = bool(options.get("show_progress", True))
+
+        graph = model_graph(model)
+        exclude = options.get("exclude_modules")
+        exclude = output_heads(graph) if exclude is None else list(exclude)
+        linears = quantizable_linears(graph, exclude)
+        if not linears:
+            raise UsageError(f"exclude_modules {exclude}: no linear layer is left to quantize")
+        self._check_split(model, linears, group_size, exclude, options.get("mapping"))
+        quantized = {n.name for n in linears}
+
+        groups = get_plugin_manager().hook.scale_groups(graph=graph, config=model.config) or []
+        plans = plan_scales(graph, groups, quantized)
+        stats = observe_inputs(
+            graph, model.weights, calibration, linears, max_tokens=max_tokens, device=device, show_progress=show
+        )
+        scales = search_scales(
+            plans,
+            graph,
+            model.weights,
+            stats,
+            quantized,
+            group_size,
+            device=device,
+            progress_bar=lambda items: progress(items, desc="awq scales", unit="group", enable=show),
+        )
+        prequant = {n.name for p in plans if not p.fold for n in p.linears}
+        samples = {value: st.sample().to(device) for value, st in stats.items()}
+        layer_stats = {
+            n.name: {
+                "group_size": group_size,
+                "scales": scales.get(n.name),
+                "prequant": n.name in prequant,
+                "x": samples[n.inputs[0]],
+                "clip": not feeds_attention(graph, n),
+            }
+            for n in linears
+        }
+        model.config["quantization"] = {
+            **model.config["quantization"],
+            **quantization_section(group_size, exclude, prequant),
+        }
+        quantized_graph = quantize_layers(model, graph, self, layer_stats, show_progress=show)
+        expected = transform.transform_graph(graph, model.config)
+        if quantized_graph.nodes != expected.nodes:
+            raise ModelcError("int4_awq: the quantize_layer results disagree with transform_graph")
+        return model
+
+    @staticmethod
+    def _check_split(model: LoadedModel, linears, group_size: int, exclude: list[str], mapping: Mapping | None) -> None:
+        """Fail before calibrating when some rank's linear would not hold whole groups."""
+        for node in linears:
+            in_features = model.weights[node.params["weight"]].shape[1]
+            check_divisible(node, in_features, group_size, 1)
+        if mapping is None or mapping.tp_size == 1:
+            return
+        preview = {
+            **model.config,
+            "mapping": mapping.to_json(),
+            "quantization": {**model.config["quantization"], **quantization_section(group_size, exclude, ())},
+        }
+        for rank in mapping.ranks():
+            rank_graph(preview, rank)

@@ -1,0 +1,137 @@
+"""The INT4 math and the AWQ searches on plain tensors, against hand-written references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from plugins.quant_awq.int4 import (
+    check_group_size,
+    dequantize_codes,
+    dequantize_packed,
+    pack_int4,
+    quantize_groups,
+    unpack_int4,
+)
+from plugins.quant_awq.search import candidate_scales, search_clip, search_scale
+
+
+def test_pack_nibble_order_matches_trtllm_and_onnx() -> None:
+    q = torch.tensor([[1, -2, 7, -8], [-1, 0, 3, 5]], dtype=torch.int8)
+    packed = pack_int4(q)
+    assert packed.shape == (2, 2) and packed.dtype == torch.int8
+    as_bytes = packed.view(torch.uint8)
+    # Low nibble = even input index, high nibble = odd one (two's complement nibbles).
+    assert as_bytes[0, 0].item() == (0xE << 4) | 0x1  # q[0,0]=1 low, q[0,1]=-2 (0xE) high
+    assert as_bytes[0, 1].item() == (0x8 << 4) | 0x7  # 7 low, -8 high
+    assert as_bytes[1, 0].item() == (0x0 << 4) | 0xF  # -1 low, 0 high
+    # TensorRT-LLM's formula on unsigned nibbles gives the same bytes.
+    u = (q.to(torch.int16) & 0xF).to(torch.uint8)
+    assert torch.equal(as_bytes, u[:, 1::2] * 16 + u[:, ::2])
+
+
+def test_pack_unpack_round_trip_every_code() -> None:
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-8, 8, (33, 64), generator=g, dtype=torch.int8)
+    q[0, :16] = torch.arange(-8, 8, dtype=torch.int8)
+    assert torch.equal(unpack_int4(pack_int4(q)), q)
+    with pytest.raises(ValueError, match="odd input dim"):
+        pack_int4(q[:, :3])
+
+
+def _reference_quantize(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Element by element, as the definition reads."""
+    out, inp = w.shape
+    q = torch.zeros(out, inp, dtype=torch.int8)
+    scales = torch.zeros(out, inp // group_size)
+    for o in range(out):
+        for g in range(inp // group_size):
+            block = w[o, g * group_size : (g + 1) * group_size]
+            s = float(block.abs().max()) / 7
+            scales[o, g] = s
+            for j, v in enumerate(block.tolist()):
+                r = round(v / s)  # Python's round is half to even
+                q[o, g * group_size + j] = max(-8, min(7, r))
+    return q, scales
+
+
+def test_group_quantization_matches_reference() -> None:
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(6, 32, generator=g)
+    w[2, 5] = 0.0
+    # Exact halves: round half to even must give 2 and 4 (not 3 and 5) for 2.5 and 4.5 steps.
+    w[3, :8] = torch.tensor([7.0, 2.5, 4.5, -2.5, 0.5, -0.5, 1.5, 0.0])
+    q, scales = quantize_groups(w, 8)
+    ref_q, ref_scales = _reference_quantize(w, 8)
+    assert torch.equal(q, ref_q)
+    torch.testing.assert_close(scales, ref_scales)
+    assert q[3, :8].tolist() == [7, 2, 4, -2, 0, 0, 2, 0]
+    # Round trip error is at most half a step per element.
+    err = (dequantize_codes(q, scales) - w).abs()
+    assert (err <= scales.repeat_interleave(8, 1) / 2 + 1e-6).all()
+    packed = pack_int4(q)
+    torch.testing.assert_close(dequantize_packed(packed, scales, torch.float32), dequantize_codes(q, scales))
+
+
+def test_clip_range_saturates_and_scales_round_to_storage_dtype() -> None:
+    w = torch.tensor([[1.0, -0.2, 0.1, 0.05]])
+    q, scales = quantize_groups(w, 4, amax=torch.tensor([[0.35]]), scale_dtype=torch.float16)
+    assert scales.dtype == torch.float16
+    assert q[0, 0].item() == 7 and q[0, 1].item() == -4
+    zero_q, zero_scales = quantize_groups(torch.zeros(1, 4), 4)
+    assert torch.equal(zero_q, torch.zeros(1, 4, dtype=torch.int8)) and (zero_scales > 0).all()
+
+
+def test_group_size_errors() -> None:
+    with pytest.raises(ValueError, match="not a multiple of group_size 128"):
+        check_group_size(4544, 128, "layers.0.mlp.fc")
+    with pytest.raises(ValueError, match="positive even"):
+        check_group_size(64, 3)
+
+
+def test_candidate_scales_are_normalised() -> None:
+    x = torch.tensor([0.5, 2.0, 8.0])
+    s = candidate_scales(x, 0.5)
+    assert torch.allclose(s.max() * s.min(), torch.tensor(1.0))
+    assert torch.equal(candidate_scales(x, 0.0), torch.ones(3))
+
+
+def _salient_layer(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations with a few large channels (the outliers AWQ protects) and a random weight."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(512, 128, generator=g)
+    x[:, :4] *= 40.0
+    w = torch.randn(96, 128, generator=g) * 0.05
+    return x, w
+
+
+def test_awq_scale_search_beats_round_to_nearest_on_salient_channels() -> None:
+    x, w = _salient_layer()
+    result = search_scale(x, [w], group_size=32)
+    rtn_loss = result.losses[0]  # alpha = 0 is plain RTN
+    assert len(result.losses) == 20
+    assert result.alpha > 0
+    # Protecting the salient channels must cut the output error substantially, not marginally.
+    assert min(result.losses) < 0.7 * rtn_loss
+    # The scaled layer, quantized, really has that loss.
+    s = result.scales
+    q, scales = quantize_groups(w * s, 32)
+    out_q = (x / s) @ dequantize_codes(q, scales).T
+    loss = (out_q - x @ w.T).pow(2).mean().item()
+    assert loss == pytest.approx(min(result.losses), rel=1e-3)
+
+
+def test_clip_search_never_worse_and_helps_outlier_weights() -> None:
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(256, 64, generator=g)
+    w = torch.randn(32, 64, generator=g) * 0.02
+    w[:, 7] = 0.5  # one large weight per group stretches the grid for the others
+    amax = search_clip(x, w, group_size=16)
+    assert amax.shape == (32, 4)
+
+    def out_err(clip: torch.Tensor | None) -> float:
+        q, s = quantize_groups(w, 16, clip)
+        return (x @ (dequantize_codes(q, s) - w).T).pow(2).mean().item()
+
+    assert out_err(amax) <= out_err(None)
+    assert (amax <= w.abs().reshape(32, 4, 16).amax(-1) + 1e-7).all()
