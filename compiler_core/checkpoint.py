@@ -24,6 +24,7 @@ NO_QUANTIZATION: dict[str, Any] = {"quant_algo": None, "kv_cache_quant_algo": No
 
 
 def rank_file(directory: Path, rank: int, suffix: str = "safetensors") -> Path:
+    """The path of rank ``rank``'s file in ``directory``."""
     return Path(directory) / f"rank{rank}.{suffix}"
 
 
@@ -41,6 +42,7 @@ def save_rank_weights(path: Path, weights: AbcMapping[str, torch.Tensor]) -> Non
 
 
 def load_rank_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Load one rank's tensors; a missing or unreadable file is a UsageError naming it."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: rank weights not found")
@@ -53,6 +55,7 @@ def load_rank_weights(path: Path) -> dict[str, torch.Tensor]:
 def make_config(
     model_config: dict[str, Any], dtype: str, mapping: Mapping, quantization: dict[str, Any] | None = None
 ) -> dict[str, Any]:
+    """A checkpoint config.json: the model's fields plus dtype, mapping, quantization and format."""
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -64,6 +67,7 @@ def make_config(
 
 
 def write_config(directory: Path, config: dict[str, Any]) -> None:
+    """Write ``config`` as ``directory/config.json``."""
     write_json(Path(directory) / "config.json", config)
 
 
@@ -74,6 +78,8 @@ def read_config(directory: Path) -> dict[str, Any]:
         raise UsageError(f"{directory}: checkpoint directory not found")
     path = directory / "config.json"
     config = read_json(path, "checkpoint config")
+    if config.get("format", FORMAT) != FORMAT:
+        raise UsageError(f"{path}: field 'format' is {config['format']!r}, not a {FORMAT} directory")
     for field in REQUIRED_FIELDS:
         if field not in config:
             raise UsageError(f"{path}: field {field!r} is missing")
@@ -93,4 +99,5 @@ def read_config(directory: Path) -> dict[str, Any]:
 
 
 def mapping_of(config: dict[str, Any]) -> Mapping:
+    """The parallel mapping a (validated) checkpoint config describes."""
     return Mapping.from_json(config["mapping"])

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from compiler_core.errors import UsageError
+
+#: A directory whose contents may be replaced: empty, or holding a model/checkpoint/engine config.
+REPLACEABLE_MARKER = "config.json"
 
 
 @contextlib.contextmanager
@@ -18,13 +21,21 @@ def atomic_output_dir(target: Path) -> Iterator[Path]:
     """Yield a temporary directory next to ``target``; on success it replaces ``target``.
 
     On any exception the temporary directory is removed and an existing ``target`` is left
-    exactly as it was. The swap is two renames on the same file system.
+    exactly as it was. The swap is two renames on the same file system; if the second fails,
+    the old directory is put back. An existing ``target`` is only replaced when it is empty or
+    holds a ``config.json`` (a previous output), so a mistyped ``--output_dir ~`` cannot wipe a
+    home directory.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists() and not target.is_dir():
         raise UsageError(f"{target}: exists and is not a directory")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    if target.is_dir() and any(target.iterdir()) and not (target / REPLACEABLE_MARKER).is_file():
+        raise UsageError(
+            f"{target}: exists, is not empty and holds no {REPLACEABLE_MARKER}; refusing to replace it "
+            "(choose a new or empty output directory)"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _fresh_sibling(target, "tmp")
     try:
         yield tmp
     except BaseException:
@@ -32,12 +43,34 @@ def atomic_output_dir(target: Path) -> Iterator[Path]:
         raise
     backup = None
     if target.exists():
-        backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        backup = _fresh_sibling(target, "old")
         backup.rmdir()
         target.rename(backup)
-    tmp.rename(target)
+    try:
+        tmp.rename(target)
+    except BaseException:
+        if backup is not None:
+            backup.rename(target)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
+
+
+def _fresh_sibling(target: Path, tag: str) -> Path:
+    """Create a new hidden directory beside ``target``.
+
+    Made with ``mkdir`` rather than ``tempfile.mkdtemp`` so the result gets the usual
+    umask-derived permissions, not mkdtemp's 0700, once it is renamed into place.
+    """
+    for _ in range(100):
+        path = target.parent / f".{target.name}.{tag}-{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"{target.parent}: cannot create a temporary directory beside {target.name}")
 
 
 def read_json(path: Path, what: str = "file") -> dict[str, Any]:
@@ -55,4 +88,5 @@ def read_json(path: Path, what: str = "file") -> dict[str, Any]:
 
 
 def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as indented JSON (used inside an atomic output directory)."""
     Path(path).write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")

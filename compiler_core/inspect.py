@@ -6,17 +6,19 @@ from pathlib import Path
 
 from compiler_core.checkpoint import read_config
 from compiler_core.errors import UsageError
+from compiler_core.fileio import read_json
 from compiler_core.ir import format_graph
 from compiler_core.mapping import Mapping
 from compiler_core.model import rank_graph
 
 
 def describe(directory: Path, max_nodes: int | None = 40) -> str:
+    """Text summary of a checkpoint or engine directory: header plus each rank's graph listing."""
     directory = Path(directory)
+    if not directory.is_dir():
+        raise UsageError(f"{directory}: directory not found")
     if not (directory / "config.json").is_file():
         raise UsageError(f"{directory}: no config.json (not a modelc checkpoint or engine)")
-    from compiler_core.fileio import read_json
-
     raw = read_json(directory / "config.json")
     if raw.get("format") == "modelc-engine":
         from compiler_core.engine import describe_engine

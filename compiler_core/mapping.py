@@ -19,7 +19,7 @@ class Mapping:
     def __post_init__(self) -> None:
         for field in ("world_size", "tp_size", "pp_size"):
             value = getattr(self, field)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UsageError(f"mapping: {field} must be a positive integer, got {value!r}")
         if self.world_size != self.tp_size * self.pp_size:
             raise UsageError(
@@ -58,12 +58,21 @@ class Mapping:
 
     @classmethod
     def from_json(cls, data: Any, source: str = "config.json") -> Mapping:
+        """Read a config's ``mapping`` object; errors name ``source`` and the field."""
         if not isinstance(data, dict):
             raise UsageError(f"{source}: field 'mapping' must be an object")
+        values = []
+        for field in ("world_size", "tp_size", "pp_size"):
+            if field not in data:
+                raise UsageError(f"{source}: field 'mapping.{field}' is missing")
+            value = data[field]
+            # 2.0, "2" and true are refused rather than truncated or coerced: a hand-edited mapping
+            # must say exactly what it means.
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UsageError(f"{source}: field 'mapping.{field}' must be a positive integer, got {value!r}")
+            values.append(value)
         try:
-            return cls(int(data["world_size"]), int(data["tp_size"]), int(data["pp_size"]))
-        except KeyError as exc:
-            raise UsageError(f"{source}: field 'mapping.{exc.args[0]}' is missing") from None
+            return cls(*values)
         except UsageError as exc:
             raise UsageError(f"{source}: {exc}") from None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import traceback
+import warnings
 
 import click
 
@@ -12,24 +13,17 @@ from compiler_core.errors import ModelcError
 
 
 class ModelcGroup(click.Group):
-    """Loads plugin commands on first use and turns errors into one line plus an exit code."""
-
-    _loaded = False
-
-    def _load(self) -> None:
-        if not self._loaded:
-            from compiler_core.plugins import get_plugin_manager
-
-            type(self)._loaded = True
-            get_plugin_manager().hook.register_commands(cli=self)
+    """Takes its subcommands from the plugins on first use and turns errors into one line plus an exit code."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        self._load()
-        return super().list_commands(ctx)
+        from compiler_core.registry import get_commands
+
+        return sorted({*super().list_commands(ctx), *get_commands().commands})
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        self._load()
-        return super().get_command(ctx, name)
+        from compiler_core.registry import get_commands
+
+        return super().get_command(ctx, name) or get_commands().commands.get(name)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -55,12 +49,25 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj["debug"] = debug
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning) -> None:
+    """Plugin-load warnings are one line naming the plugin; other warnings keep Python's format."""
+    from compiler_core.plugins import PluginLoadWarning
+
+    if issubclass(category, PluginLoadWarning):
+        click.echo(f"modelc: warning: {message}", err=True)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> None:
+    """The ``modelc`` console script (also ``python -m compiler_core``)."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    warnings.showwarning = _show_warning
     try:
         cli.main(args=argv, prog_name="modelc", standalone_mode=True)
-    except ModelcError as exc:  # raised outside a command's invoke (e.g. while loading commands)
+    except ModelcError as exc:  # raised outside a command's invoke (e.g. while collecting commands)
         if debug:
             traceback.print_exc()
-        click.echo(f"modelc: error: {exc}", err=True)
+        if not exc.quiet:
+            click.echo(f"modelc: error: {exc}", err=True)
         sys.exit(exc.exit_code)

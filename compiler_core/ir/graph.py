@@ -135,17 +135,23 @@ class Graph:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Graph:
+        """Read a graph written by :meth:`to_json`; a malformed one raises ValueError naming the field."""
         version = data.get("ir_version")
         if version != IR_VERSION:
             raise ValueError(f"IR version {version!r} is not supported (this modelc reads {IR_VERSION})")
-        return cls(
-            name=data["name"],
-            inputs=tuple(data["inputs"]),
-            outputs=tuple(data["outputs"]),
-            nodes=tuple(Node.from_json(n) for n in data["nodes"]),
-            params={p["name"]: Param.from_json(p) for p in data["params"]},
-            attrs=dict(data.get("attrs", {})),
-        )
+        try:
+            return cls(
+                name=data["name"],
+                inputs=tuple(data["inputs"]),
+                outputs=tuple(data["outputs"]),
+                nodes=tuple(Node.from_json(n) for n in data["nodes"]),
+                params={p["name"]: Param.from_json(p) for p in data["params"]},
+                attrs=dict(data.get("attrs", {})),
+            )
+        except KeyError as exc:
+            raise ValueError(f"IR JSON: field {exc.args[0]!r} is missing") from None
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"IR JSON: malformed ({exc})") from None
 
 
 class GraphBuilder:

@@ -25,8 +25,8 @@ def validate(graph: Graph, ops: Mapping[str, OpSpec]) -> Graph:
             raise GraphError(f"graph {graph.name}: parameter key {pname!r} holds parameter {param.name!r}")
         if param.dtype not in DTYPES:
             raise GraphError(f"parameter {pname}: dtype {param.dtype!r} is not one of {', '.join(DTYPES)}")
-        if any(d <= 0 for d in param.shape):
-            raise GraphError(f"parameter {pname}: shape {list(param.shape)} has a non-positive dimension")
+        if any(not _is_int(d) or d <= 0 for d in param.shape):
+            raise GraphError(f"parameter {pname}: shape {list(param.shape)} must be positive integers")
 
     seen_nodes: set[str] = set()
     used_params: set[str] = set()
@@ -65,10 +65,17 @@ def validate(graph: Graph, ops: Mapping[str, OpSpec]) -> Graph:
             if attr not in node.attrs:
                 raise GraphError(f"{where}: missing attribute {attr!r}")
         allowed_attrs = set(spec.attrs) | set(spec.optional_attrs)
-        for attr in node.attrs:
+        for attr, value in node.attrs.items():
             if attr not in allowed_attrs:
                 raise GraphError(f"{where}: unexpected attribute {attr!r}")
+            if not _is_json(value):
+                raise GraphError(f"{where}: attribute {attr!r} holds a {type(value).__name__}, which JSON cannot store")
 
+    for attr, value in graph.attrs.items():
+        if not _is_json(value):
+            raise GraphError(
+                f"graph {graph.name}: attribute {attr!r} holds a {type(value).__name__}, which JSON cannot store"
+            )
     for value in graph.outputs:
         if value not in defined:
             raise GraphError(f"graph {graph.name}: output {value!r} is never produced")
@@ -76,3 +83,18 @@ def validate(graph: Graph, ops: Mapping[str, OpSpec]) -> Graph:
     if unused:
         raise GraphError(f"graph {graph.name}: parameter {unused[0]!r} is declared but no node reads it")
     return graph
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_json(value: object) -> bool:
+    """True for values a graph can store in config.json and read back (tuples come back as lists)."""
+    if value is None or isinstance(value, str | int | float | bool):
+        return True
+    if isinstance(value, list | tuple):
+        return all(_is_json(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_json(v) for k, v in value.items())
+    return False

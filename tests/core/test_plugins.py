@@ -1,0 +1,419 @@
+"""The plugin manager: lazy single load, MODELC_PLUGINS, misspelt hooks, duplicates, broken plugins."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import json
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pluggy
+import pytest
+from click.testing import CliRunner
+
+from compiler_core import hookimpl, plugins
+from compiler_core.cli import cli
+from compiler_core.errors import ModelcError
+from compiler_core.ir import OpSpec
+from compiler_core.plugins import (
+    PluginLoadWarning,
+    get_plugin_manager,
+    new_plugin_manager,
+    plugin_info,
+    register_checked,
+    reset_plugin_manager,
+)
+from compiler_core.registry import get_commands, get_registry
+from tests.core.conftest import plugin_registered, run_modelc
+
+
+@dataclass
+class FakeEntryPoint:
+    """An entry point as importlib.metadata gives it, counting how often it is loaded."""
+
+    name: str
+    value: str
+    dist: Any = None
+    group: str = "compiler_core"
+    loads: int = 0
+
+    def load(self) -> Any:
+        self.loads += 1
+        return importlib.import_module(self.value)
+
+
+class EntryPoints:
+    """Installs fake entry points (modules written to a temp dir) in place of the real ones."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.points: list[FakeEntryPoint] = []
+
+    def add(self, name: str, source: str, *, module: str | None = None, dist: Any = None) -> FakeEntryPoint:
+        module = module or f"modelc_test_{name}_{abs(hash(self.tmp_path)) % 10**8}"
+        (self.tmp_path / f"{module}.py").write_text(textwrap.dedent(source), encoding="utf-8")
+        ep = FakeEntryPoint(name, module, dist)
+        self.points.append(ep)
+        return ep
+
+
+@pytest.fixture
+def fake_eps(monkeypatch, tmp_path):
+    eps = EntryPoints(tmp_path)
+    monkeypatch.setattr(plugins, "entry_points", lambda: list(eps.points))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv(plugins.PLUGINS_ENV, raising=False)
+    reset_plugin_manager()
+    yield eps
+    reset_plugin_manager()
+    for ep in eps.points:
+        sys.modules.pop(ep.value, None)
+
+
+GOOD = """
+    from compiler_core import hookimpl
+    from compiler_core.ir import OpSpec
+
+    __version__ = "3.1.4"
+
+    @hookimpl
+    def register_ops(register):
+        register(OpSpec("{op}", "a test op"))
+"""
+
+BROKEN = """
+    raise ImportError("this plugin needs libfoo, which is not installed")
+"""
+
+MISSPELT = """
+    from compiler_core import hookimpl
+
+    @hookimpl
+    def map_weights(config, name, tensor):
+        return None
+"""
+
+BAD_SIGNATURE = """
+    from compiler_core import hookimpl
+
+    @hookimpl
+    def map_weight(config, name, tensor, device):
+        return None
+"""
+
+
+def names(info: list[dict]) -> dict[str, str]:
+    return {p["name"]: p["status"] for p in info}
+
+
+# --- lazy, once ------------------------------------------------------------------------------
+
+
+def test_plugins_load_lazily_on_first_use():
+    """Importing the CLI or the plugin module loads nothing; the first get_plugin_manager() does."""
+    code = textwrap.dedent(
+        """
+        import sys
+        import compiler_core.cli, compiler_core.plugins as p, compiler_core.registry
+        assert p._pm is None, "loaded at import"
+        assert "plugins.falcon" not in sys.modules, "falcon imported at import time"
+        pm = p.get_plugin_manager()
+        assert "plugins.falcon" in sys.modules
+        assert p.get_plugin_manager() is pm
+        print("ok")
+        """
+    )
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+
+
+def test_entry_points_are_loaded_once(fake_eps):
+    ep = fake_eps.add("good", GOOD.format(op="good_op"))
+    assert ep.loads == 0
+    pm = get_plugin_manager()
+    assert get_plugin_manager() is pm
+    get_registry()
+    plugin_info()
+    assert ep.loads == 1
+    assert pm.has_plugin("good")
+    assert get_registry().provided_by[("ops", "good_op")] == "good"
+
+
+def test_reset_loads_again(fake_eps):
+    ep = fake_eps.add("good", GOOD.format(op="good_op"))
+    first = get_plugin_manager()
+    reset_plugin_manager()
+    assert get_plugin_manager() is not first
+    assert ep.loads == 2
+
+
+# --- MODELC_PLUGINS -------------------------------------------------------------------------
+
+
+def test_env_restricts_which_entry_points_load(fake_eps, monkeypatch):
+    wanted = fake_eps.add("wanted", GOOD.format(op="wanted_op"))
+    skipped = fake_eps.add("skipped", GOOD.format(op="skipped_op"))
+    monkeypatch.setenv(plugins.PLUGINS_ENV, " wanted , ")
+    assert names(plugin_info()) == {"core": "loaded", "wanted": "loaded"}
+    assert skipped.loads == 0, "a filtered plugin must not even be imported"
+    assert wanted.loads == 1
+    assert "skipped_op" not in get_registry().ops
+
+
+def test_env_empty_loads_only_the_core(fake_eps, monkeypatch):
+    fake_eps.add("wanted", GOOD.format(op="wanted_op"))
+    monkeypatch.setenv(plugins.PLUGINS_ENV, "")
+    assert names(plugin_info()) == {"core": "loaded"}
+
+
+def test_env_naming_an_unknown_plugin_warns(fake_eps, monkeypatch):
+    fake_eps.add("wanted", GOOD.format(op="wanted_op"))
+    monkeypatch.setenv(plugins.PLUGINS_ENV, "wanted,wnated")
+    with pytest.warns(PluginLoadWarning, match="MODELC_PLUGINS names 'wnated'"):
+        get_plugin_manager()
+
+
+@pytest.mark.parametrize("env,expected", [("falcon", {"core", "falcon"}), ("", {"core"})])
+def test_env_restricts_modelc_plugins_json_in_a_subprocess(env, expected):
+    done = run_modelc("plugins", "--json", env={plugins.PLUGINS_ENV: env})
+    assert done.returncode == 0, done.stderr
+    info = json.loads(done.stdout)
+    assert {p["name"] for p in info} == expected
+    assert all(p["status"] == "loaded" for p in info)
+
+
+# --- misspelt and mis-declared hooks ----------------------------------------------------------
+
+
+class Misspelt:
+    @hookimpl
+    def map_weights(self, config, name, tensor):  # the spec is map_weight
+        return None
+
+
+def test_check_pending_catches_a_misspelt_hookimpl():
+    pm = new_plugin_manager()
+    pm.register(Misspelt(), name="misspelt")
+    with pytest.raises(pluggy.PluginValidationError, match="unknown hook 'map_weights'"):
+        pm.check_pending()
+
+
+def test_register_checked_rejects_misspelt_hook_and_leaves_manager_clean():
+    pm = new_plugin_manager()
+    before = {name for name in vars(pm.hook) if not name.startswith("_")}
+    with pytest.raises(pluggy.PluginValidationError, match=r"'map_weights'.*did you mean 'map_weight'"):
+        register_checked(pm, Misspelt(), "misspelt")
+    assert not pm.has_plugin("misspelt")
+    pm.check_pending()  # nothing of the rejected plugin is left behind
+    assert {n for n in vars(pm.hook) if not n.startswith("_") and pm.hook.__dict__[n].get_hookimpls()} <= before
+
+
+def test_misspelt_entry_point_plugin_is_reported_and_others_load(fake_eps):
+    fake_eps.add("typo", MISSPELT)
+    fake_eps.add("good", GOOD.format(op="good_op"))
+    with pytest.warns(PluginLoadWarning, match=r"'typo' failed to load: PluginValidationError: .*'map_weights'"):
+        pm = get_plugin_manager()
+    status = names(plugin_info())
+    assert status == {"core": "loaded", "good": "loaded", "typo": "failed"}
+    assert not pm.has_plugin("typo")
+    assert [i.plugin_name for i in pm.hook.map_weight.get_hookimpls()] == []
+
+
+def test_hook_with_wrong_signature_is_reported(fake_eps):
+    fake_eps.add("sig", BAD_SIGNATURE)
+    with pytest.warns(PluginLoadWarning, match=r"'sig' failed to load: PluginValidationError: .*device"):
+        get_plugin_manager()
+    failed = [p for p in plugin_info() if p["status"] == "failed"]
+    assert [p["name"] for p in failed] == ["sig"]
+
+
+# --- duplicates -----------------------------------------------------------------------------
+
+
+class OpPlugin:
+    def __init__(self, op: str) -> None:
+        self.op = op
+
+    @hookimpl
+    def register_ops(self, register):
+        register(OpSpec(self.op, "test op"))
+
+
+def test_duplicate_op_names_both_plugins():
+    with plugin_registered(OpPlugin("twice"), "first_plugin"), plugin_registered(OpPlugin("twice"), "second_plugin"):
+        with pytest.raises(ModelcError) as info:
+            get_registry()
+    message = str(info.value)
+    assert "op 'twice' is registered twice" in message
+    assert "'first_plugin'" in message and "'second_plugin'" in message
+
+
+def test_duplicate_of_a_core_op_names_core():
+    with plugin_registered(OpPlugin("linear"), "shadow"), pytest.raises(ModelcError) as info:
+        get_registry()
+    assert "by plugin 'core' and by plugin 'shadow'" in str(info.value)
+
+
+class CommandPlugin:
+    @hookimpl
+    def register_commands(self, cli):
+        @cli.command("convert")
+        def convert() -> None:
+            """A second convert."""
+
+
+def test_duplicate_command_names_both_plugins_and_cli_says_so_in_one_line():
+    with plugin_registered(CommandPlugin(), "copycat"):
+        with pytest.raises(
+            ModelcError, match="command 'convert' is registered twice: by plugin 'core' and by plugin 'copycat'"
+        ):
+            get_commands()
+        result = CliRunner().invoke(cli, ["--help"])
+        assert isinstance(result.exception, ModelcError)
+    assert "convert" in get_commands().commands  # gone with the plugin
+
+
+def test_duplicate_entry_point_name_is_reported(fake_eps):
+    fake_eps.add("dup", GOOD.format(op="one_op"), module="modelc_test_dup_a")
+    fake_eps.add("dup", GOOD.format(op="two_op"), module="modelc_test_dup_b")
+    fake_eps.add("core", GOOD.format(op="three_op"), module="modelc_test_dup_c")
+    with pytest.warns(PluginLoadWarning):
+        get_plugin_manager()
+    failed = {p["module"]: p["error"] for p in plugin_info() if p["status"] == "failed"}
+    assert set(failed) == {"modelc_test_dup_b", "modelc_test_dup_c"}
+    assert "already taken" in failed["modelc_test_dup_b"]
+    assert "already taken by the core" in failed["modelc_test_dup_c"]
+    assert "one_op" in get_registry().ops and "two_op" not in get_registry().ops
+
+
+# --- registration errors name the plugin ------------------------------------------------------
+
+
+class WrongType:
+    @hookimpl
+    def register_architectures(self, register):
+        register(OpSpec("not_an_arch", "oops"))
+
+
+class Raises:
+    @hookimpl
+    def register_backends(self, register):
+        raise RuntimeError("backend probe exploded")
+
+
+def test_registering_the_wrong_type_names_the_plugin():
+    with plugin_registered(WrongType(), "wrongtype"), pytest.raises(ModelcError) as info:
+        get_registry()
+    assert "plugin 'wrongtype': register_architectures was given OpSpec, not a Architecture" in str(info.value)
+
+
+def test_a_raising_registration_hook_names_the_plugin():
+    with plugin_registered(Raises(), "exploder"), pytest.raises(ModelcError) as info:
+        get_registry()
+    assert "plugin 'exploder': register_backends failed: RuntimeError: backend probe exploded" in str(info.value)
+
+
+# --- a plugin that raises at import ---------------------------------------------------------
+
+
+def test_broken_plugin_is_reported_by_name_and_the_cli_keeps_working(fake_eps):
+    fake_eps.add("broken", BROKEN)
+    fake_eps.add("good", GOOD.format(op="good_op"))
+    with pytest.warns(PluginLoadWarning, match="modelc plugin 'broken' failed to load: ImportError: .*libfoo"):
+        get_plugin_manager()
+    runner = CliRunner()
+    help_result = runner.invoke(cli, ["--help"])
+    assert help_result.exit_code == 0, help_result.output
+    for command in ("convert", "plugins", "inspect"):
+        assert command in help_result.stdout
+    assert runner.invoke(cli, ["convert", "--help"]).exit_code == 0
+
+    listed = runner.invoke(cli, ["plugins", "--json"])
+    assert listed.exit_code == 0, listed.output
+    by_name = {p["name"]: p for p in json.loads(listed.stdout)}
+    assert by_name["broken"]["status"] == "failed"
+    assert "ImportError: this plugin needs libfoo" in by_name["broken"]["error"]
+    assert by_name["good"]["status"] == "loaded"
+    assert by_name["good"]["provides"] == {"ops": ["good_op"]}
+
+    text = runner.invoke(cli, ["plugins"])
+    assert text.exit_code == 0
+    assert "broken (unknown version)  FAILED: ImportError: this plugin needs libfoo" in text.stdout
+
+
+def test_cli_prints_plugin_warning_as_one_line(tmp_path):
+    """Through the real entry point: the warning is one 'modelc: warning:' line naming the plugin."""
+    # A sitecustomize-free way to add an entry point: a .dist-info directory on PYTHONPATH.
+    dist = tmp_path / "modelc_broken_demo-1.2.3.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: modelc-broken-demo\nVersion: 1.2.3\n")
+    (dist / "entry_points.txt").write_text("[compiler_core]\nbroken_demo = modelc_broken_demo\n")
+    (tmp_path / "modelc_broken_demo.py").write_text('raise RuntimeError("boom at import")\n')
+    env = {"PYTHONPATH": str(tmp_path)}
+    done = run_modelc("plugins", "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "modelc: warning: modelc plugin 'broken_demo' failed to load: RuntimeError: boom at import"
+    ]
+    entry = next(p for p in json.loads(done.stdout) if p["name"] == "broken_demo")
+    assert entry["status"] == "failed"
+    assert entry["version"] == "1.2.3"
+    assert entry["package"] == "modelc-broken-demo"
+    assert "falcon" in {p["name"] for p in json.loads(done.stdout)}
+    helped = run_modelc("--help", env=env)
+    assert helped.returncode == 0
+    assert "convert" in helped.stdout
+
+
+# --- modelc plugins ----------------------------------------------------------------------------
+
+
+def test_plugin_info_fields_for_the_installed_plugins():
+    info = {p["name"]: p for p in plugin_info()}
+    version = importlib.metadata.version("modelc")
+    for name in ("core", "falcon"):
+        entry = info[name]
+        assert set(entry) >= {"name", "version", "package", "hooks", "provides", "status"}
+        assert entry["status"] == "loaded"
+        assert entry["version"] == version
+        assert entry["package"] == "modelc"
+    assert info["falcon"]["provides"]["architectures"] == ["falcon"]
+    assert "tiny-falcon" in info["falcon"]["provides"]["commands"]
+    assert {"map_weight", "register_architectures"} <= set(info["falcon"]["hooks"])
+    core = info["core"]["provides"]
+    assert {"convert", "quantize", "build", "run", "summarize", "verify", "inspect", "plugins"} <= set(core["commands"])
+    assert "torch" in core["backends"]
+    assert {"linear", "attention", "rms_norm"} <= set(core["ops"])
+
+
+def test_version_comes_from_the_distribution(fake_eps):
+    dist = SimpleNamespace(metadata={"Name": "modelc-fancy"}, version="7.0.1")
+    fake_eps.add("fancy", GOOD.format(op="fancy_op"), dist=dist)
+    entry = next(p for p in plugin_info() if p["name"] == "fancy")
+    assert (entry["version"], entry["package"]) == ("7.0.1", "modelc-fancy")
+    fake_eps.add("nodist", GOOD.format(op="nodist_op"))
+    reset_plugin_manager()
+    entry = next(p for p in plugin_info() if p["name"] == "nodist")
+    assert (entry["version"], entry["package"]) == ("3.1.4", None)  # falls back to __version__
+
+
+def test_plugins_text_lists_each_plugin_version_and_provides():
+    result = CliRunner().invoke(cli, ["plugins"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    for p in plugin_info():
+        head = next(i for i, line in enumerate(lines) if line.startswith(f"{p['name']} "))
+        assert p["version"] in lines[head]
+        for kind, provided in p["provides"].items():
+            block = lines[head + 1 : head + 1 + len(p["provides"])]
+            assert f"    {kind.replace('_', ' ')}: {', '.join(provided)}" in block
+    assert any(line.startswith("falcon ") for line in lines)
+    assert "    architectures: falcon" in lines
