@@ -52,6 +52,13 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def _job_error(message: str) -> UsageError:
+    """An error every rank of the job hits alike: rank 0 reports it, the others exit quietly."""
+    error = UsageError(message)
+    error.quiet = mpi_rank() != 0
+    return error
+
+
 def open_runner(engine_dir: Path, device: str = "auto") -> tuple[ModelRunner, dict[str, Any]]:
     """A runner for every rank of the engine and the engine's config.
 
@@ -66,11 +73,11 @@ def open_runner(engine_dir: Path, device: str = "auto") -> tuple[ModelRunner, di
     size = mpi_world_size()
     if mapping.world_size == 1:
         if size > 1:
-            raise UsageError(f"{engine_dir}: engine has world_size 1; run it without mpirun (or with -n 1)")
+            raise _job_error(f"{engine_dir}: engine has world_size 1; run it without mpirun (or with -n 1)")
         runner: ModelRunner = LocalRunner([load_rank_session(engine_dir, 0, device, config)], mapping)
     else:
         if size != mapping.world_size:
-            raise UsageError(
+            raise _job_error(
                 f"{engine_dir}: engine has world_size {mapping.world_size}; run it with "
                 f"`mpirun -n {mapping.world_size} modelc ...`"
                 + (f" (this job has {size} processes)" if size > 1 else "")
