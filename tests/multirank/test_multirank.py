@@ -1,0 +1,91 @@
+"""Multi-rank engines under a real ``mpirun``: tokens equal the single-rank run and transformers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from compiler_core.cli import cli
+from compiler_core.convert import model_config_from_hf
+from compiler_core.mapping import Mapping
+from compiler_core.model import rank_graph
+from tests.multirank.helpers import error_lines, hf_greedy, run_mpi
+
+NEW_TOKENS = 16
+
+
+def ids_args(prompts: list[list[int]]) -> list[str]:
+    return [arg for p in prompts for arg in ("--input_ids", ",".join(map(str, p)))]
+
+
+def single_rank_run(engine_dir, prompts, out) -> list[list[int]]:
+    """``modelc run`` of a tp1 engine in this process."""
+    args = ["run", "--engine_dir", str(engine_dir), *ids_args(prompts), "--max_output_len", str(NEW_TOKENS)]
+    result = CliRunner().invoke(cli, [*args, "--device", "cpu", "--output_json", str(out)])
+    assert result.exit_code == 0, result.output
+    return json.loads(out.read_text())["output_ids"]
+
+
+@pytest.mark.parametrize(
+    ("variant", "sequential"), [("rw", True), ("7b", False), ("40b", False), ("180b", False), ("falcon2", False)]
+)
+@pytest.mark.parametrize(("tp", "pp"), [(2, 1), (4, 1), (2, 2)])
+def test_all_reduces_per_layer(variant, sequential, tp, pp, hf_dir):
+    """Sequential blocks reduce after attention and after the MLP; parallel blocks sum both, then reduce once."""
+    mapping = Mapping.create(tp, pp)
+    config = model_config_from_hf(hf_dir(variant), "float32", mapping)
+    for rank in mapping.ranks():
+        graph = rank_graph(config, rank)
+        layers = range(*graph.attrs["layers"])
+        reduces = [n.name for n in graph.nodes if n.op == "all_reduce"]
+        assert len(reduces) == (2 if sequential else 1) * len(layers), reduces
+        assert all(any(name.startswith(f"layers.{i}.") for i in layers) for name in reduces)
+    single = rank_graph(model_config_from_hf(hf_dir(variant), "float32", Mapping()), 0)
+    assert not any(n.op == "all_reduce" for n in single.nodes)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize(
+    ("variant", "tp", "pp"),
+    [("rw", 2, 1), ("7b", 1, 2), ("40b", 2, 2), ("falcon2", 4, 1)],
+    ids=["rw-tp2", "7b-pp2", "40b-tp2pp2", "falcon2-tp4"],
+)
+def test_mpirun_tokens_equal_single_rank_and_hf(variant, tp, pp, engine, hf_dir, prompts, tmp_path):
+    from compiler_core.engine import read_engine_config
+    from compiler_core.runtime.open import special_ids
+
+    out = tmp_path / "mpi.json"
+    args = ["run", "--engine_dir", str(engine(variant, tp, pp)), *ids_args(prompts)]
+    result = run_mpi(tp * pp, *args, "--max_output_len", str(NEW_TOKENS), "--device", "cpu", "--output_json", str(out))
+    assert result.returncode == 0, result.stderr
+    # Rank 0 alone prints: one "Output" line per prompt.
+    assert result.stdout.count("Output [Text 0 Beam 0]") == 1, result.stdout
+    multi = json.loads(out.read_text())["output_ids"]
+
+    single = single_rank_run(engine(variant), prompts, tmp_path / "single.json")
+    end_id, _ = special_ids(read_engine_config(engine(variant)))
+    reference = hf_greedy(hf_dir(variant), prompts, NEW_TOKENS, end_id)
+    assert multi == single == reference
+    assert sum(map(len, multi)) > NEW_TOKENS  # real continuations, not immediate stops
+
+
+@pytest.mark.mpi
+def test_mpirun_rank_count_mismatch_is_one_line(engine):
+    result = run_mpi(
+        2, "run", "--engine_dir", str(engine("falcon2", 4)), "--input_ids", "1,2,3", "--max_output_len", "4"
+    )
+    assert result.returncode == 2, result.stderr
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1, result.stderr
+    assert "world_size 4" in lines[0] and "mpirun -n 4" in lines[0]
+
+
+def test_multirank_engine_without_mpirun_is_one_line(engine):
+    args = ["run", "--engine_dir", str(engine("rw", 2)), "--input_ids", "1,2,3", "--max_output_len", "4"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    lines = error_lines(result.output)
+    assert len(lines) == 1, result.output
+    assert "world_size 2" in lines[0] and "mpirun -n 2" in lines[0]
