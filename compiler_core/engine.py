@@ -35,12 +35,13 @@ def choose_backend(requested: str | None) -> tuple[Backend, str]:
     best = max(usable, key=lambda b: b.preference())
     others = ", ".join(
         sorted(
-            f"{b.name} ({b.unavailable_reason() or 'lower preference'})"
+            f"{b.name} ({b.unavailable_reason() or b.preference_reason() or 'lower preference'})"
             for b in registry.backends.values()
             if b is not best
         )
     )
-    return best, f"default: highest preference usable here; others: {others or 'none'}"
+    why = f" ({best.preference_reason()})" if best.preference_reason() else ""
+    return best, f"default: highest preference usable here{why}; others: {others or 'none'}"
 
 
 def _build_rank(backend: Backend, graph: Graph, checkpoint_dir: Path, out_dir: Path, rank: int, settings):

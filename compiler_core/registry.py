@@ -115,6 +115,10 @@ class Backend(ABC):
         """How strongly this backend wants to be the default here (higher wins; <0 never)."""
         return -1
 
+    def preference_reason(self) -> str:
+        """Why :meth:`preference` is what it is on this machine, for ``build``'s printout (default: none)."""
+        return ""
+
     @abstractmethod
     def build_rank(
         self,

@@ -38,6 +38,9 @@ class OnnxBackend(Backend):
         # Never the default: onnxruntime on CPU is slower than the torch backend, which runs everywhere.
         return -1
 
+    def preference_reason(self) -> str:
+        return "never the default: ask for it with --backend onnx"
+
     def build_rank(
         self, graph: Graph, weights: dict[str, torch.Tensor], out_dir: Path, rank: int, settings: dict[str, Any]
     ) -> dict[str, Any]:

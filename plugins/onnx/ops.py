@@ -92,7 +92,7 @@ def lower_narrow(node: Node, ctx: OnnxLowering) -> list[str]:
 
 
 def rotary_tables(ctx: OnnxLowering, dim: int, theta: float, scaling: Mapping[str, Any] | None) -> tuple[str, str]:
-    """cos/sin [batch, 1, seq, dim] in the compute dtype from the position ids, computed in float32."""
+    """cos/sin [batch, seq, 1, dim] in the compute dtype from the position ids, computed in float32."""
 
     def build() -> tuple[str, str]:
         # The same float32 inverse frequencies as the reference's torch expression.
@@ -103,7 +103,7 @@ def rotary_tables(ctx: OnnxLowering, dim: int, theta: float, scaling: Mapping[st
         freqs = ctx.emit(
             "Mul", [ctx.emit("Unsqueeze", [pos, ctx.const([-1])]), ctx.initializer(ctx.fresh("inv_freq"), inv_freq)]
         )
-        emb = ctx.emit("Unsqueeze", [ctx.emit("Concat", [freqs, freqs], {"axis": -1}), ctx.const([1])])
+        emb = ctx.emit("Unsqueeze", [ctx.emit("Concat", [freqs, freqs], {"axis": -1}), ctx.const([2])])
         cos = ctx.emit("Cast", [ctx.emit("Cos", [emb])], {"to": ctx.compute_type})
         sin = ctx.emit("Cast", [ctx.emit("Sin", [emb])], {"to": ctx.compute_type})
         return cos, sin
@@ -129,24 +129,32 @@ def apply_rotary(ctx: OnnxLowering, x: str, cos: str, sin: str, dim: int, head_d
 
 
 def allowed_mask(ctx: OnnxLowering) -> str:
-    """Bool [batch, 1, 1, seq, total]: key at or before the query, and not padding."""
+    """Bool [batch, 1, 1, seq, total]: key at or before the query, and not padding.
+
+    Token indices come from CumSum over ones shaped like the inputs (not Range), so every dim
+    stays a named symbol for ONNX shape inference and TensorRT's shape checks.
+    """
+
+    def index(like: str) -> str:  # 0, 1, 2, ... along axis 1 of ``like`` [batch, n]
+        ones = ctx.emit("Add", [ctx.emit("Mul", [like, ctx.const(0)]), ctx.const(1)])
+        return ctx.emit("Sub", [ctx.emit("CumSum", [ones, ctx.const(1)]), ctx.const(1)])
 
     def build() -> str:
-        query = ctx.emit("Range", [_scalar(ctx, ctx.past_length), _scalar(ctx, ctx.total_length), ctx.const(1)])
-        key = ctx.emit("Range", [ctx.const(0), _scalar(ctx, ctx.total_length), ctx.const(1)])
+        query = ctx.emit("Add", [index(ctx.positions), ctx.past_length])  # [batch, seq], absolute
+        key = index(ctx.attention_mask)  # [batch, total]
         causal = ctx.emit(
             "LessOrEqual",
-            [ctx.emit("Unsqueeze", [key, ctx.const([0])]), ctx.emit("Unsqueeze", [query, ctx.const([1])])],
-        )
+            [ctx.emit("Unsqueeze", [key, ctx.const([1])]), ctx.emit("Unsqueeze", [query, ctx.const([2])])],
+        )  # [batch, seq, total]
         real = ctx.emit("Not", [ctx.emit("Equal", [ctx.attention_mask, ctx.const(0)])])
-        real = ctx.emit("Unsqueeze", [real, ctx.const([1, 2, 3])])  # [batch, 1, 1, 1, total]
-        return ctx.emit("And", [causal, real])
+        allowed = ctx.emit("And", [causal, ctx.emit("Unsqueeze", [real, ctx.const([1])])])
+        return ctx.emit("Unsqueeze", [allowed, ctx.const([1, 2])])
 
     return ctx.shared("allowed", build)
 
 
-def alibi_bias(ctx: OnnxLowering, slopes: torch.Tensor, scale: float, compute_dtype: str) -> str:
-    """ALiBi bias [batch, heads, 1, total] in the compute dtype, times ``scale``.
+def alibi_bias(ctx: OnnxLowering, slopes: torch.Tensor, groups: int, scale: float, compute_dtype: str) -> str:
+    """ALiBi bias [batch, kv_heads, groups, 1, total] in the compute dtype, times ``scale``.
 
     As the reference (and HF Falcon/BLOOM): slope x the key's index among real tokens, where
     slopes and indices are first rounded to ``compute_dtype`` (bfloat16 for Falcon) and their
@@ -158,14 +166,14 @@ def alibi_bias(ctx: OnnxLowering, slopes: torch.Tensor, scale: float, compute_dt
         mask = ctx.attention_mask
         index = ctx.emit("Mul", [ctx.emit("Sub", [ctx.emit("CumSum", [mask, ctx.const(1)]), ctx.const(1)]), mask])
         index = _round_to(ctx, ctx.emit("Cast", [index], {"to": TensorProto.FLOAT}), compute_dtype)
-        rounded = slopes.to(torch_dtype(compute_dtype)).float().reshape(-1, 1)  # [heads, 1]
+        index = ctx.emit("Unsqueeze", [index, ctx.const([1, 2, 3])])  # [batch, 1, 1, 1, total]
+        rounded = slopes.to(torch_dtype(compute_dtype)).float().reshape(-1, groups, 1, 1)  # [kv, g, 1, 1]
         slope = ctx.initializer(ctx.fresh("alibi_slopes"), rounded)
-        bias = _round_to(ctx, ctx.emit("Mul", [ctx.emit("Unsqueeze", [index, ctx.const([1])]), slope]), compute_dtype)
+        bias = _round_to(ctx, ctx.emit("Mul", [index, slope]), compute_dtype)
         bias = ctx.emit("Cast", [bias], {"to": ctx.compute_type})
-        bias = ctx.emit("Mul", [bias, ctx.const(scale, ctx.compute_dtype)])
-        return ctx.emit("Unsqueeze", [bias, ctx.const([2])])  # [batch, heads, 1, total]
+        return ctx.emit("Mul", [bias, ctx.const(scale, ctx.compute_dtype)])
 
-    key = ("alibi", tuple(slopes.tolist()), scale, compute_dtype)
+    key = ("alibi", tuple(slopes.tolist()), groups, scale, compute_dtype)
     return ctx.shared(key, build)
 
 
@@ -176,16 +184,14 @@ def _round_to(ctx: OnnxLowering, x32: str, dtype: str) -> str:
     return ctx.emit("Cast", [ctx.emit("Cast", [x32], {"to": onnx_type(dtype)})], {"to": TensorProto.FLOAT})
 
 
-def _scalar(ctx: OnnxLowering, one_element: str) -> str:
-    return ctx.shared(("scalar", one_element), lambda: ctx.emit("Squeeze", [one_element, ctx.const([0])]))
-
-
 def lower_attention(node: Node, ctx: OnnxLowering) -> list[str]:
     """Causal attention with a KV cache, as ``kernels.lower_attention``.
 
     Query heads are grouped per KV head ([batch, kv_heads, group, seq, head_dim]) so that MQA/GQA
-    broadcast the cached keys instead of copying them. Masked scores become the dtype's finite
-    minimum through Where (not an additive mask), so fully padded query rows stay finite.
+    broadcast the cached keys instead of copying them. Reshapes only split or merge the head axis
+    (no -1), so ONNX shape inference keeps the symbolic batch/seq dims of the output. Masked
+    scores become the dtype's finite minimum through Where (not an additive mask), so fully
+    padded query rows stay finite.
     """
     a = node.attrs
     nh, nkv, hd = int(a["num_heads"]), int(a["num_kv_heads"]), int(a["head_dim"])
@@ -193,14 +199,17 @@ def lower_attention(node: Node, ctx: OnnxLowering) -> list[str]:
     dt = ctx.compute_dtype
     (qkv,) = ctx.inputs(node)
     q, k, v = ctx.emit("Split", [qkv, ctx.const([nh * hd, nkv * hd, nkv * hd])], {"axis": -1}, outputs=3)
-    q, k, v = (_heads(ctx, t, n, hd) for t, n in ((q, nh), (k, nkv), (v, nkv)))
+    q = ctx.emit("Reshape", [q, ctx.const([0, 0, nh, hd])])  # [b, s, heads, hd]
+    k = ctx.emit("Reshape", [k, ctx.const([0, 0, nkv, hd])])
     kind = a["position_embedding"]
     if kind == "rope":
         dim = int(a.get("rotary_dim", hd))
         cos, sin = rotary_tables(ctx, dim, float(a.get("rope_theta", 10000.0)), a.get("rope_scaling"))
         q, k = apply_rotary(ctx, q, cos, sin, dim, hd), apply_rotary(ctx, k, cos, sin, dim, hd)
-    elif kind != "none" and kind != "alibi":
+    elif kind not in ("none", "alibi"):
         raise ValueError(f"node {node.name}: position_embedding {kind!r} has no ONNX lowering")
+    k = ctx.emit("Transpose", [k], {"perm": [0, 2, 1, 3]})  # [b, kv, s, hd], the cache layout
+    v = _heads(ctx, v, nkv, hd)
     scale_name = node.params.get("kv_cache_scaling_factor")
     kv_scale = None
     if scale_name is not None:
@@ -210,25 +219,27 @@ def lower_attention(node: Node, ctx: OnnxLowering) -> list[str]:
 
     scale = float(a.get("softmax_scale", 1.0 / math.sqrt(hd)))
     q = ctx.emit("Mul", [q, ctx.const(scale, dt)])
-    q = ctx.emit("Reshape", [q, ctx.const([0, nkv, groups, -1, hd])])  # [b, kv, g, s, hd]
-    k = ctx.emit("Unsqueeze", [k, ctx.const([2])])  # [b, kv, 1, t, hd]
-    v = ctx.emit("Unsqueeze", [v, ctx.const([2])])
-    scores = ctx.emit("MatMul", [q, ctx.emit("Transpose", [k], {"perm": [0, 1, 2, 4, 3]})])  # [b, kv, g, s, t]
+    q = ctx.emit("Reshape", [q, ctx.const([0, 0, nkv, groups, hd])])
+    q = ctx.emit("Transpose", [q], {"perm": [0, 2, 3, 1, 4]})  # [b, kv, g, s, hd]
+    k = ctx.emit("Transpose", [ctx.emit("Unsqueeze", [k, ctx.const([2])])], {"perm": [0, 1, 2, 4, 3]})  # [b,kv,1,hd,t]
+    scores = ctx.emit("MatMul", [q, k])  # [b, kv, g, s, t]
     if kind == "alibi":
         offset = int(a.get("alibi_head_offset", 0))
         slopes = alibi_slopes(int(a.get("alibi_num_heads", nh)))[offset : offset + nh]
-        bias = alibi_bias(ctx, slopes, float(a.get("alibi_scale", 1.0)), str(a.get("alibi_compute_dtype", "float32")))
-        scores = ctx.emit("Add", [scores, ctx.emit("Reshape", [bias, ctx.const([0, nkv, groups, 1, -1])])])
+        compute = str(a.get("alibi_compute_dtype", "float32"))
+        scores = ctx.emit("Add", [scores, alibi_bias(ctx, slopes, groups, float(a.get("alibi_scale", 1.0)), compute)])
     lowest = ctx.const(torch.finfo(torch_dtype(dt)).min, dt)
     scores = ctx.emit("Where", [allowed_mask(ctx), scores, lowest])
-    out = ctx.emit("MatMul", [ctx.emit("Softmax", [scores], {"axis": -1}), v])  # [b, kv, g, s, hd]
-    out = ctx.emit("Transpose", [ctx.emit("Reshape", [out, ctx.const([0, nh, -1, hd])])], {"perm": [0, 2, 1, 3]})
+    probs = ctx.emit("Softmax", [scores], {"axis": -1})
+    out = ctx.emit("MatMul", [probs, ctx.emit("Unsqueeze", [v, ctx.const([2])])])  # [b, kv, g, s, hd]
+    out = ctx.emit("Transpose", [out], {"perm": [0, 3, 1, 2, 4]})  # [b, s, kv, g, hd]
     return [ctx.emit("Reshape", [out, ctx.const([0, 0, nh * hd])], outputs=ctx.outputs_of(node))]
 
 
 def _heads(ctx: OnnxLowering, x: str, heads: int, head_dim: int) -> str:
     """[b, s, heads*head_dim] -> [b, heads, s, head_dim]."""
-    return ctx.emit("Transpose", [ctx.emit("Reshape", [x, ctx.const([0, 0, heads, head_dim])])], {"perm": [0, 2, 1, 3]})
+    x = ctx.emit("Reshape", [x, ctx.const([0, 0, heads, head_dim])])
+    return ctx.emit("Transpose", [x], {"perm": [0, 2, 1, 3]})
 
 
 CORE_LOWERINGS: dict[str, Lowering] = {
