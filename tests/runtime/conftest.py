@@ -1,0 +1,91 @@
+"""Fixtures for the runtime tests: tiny Falcon checkpoints of every variant, built into torch engines."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+#: Prompts of very different lengths, so left padding, positions and masks all matter.
+PROMPTS = [
+    "The river ran slowly past the old mill, and the miller's daughter counted the boats that drifted "
+    "downstream toward the harbour where her father had once worked",
+    "Cooking rice well takes patience",
+    "Light",
+]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and spinning threads stall when CI runs
+    test processes side by side on few cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from plugins.falcon.tiny import train_tokenizer
+
+    return train_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def prompt_ids(tokenizer) -> list[list[int]]:
+    return [tokenizer(text)["input_ids"] for text in PROMPTS]
+
+
+@pytest.fixture(scope="session")
+def hf_dir(tmp_path_factory, tokenizer) -> Callable[[str], Path]:
+    """variant -> a 2-layer random-weight Hugging Face Falcon checkpoint (made once per session)."""
+    from plugins.falcon.tiny import make_tiny_falcon
+
+    root, made = tmp_path_factory.mktemp("hf"), {}
+
+    def get(variant: str) -> Path:
+        if variant not in made:
+            made[variant] = make_tiny_falcon(root / variant, variant, num_layers=2, tokenizer=tokenizer)
+        return made[variant]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def engine_dir(tmp_path_factory, hf_dir) -> Callable[..., Path]:
+    """(variant, tp=1) -> an fp32 torch engine built from ``hf_dir(variant)`` (once per session)."""
+    from compiler_core.convert import convert
+    from compiler_core.engine import build_engine, choose_backend
+    from compiler_core.mapping import Mapping
+
+    root, made = tmp_path_factory.mktemp("engines"), {}
+
+    def get(variant: str, tp: int = 1) -> Path:
+        key = (variant, tp)
+        if key not in made:
+            ckpt = root / f"{variant}-tp{tp}-ckpt"
+            convert(hf_dir(variant), ckpt, dtype="float32", mapping=Mapping.create(tp, 1), show_progress=False)
+            backend, _ = choose_backend("torch")
+            build_engine(ckpt, root / f"{variant}-tp{tp}", backend, {}, show_progress=False)
+            made[key] = root / f"{variant}-tp{tp}"
+        return made[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def hf_model(hf_dir) -> Callable[[str], torch.nn.Module]:
+    """variant -> transformers' FalconForCausalLM with SDPA attention (the reference)."""
+    from transformers import AutoModelForCausalLM
+
+    loaded = {}
+
+    def get(variant: str):
+        if variant not in loaded:
+            loaded[variant] = AutoModelForCausalLM.from_pretrained(hf_dir(variant), attn_implementation="sdpa").eval()
+        return loaded[variant]
+
+    return get

@@ -1,0 +1,162 @@
+"""generate() against transformers' generate: greedy, beam search, sampling, EOS, build limits."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from compiler_core.errors import UsageError
+from compiler_core.runtime.generation import GenerationConfig, generate
+from compiler_core.runtime.open import open_runner, special_ids
+from tests.runtime.reference import hf_generate, strip_padding
+
+VARIANTS = ["rw", "7b", "40b", "180b", "falcon2"]
+NEW_TOKENS = 16
+PAD = 0
+
+
+def only(outputs: list[list[list[int]]]) -> list[list[int]]:
+    """The single beam of each prompt."""
+    assert all(len(beams) == 1 for beams in outputs)
+    return [beams[0] for beams in outputs]
+
+
+def frequent_token(runner, prompt_ids) -> int:
+    """A token greedy decoding emits often, used as end_id so that sequences really end early."""
+    outputs = only(generate(runner, prompt_ids, GenerationConfig(NEW_TOKENS)))
+    counts = Counter(t for row in outputs for t in row[1:])
+    return counts.most_common(1)[0][0]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_greedy_matches_transformers(variant, engine_dir, hf_model, prompt_ids):
+    runner, config = open_runner(engine_dir(variant), "cpu")
+    end_id, _ = special_ids(config)
+    ours = only(generate(runner, prompt_ids, GenerationConfig(NEW_TOKENS, end_id=end_id, pad_id=PAD)))
+    ref = hf_generate(hf_model(variant), prompt_ids, PAD, max_new_tokens=NEW_TOKENS, do_sample=False)
+    assert [strip_padding(row, len(seq), {PAD}) for row, seq in zip(ref, ours, strict=True)] == ours
+    assert sum(len(row) for row in ours) > 2 * NEW_TOKENS
+
+
+@pytest.mark.parametrize("variant", ["rw", "7b", "40b"])
+@pytest.mark.parametrize("beams", [2, 4])
+@pytest.mark.parametrize("early_stopping", [False, True])
+def test_beam_search_matches_transformers(variant, beams, early_stopping, engine_dir, hf_model, prompt_ids):
+    runner, _ = open_runner(engine_dir(variant), "cpu")
+    # Pick an end id that really finishes some hypotheses early, so finished-beam bookkeeping
+    # (length penalty, early stopping, the 2B candidates) is exercised, not just max-length beams.
+    no_end = generate(runner, prompt_ids, GenerationConfig(NEW_TOKENS, num_beams=beams))
+    counts = Counter(t for per_prompt in no_end for seq in per_prompt for t in seq)
+    for end_id, _ in counts.most_common(10):
+        config = GenerationConfig(NEW_TOKENS, num_beams=beams, end_id=end_id, pad_id=PAD, early_stopping=early_stopping)
+        if any(len(seq) < NEW_TOKENS for per_prompt in generate(runner, prompt_ids, config) for seq in per_prompt):
+            break
+    else:
+        pytest.fail("no end id finishes a hypothesis early")
+    ours = generate(runner, prompt_ids, config)
+    ref = hf_generate(
+        hf_model(variant),
+        prompt_ids,
+        PAD,
+        max_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        num_beams=beams,
+        num_return_sequences=beams,
+        early_stopping=early_stopping,
+        length_penalty=1.0,
+        eos_token_id=end_id,
+    )
+    assert [len(b) for b in ours] == [beams] * len(prompt_ids)
+    flat = [seq for per_prompt in ours for seq in per_prompt]
+    assert [strip_padding(row, len(seq), {PAD, end_id}) for row, seq in zip(ref, flat, strict=True)] == flat
+    assert all(seq[-1] == end_id for seq in flat if len(seq) < NEW_TOKENS)
+
+
+def test_greedy_stops_each_sequence_at_end_id(engine_dir, hf_model, prompt_ids):
+    runner, _ = open_runner(engine_dir("7b"), "cpu")
+    end_id = frequent_token(runner, prompt_ids)
+    ours = only(generate(runner, prompt_ids, GenerationConfig(NEW_TOKENS, end_id=end_id, pad_id=PAD)))
+    ref = hf_generate(hf_model("7b"), prompt_ids, PAD, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=end_id)
+    for seq, row in zip(ours, ref, strict=True):
+        assert end_id not in seq[:-1]
+        assert seq == strip_padding(row, len(seq), {PAD})
+    assert any(seq[-1] == end_id and len(seq) < NEW_TOKENS for seq in ours)
+    assert any(len(seq) != len(ours[0]) for seq in ours), "sequences should end at different steps"
+
+
+@pytest.mark.parametrize("variant", ["rw", "7b"])
+@pytest.mark.parametrize(
+    "options",
+    [{"temperature": 0.8}, {"top_k": 5}, {"top_p": 0.7, "temperature": 1.3}, {"do_sample": True}],
+    ids=["temperature", "top_k", "top_p", "plain"],
+)
+def test_sampling_draws_what_transformers_draws_with_the_same_seed(variant, options, engine_dir, hf_model, prompt_ids):
+    import torch
+
+    runner, _ = open_runner(engine_dir(variant), "cpu")
+    ours = only(generate(runner, prompt_ids, GenerationConfig(NEW_TOKENS, seed=7, pad_id=PAD, **options)))
+    torch.manual_seed(7)
+    hf_options = {"top_k": 0, **{k: v for k, v in options.items() if k != "do_sample"}}  # HF's top_k default is 50
+    ref = hf_generate(hf_model(variant), prompt_ids, PAD, max_new_tokens=NEW_TOKENS, do_sample=True, **hf_options)
+    assert ours == ref
+
+
+def test_sampling_is_reproducible_per_seed(engine_dir, prompt_ids):
+    runner, _ = open_runner(engine_dir("7b"), "cpu")
+
+    def sample(seed: int) -> list[list[int]]:
+        return only(generate(runner, prompt_ids, GenerationConfig(NEW_TOKENS, temperature=1.5, seed=seed)))
+
+    first = sample(1)
+    assert sample(1) == first
+    assert sample(2) != first
+    greedy = only(generate(runner, prompt_ids, GenerationConfig(NEW_TOKENS)))
+    assert first != greedy
+    top1 = only(generate(runner, prompt_ids, GenerationConfig(NEW_TOKENS, top_k=1, do_sample=True, seed=3)))
+    assert top1 == greedy
+
+
+def test_tensor_parallel_engine_generates_the_same_tokens(engine_dir, prompt_ids):
+    """A tp=2 engine run in one process (ranks as threads) gives the single-rank tokens."""
+    from compiler_core.engine import engine_mapping, load_rank_session, read_engine_config
+    from compiler_core.runtime.runner import LocalRunner
+
+    single, _ = open_runner(engine_dir("40b"), "cpu")
+    path = engine_dir("40b", tp=2)
+    config = read_engine_config(path)
+    mapping = engine_mapping(config)
+    runner = LocalRunner([load_rank_session(path, r, "cpu", config) for r in mapping.ranks()], mapping)
+    for config in (GenerationConfig(NEW_TOKENS), GenerationConfig(NEW_TOKENS, num_beams=2)):
+        assert generate(runner, prompt_ids, config) == generate(single, prompt_ids, config)
+
+
+@pytest.mark.parametrize(
+    ("limits", "batch", "new", "message"),
+    [
+        ({"max_batch_size": 2}, 3, 4, "3 prompts exceed the engine's max_batch_size 2"),
+        ({"max_input_len": 8}, 1, 4, "exceeds the engine's max_input_len 8"),
+        ({"max_seq_len": 40}, 1, 30, "exceed the engine's max_seq_len 40"),
+    ],
+)
+def test_build_limits_are_enforced(limits, batch, new, message, engine_dir, prompt_ids):
+    runner, config = open_runner(engine_dir("rw"), "cpu")
+    assert runner.build_limits == config["build"]
+    runner.build_limits = {**config["build"], **limits}
+    with pytest.raises(UsageError, match=message):
+        generate(runner, prompt_ids[:batch], GenerationConfig(new))
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"max_new_tokens": 0}, "--max_output_len"),
+        ({"max_new_tokens": 4, "num_beams": 0}, "--num_beams"),
+        ({"max_new_tokens": 4, "top_p": 1.5}, "--top_p"),
+        ({"max_new_tokens": 4, "temperature": -1.0}, "--temperature"),
+        ({"max_new_tokens": 4, "num_beams": 2, "temperature": 0.5}, "--num_beams"),
+    ],
+)
+def test_bad_generation_settings_name_the_flag(options, field):
+    with pytest.raises(UsageError, match=field):
+        GenerationConfig(**options)
