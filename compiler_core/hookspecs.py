@@ -41,7 +41,8 @@ def register_ops(register: Callable[[OpSpec], None]) -> None:
 
     Call ``register(OpSpec(...))`` once per op the plugin's graphs or lowerings use. The
     validator rejects graphs with ops nobody registered. Registering a name twice is an error
-    that names both plugins. Returns nothing.
+    that names both plugins; registering something that is not an OpSpec, or raising here, is
+    an error naming this plugin. Returns nothing (the return value is ignored).
     """
 
 
@@ -51,7 +52,8 @@ def register_architectures(register: Callable[[Architecture], None]) -> None:
 
     Call ``register(arch)`` with an :class:`compiler_core.registry.Architecture`. The core
     picks the architecture whose ``detect(hf_config)`` is true for a Hugging Face config, and
-    the one named in a checkpoint's ``config.json`` when reading it back. Returns nothing.
+    the one named in a checkpoint's ``config.json`` when reading it back. Returns nothing
+    (the return value is ignored).
     """
 
 
@@ -60,7 +62,8 @@ def register_quant_schemes(register: Callable[[QuantScheme], None]) -> None:
     """Declare quantization schemes.
 
     Call ``register(scheme)`` with a :class:`compiler_core.registry.QuantScheme`; its ``name``
-    is the ``--qformat`` users pass to ``modelc quantize``. Returns nothing.
+    is the ``--qformat`` users pass to ``modelc quantize``. Returns nothing (the return value
+    is ignored).
     """
 
 
@@ -69,7 +72,7 @@ def register_backends(register: Callable[[Backend], None]) -> None:
     """Declare execution backends.
 
     Call ``register(backend)`` with a :class:`compiler_core.registry.Backend`; its ``name`` is
-    what ``modelc build --backend`` accepts. Returns nothing.
+    what ``modelc build --backend`` accepts. Returns nothing (the return value is ignored).
     """
 
 
@@ -77,8 +80,10 @@ def register_backends(register: Callable[[Backend], None]) -> None:
 def register_commands(cli: click.Group) -> None:
     """Add subcommands to the ``modelc`` click group.
 
-    Use ``@cli.command()`` (or ``cli.add_command``). The core's own commands arrive through
-    this same hook. Returns nothing.
+    ``cli`` is a click group to attach to: use ``@cli.command()`` or ``cli.add_command(cmd)``.
+    Each plugin's commands are collected separately, so a command name two plugins add is an
+    error naming both. The core's own commands arrive through this same hook. Returns nothing
+    (the return value is ignored).
     """
 
 
@@ -102,8 +107,9 @@ def map_weight(config: Mapping[str, Any], name: str, tensor: torch.Tensor) -> di
 
 @hookspec(firstresult=True)
 def pipeline_layer_ranges(config: Mapping[str, Any], pp_size: int) -> list[range] | None:
-    """Split the decoder layers into ``pp_size`` contiguous pipeline stages.
+    """Split the decoder layers of the model ``config`` describes into ``pp_size`` contiguous stages.
 
+    ``config`` is the normalised checkpoint config (``architecture`` says whose model it is).
     Return one ``range`` of global layer indices per stage (uneven splits allowed, every
     layer in exactly one stage), or None to accept the core's default, which gives the first
     ``num_layers % pp_size`` stages one extra layer.
@@ -121,12 +127,15 @@ def shard_param(
 ) -> torch.Tensor | None:
     """Return rank ``rank``'s slice of the full parameter ``tensor``.
 
-    ``graph`` is the rank's graph, whose ``params[name]`` gives the shape the slice must
-    have. Implement this for layouts that a plain split cannot express (fused QKV reordered
-    per rank, KV heads duplicated when tp_size exceeds them, a padded vocabulary, a quantized
-    weight with its scales). Return None to leave the parameter to later implementations; the
-    core's default splits along the axis that the reading node's ``parallel`` attribute
-    implies (column: 0, row: 1) and otherwise replicates.
+    ``name`` is the IR parameter name; ``graph`` is the rank's graph, whose ``params[name]``
+    gives the shape the slice must have; ``config`` is the checkpoint config and ``mapping``
+    the :class:`compiler_core.mapping.Mapping` (tp/pp sizes, ``mapping.tp_rank(rank)``).
+    Implement this for layouts that a plain split cannot express (fused QKV reordered per
+    rank, KV heads duplicated when tp_size exceeds them, a quantized weight with its scales).
+    Return None to leave the parameter to later implementations; the core's default (last)
+    is shape-driven: it replicates a parameter whose rank shape equals the full shape,
+    otherwise splits the one axis that differs into tp_size chunks, zero-padding the tail
+    (a padded vocabulary), and raises ValueError when no single axis explains the shapes.
     """
 
 
@@ -143,7 +152,10 @@ def quantize_layer(
 ) -> tuple[list[Node], dict[str, torch.Tensor]] | None:
     """Quantize one node of a full-precision graph.
 
-    ``stats`` holds what calibration recorded for this node (e.g. input and weight amax,
+    ``graph`` is the full-precision single-rank graph holding ``node``; ``weights`` maps its
+    parameter names to full-precision tensors; ``scheme`` is the registered
+    :class:`compiler_core.registry.QuantScheme` being applied. ``stats`` holds what
+    calibration recorded for this node (e.g. input and weight amax,
     AWQ scales). Return the replacement nodes and the new parameter tensors (which replace
     any of the node's old ones by name), or None when this implementation does not quantize
     this node for ``scheme``; a node nobody quantizes stays as it is.
@@ -154,6 +166,7 @@ def quantize_layer(
 def scale_groups(graph: Graph, config: Mapping[str, Any]) -> list[ScaleGroup] | None:
     """Name the linears that read the same activation, for activation-aware schemes (AWQ).
 
+    ``graph`` is a full-precision single-rank graph of the model ``config`` describes.
     Return a list of :class:`compiler_core.registry.ScaleGroup`: each has the node whose
     output is the shared input (a norm, an activation or a linear) and the linear nodes that
     read it, so one per-channel scale can be folded into that producer. Return None when this
@@ -168,7 +181,8 @@ def scale_groups(graph: Graph, config: Mapping[str, Any]) -> list[ScaleGroup] | 
 def lower_layer(node: Node, graph: Graph, backend: str, context: Any) -> Any:
     """Lower one IR node for one backend.
 
-    ``backend`` is a registered backend name; ``context`` is that backend's lowering context:
+    ``node`` belongs to ``graph`` (the rank's whole graph, for looking up parameter shapes
+    and dtypes). ``backend`` is a registered backend name; ``context`` is that backend's lowering context:
     for ``torch`` a :class:`compiler_core.runtime.kernels.TorchLowering` (weights, device),
     and for other backends whatever they document. Return the backend's lowered form (for
     ``torch`` a callable ``fn(ctx, *inputs) -> output``), or None when this implementation
