@@ -89,3 +89,17 @@ def test_multirank_engine_without_mpirun_is_one_line(engine):
     lines = error_lines(result.output)
     assert len(lines) == 1, result.output
     assert "world_size 2" in lines[0] and "mpirun -n 2" in lines[0]
+
+
+@pytest.mark.mpi
+def test_distributed_runner_checks_the_rank_count_itself(engine):
+    """The runner's own check (for launchers that publish no rank variables): this process is one rank."""
+    from compiler_core.engine import read_engine_config
+    from compiler_core.errors import UsageError
+    from compiler_core.runtime.distributed import open_distributed_runner
+
+    engine_dir = engine("rw", 2)
+    with pytest.raises(
+        UsageError, match="engine has world_size 2 but mpirun started 1 rank; start it with: mpirun -n 2"
+    ):
+        open_distributed_runner(engine_dir, read_engine_config(engine_dir), "cpu")
