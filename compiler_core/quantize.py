@@ -25,6 +25,11 @@ Flow (:func:`quantize`)::
     device           str          where calibration runs ("cpu", "cuda")
     seed             int          torch is seeded with it before each scheme runs
     show_progress    bool         show progress bars
+    mapping          Mapping      the split the checkpoint will be written with (for checks
+                                  such as whole quantization groups per rank)
+    group_size       int | None   --group_size / --awq_block_size for group-wise formats
+                                  (None: the scheme's default)
+    ...                           any further keyword given to :func:`quantize`
 
 A scheme's ``quantize`` usually: builds ``calibration.model_graph(model)``, records what it
 needs with ``calibration.collect_stats``, then calls :func:`quantize_layers`, which asks the
@@ -198,9 +203,10 @@ def quantize(
     seed: int = DEFAULT_SEED,
     device: str = "auto",
     show_progress: bool = True,
+    **scheme_options: Any,
 ) -> tuple[dict[str, Any], CalibrationSet]:
     """Quantize a Hugging Face checkpoint into a sharded modelc checkpoint; return its config and
-    the calibration set used."""
+    the calibration set used. ``scheme_options`` reach the schemes' ``options`` unchanged."""
     mapping = mapping or ParallelMapping()
     weight_scheme, kv_scheme = resolve_schemes(qformat, kv_cache_dtype)
     device = resolve_device(device)
@@ -212,6 +218,7 @@ def quantize(
     )
     model = load_full_model(model_dir, config["dtype"], show_progress)
     options: dict[str, Any] = {
+        **scheme_options,
         "kv_cache_dtype": kv_cache_dtype,
         "exclude_modules": exclude_modules,
         "group_size": group_size,
