@@ -1,0 +1,108 @@
+"""The fp8_linear op: graph rewrite, torch kernels (emulated and torch._scaled_mm) against numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from compiler_core.ir import GraphBuilder, validate
+from compiler_core.registry import get_registry
+from compiler_core.runtime.context import ForwardContext
+from compiler_core.runtime.executor import GraphExecutor
+from compiler_core.runtime.kernels import TorchLowering
+from plugins.quant_fp8 import numerics, torch_lowering
+from plugins.quant_fp8.scheme import rewrite_graph
+from plugins.quant_fp8.tests.test_numerics import e4m3_table
+
+
+def linear_graph(dtype: str, out_features: int = 48, in_features: int = 32):
+    g = GraphBuilder("one_linear")
+    w = g.param("fc.weight", [out_features, in_features], dtype)
+    b = g.param("fc.bias", [out_features], dtype)
+    y = g.add("linear", ["x"], name="fc", params={"weight": w, "bias": b}, parallel="column")
+    return g.build(["x"], [y], attrs={"dtype": dtype})
+
+
+def quantized_weights(dtype: torch.dtype, out_features: int = 48, in_features: int = 32):
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(out_features, in_features, generator=gen).to(dtype)
+    w_scale = numerics.scale_from_amax(weight.float().abs().max())
+    return {
+        "fc.weight": numerics.quantize(weight, w_scale),
+        "fc.bias": torch.randn(out_features, generator=gen).to(dtype),
+        "fc.weights_scaling_factor": w_scale,
+        "fc.activation_scaling_factor": torch.tensor([3.0 / 448]),
+    }
+
+
+def numpy_fp8_linear(x: torch.Tensor, weights) -> np.ndarray:
+    """The FP8 GEMM from first principles: codes -> values via the bit table, products in float64."""
+    table = e4m3_table()
+    a_scale = weights["fc.activation_scaling_factor"].item()
+    w_scale = weights["fc.weights_scaling_factor"].item()
+    x_codes = numerics.quantize(x, weights["fc.activation_scaling_factor"]).view(torch.uint8).numpy()
+    w_codes = weights["fc.weight"].view(torch.uint8).numpy()
+    return (table[x_codes] @ table[w_codes].T) * (a_scale * w_scale) + weights["fc.bias"].double().numpy()
+
+
+def test_rewrite_turns_linears_into_fp8_linear_with_scales():
+    graph = rewrite_graph(linear_graph("float32"), {"quant_algo": "FP8", "exclude_modules": []})
+    validate(graph, get_registry().ops)
+    (node,) = graph.nodes
+    assert node.op == "fp8_linear" and node.attrs == {"parallel": "column"}
+    assert graph.params["fc.weight"].dtype == "float8_e4m3fn"
+    assert graph.params["fc.bias"].dtype == "float32"
+    for role, name in (
+        ("weights_scaling_factor", "fc.weights_scaling_factor"),
+        ("activation_scaling_factor", "fc.activation_scaling_factor"),
+    ):
+        assert node.params[role] == name
+        assert (graph.params[name].shape, graph.params[name].dtype) == ((1,), "float32")
+    untouched = rewrite_graph(linear_graph("float32"), {"quant_algo": "FP8", "exclude_modules": ["f*"]})
+    assert untouched.nodes[0].op == "linear"
+    assert rewrite_graph(linear_graph("float32"), {"quant_algo": "W4A16_AWQ"}) == linear_graph("float32")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_torch_kernel_is_the_fp8_gemm(dtype):
+    torch_dtype = getattr(torch, dtype)
+    graph = rewrite_graph(linear_graph(dtype), {"quant_algo": "FP8", "exclude_modules": []})
+    weights = quantized_weights(torch_dtype)
+    x = (torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(1)) * 2).to(torch_dtype)
+    x[0, 0, 0] = 50.0  # beyond the calibrated range: saturates at 448 * scale
+    ctx = ForwardContext.for_prompt(torch.ones(2, 5, dtype=torch.long))
+    (y,) = GraphExecutor(graph, weights).run({"x": x}, ctx).values()
+    assert y.dtype == torch_dtype and y.shape == (2, 5, 48)
+    want = numpy_fp8_linear(x, weights)
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    np.testing.assert_allclose(y.double().numpy(), want, rtol=tol, atol=tol * np.abs(want).max())
+
+
+def test_scaled_mm_kernel_agrees_with_the_emulated_one():
+    """torch._scaled_mm (the Hopper path) with the static scales computes the same GEMM.
+
+    Runs wherever this torch has a _scaled_mm for the tensors' device (CPU builds of torch >= 2.6 do)."""
+    weights = quantized_weights(torch.float32, 64, 32)
+    args = (
+        weights["fc.weight"],
+        weights["fc.bias"],
+        weights["fc.weights_scaling_factor"].reshape(()),
+        weights["fc.activation_scaling_factor"].reshape(()),
+        torch.float32,
+    )
+    x = torch.randn(3, 7, 32, generator=torch.Generator().manual_seed(2))
+    try:
+        fast = torch_lowering._scaled_mm_kernel(*args)(None, x)
+    except (RuntimeError, NotImplementedError) as exc:
+        pytest.skip(f"torch._scaled_mm is not available on CPU here: {exc}")
+    slow = torch_lowering._emulated_kernel(*args)(None, x)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_never_takes_the_scaled_mm_path():
+    graph = rewrite_graph(linear_graph("float32"), {"quant_algo": "FP8", "exclude_modules": []})
+    low = TorchLowering(quantized_weights(torch.float32), torch.device("cpu"), graph)
+    kernel = torch_lowering.lower_fp8_linear(graph.nodes[0], low)
+    assert kernel.__qualname__.startswith("_emulated_kernel")
+    assert not torch_lowering.scaled_mm_supported(torch.device("cpu"))
