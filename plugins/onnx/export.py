@@ -21,10 +21,12 @@ from compiler_core.errors import ModelcError
 from compiler_core.ir import Graph, Node
 from compiler_core.plugins import get_plugin_manager
 from plugins.onnx.lowering import (
+    ATTENTION_MASK,
     BATCH,
     DTYPE_NAMES,
     IR_VERSION,
     OPSET,
+    POSITION_IDS,
     SEQ,
     CacheSpec,
     ExternalData,
@@ -231,6 +233,10 @@ def _write_segment(ctx: OnnxLowering, exported: list[str], path: Path) -> Step:
         onnx_name = ctx.bound[ir_name]
         if onnx_name != ir_name:
             ctx.emit("Identity", [onnx_name], outputs=[ir_name])
+    # Main input and other IR values first, then positions and mask, then the cache in slot order.
+    order = {POSITION_IDS: 1, ATTENTION_MASK: 2}
+    used = sorted(ctx.inputs_used, key=lambda n: order.get(n, 3 if n.startswith("past_") else 0))
+    ctx.inputs_used = {n: ctx.inputs_used[n] for n in used}
     inputs = [_value_info(n, t) for n, t in ctx.inputs_used.items()]
     outputs = [helper.make_empty_tensor_value_info(n) for n in exported]
     outputs += [_value_info(n, t) for n, t in ctx.outputs_made.items()]

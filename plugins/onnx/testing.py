@@ -1,0 +1,96 @@
+"""Test helpers shared by the onnx and tensorrt plugins' tests: tiny Falcons, checkpoints, engines.
+
+Everything is made on first request under one directory and reused afterwards, so a pytest
+session pays for each HF model, checkpoint and engine once, whichever test asks first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compiler_core.mapping import Mapping
+
+PROMPTS = ("The weather in the valley was calm and", "Cooking rice")
+
+
+class TinyFalcons:
+    """Tiny random-weight HF Falcons (one per variant) and what modelc makes from them."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from plugins.falcon.tiny import train_tokenizer
+
+            self._tokenizer = train_tokenizer()
+        return self._tokenizer
+
+    def prompts(self, texts: Sequence[str] = PROMPTS) -> list[list[int]]:
+        """Token ids of ``texts`` (of different lengths, so batches are left-padded)."""
+        return [self.tokenizer(t)["input_ids"] for t in texts]
+
+    def hf(self, variant: str) -> Path:
+        """The HF checkpoint of ``variant`` (float32)."""
+        from plugins.falcon.tiny import make_tiny_falcon
+
+        path = self.root / "hf" / variant
+        if not path.is_dir():
+            make_tiny_falcon(path, variant, tokenizer=self.tokenizer)
+        return path
+
+    def checkpoint(self, variant: str, dtype: str = "float32", tp: int = 1, pp: int = 1) -> Path:
+        """A modelc checkpoint of ``variant`` converted to ``dtype`` and split tp x pp."""
+        from compiler_core.convert import convert
+
+        path = self.root / "ckpt" / f"{variant}-{dtype}-tp{tp}pp{pp}"
+        if not path.is_dir():
+            convert(self.hf(variant), path, dtype=dtype, mapping=Mapping.create(tp, pp), show_progress=False)
+        return path
+
+    def engine(
+        self, variant: str, backend: str, dtype: str = "float32", tp: int = 1, pp: int = 1, **settings: Any
+    ) -> Path:
+        """An engine directory built from :meth:`checkpoint` with ``backend`` and build ``settings``."""
+        from compiler_core.engine import build_engine
+        from compiler_core.registry import get_registry
+
+        tag = "-".join(f"{k}{v}" for k, v in sorted(settings.items()))
+        path = self.root / "engine" / f"{variant}-{dtype}-tp{tp}pp{pp}-{backend}{'-' + tag if tag else ''}"
+        if not path.is_dir():
+            chosen = get_registry().backend(backend, "test")
+            build_engine(self.checkpoint(variant, dtype, tp, pp), path, chosen, dict(settings), show_progress=False)
+        return path
+
+
+def local_runner(engine_dir: Path, device: str = "cpu"):
+    """Every rank of an engine in this process (tensor-parallel ranks as threads)."""
+    from compiler_core.engine import engine_mapping, load_rank_session, read_engine_config
+    from compiler_core.runtime.runner import LocalRunner
+
+    config = read_engine_config(engine_dir)
+    mapping = engine_mapping(config)
+    return LocalRunner([load_rank_session(engine_dir, r, device, config) for r in mapping.ranks()], mapping)
+
+
+def left_padded(prompts: Sequence[Sequence[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention_mask) of ``prompts`` left-padded to one length."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+def prefill_logits(runner, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Float32 logits of a whole left-padded batch from an empty cache."""
+    from compiler_core.runtime.context import positions_from_mask
+
+    runner.allocate(ids.shape[0], ids.shape[1] + 1)
+    with torch.inference_mode():
+        return runner.logits(ids, positions_from_mask(mask), mask, 0).float()
