@@ -1,11 +1,34 @@
-"""Hugging Face checkpoint -> modelc checkpoint: config normalisation, weight mapping, sharding."""
+"""Hugging Face checkpoint -> modelc checkpoint: config normalisation, weight mapping, sharding.
+
+How the bytes move (``convert``):
+
+* Source safetensors shards are memory-mapped (:class:`SourceFile`); a tensor is a view of the
+  file's pages, so reading costs nothing until a byte is used.
+* Each HF tensor goes through the ``map_weight`` hook (names, fused-QKV layout), a cast to the
+  checkpoint dtype (a no-op when the dtype already matches) and the ``shard_param`` hook.
+* Each rank's file is laid out up front from its graph (every parameter's shape and dtype is
+  known before any weight is read) and tensors are written into it as they arrive
+  (:class:`RankFileWriter`). A rank tensor that is still a contiguous, unchanged range of a
+  source file (most weights at tp1, column-parallel slices at tp>1) is copied file to file with
+  ``copy_file_range``, so its bytes never enter this process, as with ``cp``.
+
+``--load_by_shard`` reads one source shard at a time per rank and drops it before the next, so
+peak memory is about one shard plus the tensors being transformed; without it the source is
+mapped once and every rank is cut from it. ``--workers N`` converts ranks in N processes.
+"""
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import json
+import math
+import mmap
 import multiprocessing
+import os
+import pickle
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +56,28 @@ TOKENIZER_FILES = (
     "tokenizer.model",
 )
 
+#: safetensors dtype names <-> torch dtypes.
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+    "BOOL": torch.bool,
+}
+_SAFETENSORS_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+#: Linux moves at most this many bytes per read/write/copy_file_range call.
+_IO_CHUNK = 1 << 30
+
 
 def copy_tokenizer(model_dir: Path | None, checkpoint_dir: Path) -> None:
     """Keep the source tokenizer beside the weights so engines can decode text on their own."""
@@ -55,6 +100,7 @@ class LoadedModel:
 
 
 def read_hf_config(model_dir: Path) -> dict[str, Any]:
+    """The Hugging Face ``config.json`` of ``model_dir`` as a dict."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise UsageError(f"{model_dir}: model directory not found")
@@ -62,6 +108,7 @@ def read_hf_config(model_dir: Path) -> dict[str, Any]:
 
 
 def resolve_dtype(dtype: str, hf: dict[str, Any], source: str) -> str:
+    """``auto`` -> the HF config's ``torch_dtype`` (``dtype`` in transformers 5), else float32."""
     if dtype != "auto":
         return dtype
     declared = hf.get("torch_dtype") or hf.get("dtype") or "float32"
@@ -94,28 +141,151 @@ def source_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def read_source_file(path: Path, want: Any = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Tensors of one weight file; ``want(name)`` filters before reading (safetensors only)."""
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
+# --- reading --------------------------------------------------------------------------------
 
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                if want is None or want(name):
-                    yield name, f.get_tensor(name)
-        return
+
+class SourceFile:
+    """One safetensors file, memory-mapped copy-on-write: tensors are views of its pages.
+
+    Writing into a tensor copies that page privately (the file is never modified), so callers
+    may update weights in place. ``locate`` tells whether a tensor is still an unchanged byte
+    range of this file, which lets writers copy it file to file.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.fd = os.open(self.path, os.O_RDONLY)
+        try:
+            size = os.fstat(self.fd).st_size
+            head = os.pread(self.fd, 8, 0)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 2 or 8 + n > size:
+                raise UsageError(f"{self.path}: not a safetensors file (bad header length)")
+            try:
+                header = json.loads(os.pread(self.fd, n, 8))
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise UsageError(f"{self.path}: not a safetensors file ({exc})") from None
+            self.header = {k: v for k, v in header.items() if k != "__metadata__"}
+            self.data_start = 8 + n
+            for name, info in self.header.items():
+                begin, end = info["data_offsets"]
+                if info["dtype"] not in SAFETENSORS_DTYPES or not 0 <= begin <= end <= size - self.data_start:
+                    raise UsageError(f"{self.path}: tensor {name!r} has a bad dtype or data range")
+            self._map = mmap.mmap(self.fd, 0, access=mmap.ACCESS_COPY)
+            self._bytes = torch.frombuffer(self._map, dtype=torch.uint8)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.base = self._bytes.untyped_storage().data_ptr()
+
+    def names(self) -> list[str]:
+        return list(self.header)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """``name`` as a view of the mapping (a copy only if the file misaligns it)."""
+        info = self.header[name]
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        begin, end = (self.data_start + o for o in info["data_offsets"])
+        shape = list(info["shape"])
+        if math.prod(shape) * dtype.itemsize != end - begin:
+            raise UsageError(f"{self.path}: tensor {name!r}: shape {shape} does not match its data range")
+        if begin == end:
+            return torch.empty(shape, dtype=dtype)
+        raw = self._bytes[begin:end]
+        if begin % dtype.itemsize:
+            raw = raw.clone()
+        return raw.view(dtype).reshape(shape)
+
+    def locate(self, t: torch.Tensor) -> int | None:
+        """File offset of ``t``'s bytes when ``t`` is a contiguous view of this file, else None."""
+        if not t.is_contiguous() or t.untyped_storage().data_ptr() != self.base:
+            return None
+        return t.data_ptr() - self.base
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _refusal(exc: Exception) -> str:
+    """The informative line of torch's weights_only refusal."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    picked = [ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln]
+    return (picked or lines or [type(exc).__name__])[0]
+
+
+def read_bin_file(path: Path) -> dict[str, torch.Tensor]:
+    """A PyTorch ``.bin`` state dict, unpickled with ``weights_only=True`` only."""
     try:
-        # Never unpickle arbitrary objects from a checkpoint: tensors only.
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UsageError(f"{path}: cannot be read as a weights-only PyTorch file ({exc})") from None
-    for name, tensor in state.items():
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format
+    except pickle.UnpicklingError as exc:
+        raise UsageError(
+            f"{path}: refused: holds more than tensors ({_refusal(exc)}); .bin checkpoints are read with "
+            "torch.load(weights_only=True) only"
+        ) from None
+    except (RuntimeError, OSError, EOFError) as exc:
+        raise UsageError(f"{path}: not a readable PyTorch weights file ({_refusal(exc)})") from None
+    if not isinstance(state, dict):
+        raise UsageError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
+    for name, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise UsageError(f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor")
+    return state
+
+
+class SourceSet:
+    """Open source files: resolves which file (and offset) a tensor's bytes come from."""
+
+    def __init__(self) -> None:
+        self.files: dict[int, SourceFile] = {}
+
+    def open(self, path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+        """Tensors of one weight file, in file order."""
+        if path.suffix != ".safetensors":
+            yield from read_bin_file(path).items()
+            return
+        f = SourceFile(path)
+        self.files[f.base] = f
+        for name in f.names():
+            yield name, f.tensor(name)
+
+    def release(self, path: Path) -> None:
+        """Forget ``path``: its mapping goes once no tensor views it any more."""
+        for base, f in list(self.files.items()):
+            if f.path == Path(path):
+                f.close()
+                del self.files[base]
+
+    def locate(self, t: torch.Tensor) -> tuple[int, int] | None:
+        """(fd, offset) of ``t``'s bytes in an open source file, or None."""
+        f = self.files.get(t.untyped_storage().data_ptr()) if t.device.type == "cpu" else None
+        offset = None if f is None else f.locate(t)
+        return None if offset is None else (f.fd, offset)
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+        self.files.clear()
+
+
+def read_source_file(path: Path, want: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors of one weight file (views of a copy-on-write mapping for safetensors);
+    ``want(name)`` filters by name before a tensor is touched."""
+    sources = SourceSet()
+    for name, tensor in sources.open(Path(path)):
         if want is None or want(name):
             yield name, tensor
+    sources.close()
 
 
 def map_tensors(
-    config: dict[str, Any], tensors: Iterator[tuple[str, torch.Tensor]], source: str
+    config: dict[str, Any], tensors: Iterable[tuple[str, torch.Tensor]], source: str
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Apply the ``map_weight`` hook and cast float tensors to the checkpoint dtype."""
     hook = get_plugin_manager().hook.map_weight
@@ -137,9 +307,14 @@ def load_full_model(model_dir: Path, dtype: str, show_progress: bool = True) -> 
     return LoadedModel(config, weights, Path(model_dir))
 
 
+# --- sharding -------------------------------------------------------------------------------
+
+
 def shard_for_rank(
-    graph: Graph, config: dict[str, Any], mapping: Mapping, rank: int, name: str, tensor
+    graph: Graph, config: dict[str, Any], mapping: Mapping, rank: int, name: str, tensor: torch.Tensor
 ) -> torch.Tensor:
+    """Rank ``rank``'s part of full parameter ``name`` (the ``shard_param`` hook), checked
+    against the shape and dtype that the rank's graph declares."""
     hook = get_plugin_manager().hook.shard_param
     try:
         out = hook(name=name, tensor=tensor, graph=graph, config=config, mapping=mapping, rank=rank)
@@ -166,38 +341,162 @@ def rank_weights(model: LoadedModel, rank: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def stream_rank_weights(model_dir: Path, config: dict[str, Any], rank: int) -> dict[str, torch.Tensor]:
-    """Rank ``rank``'s parameters reading one source shard at a time (``--load_by_shard``)."""
-    mapping = Mapping.from_json(config["mapping"])
-    graph = rank_graph(config, rank)
-    arch = get_registry().architecture(config["architecture"], "config.json")
+# --- writing --------------------------------------------------------------------------------
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while len(data):
+        n = os.pwrite(fd, data[:_IO_CHUNK], offset)
+        data, offset = data[n:], offset + n
+
+
+def _copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, count: int) -> bool:
+    """Copy ``count`` bytes file to file inside the kernel; False when the system can't."""
+    try:
+        while count:
+            n = os.copy_file_range(src_fd, dst_fd, min(count, _IO_CHUNK), src_offset, dst_offset)
+            if n == 0:
+                return False
+            src_offset, dst_offset, count = src_offset + n, dst_offset + n, count - n
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+class RankFileWriter:
+    """A rank's safetensors file, laid out from its graph and filled as tensors arrive.
+
+    Tensors are stored in (element size descending, name) order so every one is aligned to its
+    element size; the same graph always gives the same bytes, whatever order tensors come in.
+    """
+
+    def __init__(self, path: Path, graph: Graph, rank: int) -> None:
+        self.path, self.rank = Path(path), rank
+        self.layout: dict[str, tuple[int, int, torch.dtype, tuple[int, ...]]] = {}
+        header: dict[str, Any] = {}
+        offset = 0
+        params = graph.params
+        for name in sorted(params, key=lambda n: (-torch_dtype(params[n].dtype).itemsize, n)):
+            dtype, shape = torch_dtype(params[name].dtype), tuple(params[name].shape)
+            nbytes = math.prod(shape) * dtype.itemsize
+            self.layout[name] = (offset, nbytes, dtype, shape)
+            header[name] = {
+                "dtype": _SAFETENSORS_NAMES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
+            offset += nbytes
+        header["__metadata__"] = {"format": "pt"}
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        self.data_start = 8 + len(blob)
+        self.pending = set(self.layout)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        _pwrite_all(self.fd, memoryview(len(blob).to_bytes(8, "little") + blob), 0)
+        os.ftruncate(self.fd, self.data_start + offset)
+
+    def write(self, name: str, t: torch.Tensor, sources: SourceSet | None = None) -> None:
+        """Store parameter ``name``; file-to-file when ``t`` is an unchanged range of a source."""
+        offset, nbytes, dtype, shape = self.layout[name]
+        if tuple(t.shape) != shape or t.dtype != dtype:
+            raise ModelcError(f"rank {self.rank}: {name} is {t.dtype} {list(t.shape)}, expected {dtype} {list(shape)}")
+        where = sources.locate(t) if sources is not None else None
+        if where is None or not _copy_range(where[0], where[1], self.fd, self.data_start + offset, nbytes):
+            flat = t.detach().cpu().contiguous().reshape(-1)
+            if nbytes:
+                _pwrite_all(self.fd, memoryview(flat.view(torch.uint8).numpy()), self.data_start + offset)
+        self.pending.discard(name)
+
+    def close(self) -> None:
+        os.close(self.fd)
+        if self.pending:
+            raise ModelcError(f"rank {self.rank}: parameter {sorted(self.pending)[0]} is not in the source checkpoint")
+
+    def __enter__(self) -> RankFileWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            os.close(self.fd)
+
+
+# --- conversion -----------------------------------------------------------------------------
+
+
+@dataclass
+class _Job:
+    """Everything one rank's conversion needs (picklable for worker processes)."""
+
+    model_dir: Path
+    config: dict[str, Any]
+    rank: int
+    out_dir: Path
+
+    def setup(self) -> tuple[Graph, Mapping, RankFileWriter]:
+        graph = rank_graph(self.config, self.rank)
+        writer = RankFileWriter(rank_file(self.out_dir, self.rank), graph, self.rank)
+        return graph, Mapping.from_json(self.config["mapping"]), writer
+
+
+def stream_rank(job: _Job) -> Iterator[str]:
+    """Write ``job.rank``'s file reading one source shard at a time (``--load_by_shard``);
+    yields each shard's name when it is done. Tensors outside the rank's pipeline stage are
+    skipped before they are touched."""
+    graph, mapping, writer = job.setup()
+    arch = get_registry().architecture(job.config["architecture"], "config.json")
     layers = range(*graph.attrs["layers"]) if "layers" in graph.attrs else None
 
     def wanted(name: str) -> bool:
         layer = arch.source_layer(name)
         return layer is None or layers is None or layer in layers
 
-    out: dict[str, torch.Tensor] = {}
+    with writer:
+        for path in source_files(job.model_dir):
+            sources = SourceSet()
+            try:
+                tensors = ((n, t) for n, t in sources.open(path) if wanted(n))
+                for name, tensor in map_tensors(job.config, tensors, str(path)):
+                    if name in graph.params:
+                        writer.write(name, shard_for_rank(graph, job.config, mapping, job.rank, name, tensor), sources)
+            finally:
+                sources.close()  # the shard's pages go before the next shard is read
+            yield path.name
+
+
+def write_rank_from(job: _Job, weights: dict[str, torch.Tensor], sources: SourceSet) -> Iterator[str]:
+    """Write ``job.rank``'s file from a fully mapped model; yields each parameter written."""
+    graph, mapping, writer = job.setup()
+    with writer:
+        for name in graph.params:
+            if name not in weights:
+                raise ModelcError(f"rank {job.rank}: parameter {name} is not in the source checkpoint")
+            writer.write(name, shard_for_rank(graph, job.config, mapping, job.rank, name, weights[name]), sources)
+            yield name
+
+
+def _load_mapped(model_dir: Path, config: dict[str, Any], sources: SourceSet) -> Iterator[dict[str, torch.Tensor]]:
+    """Map every source file (one dict of IR tensors per file), keeping the files open."""
     for path in source_files(model_dir):
-        for name, tensor in map_tensors(config, read_source_file(path, wanted), str(path)):
-            if name in graph.params:
-                out[name] = shard_for_rank(graph, config, mapping, rank, name, tensor)
-        # Drop the shard before reading the next one.
-    missing = sorted(set(graph.params) - set(out))
-    if missing:
-        raise ModelcError(f"rank {rank}: parameter {missing[0]} is not in the source checkpoint")
-    return out
+        yield dict(map_tensors(config, sources.open(path), str(path)))
 
 
-def _convert_rank_worker(model_dir: str, config: dict[str, Any], rank: int, tmp: str, by_shard: bool) -> int:
+def _convert_rank_worker(job: _Job, by_shard: bool) -> int:
     if by_shard:
-        weights = stream_rank_weights(Path(model_dir), config, rank)
-    else:
-        model = load_full_model(Path(model_dir), config["dtype"], show_progress=False)
-        model.config = config
-        weights = rank_weights(model, rank)
-    save_rank_weights(rank_file(Path(tmp), rank), weights)
-    return rank
+        for _ in stream_rank(job):
+            pass
+        return job.rank
+    sources = SourceSet()
+    try:
+        weights: dict[str, torch.Tensor] = {}
+        for part in _load_mapped(job.model_dir, job.config, sources):
+            weights.update(part)
+        for _ in write_rank_from(job, weights, sources):
+            pass
+    finally:
+        sources.close()
+    return job.rank
 
 
 def write_model(model: LoadedModel, output_dir: Path, mapping: Mapping, show_progress: bool = True) -> None:
@@ -220,32 +519,45 @@ def convert(
     workers: int = 1,
     show_progress: bool = True,
 ) -> dict[str, Any]:
-    """Convert a Hugging Face checkpoint into a modelc checkpoint directory; return its config."""
-    mapping = mapping or Mapping()
+    """Convert a Hugging Face checkpoint into a modelc checkpoint directory; return its config.
+
+    Every check that needs no weights (config fields, the tp/pp split, each rank's graph, the
+    source files) runs before anything is read or written.
+    """
+    model_dir, mapping = Path(model_dir), mapping or Mapping()
     config = model_config_from_hf(model_dir, dtype, mapping)
-    for rank in mapping.ranks():
-        rank_graph(config, rank)  # fail on a bad split before any weight is read
     if workers < 1:
         raise UsageError(f"--workers must be at least 1, got {workers}")
+    graphs = [rank_graph(config, rank) for rank in mapping.ranks()]
+    files = source_files(model_dir)
     with atomic_output_dir(output_dir) as tmp:
+        jobs = [_Job(model_dir, config, rank, tmp) for rank in mapping.ranks()]
         if workers > 1 and mapping.world_size > 1:
-            ctx = multiprocessing.get_context("spawn")
-            with concurrent.futures.ProcessPoolExecutor(min(workers, mapping.world_size), mp_context=ctx) as pool:
-                futures = [
-                    pool.submit(_convert_rank_worker, str(model_dir), config, r, str(tmp), load_by_shard)
-                    for r in mapping.ranks()
-                ]
+            ctx = multiprocessing.get_context("spawn")  # no fork of a process holding mapped weights
+            with concurrent.futures.ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool:
+                futures = [pool.submit(_convert_rank_worker, job, load_by_shard) for job in jobs]
                 done = concurrent.futures.as_completed(futures)
                 for future in progress(done, total=len(futures), desc="convert", unit="rank", enable=show_progress):
                     future.result()
         elif load_by_shard:
-            for rank in progress(mapping.ranks(), desc="convert", unit="rank", enable=show_progress):
-                save_rank_weights(rank_file(tmp, rank), stream_rank_weights(model_dir, config, rank))
+            steps = (shard for job in jobs for shard in stream_rank(job))
+            for _ in progress(steps, total=len(jobs) * len(files), desc="convert", unit="shard", enable=show_progress):
+                pass
         else:
-            model = load_full_model(model_dir, config["dtype"], show_progress)
-            model.config = config
-            for rank in progress(mapping.ranks(), desc="convert", unit="rank", enable=show_progress):
-                save_rank_weights(rank_file(tmp, rank), rank_weights(model, rank))
+            with contextlib.closing(SourceSet()) as sources:
+                weights: dict[str, torch.Tensor] = {}
+                for part in progress(
+                    _load_mapped(model_dir, config, sources),
+                    total=len(files),
+                    desc="load",
+                    unit="shard",
+                    enable=show_progress,
+                ):
+                    weights.update(part)
+                total = sum(len(g.params) for g in graphs)
+                steps = (name for job in jobs for name in write_rank_from(job, weights, sources))
+                for _ in progress(steps, total=total, desc="convert", unit="tensor", enable=show_progress):
+                    pass
         write_config(tmp, config)
         copy_tokenizer(model_dir, tmp)
     return config

@@ -34,17 +34,22 @@ _LAYER_NAMES = {
 
 
 def grouped_to_planar(t: torch.Tensor, heads: int, kv_heads: int, head_dim: int) -> torch.Tensor:
-    """HF grouped QKV rows (weight [rows, in] or bias [rows]) -> [Q | K | V]."""
+    """HF grouped QKV rows (weight [rows, in] or bias [rows]) -> [Q | K | V], in one copy."""
     g = heads // kv_heads
-    grouped = t.reshape(kv_heads, g + 2, head_dim, *t.shape[1:])
-    q = grouped[:, :g].reshape(heads * head_dim, *t.shape[1:])
-    k = grouped[:, g].reshape(kv_heads * head_dim, *t.shape[1:])
-    v = grouped[:, g + 1].reshape(kv_heads * head_dim, *t.shape[1:])
-    return torch.cat([q, k, v], dim=0)
+    rest = tuple(t.shape[1:])
+    grouped = t.reshape(kv_heads, g + 2, head_dim, *rest)
+    out = t.new_empty(t.shape)
+    q_rows, kv_rows = heads * head_dim, kv_heads * head_dim
+    out[:q_rows].view(kv_heads, g, head_dim, *rest).copy_(grouped[:, :g])
+    out[q_rows : q_rows + kv_rows].view(kv_heads, head_dim, *rest).copy_(grouped[:, g])
+    out[q_rows + kv_rows :].view(kv_heads, head_dim, *rest).copy_(grouped[:, g + 1])
+    return out
 
 
 def rank_qkv(t: torch.Tensor, heads: int, kv_heads: int, head_dim: int, tp_size: int, tp_rank: int) -> torch.Tensor:
     """Rank ``tp_rank``'s rows of a planar [Q | K | V] tensor, KV heads duplicated if needed."""
+    if tp_size == 1:
+        return t  # already the whole planar tensor: no copy
     q_per = heads // tp_size
     q = t[: heads * head_dim].reshape(heads, head_dim, *t.shape[1:])
     k = t[heads * head_dim : (heads + kv_heads) * head_dim].reshape(kv_heads, head_dim, *t.shape[1:])
@@ -78,9 +83,13 @@ def ir_name(hf_name: str) -> str | None:
 
 
 def map_falcon_weight(config: dict[str, Any], hf_name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """IR tensors for one HF tensor; None when the name is not Falcon's."""
     name = ir_name(hf_name)
     if name is None:
         return None
+    if name == "lm_head.weight" and config["tie_word_embeddings"]:
+        # transformers ties lm_head to the embedding and ignores a stored copy; so do we.
+        return {}
     if ".attention.qkv." in name:
         tensor = grouped_to_planar(tensor, config["num_attention_heads"], config["num_kv_heads"], config["head_dim"])
     out = {name: tensor}
