@@ -1,0 +1,98 @@
+"""Fixtures for the INT4-AWQ tests: tiny Falcon checkpoints of every variant and their quantized forms.
+
+Tiny models have hidden size 64 (and 256-wide MLPs), so the tests use group_size 16: four
+groups per row of the narrowest weight, and two per rank for the row-parallel layers at tp 2.
+
+Random weights have no salient activation channels, which is what AWQ exists for: trained LLMs
+have a few hidden channels whose layer-norm outputs are far larger than the rest. The tiny
+models get such channels by scaling three channels of every decoder layer norm's weight by 8.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+GROUP_SIZE = 16
+#: Calibration: 8 blocks of 64 tokens of the shipped corpus (its beginning).
+CALIB = {"calib_size": 8, "calib_max_seq_length": 64}
+OUTLIER_CHANNELS = (3, 17, 40)
+OUTLIER_FACTOR = 8.0
+
+
+def add_outlier_channels(src: Path, dst: Path, tokenizer) -> Path:
+    """Copy a Hugging Face Falcon with ``OUTLIER_CHANNELS`` of each decoder layer norm scaled up."""
+    from transformers import FalconForCausalLM
+
+    model = FalconForCausalLM.from_pretrained(src)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.LayerNorm) and ".h." in f".{name}":
+                module.weight[list(OUTLIER_CHANNELS)] *= OUTLIER_FACTOR
+    model.save_pretrained(dst, max_shard_size="64KB")
+    tokenizer.save_pretrained(dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from plugins.falcon.tiny import train_tokenizer
+
+    return train_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def hf_dir(tmp_path_factory, tokenizer) -> Callable[[str], Path]:
+    """variant -> a 2-layer random-weight Hugging Face Falcon checkpoint with outlier channels
+    (made once per session)."""
+    from plugins.falcon.tiny import make_tiny_falcon
+
+    root, made = tmp_path_factory.mktemp("hf"), {}
+
+    def get(variant: str) -> Path:
+        if variant not in made:
+            base = make_tiny_falcon(root / f"{variant}-random", variant, num_layers=2, tokenizer=tokenizer)
+            made[variant] = add_outlier_channels(base, root / variant, tokenizer)
+        return made[variant]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def awq_dir(tmp_path_factory, hf_dir) -> Callable[..., Path]:
+    """(variant, tp=1, pp=1) -> an int4_awq checkpoint of ``hf_dir(variant)`` (made once per session)."""
+    from compiler_core.mapping import Mapping
+    from compiler_core.quantize import quantize
+
+    root, made = tmp_path_factory.mktemp("awq"), {}
+
+    def get(variant: str, tp: int = 1, pp: int = 1) -> Path:
+        key = (variant, tp, pp)
+        if key not in made:
+            out = root / f"{variant}-tp{tp}-pp{pp}"
+            quantize(
+                hf_dir(variant),
+                out,
+                qformat="int4_awq",
+                group_size=GROUP_SIZE,
+                mapping=Mapping.create(tp, pp),
+                device="cpu",
+                show_progress=False,
+                **CALIB,
+            )
+            made[key] = out
+        return made[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def eval_ids(tokenizer) -> torch.Tensor:
+    """[2, 64] token ids from the end of the shipped corpus (away from the calibration blocks)."""
+    from compiler_core.calibration import default_corpus
+
+    ids = tokenizer(default_corpus()[-8000:])["input_ids"]
+    return torch.tensor(ids[-128:]).view(2, 64)
