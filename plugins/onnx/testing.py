@@ -36,36 +36,45 @@ class TinyFalcons:
         """Token ids of ``texts`` (of different lengths, so batches are left-padded)."""
         return [self.tokenizer(t)["input_ids"] for t in texts]
 
-    def hf(self, variant: str) -> Path:
-        """The HF checkpoint of ``variant`` (float32)."""
+    def hf(self, variant: str, layers: int = 3) -> Path:
+        """The HF checkpoint of ``variant`` (float32) with ``layers`` decoder layers."""
         from plugins.falcon.tiny import make_tiny_falcon
 
-        path = self.root / "hf" / variant
+        path = self.root / "hf" / f"{variant}-L{layers}"
         if not path.is_dir():
-            make_tiny_falcon(path, variant, tokenizer=self.tokenizer)
+            make_tiny_falcon(path, variant, tokenizer=self.tokenizer, num_layers=layers)
         return path
 
-    def checkpoint(self, variant: str, dtype: str = "float32", tp: int = 1, pp: int = 1) -> Path:
+    def checkpoint(self, variant: str, dtype: str = "float32", tp: int = 1, pp: int = 1, layers: int = 3) -> Path:
         """A modelc checkpoint of ``variant`` converted to ``dtype`` and split tp x pp."""
         from compiler_core.convert import convert
 
-        path = self.root / "ckpt" / f"{variant}-{dtype}-tp{tp}pp{pp}"
+        path = self.root / "ckpt" / f"{variant}-L{layers}-{dtype}-tp{tp}pp{pp}"
         if not path.is_dir():
-            convert(self.hf(variant), path, dtype=dtype, mapping=Mapping.create(tp, pp), show_progress=False)
+            mapping = Mapping.create(tp, pp)
+            convert(self.hf(variant, layers), path, dtype=dtype, mapping=mapping, show_progress=False)
         return path
 
     def engine(
-        self, variant: str, backend: str, dtype: str = "float32", tp: int = 1, pp: int = 1, **settings: Any
+        self,
+        variant: str,
+        backend: str,
+        dtype: str = "float32",
+        tp: int = 1,
+        pp: int = 1,
+        layers: int = 3,
+        **settings: Any,
     ) -> Path:
         """An engine directory built from :meth:`checkpoint` with ``backend`` and build ``settings``."""
         from compiler_core.engine import build_engine
         from compiler_core.registry import get_registry
 
-        tag = "-".join(f"{k}{v}" for k, v in sorted(settings.items()))
-        path = self.root / "engine" / f"{variant}-{dtype}-tp{tp}pp{pp}-{backend}{'-' + tag if tag else ''}"
+        tag = "".join(f"-{k}{v}" for k, v in sorted(settings.items()))
+        path = self.root / "engine" / f"{variant}-L{layers}-{dtype}-tp{tp}pp{pp}-{backend}{tag}"
         if not path.is_dir():
             chosen = get_registry().backend(backend, "test")
-            build_engine(self.checkpoint(variant, dtype, tp, pp), path, chosen, dict(settings), show_progress=False)
+            ckpt = self.checkpoint(variant, dtype, tp, pp, layers)
+            build_engine(ckpt, path, chosen, dict(settings), show_progress=False)
         return path
 
 
