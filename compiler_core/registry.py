@@ -170,7 +170,7 @@ class Registry:
     def _collect(self, pm: pluggy.PluginManager, hook_name: str, kind: str, expected: type) -> dict[str, Any]:
         noun = _NOUNS[kind]
         table: dict[str, Any] = {}
-        for impl in getattr(pm.hook, hook_name).get_hookimpls():
+        for impl in _plain_impls(pm, hook_name):
             owner = impl.plugin_name
 
             def register(obj: Any, _owner: str = owner) -> None:
@@ -232,6 +232,14 @@ def _claim(owners: dict[tuple[str, str], str], kind: str, noun: str, name: str, 
     owners[(kind, name)] = owner
 
 
+def _plain_impls(pm: pluggy.PluginManager, hook_name: str) -> list[HookImpl]:
+    """A registration hook's implementations in registration order (the core's first).
+
+    Wrappers are skipped: a registration hook has no result for them to wrap.
+    """
+    return [i for i in getattr(pm.hook, hook_name).get_hookimpls() if not (i.hookwrapper or i.wrapper)]
+
+
 def _call_impl(impl: HookImpl, hook_name: str, **kwargs: Any) -> None:
     """Call one plugin's registration hook; its failure names the plugin."""
     try:
@@ -261,7 +269,7 @@ def get_commands() -> CommandTable:
 
     commands: dict[str, click.Command] = {}
     owners: dict[tuple[str, str], str] = {}
-    for impl in get_plugin_manager().hook.register_commands.get_hookimpls():
+    for impl in _plain_impls(get_plugin_manager(), "register_commands"):
         scratch = click.Group()
         _call_impl(impl, "register_commands", cli=scratch)
         for name, command in scratch.commands.items():
