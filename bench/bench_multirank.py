@@ -1,0 +1,163 @@
+"""Benchmark multi-rank engines under mpirun beside the single-rank engine, on the same prompts.
+
+Makes a random-weight Falcon (7b layout: MQA, rotary, parallel attention; the size is set by
+--hidden/--layers/--heads), converts and builds it at each tensor x pipeline split of --splits,
+then for each split and batch size starts the ranks (``mpirun -n tp*pp``; the 1x1 split runs as a
+plain process) and measures, on rank 0 after one warm-up call:
+
+    prefill ms      generate() with one new token (the prompt's forward pass plus one argmax)
+    decode tok/s    batch x (N - 1) / (time(N new tokens) - time(1 new token))
+
+and prints them side by side with the ratio to the 1x1 split. Tokens of every split are checked
+against the 1x1 split's (greedy, so they must be equal).
+
+    python bench/bench_multirank.py [--device cpu|cuda] [--splits 1x1,2x1,1x2] [--batch 1,8]
+
+On a GPU host, give --device cuda (each rank takes cuda:local_rank; NCCL between them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def parse_splits(text: str) -> list[tuple[int, int]]:
+    """ "2x1,1x2" -> [(1, 1), (2, 1), (1, 2)]: the single-rank baseline always comes first."""
+    splits = [tuple(int(v) for v in part.split("x")) for part in text.split(",")]
+    return [(1, 1)] + [s for s in splits if s != (1, 1)]
+
+
+def agreement(tokens: list, base: list) -> str:
+    """'equal', or how many tokens match the baseline before each row's first difference."""
+    if tokens == base:
+        return "equal"
+    rows = [(a[0], b[0]) for a, b in zip(tokens, base, strict=True)]
+    same = sum(next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a)) for a, b in rows)
+    return f"{same}/{sum(len(b) for _, b in rows)} equal before a row diverges"
+
+
+def prepare(args: argparse.Namespace) -> dict[tuple[int, int], Path]:
+    """The HF model and one engine per split under --workdir (reused when present)."""
+    from compiler_core.convert import convert
+    from compiler_core.engine import build_engine, choose_backend
+    from compiler_core.mapping import Mapping
+    from plugins.falcon.tiny import make_tiny_falcon
+
+    root = Path(args.workdir) / f"h{args.hidden}-l{args.layers}-n{args.heads}-{args.dtype}"
+    hf = root / "hf"
+    if not (hf / "config.json").is_file():
+        make_tiny_falcon(hf, "7b", hidden_size=args.hidden, num_layers=args.layers, num_attention_heads=args.heads)
+    engines = {}
+    for tp, pp in parse_splits(args.splits):
+        engine = root / f"tp{tp}pp{pp}"
+        if not (engine / "config.json").is_file():
+            ckpt = root / f"tp{tp}pp{pp}-ckpt"
+            convert(hf, ckpt, dtype=args.dtype, mapping=Mapping.create(tp, pp), show_progress=False)
+            build_engine(ckpt, engine, choose_backend("torch")[0], {}, show_progress=False)
+        engines[(tp, pp)] = engine
+    return engines
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One rank of a measurement (every rank generates; rank 0 writes the result)."""
+    import torch
+
+    from compiler_core.runtime.generation import GenerationConfig, generate
+    from compiler_core.runtime.open import is_output_rank, open_runner
+
+    runner, _ = open_runner(Path(args.engine_dir), args.device)
+    torch.manual_seed(0)
+    prompts = torch.randint(1, 300, (args.batch_size, args.prompt_len)).tolist()
+
+    def timed(new_tokens: int) -> tuple[float, list]:
+        start = time.perf_counter()
+        out = generate(runner, prompts, GenerationConfig(new_tokens))
+        return time.perf_counter() - start, out
+
+    timed(2)  # warm-up: allocation, kernel selection, communicator set-up
+    t1 = min(timed(1)[0] for _ in range(args.repeat))
+    runs = [timed(args.new_tokens) for _ in range(args.repeat)]
+    tn, tokens = min(r[0] for r in runs), runs[0][1]
+    if is_output_rank():
+        result = {
+            "prefill_ms": 1000 * t1,
+            "decode_tok_s": args.batch_size * (args.new_tokens - 1) / max(tn - t1, 1e-9),
+            "tokens": tokens,
+        }
+        Path(args.result).write_text(json.dumps(result), encoding="utf-8")
+
+
+def launch(args: argparse.Namespace, engine: Path, ranks: int, batch: int, result: Path) -> dict:
+    mpirun = Path(sys.executable).with_name("mpirun")
+    command = [sys.executable, __file__, "--worker", "--engine_dir", str(engine), "--result", str(result)]
+    command += ["--device", args.device, "--batch_size", str(batch), "--prompt_len", str(args.prompt_len)]
+    command += ["--new_tokens", str(args.new_tokens), "--repeat", str(args.repeat)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads_per_rank)}
+    if ranks > 1:
+        prefix = [str(mpirun), "-n", str(ranks), "--oversubscribe", "-x", "OMP_NUM_THREADS"]
+        if os.geteuid() == 0:
+            prefix.append("--allow-run-as-root")
+        command = prefix + command
+    subprocess.run(command, env=env, check=True)
+    return json.loads(result.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--workdir", default="/tmp/modelc_bench_multirank")
+    parser.add_argument("--splits", default="1x1,2x1,1x2", help="tp x pp per engine; 1x1 is the baseline")
+    parser.add_argument("--batch", default="1,8", help="batch sizes")
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--dtype", default=None, help="default: float32 on cpu, float16 on cuda")
+    parser.add_argument("--prompt_len", type=int, default=64)
+    parser.add_argument("--new_tokens", type=int, default=32)
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--threads_per_rank", type=int, default=1, help="OMP_NUM_THREADS of each rank (CPU)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--engine_dir", help=argparse.SUPPRESS)
+    parser.add_argument("--batch_size", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
+    if args.worker:
+        worker(args)
+        return
+    engines = prepare(args)
+
+    import torch
+
+    print(
+        f"# {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, device {args.device}, dtype {args.dtype}"
+    )
+    print(
+        f"# model: falcon 7b layout, hidden {args.hidden}, {args.layers} layers, {args.heads} heads (MQA); "
+        f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, best of {args.repeat}, "
+        f"{args.threads_per_rank} thread(s) per rank"
+    )
+    print(f"{'split':>6} {'ranks':>5} {'batch':>5} {'prefill ms':>11} {'decode tok/s':>13} {'vs 1x1':>7}  tokens")
+    for batch in (int(b) for b in args.batch.split(",")):
+        base = None
+        for (tp, pp), engine in engines.items():
+            res = launch(args, engine, tp * pp, batch, Path(args.workdir) / "result.json")
+            base = base or res
+            same = agreement(res["tokens"], base["tokens"])
+            ratio = res["decode_tok_s"] / base["decode_tok_s"]
+            print(
+                f"{tp}x{pp:<4} {tp * pp:>5} {batch:>5} {res['prefill_ms']:>11.1f} "
+                f"{res['decode_tok_s']:>13.1f} {ratio:>6.2f}x  {same}"
+            )
+
+
+if __name__ == "__main__":
+    main()
