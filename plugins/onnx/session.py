@@ -128,6 +128,10 @@ class OnnxSession(PlanSession):
             providers.insert(0, "CUDAExecutionProvider")
         options = ort.SessionOptions()
         options.log_severity_level = 3  # warnings about unused initializers etc. are noise here
+        # onnxruntime fuses blocked-int4 DequantizeLinear -> MatMul into MatMulNBits, which by
+        # default (accuracy level 4) also quantizes the activations to int8: level 1 keeps the
+        # float32 activations the graph specifies (weight-only INT4, as the reference computes).
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
         self.sessions = {}
         for file in plan.files:
             path = Path(engine_dir) / file
