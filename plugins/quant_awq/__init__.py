@@ -44,4 +44,8 @@ def lower_layer(node, graph, backend, context):
         from plugins.quant_awq.lowering import lower_awq_linear_torch
 
         return lower_awq_linear_torch(node, context)
+    if backend == "onnx":
+        from plugins.quant_awq.lowering import lower_awq_linear_onnx
+
+        return lower_awq_linear_onnx(node, context)
     return None

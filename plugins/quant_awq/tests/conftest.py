@@ -63,22 +63,24 @@ def hf_dir(tmp_path_factory, tokenizer) -> Callable[[str], Path]:
 
 @pytest.fixture(scope="session")
 def awq_dir(tmp_path_factory, hf_dir) -> Callable[..., Path]:
-    """(variant, tp=1, pp=1) -> an int4_awq checkpoint of ``hf_dir(variant)`` (made once per session)."""
+    """(variant, tp=1, pp=1, dtype="float32") -> an int4_awq checkpoint of ``hf_dir(variant)``
+    (made once per session)."""
     from compiler_core.mapping import Mapping
     from compiler_core.quantize import quantize
 
     root, made = tmp_path_factory.mktemp("awq"), {}
 
-    def get(variant: str, tp: int = 1, pp: int = 1) -> Path:
-        key = (variant, tp, pp)
+    def get(variant: str, tp: int = 1, pp: int = 1, dtype: str = "float32") -> Path:
+        key = (variant, tp, pp, dtype)
         if key not in made:
-            out = root / f"{variant}-tp{tp}-pp{pp}"
+            out = root / f"{variant}-tp{tp}-pp{pp}-{dtype}"
             quantize(
                 hf_dir(variant),
                 out,
                 qformat="int4_awq",
                 group_size=GROUP_SIZE,
                 mapping=Mapping.create(tp, pp),
+                dtype=dtype,
                 device="cpu",
                 show_progress=False,
                 **CALIB,
