@@ -5,7 +5,8 @@ and then a plugin package, and runs that venv's own ``modelc`` console script. T
 this environment's packages (torch, click, ...) through ``--system-site-packages``; when the
 running Python is itself a venv, whose "system" site is the base interpreter's, a ``.pth`` file
 points the new venv at this environment's site-packages instead. Nothing is downloaded
-(``--no-deps --no-build-isolation``, ``PIP_NO_INDEX``).
+(``--no-deps --no-build-isolation --no-index``) unless the environment has no
+setuptools to build with (Python >= 3.12 venvs), when pip may fetch it.
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ from pathlib import Path
 from tests.core.conftest import REPO_ROOT
 
 EXAMPLE = REPO_ROOT / "examples" / "modelc-hello-plugin"
-NEEDED = ("torch", "click", "pluggy", "safetensors", "pip", "setuptools", "pytest")
+NEEDED = ("torch", "click", "pluggy", "safetensors", "pip", "pytest")
 
 
 def _clean_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("MODELC_PLUGINS", "PYTHONPATH", "VIRTUAL_ENV")}
-    env.update(PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1", PIP_NO_INDEX="1")
+    env.update(PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1")
     return env
 
 
@@ -67,10 +68,15 @@ class Venv:
             parents = [p for p in site.getsitepackages() if Path(p).is_dir()]
             (Path(purelib) / "_modelc_test_parent_env.pth").write_text("\n".join(parents) + "\n")
             _check(_run([self.python, "-c", probe], root.parent))
+        # Build with the setuptools already here when there is one (Python <= 3.11 venvs carry it);
+        # otherwise let pip fetch the build backend from the package index.
+        has_setuptools = _run([self.python, "-c", "import setuptools"], root.parent).returncode == 0
+        self.pip_options = ["--no-build-isolation", "--no-index"] if has_setuptools else []
         self.pip_install("-e", REPO_ROOT)
 
     def pip_install(self, *args: str | Path) -> None:
-        _check(_run([self.python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", *args], self.root))
+        command = [self.python, "-m", "pip", "install", "-q", "--no-deps", *self.pip_options, *args]
+        _check(_run(command, self.root))
 
     def modelc(self, *args: str) -> subprocess.CompletedProcess:
         return _run([self.bin / "modelc", *args], self.root)
