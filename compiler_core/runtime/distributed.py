@@ -193,9 +193,9 @@ def open_distributed_runner(engine_dir: Path, engine_config: dict[str, Any], dev
             timeout=TIMEOUT,
         )
         atexit.register(dist.destroy_process_group)
-    # new_group is collective: every rank creates every stage's group, in the same order.
-    groups = [dist.new_group(mapping.tp_group(mapping.rank(0, stage))) for stage in range(mapping.pp_size)]
     session = load_rank_session(Path(engine_dir), rank, str(rank_device), engine_config)
     if mapping.tp_size > 1:
+        # new_group is collective: every rank creates every stage's group, in the same order.
+        groups = [dist.new_group(mapping.tp_group(mapping.rank(0, stage))) for stage in range(mapping.pp_size)]
         session.comm = ProcessGroupComm(groups[mapping.pp_rank(rank)], mapping.tp_size)
     return DistributedRunner(session, mapping, rank)

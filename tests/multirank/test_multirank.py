@@ -20,9 +20,9 @@ def ids_args(prompts: list[list[int]]) -> list[str]:
     return [arg for p in prompts for arg in ("--input_ids", ",".join(map(str, p)))]
 
 
-def single_rank_run(engine_dir, prompts, out) -> list[list[int]]:
+def single_rank_run(engine_dir, prompts, out, *extra: str) -> list[list[int]]:
     """``modelc run`` of a tp1 engine in this process."""
-    args = ["run", "--engine_dir", str(engine_dir), *ids_args(prompts), "--max_output_len", str(NEW_TOKENS)]
+    args = ["run", "--engine_dir", str(engine_dir), *ids_args(prompts), "--max_output_len", str(NEW_TOKENS), *extra]
     result = CliRunner().invoke(cli, [*args, "--device", "cpu", "--output_json", str(out)])
     assert result.exit_code == 0, result.output
     return json.loads(out.read_text())["output_ids"]
@@ -69,6 +69,27 @@ def test_mpirun_tokens_equal_single_rank_and_hf(variant, tp, pp, engine, hf_dir,
     reference = hf_greedy(hf_dir(variant), prompts, NEW_TOKENS, end_id)
     assert multi == single == reference
     assert sum(map(len, multi)) > NEW_TOKENS  # real continuations, not immediate stops
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize(
+    ("variant", "tp", "pp", "extra"),
+    [
+        # Beam search reorders each rank's own cache, on both pipeline stages.
+        ("7b", 1, 2, ("--num_beams", "2")),
+        # Every rank samples from the same broadcast logits with the same seed.
+        ("rw", 2, 1, ("--temperature", "0.8", "--top_k", "20", "--seed", "7")),
+    ],
+    ids=["7b-pp2-beams", "rw-tp2-sampling"],
+)
+def test_mpirun_beams_and_sampling_equal_single_rank(variant, tp, pp, extra, engine, prompts, tmp_path):
+    out = tmp_path / "mpi.json"
+    args = ["run", "--engine_dir", str(engine(variant, tp, pp)), *ids_args(prompts), *extra]
+    result = run_mpi(tp * pp, *args, "--max_output_len", str(NEW_TOKENS), "--device", "cpu", "--output_json", str(out))
+    assert result.returncode == 0, result.stderr
+    multi = json.loads(out.read_text())["output_ids"]
+    assert multi == single_rank_run(engine(variant), prompts, tmp_path / "single.json", *extra)
+    assert len(multi) == len(prompts) * (2 if "--num_beams" in extra else 1)
 
 
 @pytest.mark.mpi
