@@ -1,9 +1,18 @@
 """Kernels for ``awq_linear``.
 
-torch: on CPU the weight is dequantized once, at lowering time, into the compute dtype (a
-dense GEMM is the fastest thing a CPU can do with it). On CUDA the weight stays packed in
-device memory (a quarter of the fp16 bytes) and each call dequantizes it into a temporary
-in the compute dtype before the GEMM, trading some time for the 4x smaller resident weight.
+torch, CPU: the weight is dequantized once, at lowering time, into the compute dtype (a dense
+GEMM is the fastest thing a CPU can do with it).
+
+torch, CUDA: the weight stays int4 in device memory (a quarter of the fp16 bytes).
+
+* bfloat16 models with group size 32/64/128/256 use PyTorch's int4 GEMM
+  (``aten._weight_int4pack_mm``, the "tinygemm" kernel behind gpt-fast and torchao) for calls
+  of at most ``TINYGEMM_MAX_ROWS`` tokens (decode): it reads the packed weight directly. Its
+  weight layout is device-specific and cannot be checked on a CPU, so each layer compares it
+  once, at lowering time, with the reference dequantization on a probe input and falls back
+  (with a warning) if they disagree or the op is unavailable.
+* Otherwise (prefill, float16/float32 models) each call dequantizes into a temporary in the
+  compute dtype and runs a dense GEMM.
 
 onnx (also what TensorRT parses): the weight-only INT4 pattern TensorRT recognises,
 ``int4 W[in, out] -> DequantizeLinear(axis=0, block_size=group_size, scale [in/group, out]) ->
@@ -14,6 +23,9 @@ typed networks need both MatMul inputs of one type). No zero point: TensorRT is 
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -21,15 +33,79 @@ from compiler_core.ir import Node
 from compiler_core.runtime.kernels import Kernel, TorchLowering
 from plugins.quant_awq.int4 import dequantize_packed, unpack_int4
 
+#: Tokens per call up to which the CUDA int4 GEMM is used; larger calls are compute-bound and
+#: run faster as dequantize + dense GEMM.
+TINYGEMM_MAX_ROWS = 16
+TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
+
+
+def dequantize_in_dtype(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`dequantize_packed` computed directly in ``dtype`` (scales already in ``dtype``).
+
+    A code in [-8, 7] times a scale is rounded once in either dtype, so the result is identical
+    to the float32 reference, without float32 temporaries.
+    """
+    out, groups = scales.shape
+    return (unpack_int4(packed).to(dtype).view(out, groups, -1) * scales[..., None]).view(out, -1)
+
+
+def tinygemm_operands(packed: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The weight and scales in ``aten._weight_int4pack_mm``'s layout, or None when it does not apply.
+
+    Its codes are unsigned (q + 8) with the even input index in the *high* nibble, and it
+    dequantizes as ``(u - 8) * scale + zero`` from ``scales_and_zeros [in/group, out, 2]``;
+    symmetric INT4 has zero 0.
+    """
+    out, half = packed.shape
+    k = half * 2
+    tiles = next((t for t in (8, 4, 2) if k % (t * 16) == 0), None)
+    if tiles is None or out % 8:
+        return None
+    u = unpack_int4(packed).to(torch.int32) + 8
+    u8 = ((u[:, 0::2] << 4) | u[:, 1::2]).to(torch.uint8)
+    weight = torch.ops.aten._convert_weight_to_int4pack(u8.contiguous(), tiles)
+    scales_and_zeros = torch.stack([scales, torch.zeros_like(scales)], dim=-1).transpose(0, 1).contiguous()
+    return weight, scales_and_zeros
+
+
+def tinygemm_matmul(
+    packed: torch.Tensor, scales: torch.Tensor, group_size: int, name: str
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """``x2d -> x2d @ W.T`` through the CUDA int4 GEMM, if it applies and passes a probe."""
+    if scales.dtype != torch.bfloat16 or group_size not in TINYGEMM_GROUP_SIZES:
+        return None
+    try:
+        operands = tinygemm_operands(packed, scales)
+        if operands is None:
+            return None
+        weight, scales_and_zeros = operands
+
+        def matmul(x2d: torch.Tensor) -> torch.Tensor:
+            return torch.ops.aten._weight_int4pack_mm(x2d, weight, group_size, scales_and_zeros)
+
+        gen = torch.Generator(device=packed.device).manual_seed(0)
+        probe = torch.randn(4, packed.shape[1] * 2, generator=gen, device=packed.device).to(torch.bfloat16)
+        want = probe.float() @ dequantize_in_dtype(packed, scales, torch.bfloat16).float().T
+        got = matmul(probe).float()
+    except (RuntimeError, NotImplementedError) as exc:
+        warnings.warn(f"{name}: int4 GEMM unavailable ({exc}); dequantizing per call", stacklevel=2)
+        return None
+    # bfloat16 accumulation differs from the float32 reference by a few ulps of the output.
+    if not torch.allclose(got, want, rtol=3e-2, atol=3e-2 * float(want.abs().max())):
+        warnings.warn(
+            f"{name}: int4 GEMM disagrees with the reference dequantization; dequantizing per call", stacklevel=2
+        )
+        return None
+    return matmul
+
 
 def lower_awq_linear_torch(node: Node, low: TorchLowering) -> Kernel:
     """The torch kernel of one ``awq_linear`` node."""
     packed = low.param(node, "weight")
-    scales = low.param(node, "weights_scaling_factor")
     prequant = low.param(node, "prequant_scaling_factor")
     bias = low.param(node, "bias")
     dtype = low.compute_dtype
-    scales = scales.to(dtype)
+    scales = low.param(node, "weights_scaling_factor").to(dtype)
 
     if low.device.type == "cpu":
         weight = dequantize_packed(packed, scales, dtype)
@@ -41,17 +117,19 @@ def lower_awq_linear_torch(node: Node, low: TorchLowering) -> Kernel:
 
         return dense
 
-    out, groups = scales.shape
+    int4_matmul = tinygemm_matmul(packed, scales, int(node.attrs["group_size"]), node.name)
+    out_features = scales.shape[0]
 
-    def on_the_fly(ctx, x: torch.Tensor) -> torch.Tensor:
+    def on_device(ctx, x: torch.Tensor) -> torch.Tensor:
         if prequant is not None:
             x = x * prequant
-        # The product of a code in [-8, 7] and a scale rounds once in either dtype, so computing
-        # it in the compute dtype gives the same weight as the float32 reference.
-        w = (unpack_int4(packed).to(dtype).view(out, groups, -1) * scales[..., None]).view(out, -1)
-        return F.linear(x, w, bias)
+        rows = x.numel() // x.shape[-1]
+        if int4_matmul is not None and rows <= TINYGEMM_MAX_ROWS:
+            y = int4_matmul(x.reshape(rows, x.shape[-1])).reshape(*x.shape[:-1], out_features)
+            return y if bias is None else y + bias
+        return F.linear(x, dequantize_in_dtype(packed, scales, dtype), bias)
 
-    return on_the_fly
+    return on_device
 
 
 def lower_awq_linear_onnx(node: Node, ctx) -> list[str]:

@@ -13,6 +13,7 @@ from plugins.quant_awq.int4 import (
     quantize_groups,
     unpack_int4,
 )
+from plugins.quant_awq.lowering import dequantize_in_dtype, tinygemm_matmul
 from plugins.quant_awq.search import candidate_scales, search_clip, search_scale
 
 
@@ -135,3 +136,20 @@ def test_clip_search_never_worse_and_helps_outlier_weights() -> None:
 
     assert out_err(amax) <= out_err(None)
     assert (amax <= w.abs().reshape(32, 4, 16).amax(-1) + 1e-7).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_per_call_dequantization_equals_reference(dtype) -> None:
+    """The CUDA kernel's dequantization (in the compute dtype) gives the float32 reference's weight."""
+    g = torch.Generator().manual_seed(3)
+    q, scales = quantize_groups(torch.randn(48, 64, generator=g), 16, scale_dtype=dtype)
+    packed = pack_int4(q)
+    assert torch.equal(dequantize_in_dtype(packed, scales, dtype), dequantize_packed(packed, scales, dtype))
+
+
+def test_int4_gemm_falls_back_where_unavailable() -> None:
+    """Off CUDA (or with a kernel that fails its probe) the int4 GEMM is not used, with a warning."""
+    q, scales = quantize_groups(torch.randn(64, 256), 32, scale_dtype=torch.bfloat16)
+    with pytest.warns(UserWarning, match="layers.0.mlp.fc: int4 GEMM unavailable"):
+        assert tinygemm_matmul(pack_int4(q), scales, 32, "layers.0.mlp.fc") is None
+    assert tinygemm_matmul(pack_int4(q), scales.float(), 32, "fp32 model") is None
