@@ -38,14 +38,17 @@ class Param:
     dtype: str
 
     def to_json(self) -> dict[str, Any]:
+        """``{"name", "shape", "dtype"}``."""
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Param:
+        """Read what :meth:`to_json` wrote."""
         return cls(data["name"], tuple(int(d) for d in data["shape"]), data["dtype"])
 
     @property
     def numel(self) -> int:
+        """Number of elements."""
         n = 1
         for d in self.shape:
             n *= d
@@ -64,9 +67,11 @@ class Node:
     attrs: Mapping[str, Any] = field(default_factory=dict)
 
     def replace(self, **changes: Any) -> Node:
+        """A copy with ``changes`` applied (nodes are immutable)."""
         return replace(self, **changes)
 
     def to_json(self) -> dict[str, Any]:
+        """``{"name", "op", "inputs", "outputs", "params", "attrs"}``."""
         return {
             "name": self.name,
             "op": self.op,
@@ -78,6 +83,7 @@ class Node:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Node:
+        """Read what :meth:`to_json` wrote (``params`` and ``attrs`` may be absent)."""
         return cls(
             name=data["name"],
             op=data["op"],
@@ -104,15 +110,18 @@ class Graph:
     attrs: Mapping[str, Any] = field(default_factory=dict)
 
     def replace(self, **changes: Any) -> Graph:
+        """A copy with ``changes`` applied (graphs are immutable)."""
         return replace(self, **changes)
 
     def node(self, name: str) -> Node:
+        """The node called ``name``; KeyError when there is none."""
         for node in self.nodes:
             if node.name == name:
                 return node
         raise KeyError(name)
 
     def nodes_of(self, *ops: str) -> Iterator[Node]:
+        """The nodes whose op is one of ``ops``, in execution order."""
         return (n for n in self.nodes if n.op in ops)
 
     def users_of_param(self, param_name: str) -> list[tuple[Node, str]]:
@@ -120,6 +129,7 @@ class Graph:
         return [(n, role) for n in self.nodes for role, p in n.params.items() if p == param_name]
 
     def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (what engines store in config.json), tagged with the IR version."""
         return {
             "ir_version": IR_VERSION,
             "name": self.name,
@@ -131,6 +141,7 @@ class Graph:
         }
 
     def dumps(self) -> str:
+        """:meth:`to_json` as indented JSON text."""
         return json.dumps(self.to_json(), indent=1)
 
     @classmethod
@@ -164,6 +175,7 @@ class GraphBuilder:
         self._counter = 0
 
     def param(self, name: str, shape: Iterable[int], dtype: str) -> str:
+        """Declare a parameter (again, identically, is fine: shared weights) and return its name."""
         shape = tuple(int(d) for d in shape)
         existing = self.params.get(name)
         if existing is not None and (existing.shape != shape or existing.dtype != dtype):
@@ -181,9 +193,14 @@ class GraphBuilder:
         num_outputs: int = 1,
         **attrs: Any,
     ) -> str | tuple[str, ...]:
+        """Append a node; return its output value name (a tuple when ``num_outputs`` > 1).
+
+        Outputs are named after the node (``{name}.out``), so node names must be unique.
+        """
         outputs = tuple(f"{name}.out{i}" if num_outputs > 1 else f"{name}.out" for i in range(num_outputs))
         self.nodes.append(Node(name, op, tuple(inputs), outputs, dict(params or {}), dict(attrs)))
         return outputs if num_outputs > 1 else outputs[0]
 
     def build(self, inputs: Iterable[str], outputs: Iterable[str], attrs: Mapping[str, Any] | None = None) -> Graph:
+        """The graph built so far (not validated: call :func:`compiler_core.ir.validate`)."""
         return Graph(self.name, tuple(inputs), tuple(outputs), tuple(self.nodes), dict(self.params), dict(attrs or {}))

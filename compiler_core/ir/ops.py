@@ -28,10 +28,6 @@ class OpSpec:
     tags: frozenset[str] = field(default_factory=frozenset)
 
 
-def _unary(name: str, doc: str, **kw) -> OpSpec:
-    return OpSpec(name, doc, **kw)
-
-
 CORE_OPS: tuple[OpSpec, ...] = (
     OpSpec("embedding", "Token ids [b, s] -> rows of `weight` [vocab, hidden].", params=("weight",)),
     OpSpec(
