@@ -57,7 +57,10 @@ class ActivationStats:
         return self.abs_sum / self.count
 
     def sample(self) -> torch.Tensor:
-        return torch.cat(self.samples).float()
+        """The sampled tokens ``[tokens, channels]`` in the model dtype, on the CPU (joined once)."""
+        if len(self.samples) > 1:
+            self.samples = [torch.cat(self.samples)]
+        return self.samples[0]
 
 
 @dataclass(frozen=True)
@@ -166,11 +169,12 @@ def quantize_linear(
 
     ``stats``: ``group_size``; ``scales``, the AWQ scale of the weight's input channels (or
     None); ``prequant``, keep ``1 / scales`` as the input multiply (else the producer absorbed
-    it); ``x``, a sample of the linear's full-precision input; ``clip``, run the clip search.
+    it); ``x``, a sample of the linear's full-precision input (moved to ``device`` for the
+    search); ``clip``, run the clip search.
     """
     group_size = int(stats["group_size"])
     weight = weights[node.params["weight"]]
-    x = stats["x"]
+    x = stats["x"].to(stats.get("device", "cpu"), torch.float32)
     w = weight.to(x.device, torch.float32)
     scales = stats.get("scales")
     if scales is not None:
@@ -202,7 +206,7 @@ def search_scales(
     for plan in progress_bar(plans):
         act = stats[plan.linears[0].inputs[0]]
         members = [n for n in plan.linears if n.name in quantized]
-        x = act.sample().to(device)
+        x = act.sample().to(device, torch.float32)
         found = search_scale(
             x,
             [weights[n.params["weight"]].to(device) for n in members],

@@ -80,13 +80,13 @@ class Int4AwqScheme(QuantScheme):
             progress_bar=lambda items: progress(items, desc="awq scales", unit="group", enable=show),
         )
         prequant = {n.name for p in plans if not p.fold for n in p.linears}
-        samples = {value: st.sample().to(device) for value, st in stats.items()}
         layer_stats = {
             n.name: {
                 "group_size": group_size,
                 "scales": scales.get(n.name),
                 "prequant": n.name in prequant,
-                "x": samples[n.inputs[0]],
+                "x": stats[n.inputs[0]].sample(),
+                "device": device,
                 "clip": not feeds_attention(graph, n),
             }
             for n in linears
