@@ -13,7 +13,9 @@ ARCHITECTURE = "falcon"
 #: Hugging Face activation names and the IR op (+ attributes) that computes them.
 ACTIVATIONS: dict[str, tuple[str, dict[str, str]]] = {
     "gelu": ("gelu", {"approximate": "none"}),
+    "gelu_python": ("gelu", {"approximate": "none"}),
     "gelu_new": ("gelu", {"approximate": "tanh"}),
+    "gelu_fast": ("gelu", {"approximate": "tanh"}),
     "gelu_pytorch_tanh": ("gelu", {"approximate": "tanh"}),
     "relu": ("relu", {}),
     "silu": ("silu", {}),
@@ -56,20 +58,40 @@ def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
 
 
 def config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
-    """Return the normalised Falcon fields; raise ValueError naming the offending field."""
+    """Return the normalised Falcon fields; raise ValueError naming the offending field.
+
+    Missing fields take transformers' FalconConfig defaults, or for the legacy remote-code
+    configs (model_type RefinedWebModel / RefinedWeb) their RWConfig defaults: multi_query and
+    parallel_attn false, and RefinedWeb (the 40B code) always the new decoder architecture.
+    """
+    model_type = hf.get("model_type")
+    legacy = model_type in _LEGACY_MODEL_TYPES
     hidden = int(_first(hf, "hidden_size", "n_embed", default=4544))
     heads = int(_first(hf, "num_attention_heads", "n_head", default=71))
     layers = int(_first(hf, "num_hidden_layers", "n_layer", default=32))
     vocab = int(hf.get("vocab_size", 65024))
     if hidden % heads:
         raise ValueError(f"hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
-    new_arch = bool(hf.get("new_decoder_architecture", hf.get("model_type") == "RefinedWeb"))
-    multi_query = bool(hf.get("multi_query", True))
-    parallel_attn = bool(hf.get("parallel_attn", True))
+    if hf.get("apply_residual_connection_post_layernorm"):
+        raise ValueError(
+            "apply_residual_connection_post_layernorm=true is not supported "
+            "(transformers' FalconForCausalLM has no such residual)"
+        )
+    new_arch = bool(hf.get("new_decoder_architecture", model_type == "RefinedWeb"))
+    multi_query = bool(hf.get("multi_query", not legacy))
+    parallel_attn = bool(hf.get("parallel_attn", model_type == "RefinedWeb" or not legacy))
+    declared_kv = _first(hf, "num_kv_heads", "n_head_kv")
     if new_arch:
-        kv = int(_first(hf, "num_kv_heads", "n_head_kv", default=heads))
+        kv = int(declared_kv if declared_kv is not None else heads)
+    elif multi_query:
+        kv = 1
     else:
-        kv = 1 if multi_query else heads
+        kv = heads
+        if declared_kv is not None and int(declared_kv) != heads:
+            raise ValueError(
+                f"num_kv_heads {declared_kv} with multi_query=false and new_decoder_architecture=false: "
+                f"this attention is multi-head, so it needs num_kv_heads = num_attention_heads ({heads})"
+            )
     if heads % kv:
         raise ValueError(f"num_attention_heads {heads} is not a multiple of num_kv_heads {kv}")
     num_ln = hf.get("num_ln_in_parallel_attn")

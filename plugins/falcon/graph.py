@@ -28,17 +28,26 @@ def heads_per_rank(config: dict[str, Any], tp_size: int) -> tuple[int, int]:
     return nh // tp_size, max(nkv // tp_size, 1)
 
 
+def valid_tp_sizes(config: dict[str, Any]) -> list[int]:
+    """Every tp_size that splits this model: it divides the query heads and the MLP width, and
+    the KV heads either split evenly or are duplicated a whole number of times."""
+    nh, nkv, ffn = config["num_attention_heads"], config["num_kv_heads"], config["ffn_hidden_size"]
+    return [t for t in range(1, nh + 1) if nh % t == 0 and ffn % t == 0 and (nkv % t == 0 or t % nkv == 0)]
+
+
 def check_mapping(config: dict[str, Any], mapping: Mapping) -> None:
+    """Raise ValueError (head count and the valid tp sizes) when ``mapping`` cannot split the model."""
     nh, nkv, tp = config["num_attention_heads"], config["num_kv_heads"], mapping.tp_size
-    if nh % tp:
-        valid = [t for t in range(1, nh + 1) if nh % t == 0 and (nkv % t == 0 or t % nkv == 0)]
-        raise ValueError(
-            f"tp_size {tp} does not divide num_attention_heads {nh}; valid tp sizes: {', '.join(map(str, valid))}"
-        )
-    if nkv % tp and tp % nkv:
-        raise ValueError(f"tp_size {tp} and num_kv_heads {nkv} must divide one another")
-    if config["ffn_hidden_size"] % tp:
-        raise ValueError(f"tp_size {tp} does not divide ffn_hidden_size {config['ffn_hidden_size']}")
+    ffn = config["ffn_hidden_size"]
+    valid = valid_tp_sizes(config)
+    if tp not in valid:
+        if nh % tp:
+            why = f"num_attention_heads {nh} is not a multiple of tp_size {tp}"
+        elif ffn % tp:
+            why = f"ffn_hidden_size {ffn} is not a multiple of tp_size {tp} (num_attention_heads {nh})"
+        else:
+            why = f"num_kv_heads {nkv} and tp_size {tp} must divide one another (num_attention_heads {nh})"
+        raise ValueError(f"{why}; valid tp sizes: {', '.join(map(str, valid))}")
     if mapping.pp_size > config["num_hidden_layers"]:
         raise ValueError(f"pp_size {mapping.pp_size} exceeds num_hidden_layers {config['num_hidden_layers']}")
 
