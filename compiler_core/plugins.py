@@ -142,7 +142,7 @@ def _load() -> pluggy.PluginManager:
         seen[ep.name] = package
         try:
             register_checked(pm, ep.load(), ep.name)
-        except Exception as exc:  # a broken plugin must not take the CLI down with it
+        except (Exception, SystemExit) as exc:  # a broken plugin must not take the CLI down with it
             # One line: pluggy's signature errors span several.
             error = " ".join(f"{type(exc).__name__}: {exc}".split())
             _fail(PluginFailure(ep.name, ep.value, error, package, version))

@@ -324,6 +324,13 @@ def test_a_raising_registration_hook_names_the_plugin():
 # --- a plugin that raises at import ---------------------------------------------------------
 
 
+def test_plugin_calling_sys_exit_at_import_is_reported(fake_eps):
+    fake_eps.add("quitter", "import sys\nsys.exit('quitter: missing CUDA')\n")
+    with pytest.warns(PluginLoadWarning, match="'quitter' failed to load: SystemExit: quitter: missing CUDA"):
+        get_plugin_manager()
+    assert names(plugin_info())["quitter"] == "failed"
+
+
 def test_broken_plugin_is_reported_by_name_and_the_cli_keeps_working(fake_eps):
     fake_eps.add("broken", BROKEN)
     fake_eps.add("good", GOOD.format(op="good_op"))
