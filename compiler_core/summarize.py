@@ -141,24 +141,6 @@ def prompt_ids(tokenizer: Any, article: str, max_input_length: int) -> list[int]
     return list(tokenizer(prompt_text(article), truncation=True, max_length=max_input_length)["input_ids"])
 
 
-def load_tokenizer(candidates: Sequence[Path | None]) -> Any:
-    """The first of ``candidates`` (directories) that holds a tokenizer, with a pad token set."""
-    from transformers import AutoTokenizer
-
-    tried = [Path(c) for c in candidates if c is not None]
-    for directory in tried:
-        if directory.is_dir() and any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(directory)
-            except (OSError, ValueError) as exc:
-                raise UsageError(f"{directory}: cannot load the tokenizer ({exc})") from None
-            if tokenizer.pad_token is None:
-                # Falcon has no pad token; the example pads with EOS, which the mask hides anyway.
-                tokenizer.pad_token = tokenizer.eos_token
-            return tokenizer
-    raise UsageError(f"no tokenizer found in {', '.join(map(str, tried)) or 'any directory'}; pass --tokenizer_dir")
-
-
 # --- ROUGE -----------------------------------------------------------------------------------
 
 
@@ -370,11 +352,10 @@ def summarize(
     Returns the report (``engine``, ``hf``, ``engine_vs_hf`` sections, whichever apply) on rank 0;
     other ranks of an mpirun job generate alongside rank 0 and return None.
     """
-    from compiler_core.checkpoint import TOKENIZER_DIR
     from compiler_core.engine import read_engine_config
     from compiler_core.runtime.generation import GenerationConfig
     from compiler_core.runtime.kernels import torch_dtype
-    from compiler_core.runtime.open import is_output_rank, open_runner, resolve_device
+    from compiler_core.runtime.open import is_output_rank, load_tokenizer, open_runner, resolve_device, special_ids
 
     engine_dir = Path(engine_dir)
     engine_config = read_engine_config(engine_dir)
@@ -382,7 +363,11 @@ def summarize(
         raise UsageError("--test_hf needs --hf_model_dir")
     if not (test_engine or test_hf):
         raise UsageError("nothing to test: give --test_trt_llm and/or --test_hf")
-    tokenizer = load_tokenizer([tokenizer_dir] if tokenizer_dir else [engine_dir / TOKENIZER_DIR, hf_model_dir])
+    # The tokenizer: --tokenizer_dir, else the engine's own, else the Hugging Face model's.
+    tokenizer = load_tokenizer(engine_dir, tokenizer_dir, required=hf_model_dir is None)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(engine_dir, hf_model_dir)
+    end_id, pad_id = special_ids(engine_config, tokenizer)
     articles = load_articles(dataset)[: max(batch_size, 1) * max(max_ite, 1)]
     work = batches([prompt_ids(tokenizer, a.article, max_input_length) for a in articles], batch_size, max_ite)
     config = GenerationConfig(
@@ -392,8 +377,8 @@ def summarize(
         top_k=top_k,
         top_p=top_p,
         seed=seed,
-        end_id=tokenizer.eos_token_id,
-        pad_id=tokenizer.pad_token_id,
+        end_id=end_id,
+        pad_id=pad_id,
     )
     main = is_output_rank()
     report: dict[str, dict[str, float]] = {}
