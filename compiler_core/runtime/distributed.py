@@ -143,8 +143,10 @@ def _local_rank(comm: Any) -> int:
 
 
 def _rank_device(device: str, local_rank: int) -> torch.device:
-    kind = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else device.replace("auto", "cpu"))
-    if kind.type != "cuda":
+    """This rank's device: the CPU, or the node's GPU number ``local_rank`` (any cuda:N is overridden)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.device(device).type != "cuda":
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise UsageError(f"--device {device}: CUDA is not available on {socket.gethostname()}")
