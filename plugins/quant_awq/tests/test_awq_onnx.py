@@ -77,15 +77,14 @@ def test_float16_onnxruntime_close_to_torch_backend(awq_dir, tmp_path) -> None:
     assert torch.equal(onnx_logits.argmax(-1)[real], torch_logits.argmax(-1)[real])
 
 
-@pytest.mark.parametrize(
-    ("variant", "dtype", "tp"), [("40b", "float16", 1), ("rw", "bfloat16", 1), ("7b", "float16", 2)]
-)
-def test_tensorrt_parses_and_builds(variant, dtype, tp, awq_dir, tmp_path) -> None:
+@pytest.mark.parametrize(("variant", "dtype"), [("40b", "float16"), ("rw", "bfloat16")])
+def test_tensorrt_parses_and_builds(variant, dtype, awq_dir, tmp_path) -> None:
+    """TensorRT's ONNX parser accepts the blocked INT4 DequantizeLinear in a strongly typed network
+    and the builder makes an engine (TensorRT-RTX builds without a GPU; running one needs a GPU)."""
     from plugins.tensorrt.testing import build_checkpoint, require_tensorrt
 
     require_tensorrt()
-    config = build_checkpoint(awq_dir(variant, tp=tp, dtype=dtype), tmp_path / "engine")
-    for rank in range(tp):
-        steps = config["ranks"][rank]["tensorrt"]["plan"]["steps"]
-        engines = [tmp_path / "engine" / s["file"] for s in steps if s["kind"] == "onnx"]
-        assert engines and all(e.stat().st_size > 0 for e in engines)
+    config = build_checkpoint(awq_dir(variant, dtype=dtype), tmp_path / "engine")
+    steps = config["ranks"][0]["tensorrt"]["plan"]["steps"]
+    assert [s["file"] for s in steps] == ["rank0.engine"]
+    assert (tmp_path / "engine" / "rank0.engine").stat().st_size > 0
