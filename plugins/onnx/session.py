@@ -15,13 +15,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from compiler_core.errors import ModelcError
+from compiler_core.errors import ModelcError, UsageError
 from compiler_core.ir import Graph
 from compiler_core.runtime.context import Communicator
 from compiler_core.runtime.kernels import torch_dtype
 from compiler_core.runtime.session import RankSession
 from plugins.onnx.export import RankPlan, Step
-from plugins.onnx.lowering import ATTENTION_MASK, POSITION_IDS, onnx_type, past_name, present_name
+from plugins.onnx.lowering import (
+    ATTENTION_MASK,
+    BATCH,
+    PAST,
+    POSITION_IDS,
+    SEQ,
+    TOTAL,
+    ValueType,
+    onnx_type,
+    past_name,
+    present_name,
+)
 
 
 class PlanSession(RankSession):
@@ -33,6 +44,7 @@ class PlanSession(RankSession):
         self.device = device
         self.comm = comm
         self.cache: dict[str, torch.Tensor] = {}
+        self.dims: dict[str, int] = {}
 
     @abstractmethod
     def run_step(self, step: Step, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -52,6 +64,8 @@ class PlanSession(RankSession):
     def forward(self, x, positions, attention_mask, start):
         if start == 0 or not self.cache:
             self.cache = self._empty_cache(x.shape[0])
+        seq = positions.shape[1]
+        self.dims = {BATCH: x.shape[0], SEQ: seq, PAST: start, TOTAL: start + seq}
         values: dict[str, torch.Tensor] = {
             self.plan.input: x.to(self.device),
             POSITION_IDS: positions.to(self.device, torch.int64),
@@ -71,6 +85,15 @@ class PlanSession(RankSession):
                 self.cache[past_name(kind, slot)] = values[present_name(kind, slot)]
         return values[self.plan.output]
 
+    def concrete_shape(self, vtype: ValueType) -> tuple[int, ...] | None:
+        """The shape of a value in this step (symbolic dims resolved), or None when a dim is unknown."""
+        shape = []
+        for dim in vtype.dims:
+            if isinstance(dim, str) and dim not in self.dims:
+                return None
+            shape.append(dim if isinstance(dim, int) else self.dims[dim])
+        return tuple(shape)
+
     def _collective(self, step: Step, x: torch.Tensor) -> torch.Tensor:
         if self.comm is None:
             return x
@@ -82,55 +105,42 @@ class PlanSession(RankSession):
         self.cache = {name: t.index_select(0, index.to(t.device)) for name, t in self.cache.items()}
 
 
-# Types numpy cannot hold travel as raw bits: (torch bits type, numpy twin, numpy type onnxruntime expects).
-_BIT_VIEWS = {
-    "bfloat16": (torch.int16, np.int16, np.uint16),
-    "float8_e4m3fn": (torch.uint8, np.uint8, np.uint8),
-}
-
-
-def to_ortvalue(tensor: torch.Tensor, dtype: str):
-    """A CPU OrtValue of ``tensor`` typed ``dtype`` (bfloat16/float8 pass as their bits)."""
-    import onnxruntime as ort
-
-    tensor = tensor.detach().cpu().contiguous()
-    if dtype in _BIT_VIEWS:
-        torch_bits, _, ort_bits = _BIT_VIEWS[dtype]
-        bits = tensor.view(torch_bits).numpy().view(ort_bits)
-        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bits, onnx_type(dtype))
-    return ort.OrtValue.ortvalue_from_numpy(tensor.numpy())
+# Types numpy cannot hold arrive from onnxruntime as raw bits of the same width.
+_BIT_VIEWS = {"bfloat16": np.int16, "float8_e4m3fn": np.uint8}
 
 
 def from_ortvalue(value, dtype: str) -> torch.Tensor:
-    """The torch tensor of an OrtValue of IR dtype ``dtype``."""
+    """The torch tensor of a CPU-readable OrtValue of IR dtype ``dtype``."""
     array = value.numpy()
     if dtype in _BIT_VIEWS:
-        return torch.from_numpy(array.view(_BIT_VIEWS[dtype][1])).view(torch_dtype(dtype))
+        return torch.from_numpy(array.view(_BIT_VIEWS[dtype])).view(torch_dtype(dtype))
     return torch.from_numpy(array)
 
 
 class OnnxSession(PlanSession):
-    """A rank of an onnx engine run by onnxruntime (CPU provider; CUDA provider on ``device="cuda"``).
+    """A rank of an onnx engine run by onnxruntime: the CPU provider, or the CUDA provider on ``device="cuda"``.
 
-    Inputs and outputs pass through host memory, so the runner's tensors live on the CPU.
+    Inputs and outputs are torch tensors on the session's device, bound in place with IOBinding
+    (outputs preallocated from the plan's shapes), so no step copies the KV cache.
     """
 
     def __init__(self, engine_dir: Path, graph: Graph, plan: RankPlan, device: str = "cpu"):
         import onnxruntime as ort
 
-        super().__init__(graph, plan, torch.device("cpu"))
+        super().__init__(graph, plan, torch.device(device))
         providers = ["CPUExecutionProvider"]
-        if torch.device(device).type == "cuda":
+        if self.device.type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise ModelcError(
-                    "onnxruntime here has no CUDAExecutionProvider: install onnxruntime-gpu, or run on the CPU"
+                raise UsageError(
+                    f"--device {device}: onnxruntime here has no CUDAExecutionProvider "
+                    "(pip install onnxruntime-gpu, or run with --device cpu)"
                 )
-            providers.insert(0, "CUDAExecutionProvider")
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": self.device.index or 0}))
         options = ort.SessionOptions()
         options.log_severity_level = 3  # warnings about unused initializers etc. are noise here
         # onnxruntime fuses blocked-int4 DequantizeLinear -> MatMul into MatMulNBits, which by
         # default (accuracy level 4) also quantizes the activations to int8: level 1 keeps the
-        # float32 activations the graph specifies (weight-only INT4, as the reference computes).
+        # float activations the graph specifies (weight-only INT4, as the reference computes).
         options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
         self.sessions = {}
         for file in plan.files:
@@ -139,13 +149,38 @@ class OnnxSession(PlanSession):
                 self.sessions[file] = ort.InferenceSession(str(path), options, providers=providers)
             except Exception as exc:  # onnxruntime raises its own exception types per failure
                 hint = ""
-                if graph.attrs.get("dtype") == "bfloat16" and providers[0] == "CPUExecutionProvider":
+                if graph.attrs.get("dtype") == "bfloat16" and self.device.type == "cpu":
                     hint = " (onnxruntime's CPU provider has no bfloat16 MatMul/Softmax: use float16/float32 or CUDA)"
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise ModelcError(f"{path}: onnxruntime cannot load it: {first}{hint}") from None
+        self._where = ("cuda" if self.device.type == "cuda" else "cpu", self.device.index or 0)
+        # onnxruntime wants a valid address even for a tensor with no elements (an empty past).
+        self._placeholder = torch.empty(64, dtype=torch.uint8, device=self.device)
+
+    def _address(self, t: torch.Tensor) -> int:
+        return t.data_ptr() if t.numel() else self._placeholder.data_ptr()
 
     def run_step(self, step, feeds):
-        session = self.sessions[step.file]
-        ort_feeds = {name: to_ortvalue(t, step.types[name].dtype) for name, t in feeds.items()}
-        outs = session.run_with_ort_values(step.outputs, ort_feeds)
-        return {name: from_ortvalue(v, step.types[name].dtype) for name, v in zip(step.outputs, outs, strict=True)}
+        binding = self.sessions[step.file].io_binding()
+        held = []  # bound memory must outlive the run
+        for name, t in feeds.items():
+            t = t.to(self.device).contiguous()
+            held.append(t)
+            dtype = onnx_type(step.types[name].dtype)
+            binding.bind_input(name, *self._where, dtype, tuple(t.shape), self._address(t))
+        outputs: dict[str, torch.Tensor] = {}
+        for name in step.outputs:
+            vtype = step.types[name]
+            shape = self.concrete_shape(vtype)
+            if shape is None:  # a dim only known after the run: let onnxruntime allocate it
+                binding.bind_output(name, *self._where)
+                continue
+            out = torch.empty(shape, dtype=torch_dtype(vtype.dtype), device=self.device)
+            binding.bind_output(name, *self._where, onnx_type(vtype.dtype), shape, self._address(out))
+            outputs[name] = out
+        self.sessions[step.file].run_with_iobinding(binding)
+        if len(outputs) < len(step.outputs):
+            for name, value in zip(step.outputs, binding.get_outputs(), strict=True):
+                if name not in outputs:
+                    outputs[name] = from_ortvalue(value, step.types[name].dtype).to(self.device)
+        return outputs
