@@ -80,10 +80,18 @@ class KVCache:
         return cls(slots, max_len)
 
     def reorder(self, index: torch.Tensor) -> None:
-        """Gather batch rows (beam search keeps the cache of each surviving beam)."""
+        """Gather batch rows (beam search keeps the cache of each surviving beam).
+
+        With as many rows in ``index`` as in the cache the rows are rewritten in place, so the
+        storage allocated once stays the storage every later step (and a captured graph) uses.
+        """
         for slot in self.slots.values():
-            slot.k = slot.k.index_select(0, index)
-            slot.v = slot.v.index_select(0, index)
+            if index.shape[0] == slot.k.shape[0]:
+                slot.k.copy_(slot.k.index_select(0, index))
+                slot.v.copy_(slot.v.index_select(0, index))
+            else:
+                slot.k = slot.k.index_select(0, index)
+                slot.v = slot.v.index_select(0, index)
 
 
 @dataclass

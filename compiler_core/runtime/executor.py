@@ -12,6 +12,13 @@ from compiler_core.ir import Graph
 from compiler_core.runtime.context import ForwardContext, KVCache
 from compiler_core.runtime.kernels import TorchLowering, torch_dtype
 
+#: Core ops that treat every position on its own (no mixing along the sequence axis).
+POSITIONWISE_OPS = frozenset(
+    {"embedding", "layer_norm", "rms_norm", "linear", "bias_add", "gelu", "relu", "silu", "add", "mul", "all_reduce"}
+)
+#: OpSpec tags that mark a plugin's op as position-wise (quantized linears, ...).
+POSITIONWISE_TAGS = frozenset({"linear", "quantized_linear", "positionwise"})
+
 
 class GraphExecutor:
     """The torch reference executor for one rank's graph.
@@ -47,6 +54,12 @@ class GraphExecutor:
         self._free_after = [
             [v for v in node.inputs if last_use[v] == i and v not in keep] for i, node in enumerate(graph.nodes)
         ]
+        # Everything after node `_tail_start - 1` is position-wise (ln_f, lm_head, the last MLP...):
+        # when only the last position's output is wanted, the live values are cut to it there.
+        self._tail_start = 0
+        for i, node in enumerate(graph.nodes):
+            if not _positionwise(node):
+                self._tail_start = i + 1
 
     def cache_specs(self) -> dict[str, dict[str, Any]]:
         """KV-cache slot shapes and storage types declared by the graph's attention nodes."""
@@ -65,9 +78,15 @@ class GraphExecutor:
     def allocate_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache.allocate(self.cache_specs(), batch, max_len, self.device)
 
-    def run(self, inputs: Mapping[str, torch.Tensor], ctx: ForwardContext) -> dict[str, torch.Tensor]:
+    def run(
+        self, inputs: Mapping[str, torch.Tensor], ctx: ForwardContext, last_only: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """Outputs for ``inputs`` [batch, seq, ...]; ``last_only`` computes them for the last position only
+        (the same values as the last position of a full run, without the full run's position-wise tail)."""
         values: dict[str, torch.Tensor] = dict(inputs)
-        for node, kernel, dead in zip(self.graph.nodes, self.kernels, self._free_after, strict=True):
+        for i, (node, kernel, dead) in enumerate(zip(self.graph.nodes, self.kernels, self._free_after, strict=True)):
+            if last_only and i == self._tail_start:
+                values = {name: value[:, -1:] for name, value in values.items()}
             out = kernel(ctx, *(values[v] for v in node.inputs))
             if len(node.outputs) == 1:
                 values[node.outputs[0]] = out
@@ -75,4 +94,19 @@ class GraphExecutor:
                 values.update(zip(node.outputs, out, strict=True))
             for v in dead:
                 del values[v]
+        if last_only and self._tail_start == len(self.graph.nodes):
+            values = {name: value[:, -1:] for name, value in values.items()}
         return {name: values[name] for name in self.graph.outputs}
+
+
+def _positionwise(node) -> bool:
+    """True when ``node`` computes each sequence position independently of the others."""
+    from compiler_core.registry import get_registry
+
+    if node.op in POSITIONWISE_OPS:
+        return True
+    if node.op in ("all_gather", "narrow"):
+        axis = int(node.attrs["axis"])
+        return axis == -1 or axis >= 2
+    spec = get_registry().ops.get(node.op)
+    return spec is not None and bool(spec.tags & POSITIONWISE_TAGS)

@@ -146,15 +146,13 @@ class _Batch:
     def prefill(self, runner: ModelRunner) -> torch.Tensor:
         """Run the prompts; the next-token logits [rows, vocab] in float32."""
         mask = self.mask[:, : self.prompt_len]
-        logits = runner.logits(self.ids, positions_from_mask(mask), mask, 0)
-        return logits[:, -1].float()
+        return runner.last_logits(self.ids, positions_from_mask(mask), mask, 0).float()
 
     def step(self, runner: ModelRunner, tokens: torch.Tensor, t: int) -> torch.Tensor:
         """Feed generated token ``t`` (0-based) of every row; the next-token logits in float32."""
         start = self.prompt_len + t
         positions = (self.real_len + t)[:, None]
-        logits = runner.logits(tokens[:, None], positions, self.mask[:, : start + 1], start)
-        return logits[:, -1].float()
+        return runner.last_logits(tokens[:, None], positions, self.mask[:, : start + 1], start).float()
 
 
 def _pad_id(config: GenerationConfig) -> int:

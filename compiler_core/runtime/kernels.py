@@ -190,15 +190,18 @@ def lower_attention(node: Node, low: TorchLowering) -> Kernel:
 
     def attention(ctx: ForwardContext, qkv: torch.Tensor) -> torch.Tensor:
         b, s, _ = qkv.shape
-        q = qkv[..., : nh * hd].view(b, s, nh, hd).transpose(1, 2)
-        k = qkv[..., nh * hd : (nh + nkv) * hd].view(b, s, nkv, hd).transpose(1, 2)
-        v = qkv[..., (nh + nkv) * hd :].view(b, s, nkv, hd).transpose(1, 2)
         if kind == "rope":
-            key = ("rope", rotary_dim, theta, q.dtype)
+            key = ("rope", rotary_dim, theta, qkv.dtype)
             if key not in ctx.memo:
-                ctx.memo[key] = rotary_tables(ctx.positions, rotary_dim, theta, rope_scaling, q.dtype)
+                ctx.memo[key] = rotary_tables(ctx.positions, rotary_dim, theta, rope_scaling, qkv.dtype)
             cos, sin = ctx.memo[key]
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            # Q and K heads are adjacent in the fused projection: rotate them in one pass.
+            qk = apply_rotary(qkv[..., : (nh + nkv) * hd].view(b, s, nh + nkv, hd).transpose(1, 2), cos, sin)
+            q, k = qk[:, :nh], qk[:, nh:]
+        else:
+            q = qkv[..., : nh * hd].view(b, s, nh, hd).transpose(1, 2)
+            k = qkv[..., nh * hd : (nh + nkv) * hd].view(b, s, nkv, hd).transpose(1, 2)
+        v = qkv[..., (nh + nkv) * hd :].view(b, s, nkv, hd).transpose(1, 2)
         if ctx.cache is not None:
             cache = ctx.cache.slots[slot]
             cache.write(k, v, ctx.start)
@@ -206,10 +209,19 @@ def lower_attention(node: Node, low: TorchLowering) -> Kernel:
         mask_key = ("mask", alibi_key, q.dtype, s)
         if mask_key not in ctx.memo:
             ctx.memo[mask_key] = attention_bias(ctx, s, q.dtype, alibi)
+        mask = ctx.memo[mask_key]
+        if groups > 1 and s == 1:
+            # Decode with shared KV heads: a KV head's `groups` query heads become its query rows,
+            # so the cache is read as stored instead of being copied `groups` times per layer.
+            q = q.reshape(b, nkv, groups, hd)
+            if mask.shape[1] != 1:
+                mask = mask.view(b, nkv, groups, mask.shape[-1])
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+            return out.reshape(b, 1, nh * hd)
         if groups > 1:
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.memo[mask_key], scale=scale)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         return out.transpose(1, 2).reshape(b, s, nh * hd)
 
     return attention

@@ -38,6 +38,15 @@ class ModelRunner(ABC):
     @abstractmethod
     def reorder_cache(self, index: torch.Tensor) -> None: ...
 
+    def last_logits(
+        self, ids: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor, start: int
+    ) -> torch.Tensor:
+        """Logits [batch, vocab] of the last new token only (what generation needs).
+
+        Runners whose ranks can skip the other positions' output layers override this.
+        """
+        return self.logits(ids, positions, attention_mask, start)[:, -1]
+
 
 class ThreadGroup:
     """Collectives between tensor-parallel ranks that run as threads of one process."""
@@ -98,22 +107,32 @@ class LocalRunner(ModelRunner):
             s.reorder_cache(index)
 
     def logits(self, ids, positions, attention_mask, start):
+        return self._forward(ids, positions, attention_mask, start, last_only=False)
+
+    def last_logits(self, ids, positions, attention_mask, start):
+        last_stage = [self.sessions[r] for r in self.mapping.tp_group(self.mapping.world_size - 1)]
+        last_only = all(s.supports_last_only for s in last_stage)
+        return self._forward(ids, positions, attention_mask, start, last_only)[:, -1]
+
+    def _forward(self, ids, positions, attention_mask, start, last_only: bool) -> torch.Tensor:
         x = ids
         for stage in range(self.mapping.pp_size):
             ranks = [self.mapping.rank(tp, stage) for tp in range(self.mapping.tp_size)]
-            outs = self._run_stage(ranks, x, positions, attention_mask, start)
+            # Only the last stage may drop positions: earlier stages feed every position onwards.
+            kw = {"last_only": True} if last_only and stage == self.mapping.pp_size - 1 else {}
+            outs = self._run_stage(ranks, x, positions, attention_mask, start, kw)
             x = outs[0]
         return x
 
-    def _run_stage(self, ranks, x, positions, attention_mask, start) -> list[torch.Tensor]:
+    def _run_stage(self, ranks, x, positions, attention_mask, start, kw) -> list[torch.Tensor]:
         if len(ranks) == 1:
-            return [self.sessions[ranks[0]].forward(x, positions, attention_mask, start)]
+            return [self.sessions[ranks[0]].forward(x, positions, attention_mask, start, **kw)]
         outs: list[torch.Tensor | None] = [None] * len(ranks)
         errors: list[BaseException] = []
 
         def work(i: int, rank: int) -> None:
             try:
-                outs[i] = self.sessions[rank].forward(x, positions, attention_mask, start)
+                outs[i] = self.sessions[rank].forward(x, positions, attention_mask, start, **kw)
             except BaseException as exc:
                 errors.append(exc)
                 self.sessions[rank].comm.group._barrier.abort()

@@ -16,6 +16,9 @@ class RankSession(ABC):
 
     graph: Graph
     device: torch.device
+    #: True when ``forward`` accepts ``last_only=True`` (outputs for the last position only, which
+    #: spares the prompt pass the lm_head over every position). Backends without it get full outputs.
+    supports_last_only: bool = False
 
     @abstractmethod
     def allocate(self, batch: int, max_len: int) -> None:
@@ -51,8 +54,10 @@ class TorchSession(RankSession):
     def allocate(self, batch: int, max_len: int) -> None:
         self.cache = self.executor.allocate_cache(batch, max_len)
 
+    supports_last_only = True
+
     @torch.inference_mode()
-    def forward(self, x, positions, attention_mask, start):
+    def forward(self, x, positions, attention_mask, start, last_only: bool = False):
         ctx = ForwardContext(
             positions=positions.to(self.device),
             attention_mask=attention_mask.to(self.device),
@@ -60,7 +65,7 @@ class TorchSession(RankSession):
             cache=self.cache,
             comm=self.comm,
         )
-        (out,) = self.executor.run({self.graph.inputs[0]: x.to(self.device)}, ctx).values()
+        (out,) = self.executor.run({self.graph.inputs[0]: x.to(self.device)}, ctx, last_only=last_only).values()
         return out
 
     def reorder_cache(self, index):

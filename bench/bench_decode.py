@@ -1,0 +1,201 @@
+"""Decode speed of the torch backend beside transformers' ``generate``, same weights, same prompts.
+
+A random-weight Falcon is made in memory (no files, nothing downloaded): ``--shape small`` is a
+small Falcon-7B-style model (hidden 1024, 8 layers, 16 query heads, one KV head, vocab 65024),
+``--shape 7b`` has falcon-7b's real dimensions (hidden 4544, 32 layers, 71 heads, MQA), created
+directly on the device in ``--dtype`` (default: bfloat16 on CUDA, float32 on CPU). The same
+tensors feed both sides: HF's ``FalconForCausalLM`` (SDPA attention) and this project's engine
+graph run by ``generate()`` (the IR weights are views of HF's where the layout allows).
+
+For each batch size, after one warm-up call, both sides are timed (best of ``--repeat``):
+
+    prefill ms      generate with 1 new token (the prompt's forward pass + one argmax)
+    decode tok/s    batch x (N - 1) / (time(N new tokens) - time(1 new token))
+
+Greedy tokens of both sides are compared (printed as "tokens equal"). The header also gives the
+memory-bandwidth floor: measured copy traffic / weight bytes, i.e. the decode steps/s of an
+implementation that did nothing per step but read every weight once (batch-1 decode is bound
+by it; larger batches reuse each weight read for every row).
+
+    python bench/bench_decode.py                               # CPU, small shape, batch 1 and 8
+    python bench/bench_decode.py --device cuda --shape 7b      # GPU, falcon-7b dims, bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from typing import Any
+
+import torch
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "small": {"hidden_size": 1024, "num_hidden_layers": 8, "num_attention_heads": 16, "vocab_size": 65024},
+    "7b": {"hidden_size": 4544, "num_hidden_layers": 32, "num_attention_heads": 71, "vocab_size": 65024},
+}
+
+
+def make_models(shape: str, dtype: torch.dtype, device: str):
+    """(HF model, our runner) over the same random weights, both on ``device``."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    from compiler_core.checkpoint import make_config
+    from compiler_core.convert import LoadedModel, map_tensors, rank_weights
+    from compiler_core.mapping import Mapping
+    from compiler_core.model import rank_graph
+    from compiler_core.registry import get_registry
+    from compiler_core.runtime.runner import LocalRunner
+    from compiler_core.runtime.session import TorchSession
+
+    hf_config = FalconConfig(
+        **SHAPES[shape],
+        multi_query=True,
+        parallel_attn=True,
+        bias=False,
+        alibi=False,
+        new_decoder_architecture=False,
+        max_position_embeddings=4096,
+        initializer_range=0.02,
+        bos_token_id=11,
+        eos_token_id=11,
+    )
+    torch.manual_seed(0)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # initialise straight in the target dtype: no fp32 copy of 7B weights
+    try:
+        with torch.device(device):
+            hf = FalconForCausalLM(hf_config)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    hf = hf.eval()
+    hf.config._attn_implementation = "sdpa"
+    hf.generation_config.eos_token_id = None  # random weights: never stop early on either side
+
+    hf_dict = hf_config.to_dict()
+    arch = get_registry().architecture_for_hf(hf_dict, "bench")
+    config = make_config(arch.config_from_hf(hf_dict), str(dtype).removeprefix("torch."), Mapping())
+    state = {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}  # tied to the embedding
+    model = LoadedModel(config, dict(map_tensors(config, state.items(), "bench")))
+    session = TorchSession(rank_graph(config, 0), rank_weights(model, 0), device)
+    return hf, LocalRunner([session], Mapping()), hf_config
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str, clock) -> tuple[float, Any]:
+    sync(device)
+    start = clock()
+    out = fn()
+    sync(device)
+    return clock() - start, out
+
+
+def copy_bandwidth(device: str, clock) -> float:
+    """Memory traffic of a large copy in bytes/s (each byte read once and written once)."""
+    x = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    seconds = min(timed(lambda: y.copy_(x), device, clock)[0] for _ in range(5))
+    return 2 * x.numel() / seconds
+
+
+def measure(hf, runner, batch: int, args, clock) -> dict[str, Any]:
+    """Prefill and decode speed of both sides; runs alternate so that load spikes hit both alike."""
+    from compiler_core.runtime.generation import GenerationConfig, generate
+
+    torch.manual_seed(batch)
+    prompts = torch.randint(100, 60000, (batch, args.prompt_len)).tolist()
+    ids = torch.tensor(prompts, device=args.device)
+    mask = torch.ones_like(ids)
+
+    def ours(n: int):
+        return [beams[0] for beams in generate(runner, prompts, GenerationConfig(n))]
+
+    def theirs(n: int):
+        with torch.inference_mode():
+            out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0)
+        return out[:, args.prompt_len :].tolist()
+
+    sides = {"ours": ours, "hf": theirs}
+    for fn in sides.values():
+        fn(2)  # warm-up: allocation, kernel selection, lazy initialisation
+    best = {name: [float("inf"), float("inf")] for name in sides}
+    tokens = {}
+    for _ in range(args.repeat):
+        for name, fn in sides.items():
+            t1, _ = timed(lambda fn=fn: fn(1), args.device, clock)
+            tn, tokens[name] = timed(lambda fn=fn: fn(args.new_tokens), args.device, clock)
+            best[name][0] = min(best[name][0], t1)
+            best[name][1] = min(best[name][1], tn)
+    row: dict[str, Any] = {"batch": batch}
+    for name, (t1, tn) in best.items():
+        row[f"{name}_prefill_ms"] = 1000 * t1
+        row[f"{name}_decode_tps"] = batch * (args.new_tokens - 1) / (tn - t1)
+    row["speedup"] = row["ours_decode_tps"] / row["hf_decode_tps"]
+    row["tokens_equal"] = tokens["ours"] == tokens["hf"]
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--shape", default="small", choices=sorted(SHAPES))
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
+    parser.add_argument("--prompt_len", type=int, default=64)
+    parser.add_argument("--new_tokens", type=int, default=32)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    parser.add_argument(
+        "--clock",
+        default="wall",
+        choices=["wall", "process"],
+        help="process: CPU time of this process (with --threads 1 on a shared, loaded host it counts only the "
+        "time this process ran; wall time there includes waiting for a core)",
+    )
+    args = parser.parse_args()
+    clock = time.process_time if args.clock == "process" else time.perf_counter
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+
+    import transformers
+
+    hf, runner, config = make_models(args.shape, dtype, args.device)
+    params = sum(p.numel() for p in hf.parameters())
+    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else platform.processor()
+    print(
+        f"# {args.shape} Falcon (hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
+        f"{config.num_attention_heads} heads, MQA, {params / 1e6:.0f}M params, {str(dtype).removeprefix('torch.')}) "
+        f"on {args.device} ({where or platform.machine()}, {torch.get_num_threads()} threads); "
+        f"torch {torch.__version__}, transformers {transformers.__version__}; "
+        f"prompt {args.prompt_len}, {args.new_tokens} new tokens, best of {args.repeat}"
+    )
+    # Each decode step reads every weight once; at the copy's memory traffic rate that alone takes
+    # weight_bytes / bandwidth, so no implementation decodes a batch-1 token faster than this.
+    weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
+    bandwidth = copy_bandwidth(args.device, clock)
+    print(
+        f"# weights {weight_bytes / 2**20:.0f} MiB; copy traffic {bandwidth / 1e9:.1f} GB/s; "
+        f"weight-read floor: {bandwidth / weight_bytes:.1f} decode steps/s; clock: {args.clock}"
+    )
+    header = (
+        "| batch | HF prefill ms | modelc prefill ms | HF decode tok/s | modelc decode tok/s | speedup | tokens equal |"
+    )
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for batch in (int(b) for b in args.batch.split(",")):
+        r = measure(hf, runner, batch, args, clock)
+        print(
+            f"| {batch} | {r['hf_prefill_ms']:.1f} | {r['ours_prefill_ms']:.1f} | {r['hf_decode_tps']:.1f} | "
+            f"{r['ours_decode_tps']:.1f} | {r['speedup']:.2f}x | {'yes' if r['tokens_equal'] else 'NO'} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
