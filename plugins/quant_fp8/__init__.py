@@ -48,4 +48,8 @@ def lower_layer(node, graph, backend: str, context: Any):
         from plugins.quant_fp8.torch_lowering import lower_fp8_linear
 
         return lower_fp8_linear(node, context)
+    if backend == "onnx":
+        from plugins.quant_fp8.onnx_lowering import lower_fp8_linear
+
+        return lower_fp8_linear(node, context)
     return None

@@ -6,9 +6,10 @@ Two kernels with the same numerics (static per-tensor scales; activations quanti
 * **Hopper and newer GPUs** (compute capability >= 8.9, both GEMM dimensions multiples of 16):
   ``torch._scaled_mm`` multiplies the FP8 operands with FP32 accumulation and applies
   ``activation_scale * weight_scale`` before rounding to the compute dtype.
-* **Everywhere else** (CPU included): the FP8 codes are widened to the compute dtype (exactly:
-  every E4M3 value is representable in fp16, bf16 and fp32), multiplied there, and the product
-  is scaled in float32, so the result is the FP8 GEMM up to the compute dtype's accumulation.
+* **Everywhere else** (CPU included): the FP8 codes are widened (exactly: every E4M3 value is
+  representable in fp16, bf16 and fp32) to the compute dtype, or to float32 for float16 models
+  (a dot product of codes reaches 448² · in_features, beyond float16's 65504), multiplied
+  there, and the product is scaled in float32: the FP8 GEMM up to the accumulation dtype.
 """
 
 from __future__ import annotations
@@ -57,13 +58,14 @@ def lower_fp8_linear(node: Node, low: TorchLowering) -> Callable[..., torch.Tens
 
 
 def _emulated_kernel(weight, bias, w_scale, a_scale, compute):
-    wide = weight.to(compute)
+    gemm_dtype = torch.float32 if compute == torch.float16 else compute
+    wide = weight.to(gemm_dtype)
     scale = a_scale * w_scale
     bias = None if bias is None else bias.float()
 
     def fp8_linear(ctx, x: torch.Tensor) -> torch.Tensor:
         xq = numerics.quantize(x, a_scale)
-        y = F.linear(xq.to(compute), wide).float() * scale
+        y = F.linear(xq.to(gemm_dtype), wide).float() * scale
         if bias is not None:
             y = y + bias
         return y.to(x.dtype)

@@ -105,22 +105,24 @@ def hf_logits(hf_dir, eval_ids) -> Callable[[str], torch.Tensor]:
 
 @pytest.fixture(scope="session")
 def fp8_dir(tmp_path_factory, hf_dir) -> Callable[..., Path]:
-    """(variant, qformat, kv_cache_dtype, tp, pp) -> a quantized checkpoint (made once per session)."""
+    """(variant, qformat, kv_cache_dtype, tp, pp, dtype) -> a quantized checkpoint (made once per session)."""
     from compiler_core.mapping import Mapping
     from compiler_core.quantize import quantize
 
     root, made = tmp_path_factory.mktemp("fp8_ckpt"), {}
 
-    def get(variant: str, qformat: str = "fp8", kv: str | None = "fp8", tp: int = 1, pp: int = 1) -> Path:
-        key = (variant, qformat, kv, tp, pp)
+    def get(
+        variant: str, qformat: str = "fp8", kv: str | None = "fp8", tp: int = 1, pp: int = 1, dtype: str = "float32"
+    ) -> Path:
+        key = (variant, qformat, kv, tp, pp, dtype)
         if key not in made:
-            out = root / f"{variant}-{qformat}-kv{kv}-tp{tp}-pp{pp}"
+            out = root / f"{variant}-{qformat}-kv{kv}-tp{tp}-pp{pp}-{dtype}"
             quantize(
                 hf_dir(variant),
                 out,
                 qformat=qformat,
                 kv_cache_dtype=kv,
-                dtype="float32",
+                dtype=dtype,
                 mapping=Mapping.create(tp, pp),
                 device="cpu",
                 show_progress=False,

@@ -64,7 +64,7 @@ def test_rewrite_turns_linears_into_fp8_linear_with_scales():
     assert rewrite_graph(linear_graph("float32"), {"quant_algo": "W4A16_AWQ"}) == linear_graph("float32")
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_torch_kernel_is_the_fp8_gemm(dtype):
     torch_dtype = getattr(torch, dtype)
     graph = rewrite_graph(linear_graph(dtype), {"quant_algo": "FP8", "exclude_modules": []})
@@ -77,6 +77,18 @@ def test_torch_kernel_is_the_fp8_gemm(dtype):
     want = numpy_fp8_linear(x, weights)
     tol = 1e-5 if dtype == "float32" else 2e-2
     np.testing.assert_allclose(y.double().numpy(), want, rtol=tol, atol=tol * np.abs(want).max())
+
+
+def test_float16_kernel_does_not_overflow_on_full_range_codes():
+    """A dot product of 32 codes of 448 is 6.4e6, far beyond float16's 65504; the scaled result is small."""
+    graph = rewrite_graph(linear_graph("float16"), {"quant_algo": "FP8", "exclude_modules": []})
+    weights = quantized_weights(torch.float16)
+    weights["fc.weight"] = torch.full((48, 32), 448.0).to(torch.float8_e4m3fn)
+    weights["fc.weights_scaling_factor"] = torch.tensor([1 / 448])
+    x = torch.full((1, 1, 32), 3.0, dtype=torch.float16)  # = the activation amax: code 448
+    ctx = ForwardContext.for_prompt(torch.ones(1, 1, dtype=torch.long))
+    (y,) = GraphExecutor(graph, weights).run({"x": x}, ctx).values()
+    torch.testing.assert_close(y[0, 0].float(), 96.0 + weights["fc.bias"].float(), rtol=1e-3, atol=1e-3)
 
 
 def test_scaled_mm_kernel_agrees_with_the_emulated_one():
