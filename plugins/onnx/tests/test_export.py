@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 
 import onnx
+import pytest
 import torch
 from click.testing import CliRunner
 
 from compiler_core.cli import cli
 from compiler_core.engine import choose_backend
+from compiler_core.errors import ModelcError
 from compiler_core.inspect import describe
 from compiler_core.ir import GraphBuilder
 from plugins.onnx.export import export_rank
 from plugins.onnx.lowering import ALIGN_LARGE, ALIGN_LARGE_THRESHOLD, OPSET
+from plugins.onnx.testing import local_runner
 
 
 def test_rank_file_is_valid_onnx_with_external_weights(falcons):
@@ -100,3 +103,9 @@ def test_cli_build_run_matches_torch_engine(falcons, tmp_path):
         outputs[backend] = json.loads(out.read_text())
     assert outputs["onnx"] == outputs["torch"]
     assert len(outputs["onnx"]["output_ids"]) == 2
+
+
+def test_bfloat16_engine_on_the_cpu_provider_is_one_clear_error(falcons):
+    engine = falcons.engine("rw", "onnx", "bfloat16", layers=1)
+    with pytest.raises(ModelcError, match=r"rank0\.onnx: onnxruntime cannot load it: .*no bfloat16 MatMul"):
+        local_runner(engine)
