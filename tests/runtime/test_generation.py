@@ -160,3 +160,27 @@ def test_build_limits_are_enforced(limits, batch, new, message, engine_dir, prom
 def test_bad_generation_settings_name_the_flag(options, field):
     with pytest.raises(UsageError, match=field):
         GenerationConfig(**options)
+
+
+@pytest.mark.parametrize(("variant", "tp"), [("rw", 1), ("7b", 1), ("40b", 2)])
+def test_last_logits_skips_the_tail_without_changing_results(variant, tp, engine_dir, prompt_ids):
+    """The prompt pass computes the output layers for the last position only, with the same values."""
+    import torch
+
+    from compiler_core.engine import engine_mapping, load_rank_session, read_engine_config
+    from compiler_core.runtime.context import positions_from_mask
+    from compiler_core.runtime.runner import LocalRunner
+    from tests.runtime.reference import left_padded
+
+    path = engine_dir(variant, tp)
+    config = read_engine_config(path)
+    mapping = engine_mapping(config)
+    runner = LocalRunner([load_rank_session(path, r, "cpu", config) for r in mapping.ranks()], mapping)
+    ids, mask = left_padded(prompt_ids, PAD)
+    runner.allocate(len(prompt_ids), ids.shape[1])
+    full = runner.logits(ids, positions_from_mask(mask), mask, 0)
+    last = runner.last_logits(ids, positions_from_mask(mask), mask, 0)
+    torch.testing.assert_close(last, full[:, -1], rtol=1e-5, atol=1e-5)
+    if tp == 1:
+        out = runner.sessions[0].forward(ids, positions_from_mask(mask), mask, 0, last_only=True)
+        assert out.shape == (len(prompt_ids), 1, config["checkpoint"]["vocab_size"])
