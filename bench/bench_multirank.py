@@ -1,9 +1,9 @@
 """Benchmark multi-rank engines under mpirun beside the single-rank engine, on the same prompts.
 
-Makes a random-weight Falcon (7b layout: MQA, rotary, parallel attention; the size is set by
---hidden/--layers/--heads), converts and builds it at each tensor x pipeline split of --splits,
-then for each split and batch size starts the ranks (``mpirun -n tp*pp``; the 1x1 split runs as a
-plain process) and measures, on rank 0 after one warm-up call:
+Makes a random-weight Falcon (--variant layout, 7b by default: MQA, rotary, parallel attention;
+the size is set by --hidden/--layers/--heads/--kv_heads), converts and builds it at each tensor x
+pipeline split of --splits, then for each split and batch size starts the ranks (``mpirun -n
+tp*pp``; the 1x1 split runs as a plain process) and measures, on rank 0 after one warm-up call:
 
     prefill ms      generate() with one new token (the prompt's forward pass plus one argmax)
     decode tok/s    batch x (N - 1) / (time(N new tokens) - time(1 new token))
@@ -13,7 +13,11 @@ against the 1x1 split's (greedy, so they must be equal).
 
     python bench/bench_multirank.py [--device cpu|cuda] [--splits 1x1,2x1,1x2] [--batch 1,8]
 
-On a GPU host, give --device cuda (each rank takes cuda:local_rank; NCCL between them).
+On a GPU host, give --device cuda (each rank takes cuda:local_rank; NCCL between them), e.g. a
+40b-shaped slice (falcon-7b's 71 heads admit no tensor-parallel split):
+
+    python bench/bench_multirank.py --device cuda --variant 40b --hidden 8192 --heads 128 --kv_heads 8 \
+        --layers 8 --splits 2x1,1x2 --batch 1,8
 """
 
 from __future__ import annotations
@@ -50,10 +54,16 @@ def prepare(args: argparse.Namespace) -> dict[tuple[int, int], Path]:
     from compiler_core.mapping import Mapping
     from plugins.falcon.tiny import make_tiny_falcon
 
-    root = Path(args.workdir) / f"h{args.hidden}-l{args.layers}-n{args.heads}-{args.dtype}"
+    shape = {"hidden_size": args.hidden, "num_attention_heads": args.heads}
+    if args.kv_heads is not None:
+        shape["num_kv_heads"] = args.kv_heads
+    root = (
+        Path(args.workdir)
+        / f"{args.variant}-h{args.hidden}-l{args.layers}-n{args.heads}-kv{args.kv_heads}-{args.dtype}"
+    )
     hf = root / "hf"
     if not (hf / "config.json").is_file():
-        make_tiny_falcon(hf, "7b", hidden_size=args.hidden, num_layers=args.layers, num_attention_heads=args.heads)
+        make_tiny_falcon(hf, args.variant, dtype=args.dtype, num_layers=args.layers, max_shard_size="2GB", **shape)
     engines = {}
     for tp, pp in parse_splits(args.splits):
         engine = root / f"tp{tp}pp{pp}"
@@ -115,9 +125,11 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/modelc_bench_multirank")
     parser.add_argument("--splits", default="1x1,2x1,1x2", help="tp x pp per engine; 1x1 is the baseline")
     parser.add_argument("--batch", default="1,8", help="batch sizes")
+    parser.add_argument("--variant", default="7b", help="tiny-falcon variant whose layout is used")
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--kv_heads", type=int, default=None, help="default: the variant's (7b: 1, MQA)")
     parser.add_argument("--dtype", default=None, help="default: float32 on cpu, float16 on cuda")
     parser.add_argument("--prompt_len", type=int, default=64)
     parser.add_argument("--new_tokens", type=int, default=32)
@@ -141,7 +153,8 @@ def main() -> None:
         f"torch {torch.__version__}, device {args.device}, dtype {args.dtype}"
     )
     print(
-        f"# model: falcon 7b layout, hidden {args.hidden}, {args.layers} layers, {args.heads} heads (MQA); "
+        f"# model: falcon {args.variant} layout, hidden {args.hidden}, {args.layers} layers, {args.heads} heads, "
+        f"kv heads {args.kv_heads or 'as the variant'}; "
         f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, best of {args.repeat}, "
         f"{args.threads_per_rank} thread(s) per rank"
     )
