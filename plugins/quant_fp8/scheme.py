@@ -115,7 +115,7 @@ def quantize_linear(
         raise ModelcError(f"node {node.name}: calibration gave no usable scale ({exc})") from None
     new = fp8_linear_node(node)
     return [new], {
-        new.params["weight"]: numerics.quantize(weight, w_scale.to(weight.device)).cpu(),
+        new.params["weight"]: numerics.quantize(weight, w_scale.to(weight.device)),
         new.params["weights_scaling_factor"]: w_scale,
         new.params["activation_scaling_factor"]: a_scale,
     }

@@ -1,0 +1,275 @@
+"""FP8 beside bf16: GEMM speed per Falcon linear shape and whole-model decode speed, one run.
+
+A random-weight Falcon is made directly on ``--device`` in ``--dtype`` (nothing downloaded, no
+HF model; ``--shape 7b`` has falcon-7b's dimensions: hidden 4544, 32 layers, 71 heads, MQA,
+vocab 65024; ``--shape small`` is a Falcon-7B-style model with hidden 1024 and 8 layers). The
+FP8 engines are made from the same weights by the fp8 scheme itself (``FP8Scheme.quantize``:
+calibration forward on random tokens, amax/448 scales, float8_e4m3fn weights; lm_head stays
+in ``--dtype`` as in the default exclusion), optionally with the FP8 KV cache on top.
+
+1. GEMMs: each falcon linear ([out, in] = qkv 4672x4544, dense 4544x4544, fc 18176x4544, proj
+   4544x18176 for 7b) at M rows (``--gemm_rows``): ``F.linear`` in the compute dtype vs the
+   ``fp8_linear`` kernel (activation quantization + ``torch._scaled_mm`` on sm_89/sm_90, the
+   emulated kernel elsewhere), median of ``--iters`` timed calls after a warm-up, with TFLOP/s.
+2. Decode: ``generate()`` over the torch backend, bf16 vs FP8 weights (vs FP8 weights + FP8 KV
+   cache), tokens/s = batch x (N - 1) / (time(N new tokens) - time(1 new token)), best of
+   ``--repeat``; prefill ms = time(1 new token). The header gives each engine's weight bytes and
+   the memory-bandwidth floor (weight bytes / measured copy traffic: the batch-1 decode steps/s
+   of an engine that did nothing but read its weights once).
+
+    python bench/bench_fp8.py                                        # CPU, small shape, float32
+    python bench/bench_fp8.py --device cuda --shape 7b               # H100: falcon-7b, bf16
+
+On a CPU the FP8 GEMM is emulated (codes widened to the compute dtype), so CPU numbers show the
+emulation's overhead, not FP8's speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "small": {"hidden_size": 1024, "num_hidden_layers": 8, "num_attention_heads": 16, "vocab_size": 65024},
+    "7b": {"hidden_size": 4544, "num_hidden_layers": 32, "num_attention_heads": 71, "vocab_size": 65024},
+}
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str) -> tuple[float, Any]:
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - start, out
+
+
+def copy_bandwidth(device: str) -> float:
+    """Memory traffic of a large copy in bytes/s (each byte read once and written once)."""
+    x = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    seconds = min(timed(lambda: y.copy_(x), device)[0] for _ in range(5))
+    return 2 * x.numel() / seconds
+
+
+def falcon_config(shape: str, dtype: str) -> dict[str, Any]:
+    """The modelc checkpoint config of a falcon-7b-style model (tp1)."""
+    from transformers import FalconConfig
+
+    from compiler_core.checkpoint import make_config
+    from compiler_core.mapping import Mapping
+    from compiler_core.registry import get_registry
+
+    hf = FalconConfig(
+        **SHAPES[shape],
+        multi_query=True,
+        parallel_attn=True,
+        bias=False,
+        alibi=False,
+        new_decoder_architecture=False,
+        max_position_embeddings=4096,
+    ).to_dict()
+    arch = get_registry().architecture_for_hf(hf, "bench")
+    return make_config(arch.config_from_hf(hf), dtype, Mapping())
+
+
+def random_model(config: dict[str, Any], device: str):
+    """A LoadedModel with random weights made on ``device`` (matrices N(0, 0.02), norms 1, biases 0)."""
+    from compiler_core.calibration import model_graph
+    from compiler_core.convert import LoadedModel
+    from compiler_core.runtime.kernels import torch_dtype
+
+    dtype = torch_dtype(config["dtype"])
+    model = LoadedModel(config, {})
+    gen = torch.Generator(device=device).manual_seed(0)
+    for name, param in model_graph(model).params.items():
+        if len(param.shape) > 1:
+            w = torch.empty(param.shape, dtype=dtype, device=device).normal_(0.0, 0.02, generator=gen)
+        else:
+            w = (torch.ones if name.endswith(".weight") else torch.zeros)(param.shape, dtype=dtype, device=device)
+        model.weights[name] = w
+    return model
+
+
+def quantize_fp8(model, kv: bool, device: str, vocab: int):
+    """The fp8 scheme applied to a copy of ``model`` (calibrated on 4 x 128 random tokens)."""
+    from compiler_core.calibration import CalibrationBatch, CalibrationSet
+    from compiler_core.convert import LoadedModel
+    from compiler_core.registry import get_registry
+
+    ids = torch.randint(0, vocab, (4, 128), generator=torch.Generator().manual_seed(1))
+    calibration = CalibrationSet((CalibrationBatch(ids, torch.ones_like(ids)),), "random tokens")
+    options = {"device": device, "show_progress": False, "exclude_modules": None, "kv_cache_dtype": "fp8"}
+    scheme = get_registry().quant_schemes["fp8"]
+    quantized = scheme.quantize(LoadedModel(dict(model.config), dict(model.weights)), calibration, options)
+    if kv:
+        quantized = scheme.quantize_kv_cache(quantized, calibration, options)
+    return quantized
+
+
+def runner_of(model, device: str):
+    from compiler_core.calibration import model_graph
+    from compiler_core.mapping import Mapping
+    from compiler_core.runtime.runner import LocalRunner
+    from compiler_core.runtime.session import TorchSession
+
+    return LocalRunner([TorchSession(model_graph(model), model.weights, device)], Mapping())
+
+
+def weight_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in model.weights.values())
+
+
+def gemm_table(config: dict[str, Any], args, dtype: torch.dtype) -> None:
+    """Median time of F.linear (compute dtype) vs the fp8_linear kernel for each linear shape."""
+    from compiler_core.ir import GraphBuilder
+    from compiler_core.runtime.kernels import TorchLowering
+    from plugins.quant_fp8 import numerics
+    from plugins.quant_fp8.scheme import rewrite_graph
+    from plugins.quant_fp8.torch_lowering import lower_fp8_linear, scaled_mm_supported
+
+    hidden, hd = config["hidden_size"], config["head_dim"]
+    nh, nkv, ffn = config["num_attention_heads"], config["num_kv_heads"], config["ffn_hidden_size"]
+    shapes = {
+        "qkv": ((nh + 2 * nkv) * hd, hidden),
+        "dense": (hidden, nh * hd),
+        "fc": (ffn, hidden),
+        "proj": (hidden, ffn),
+    }
+    device = torch.device(args.device)
+    print(
+        f"\n## GEMMs: {str(dtype).removeprefix('torch.')} F.linear vs fp8_linear "
+        f"({'torch._scaled_mm' if scaled_mm_supported(device) else 'emulated: no FP8 tensor cores here'}), "
+        f"median of {args.iters}"
+    )
+    fp = str(dtype).removeprefix("torch.")
+    print(f"| linear [out x in] | M | {fp} ms | fp8 ms | fp8 speedup | {fp} TFLOP/s | fp8 TFLOP/s |")
+    print("|---|---|---|---|---|---|---|")
+    for name, (out, inp) in shapes.items():
+        g = GraphBuilder("gemm")
+        w = g.param("fc.weight", [out, inp], config["dtype"])
+        y = g.add("linear", ["x"], name="fc", params={"weight": w})
+        graph = rewrite_graph(g.build(["x"], [y], {"dtype": config["dtype"]}), {"quant_algo": "FP8"})
+        weight = torch.randn(out, inp, device=device, dtype=dtype) * 0.02
+        w_scale = numerics.scale_from_amax(weight.float().abs().max()).to(device)
+        weights = {
+            "fc.weight": numerics.quantize(weight, w_scale),
+            "fc.weights_scaling_factor": w_scale,
+            "fc.activation_scaling_factor": torch.tensor([4.0 / 448], device=device),
+        }
+        fp8 = lower_fp8_linear(graph.nodes[0], TorchLowering(weights, device, graph))
+        for rows in (int(m) for m in args.gemm_rows.split(",")):
+            x = torch.randn(rows, inp, device=device, dtype=dtype)
+            fp_ms, fp8_ms = (
+                1e3 * median_time(fn, args) for fn in (partial(F.linear, x, weight), partial(fp8, None, x))
+            )
+            tflop = 2 * rows * out * inp / 1e9  # per ms
+            print(
+                f"| {name} [{out}x{inp}] | {rows} | {fp_ms:.3f} | {fp8_ms:.3f} | {fp_ms / fp8_ms:.2f}x | "
+                f"{tflop / fp_ms:.2f} | {tflop / fp8_ms:.2f} |",
+                flush=True,
+            )
+
+
+def median_time(fn, args) -> float:
+    """Median seconds of ``args.iters`` calls of ``fn`` after one warm-up call."""
+    fn()
+    return statistics.median(timed(fn, args.device)[0] for _ in range(args.iters))
+
+
+def decode_row(runners: dict[str, Any], batch: int, args, vocab: int) -> dict[str, Any]:
+    from compiler_core.runtime.generation import GenerationConfig, generate
+
+    prompts = torch.randint(100, vocab, (batch, args.prompt_len), generator=torch.Generator().manual_seed(batch))
+    prompts = prompts.tolist()
+    row: dict[str, Any] = {"batch": batch}
+    for name, runner in runners.items():
+        generate(runner, prompts, GenerationConfig(2))  # warm-up
+        t1 = tn = float("inf")
+        for _ in range(args.repeat):
+            t1 = min(t1, timed(lambda r=runner: generate(r, prompts, GenerationConfig(1)), args.device)[0])
+            tn = min(
+                tn, timed(lambda r=runner: generate(r, prompts, GenerationConfig(args.new_tokens)), args.device)[0]
+            )
+        row[f"{name}_prefill_ms"] = 1e3 * t1
+        row[f"{name}_tps"] = batch * (args.new_tokens - 1) / (tn - t1)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--shape", default="small", choices=sorted(SHAPES))
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--batch", default="1,8,32", help="comma-separated decode batch sizes")
+    parser.add_argument("--gemm_rows", default="1,16,64,256,2048", help="comma-separated GEMM row counts (M)")
+    parser.add_argument("--iters", type=int, default=20, help="timed calls per GEMM")
+    parser.add_argument("--prompt_len", type=int, default=128)
+    parser.add_argument("--new_tokens", type=int, default=32)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--no_kv", action="store_true", help="skip the FP8 weights + FP8 KV cache engine")
+    parser.add_argument("--skip_gemm", action="store_true")
+    parser.add_argument("--skip_decode", action="store_true")
+    args = parser.parse_args()
+    dtype_name = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    dtype = getattr(torch, dtype_name)
+
+    config = falcon_config(args.shape, dtype_name)
+    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else platform.processor()
+    print(
+        f"# {args.shape} Falcon (hidden {config['hidden_size']}, {config['num_hidden_layers']} layers, "
+        f"{config['num_attention_heads']} heads, MQA, {dtype_name}) on {args.device} "
+        f"({where or platform.machine()}, {torch.get_num_threads()} threads); torch {torch.__version__}"
+    )
+    if not args.skip_gemm:
+        gemm_table(config, args, dtype)
+    if args.skip_decode:
+        return
+    base = random_model(config, args.device)
+    start = time.perf_counter()
+    engines = {dtype_name: base, "fp8": quantize_fp8(base, False, args.device, config["vocab_size"])}
+    seconds = time.perf_counter() - start
+    if not args.no_kv:
+        engines["fp8+kv"] = quantize_fp8(base, True, args.device, config["vocab_size"])
+    bandwidth = copy_bandwidth(args.device)
+    print(f"\n## Decode: generate(), prompt {args.prompt_len}, {args.new_tokens} new tokens, best of {args.repeat}")
+    print(f"# fp8 quantization (calibration + weights) took {seconds:.1f} s; copy traffic {bandwidth / 1e9:.0f} GB/s")
+    for name, model in engines.items():
+        nbytes = weight_bytes(model)
+        print(f"# {name}: weights {nbytes / 2**30:.2f} GiB, weight-read floor {bandwidth / nbytes:.0f} steps/s")
+    runners = {name: runner_of(model, args.device) for name, model in engines.items()}
+    names = list(runners)
+    print(
+        "| batch | "
+        + " | ".join(f"{n} prefill ms" for n in names)
+        + " | "
+        + " | ".join(f"{n} tok/s" for n in names)
+        + " | fp8 speedup |"
+    )
+    print("|" + "---|" * (1 + 2 * len(names) + 1))
+    for batch in (int(b) for b in args.batch.split(",")):
+        r = decode_row(runners, batch, args, config["vocab_size"])
+        print(
+            f"| {batch} | "
+            + " | ".join(f"{r[f'{n}_prefill_ms']:.1f}" for n in names)
+            + " | "
+            + " | ".join(f"{r[f'{n}_tps']:.1f}" for n in names)
+            + f" | {r['fp8_tps'] / r[f'{dtype_name}_tps']:.2f}x |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
