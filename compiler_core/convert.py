@@ -28,6 +28,7 @@ import multiprocessing
 import os
 import pickle
 import shutil
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -363,14 +364,22 @@ def _copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, coun
     return True
 
 
+def io_threads() -> int:
+    """Threads that move bytes for one writer: the copies release the GIL, so they overlap with
+    each other and with the main thread's mapping and sharding."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
 class RankFileWriter:
     """A rank's safetensors file, laid out from its graph and filled as tensors arrive.
 
     Tensors are stored in (element size descending, name) order so every one is aligned to its
     element size; the same graph always gives the same bytes, whatever order tensors come in.
+    Copies run on a few threads; at most ``2 x threads`` wait at a time, which bounds the memory
+    that pending tensors hold.
     """
 
-    def __init__(self, path: Path, graph: Graph, rank: int) -> None:
+    def __init__(self, path: Path, graph: Graph, rank: int, threads: int | None = None) -> None:
         self.path, self.rank = Path(path), rank
         self.layout: dict[str, tuple[int, int, torch.dtype, tuple[int, ...]]] = {}
         header: dict[str, Any] = {}
@@ -392,6 +401,10 @@ class RankFileWriter:
         self.data_start = 8 + len(blob)
         self.pending = set(self.layout)
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        threads = threads or io_threads()
+        self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix=f"rank{rank}-io")
+        self._slots = threading.BoundedSemaphore(2 * threads)
+        self._futures: list[concurrent.futures.Future] = []
         _pwrite_all(self.fd, memoryview(len(blob).to_bytes(8, "little") + blob), 0)
         os.ftruncate(self.fd, self.data_start + offset)
 
@@ -401,14 +414,35 @@ class RankFileWriter:
         if tuple(t.shape) != shape or t.dtype != dtype:
             raise ModelcError(f"rank {self.rank}: {name} is {t.dtype} {list(t.shape)}, expected {dtype} {list(shape)}")
         where = sources.locate(t) if sources is not None else None
-        if where is None or not _copy_range(where[0], where[1], self.fd, self.data_start + offset, nbytes):
-            flat = t.detach().cpu().contiguous().reshape(-1)
-            if nbytes:
-                _pwrite_all(self.fd, memoryview(flat.view(torch.uint8).numpy()), self.data_start + offset)
+        self._slots.acquire()
+        self._futures.append(self._pool.submit(self._store, t, where, self.data_start + offset, nbytes))
         self.pending.discard(name)
 
-    def close(self) -> None:
+    def _store(self, t: torch.Tensor, where: tuple[int, int] | None, offset: int, nbytes: int) -> None:
+        try:
+            if where is None or not _copy_range(where[0], where[1], self.fd, offset, nbytes):
+                flat = t.detach().cpu().contiguous().reshape(-1)
+                if nbytes:
+                    _pwrite_all(self.fd, memoryview(flat.view(torch.uint8).numpy()), offset)
+        finally:
+            self._slots.release()
+
+    def flush(self) -> None:
+        """Wait until every tensor given so far is in the file (before its source closes)."""
+        futures, self._futures = self._futures, []
+        for future in futures:
+            future.result()
+
+    def _finish(self) -> None:
+        self._pool.shutdown(wait=True)
         os.close(self.fd)
+
+    def close(self) -> None:
+        """Wait for every copy; raise when one failed or a parameter was never written."""
+        try:
+            self.flush()
+        finally:
+            self._finish()
         if self.pending:
             raise ModelcError(f"rank {self.rank}: parameter {sorted(self.pending)[0]} is not in the source checkpoint")
 
@@ -419,7 +453,7 @@ class RankFileWriter:
         if exc_type is None:
             self.close()
         else:
-            os.close(self.fd)
+            self._finish()
 
 
 # --- conversion -----------------------------------------------------------------------------
@@ -460,6 +494,7 @@ def stream_rank(job: _Job) -> Iterator[str]:
                 for name, tensor in map_tensors(job.config, tensors, str(path)):
                     if name in graph.params:
                         writer.write(name, shard_for_rank(graph, job.config, mapping, job.rank, name, tensor), sources)
+                writer.flush()  # its copies read from this shard's file descriptors
             finally:
                 sources.close()  # the shard's pages go before the next shard is read
             yield path.name
