@@ -12,7 +12,8 @@ For each batch size, after one warm-up call, both sides are timed (best of ``--r
     prefill ms      generate with 1 new token (the prompt's forward pass + one argmax)
     decode tok/s    batch x (N - 1) / (time(N new tokens) - time(1 new token))
 
-Greedy tokens of both sides are compared (printed as "tokens equal"). The header also gives the
+On CUDA the engine's decode steps replay a CUDA graph; a third column times the same engine
+without graphs. Greedy tokens of all sides are compared (printed as "tokens equal"). The header also gives the
 memory-bandwidth floor: measured copy traffic / weight bytes, i.e. the decode steps/s of an
 implementation that did nothing per step but read every weight once (batch-1 decode is bound
 by it; larger batches reuse each weight read for every row).
@@ -120,7 +121,17 @@ def measure(hf, runner, batch: int, args, clock) -> dict[str, Any]:
             out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0)
         return out[:, args.prompt_len :].tolist()
 
+    def ours_without_graphs(n: int):
+        session = runner.sessions[0]
+        session.decode_mode = "dynamic"
+        try:
+            return ours(n)
+        finally:
+            session.decode_mode = "graph"
+
     sides = {"ours": ours, "hf": theirs}
+    if runner.sessions[0].decode_mode == "graph":
+        sides["eager"] = ours_without_graphs
     for fn in sides.values():
         fn(2)  # warm-up: allocation, kernel selection, lazy initialisation
     best = {name: [float("inf"), float("inf")] for name in sides}
@@ -136,7 +147,7 @@ def measure(hf, runner, batch: int, args, clock) -> dict[str, Any]:
         row[f"{name}_prefill_ms"] = 1000 * t1
         row[f"{name}_decode_tps"] = batch * (args.new_tokens - 1) / (tn - t1)
     row["speedup"] = row["ours_decode_tps"] / row["hf_decode_tps"]
-    row["tokens_equal"] = tokens["ours"] == tokens["hf"]
+    row["tokens_equal"] = all(t == tokens["hf"] for t in tokens.values())
     return row
 
 
@@ -183,18 +194,21 @@ def main() -> None:
         f"# weights {weight_bytes / 2**20:.0f} MiB; copy traffic {bandwidth / 1e9:.1f} GB/s; "
         f"weight-read floor: {bandwidth / weight_bytes:.1f} decode steps/s; clock: {args.clock}"
     )
-    header = (
-        "| batch | HF prefill ms | modelc prefill ms | HF decode tok/s | modelc decode tok/s | speedup | tokens equal |"
-    )
+    graphs = runner.sessions[0].decode_mode == "graph"
+    header = "| batch | HF prefill ms | modelc prefill ms | HF decode tok/s | modelc decode tok/s |"
+    header += " modelc without CUDA graphs tok/s |" if graphs else ""
+    header += " speedup | tokens equal |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for batch in (int(b) for b in args.batch.split(",")):
         r = measure(hf, runner, batch, args, clock)
-        print(
+        line = (
             f"| {batch} | {r['hf_prefill_ms']:.1f} | {r['ours_prefill_ms']:.1f} | {r['hf_decode_tps']:.1f} | "
-            f"{r['ours_decode_tps']:.1f} | {r['speedup']:.2f}x | {'yes' if r['tokens_equal'] else 'NO'} |",
-            flush=True,
+            f"{r['ours_decode_tps']:.1f} |"
         )
+        line += f" {r['eager_decode_tps']:.1f} |" if graphs else ""
+        line += f" {r['speedup']:.2f}x | {'yes' if r['tokens_equal'] else 'NO'} |"
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

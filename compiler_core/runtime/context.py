@@ -51,6 +51,14 @@ class CacheSlot:
     def read(self, end: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return self._decode(self.k[:, :, :end], dtype), self._decode(self.v[:, :, :end], dtype)
 
+    def write_at(self, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor) -> None:
+        """Write one step's K/V at the offset held in device tensor ``index`` [1] (graph-capturable)."""
+        self.k.index_copy_(2, index, self._encode(k))
+        self.v.index_copy_(2, index, self._encode(v))
+
+    def read_all(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._decode(self.k, dtype), self._decode(self.v, dtype)
+
 
 @dataclass
 class KVCache:
@@ -102,6 +110,11 @@ class ForwardContext:
     covering the cached tokens and the new ones; ``positions`` are the new tokens' position
     ids [batch, seq]. Kernels memoise derived tensors (rotary tables, masks) in ``memo`` so
     each is computed once per forward, not once per layer.
+
+    With ``start_index`` set (a device tensor [1] holding the cache offset) the forward is a
+    static-shape decode step, as CUDA graphs need: one new token per row is written at that
+    offset, attention covers the whole cache, and ``attention_mask`` spans the whole cache
+    with 0 for every slot that is padding or not yet written.
     """
 
     positions: torch.Tensor
@@ -110,6 +123,7 @@ class ForwardContext:
     cache: KVCache | None = None
     comm: Communicator | None = None
     memo: dict[Any, torch.Tensor] = field(default_factory=dict)
+    start_index: torch.Tensor | None = None
 
     @classmethod
     def for_prompt(cls, attention_mask: torch.Tensor, **kw: Any) -> ForwardContext:

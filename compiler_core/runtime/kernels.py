@@ -157,16 +157,20 @@ def attention_bias(
     """Additive mask [b, heads or 1, seq, total]: causal + padding (+ ALiBi), finite minimum."""
     mask = ctx.attention_mask
     total = mask.shape[1]
-    query_pos = torch.arange(ctx.start, ctx.start + seq, device=mask.device)
-    key_pos = torch.arange(total, device=mask.device)
-    allowed = (key_pos[None, :] <= query_pos[:, None])[None, None] & (mask[:, None, None, :] != 0)
+    if ctx.start_index is not None:
+        # Static decode: the mask already hides every slot after the new token.
+        allowed = (mask != 0)[:, None, None, :]
+    else:
+        query_pos = torch.arange(ctx.start, ctx.start + seq, device=mask.device)
+        key_pos = torch.arange(total, device=mask.device)
+        allowed = (key_pos[None, :] <= query_pos[:, None])[None, None] & (mask[:, None, None, :] != 0)
     if alibi is None:
         bias = torch.zeros((), dtype=dtype, device=mask.device)
     else:
         slopes, scale, compute_dtype = alibi
         # The bias grows with the key's absolute position among real tokens, as in HF Falcon/BLOOM.
         key_index = (mask.long().cumsum(-1) - 1) * mask.long()
-        bias = (slopes.to(mask.device, compute_dtype)[None, :, None] * key_index[:, None, :]).to(dtype)
+        bias = (slopes.to(compute_dtype)[None, :, None] * key_index[:, None, :]).to(dtype)
         bias = (bias * scale)[:, :, None, :]
     return torch.where(allowed, bias, torch.finfo(dtype).min)
 
@@ -185,7 +189,7 @@ def lower_attention(node: Node, low: TorchLowering) -> Kernel:
         slopes = alibi_slopes(int(a.get("alibi_num_heads", nh)))[offset : offset + nh]
         compute = torch_dtype(a.get("alibi_compute_dtype", "float32"))
         alibi_key = ("alibi", offset, nh)
-        alibi = (slopes, float(a.get("alibi_scale", 1.0)), compute)
+        alibi = (slopes.to(low.device), float(a.get("alibi_scale", 1.0)), compute)
     groups = nh // nkv
 
     def attention(ctx: ForwardContext, qkv: torch.Tensor) -> torch.Tensor:
@@ -202,7 +206,11 @@ def lower_attention(node: Node, low: TorchLowering) -> Kernel:
             q = qkv[..., : nh * hd].view(b, s, nh, hd).transpose(1, 2)
             k = qkv[..., nh * hd : (nh + nkv) * hd].view(b, s, nkv, hd).transpose(1, 2)
         v = qkv[..., (nh + nkv) * hd :].view(b, s, nkv, hd).transpose(1, 2)
-        if ctx.cache is not None:
+        if ctx.cache is not None and ctx.start_index is not None:
+            cache = ctx.cache.slots[slot]
+            cache.write_at(k, v, ctx.start_index)
+            k, v = cache.read_all(q.dtype)
+        elif ctx.cache is not None:
             cache = ctx.cache.slots[slot]
             cache.write(k, v, ctx.start)
             k, v = cache.read(ctx.start + s, q.dtype)

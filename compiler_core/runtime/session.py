@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from abc import ABC, abstractmethod
 
 import torch
@@ -36,7 +38,16 @@ class RankSession(ABC):
 
 
 class TorchSession(RankSession):
-    """A rank executed by the torch reference executor (CPU or CUDA)."""
+    """A rank executed by the torch reference executor (CPU or CUDA).
+
+    ``decode_mode`` picks how one-token steps run: ``"dynamic"`` (attention over the tokens so
+    far; the default on CPU), ``"static"`` (fixed shapes: write at a device-held offset, attend
+    over the whole cache under a mask) or ``"graph"`` (static, captured once per cache
+    allocation as a CUDA graph and replayed; the default on CUDA for a rank without
+    tensor-parallel peers). ``MODELC_CUDA_GRAPHS=0`` turns graphs off.
+    """
+
+    supports_last_only = True
 
     def __init__(
         self,
@@ -50,14 +61,19 @@ class TorchSession(RankSession):
         self.executor = GraphExecutor(graph, weights, self.device)
         self.comm = comm
         self.cache: KVCache | None = None
+        graphs_on = os.environ.get("MODELC_CUDA_GRAPHS", "1") != "0"
+        self.decode_mode = "graph" if self.device.type == "cuda" and graphs_on else "dynamic"
+        self._step: _StaticStep | None = None
 
     def allocate(self, batch: int, max_len: int) -> None:
         self.cache = self.executor.allocate_cache(batch, max_len)
-
-    supports_last_only = True
+        self._step = None  # a captured step refers to the previous cache's storage
 
     @torch.inference_mode()
     def forward(self, x, positions, attention_mask, start, last_only: bool = False):
+        x = x.to(self.device)
+        if self.decode_mode != "dynamic" and x.shape[1] == 1 and self.cache is not None and self.comm is None:
+            return self._static_forward(x, positions, attention_mask, start)
         ctx = ForwardContext(
             positions=positions.to(self.device),
             attention_mask=attention_mask.to(self.device),
@@ -65,9 +81,77 @@ class TorchSession(RankSession):
             cache=self.cache,
             comm=self.comm,
         )
-        (out,) = self.executor.run({self.graph.inputs[0]: x.to(self.device)}, ctx, last_only=last_only).values()
+        (out,) = self.executor.run({self.graph.inputs[0]: x}, ctx, last_only=last_only).values()
         return out
 
     def reorder_cache(self, index):
         if self.cache is not None:
             self.cache.reorder(index.to(self.device))
+
+    # --- static-shape decode steps (CUDA graphs) ---------------------------------------------
+
+    def _static_forward(self, x, positions, attention_mask, start) -> torch.Tensor:
+        step = self._step
+        if step is None or step.x.shape != x.shape or step.x.dtype != x.dtype:
+            step = self._step = _StaticStep(x, self.cache.max_len, self.device)
+        step.load(x, positions, attention_mask, start)
+        if self.decode_mode != "graph":
+            return self._run_static(step)
+        if step.graph is None:
+            try:
+                step.capture(self._run_static)
+            except Exception as exc:  # a plugin kernel that cannot be captured: keep decoding, eagerly
+                print(
+                    f"modelc: CUDA graph capture failed ({type(exc).__name__}: {exc}); decoding without graphs",
+                    file=sys.stderr,
+                )
+                self.decode_mode = "static"
+                return self._run_static(step)
+        step.graph.replay()
+        return step.out.clone()
+
+    def _run_static(self, step: _StaticStep) -> torch.Tensor:
+        ctx = ForwardContext(
+            positions=step.positions,
+            attention_mask=step.mask,
+            cache=self.cache,
+            comm=self.comm,
+            start_index=step.start,
+        )
+        (out,) = self.executor.run({self.graph.inputs[0]: step.x}, ctx).values()
+        return out
+
+
+class _StaticStep:
+    """Fixed input buffers of a one-token decode step and, once captured, its CUDA graph."""
+
+    def __init__(self, x: torch.Tensor, max_len: int, device: torch.device) -> None:
+        batch = x.shape[0]
+        self.x = torch.zeros_like(x)
+        self.positions = torch.zeros((batch, 1), dtype=torch.long, device=device)
+        self.mask = torch.zeros((batch, max_len), dtype=torch.long, device=device)
+        self.start = torch.zeros((1,), dtype=torch.long, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.out: torch.Tensor | None = None
+
+    def load(self, x, positions, attention_mask, start: int) -> None:
+        self.x.copy_(x)
+        self.positions.copy_(positions)
+        # Slots after the new token stay masked: the cache holds nothing valid there yet.
+        self.mask[:, : start + 1].copy_(attention_mask)
+        self.mask[:, start + 1 :].zero_()
+        self.start.fill_(start)
+
+    def capture(self, run) -> None:
+        # Warm-up runs on a side stream (as torch.cuda.graph requires) write the same K/V at the
+        # same offset as the replay will, so they leave the cache as the step itself does.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                run(self)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.out = run(self)
+        self.graph = graph

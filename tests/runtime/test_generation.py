@@ -184,3 +184,17 @@ def test_last_logits_skips_the_tail_without_changing_results(variant, tp, engine
     if tp == 1:
         out = runner.sessions[0].forward(ids, positions_from_mask(mask), mask, 0, last_only=True)
         assert out.shape == (len(prompt_ids), 1, config["checkpoint"]["vocab_size"])
+
+
+@pytest.mark.parametrize("variant", ["rw", "7b", "40b"])
+def test_static_shape_decode_equals_dynamic_decode(variant, engine_dir, prompt_ids):
+    """The fixed-shape decode step that CUDA graphs capture (device-held cache offset, attention over
+    the whole cache under a mask) gives the tokens of the default step, greedy and with beams."""
+    runner, _ = open_runner(engine_dir(variant), "cpu")
+    session = runner.sessions[0]
+    assert session.decode_mode == "dynamic"  # the CPU default
+    configs = [GenerationConfig(NEW_TOKENS), GenerationConfig(NEW_TOKENS, num_beams=3)]
+    dynamic = [generate(runner, prompt_ids, c) for c in configs]
+    session.decode_mode = "static"
+    assert [generate(runner, prompt_ids, c) for c in configs] == dynamic
+    assert session._step is not None  # the static path really ran
