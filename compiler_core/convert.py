@@ -256,13 +256,6 @@ class SourceSet:
         for name in f.names():
             yield name, f.tensor(name)
 
-    def release(self, path: Path) -> None:
-        """Forget ``path``: its mapping goes once no tensor views it any more."""
-        for base, f in list(self.files.items()):
-            if f.path == Path(path):
-                f.close()
-                del self.files[base]
-
     def locate(self, t: torch.Tensor) -> tuple[int, int] | None:
         """(fd, offset) of ``t``'s bytes in an open source file, or None."""
         f = self.files.get(t.untyped_storage().data_ptr()) if t.device.type == "cpu" else None
@@ -279,10 +272,12 @@ def read_source_file(path: Path, want: Callable[[str], bool] | None = None) -> I
     """Tensors of one weight file (views of a copy-on-write mapping for safetensors);
     ``want(name)`` filters by name before a tensor is touched."""
     sources = SourceSet()
-    for name, tensor in sources.open(Path(path)):
-        if want is None or want(name):
-            yield name, tensor
-    sources.close()
+    try:
+        for name, tensor in sources.open(Path(path)):
+            if want is None or want(name):
+                yield name, tensor
+    finally:
+        sources.close()
 
 
 def map_tensors(

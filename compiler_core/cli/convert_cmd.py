@@ -20,20 +20,28 @@ from compiler_core.mapping import Mapping
     default="auto",
     show_default=True,
     type=click.Choice(DTYPE_CHOICES),
-    help="Weight dtype; auto follows the model's torch_dtype.",
+    help="Weight dtype; auto follows the model's torch_dtype (float32 when it names none).",
 )
 @option("--tp_size", default=1, show_default=True, type=int, help="Tensor-parallel ranks.")
 @option("--pp_size", default=1, show_default=True, type=int, help="Pipeline-parallel stages.")
 @option("--world_size", default=None, type=int, help="tp_size x pp_size (checked when given).")
 @option(
-    "--load_by_shard", is_flag=True, help="Stream source shards one at a time (peak memory ~ one shard + one rank)."
+    "--load_by_shard",
+    is_flag=True,
+    help="Read the source shards one at a time for each rank (peak memory ~ one shard), instead of mapping "
+    "the whole model once for all ranks.",
 )
 @option("--workers", default=1, show_default=True, type=int, help="Convert ranks in parallel processes.")
 @option("--ammo_quant_ckpt_path", default=None, help="Not supported: use `modelc quantize` (one step).", hidden=True)
 def convert_command(
     model_dir, output_dir, dtype, tp_size, pp_size, world_size, load_by_shard, workers, ammo_quant_ckpt_path
 ):
-    """Convert a Hugging Face checkpoint to config.json + rank{r}.safetensors."""
+    """Convert a Hugging Face checkpoint to config.json + rank{r}.safetensors.
+
+    Reads *.safetensors shards (memory-mapped), else *.bin shards with torch.load(weights_only=True):
+    a .bin that pickles anything but tensors is refused. Config and tp/pp errors come before any
+    weight is read; the output directory appears only when every rank is written.
+    """
     if ammo_quant_ckpt_path is not None:
         raise UsageError(
             "--ammo_quant_ckpt_path: the two-step AMMO flow is not supported; quantize in one step with "
