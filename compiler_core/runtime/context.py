@@ -87,6 +87,11 @@ class KVCache:
             )
         return cls(slots, max_len)
 
+    @property
+    def batch(self) -> int:
+        """Rows of the cache (0 for a graph without attention)."""
+        return next((slot.k.shape[0] for slot in self.slots.values()), 0)
+
     def reorder(self, index: torch.Tensor) -> None:
         """Gather batch rows (beam search keeps the cache of each surviving beam).
 

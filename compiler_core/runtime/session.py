@@ -37,6 +37,10 @@ class RankSession(ABC):
         """Keep cache rows ``index`` (beam search)."""
 
 
+#: Static-shape (graph) decode allocates caches in multiples of this many tokens.
+GRAPH_LEN_STEP = 64
+
+
 class TorchSession(RankSession):
     """A rank executed by the torch reference executor (CPU or CUDA).
 
@@ -66,7 +70,14 @@ class TorchSession(RankSession):
         self._step: _StaticStep | None = None
 
     def allocate(self, batch: int, max_len: int) -> None:
-        self.cache = self.executor.allocate_cache(batch, max_len)
+        # Static steps get lengths rounded up, so that prompts of similar lengths share one cache
+        # and one captured step. A cache that already fits is kept: stale entries are never read
+        # (prefill rewrites the prompt's slots, and reads stop at, or masks hide, the rest).
+        rounded = -(-max_len // GRAPH_LEN_STEP) * GRAPH_LEN_STEP
+        cache = self.cache
+        if cache is not None and cache.batch == batch and max_len <= cache.max_len <= rounded:
+            return
+        self.cache = self.executor.allocate_cache(batch, max_len if self.decode_mode == "dynamic" else rounded)
         self._step = None  # a captured step refers to the previous cache's storage
 
     @torch.inference_mode()
@@ -86,7 +97,10 @@ class TorchSession(RankSession):
 
     def reorder_cache(self, index):
         if self.cache is not None:
+            rows = self.cache.batch
             self.cache.reorder(index.to(self.device))
+            if index.shape[0] != rows:
+                self._step = None  # the cache was reallocated, not rewritten in place
 
     # --- static-shape decode steps (CUDA graphs) ---------------------------------------------
 

@@ -193,8 +193,13 @@ def test_static_shape_decode_equals_dynamic_decode(variant, engine_dir, prompt_i
     runner, _ = open_runner(engine_dir(variant), "cpu")
     session = runner.sessions[0]
     assert session.decode_mode == "dynamic"  # the CPU default
-    configs = [GenerationConfig(NEW_TOKENS), GenerationConfig(NEW_TOKENS, num_beams=3)]
-    dynamic = [generate(runner, prompt_ids, c) for c in configs]
+    # The same shapes twice in a row reuse the cache (and, on CUDA, the captured step).
+    runs = [
+        (p, c)
+        for c in (GenerationConfig(NEW_TOKENS), GenerationConfig(NEW_TOKENS, num_beams=3))
+        for p in (prompt_ids, prompt_ids[::-1])
+    ]
+    dynamic = [generate(runner, p, c) for p, c in runs]
     session.decode_mode = "static"
-    assert [generate(runner, prompt_ids, c) for c in configs] == dynamic
+    assert [generate(runner, p, c) for p, c in runs] == dynamic
     assert session._step is not None  # the static path really ran
