@@ -19,6 +19,19 @@ in ``--dtype`` as in the default exclusion), optionally with the FP8 KV cache on
 
     python bench/bench_fp8.py                                        # CPU, small shape, float32
     python bench/bench_fp8.py --device cuda --shape 7b               # H100: falcon-7b, bf16
+    python bench/bench_fp8.py --accuracy                             # CPU: accuracy table instead
+
+``--accuracy`` measures what FP8 costs in accuracy instead of speed: for every Falcon variant a
+tiny model (``--acc_layers`` layers, hidden ``--acc_hidden``) is trained for ``--acc_steps`` steps
+on the shipped corpus (random tiny models predict almost uniformly, so their top-1 token flips
+under any perturbation), then quantized with ``modelc quantize`` defaults on ``--acc_calib``
+blocks of 128 tokens (fp8 weights, fp8 weights + fp8 KV cache, fp8 KV cache alone) and compared
+with the float32 transformers model: logit error and top-1 agreement on the first 256 tokens of
+each article of the shipped summarize sample, and ROUGE agreement of greedy summaries
+(``--acc_output_len`` tokens after the article's last 512 - acc_output_len prompt tokens, the tiny
+models' context; ``modelc summarize``'s engine_vs_hf) with transformers' own. A bfloat16 engine is
+listed for scale: its logits against the float32 model, its summaries against transformers in
+bfloat16 (summarize runs the reference in the engine's dtype).
 
 On a CPU the FP8 GEMM is emulated (codes widened to the compute dtype), so CPU numbers show the
 emulation's overhead, not FP8's speed.
@@ -208,6 +221,123 @@ def decode_row(runners: dict[str, Any], batch: int, args, vocab: int) -> dict[st
     return row
 
 
+ACCURACY_VARIANTS = ("rw", "7b", "40b", "180b", "falcon2")
+ACCURACY_ENGINES = {
+    "bf16 (no quantization)": {"convert": "bfloat16"},
+    "fp8 weights": {"qformat": "fp8"},
+    "fp8 weights + fp8 KV": {"qformat": "fp8", "kv_cache_dtype": "fp8"},
+    "fp8 KV only": {"qformat": "full_prec", "kv_cache_dtype": "fp8"},
+}
+
+
+def train_tiny(variant: str, out, tokenizer, args) -> None:
+    """A tiny HF Falcon of ``variant`` trained for ``args.acc_steps`` AdamW steps on the shipped corpus."""
+    import shutil
+
+    from transformers import FalconForCausalLM
+
+    from compiler_core.calibration import default_corpus
+    from plugins.falcon.tiny import make_tiny_falcon
+
+    init = out.with_name(out.name + "-init")
+    shutil.rmtree(init, ignore_errors=True)
+    make_tiny_falcon(
+        init,
+        variant,
+        num_layers=args.acc_layers,
+        hidden_size=args.acc_hidden,
+        tokenizer=tokenizer,
+        initializer_range=0.02,
+    )
+    ids = torch.tensor(tokenizer(default_corpus())["input_ids"])
+    torch.manual_seed(0)
+    model = FalconForCausalLM.from_pretrained(init)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(args.acc_steps):
+        starts = torch.randint(0, len(ids) - 129, (16,)).tolist()
+        batch = torch.stack([ids[s : s + 128] for s in starts])
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    shutil.rmtree(init)
+    print(f"# {variant}: trained {args.acc_steps} steps, last loss {loss.item():.2f}", flush=True)
+
+
+def accuracy(args) -> None:
+    """The accuracy table (see the module docstring)."""
+    import json
+    import tempfile
+    from importlib import resources
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from compiler_core.convert import convert
+    from compiler_core.engine import build_engine
+    from compiler_core.quantize import quantize
+    from compiler_core.registry import get_registry
+    from compiler_core.runtime.context import positions_from_mask
+    from compiler_core.runtime.loading import checkpoint_runner
+    from compiler_core.summarize import summarize
+    from plugins.falcon.tiny import train_tokenizer
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    tokenizer = train_tokenizer()
+    lines = resources.files("compiler_core").joinpath("data/summarize_sample.jsonl").read_text().splitlines()
+    ids = torch.tensor([tokenizer(json.loads(line)["article"])["input_ids"][:256] for line in lines])
+    print(
+        f"# tiny Falcons: {args.acc_layers} layers, hidden {args.acc_hidden}; calibration {args.acc_calib} x 128 "
+        f"tokens of the shipped corpus; logits: {ids.shape[0]} articles x {ids.shape[1]} tokens; ROUGE: greedy "
+        f"{args.acc_output_len}-token summaries of the {ids.shape[0]} articles vs transformers float32"
+    )
+    print(
+        "| variant | engine | max abs logit err / max abs logit | mean abs err / max abs logit | top-1 agree | "
+        "ROUGE-1 | ROUGE-2 | ROUGE-L |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    root = Path(tempfile.mkdtemp(prefix="bench_fp8_acc-"))
+    mask = torch.ones_like(ids)
+    for variant in args.acc_variants.split(","):
+        hf_dir = root / variant
+        train_tiny(variant, hf_dir, tokenizer, args)
+        hf = AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="sdpa").eval()
+        with torch.no_grad():
+            ref = hf(input_ids=ids).logits.float()
+        scale = ref.abs().max().item()
+        for name, how in ACCURACY_ENGINES.items():
+            ckpt = root / f"{variant}-{len(name)}-ckpt"
+            if "convert" in how:
+                convert(hf_dir, ckpt, dtype=how["convert"], show_progress=False)
+            else:
+                quantize(
+                    hf_dir, ckpt, dtype="float32", calib_size=args.acc_calib, calib_max_seq_length=128, batch_size=8,
+                    device="cpu", show_progress=False, **how,
+                )  # fmt: skip
+            runner = checkpoint_runner(ckpt)
+            runner.allocate(ids.shape[0], ids.shape[1])
+            with torch.inference_mode():
+                got = runner.logits(ids, positions_from_mask(mask), mask, 0).float()
+            err = (got - ref).abs()
+            engine = root / f"{variant}-{len(name)}-engine"
+            build_engine(ckpt, engine, get_registry().backend("torch", "bench"), {}, show_progress=False)
+            report = summarize(
+                engine, hf_model_dir=hf_dir, test_hf=True, max_ite=ids.shape[0], output_len=args.acc_output_len,
+                max_input_length=512 - args.acc_output_len, device="cpu", show_progress=False,
+            )  # fmt: skip
+            agree = report["engine_vs_hf"]
+            print(
+                f"| {variant} | {name} | {err.max().item() / scale:.4f} | {err.mean().item() / scale:.5f} | "
+                f"{(got.argmax(-1) == ref.argmax(-1)).float().mean().item():.2%} | {agree['rouge1']:.1f} | "
+                f"{agree['rouge2']:.1f} | {agree['rougeL']:.1f} |",
+                flush=True,
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -222,7 +352,18 @@ def main() -> None:
     parser.add_argument("--no_kv", action="store_true", help="skip the FP8 weights + FP8 KV cache engine")
     parser.add_argument("--skip_gemm", action="store_true")
     parser.add_argument("--skip_decode", action="store_true")
+    parser.add_argument("--accuracy", action="store_true", help="print the accuracy table instead (CPU)")
+    parser.add_argument("--acc_variants", default=",".join(ACCURACY_VARIANTS))
+    parser.add_argument("--acc_layers", type=int, default=4)
+    parser.add_argument("--acc_hidden", type=int, default=128)
+    parser.add_argument("--acc_steps", type=int, default=300)
+    parser.add_argument("--acc_calib", type=int, default=64, help="calibration blocks of 128 tokens")
+    parser.add_argument("--acc_output_len", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     args = parser.parse_args()
+    if args.accuracy:
+        accuracy(args)
+        return
     dtype_name = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     dtype = getattr(torch, dtype_name)
 

@@ -191,3 +191,22 @@ def test_bfloat16_checkpoint(hf_dir, tmp_path, eval_ids, hf_logits):
     logits = checkpoint_logits(out, eval_ids)
     ref = hf_logits("40b")
     assert (logits.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.95
+
+
+def test_fp8_kv_cache_on_top_of_another_weight_format(hf_dir, tmp_path, eval_ids, hf_logits):
+    """--kv_cache_dtype fp8 is served by this plugin whatever --qformat is (here the AWQ plugin's)."""
+    from compiler_core.registry import get_registry
+
+    if "int4_awq" not in get_registry().quant_schemes:
+        pytest.skip("the quant_awq plugin is not loaded")
+    out = tmp_path / "awq_kv"
+    config, _ = quantize(
+        hf_dir("7b"), out, qformat="int4_awq", kv_cache_dtype="fp8", group_size=16, device="cpu",
+        show_progress=False, **CALIB,
+    )  # fmt: skip
+    assert (config["quantization"]["quant_algo"], config["quantization"]["kv_cache_quant_algo"]) == ("W4A16_AWQ", "FP8")
+    tensors = rank_dtypes(out / "rank0.safetensors")
+    assert tensors["layers.1.attention.core.kv_cache_scaling_factor"] == ("F32", [1])
+    assert not any(k.endswith("activation_scaling_factor") for k in tensors)  # the linears are AWQ's
+    logits = checkpoint_logits(out, eval_ids)
+    assert (logits.argmax(-1) == hf_logits("7b").argmax(-1)).float().mean() >= 0.9
