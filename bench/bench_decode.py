@@ -2,8 +2,9 @@
 
 A random-weight Falcon is made in memory (no files, nothing downloaded): ``--shape small`` is a
 small Falcon-7B-style model (hidden 1024, 8 layers, 16 query heads, one KV head, vocab 65024),
-``--shape 7b`` has falcon-7b's real dimensions (hidden 4544, 32 layers, 71 heads, MQA), created
-directly on the device in ``--dtype`` (default: bfloat16 on CUDA, float32 on CPU). The same
+``--shape 7b`` has falcon-7b's real dimensions (hidden 4544, 32 layers, 71 heads, MQA), and
+``--shape overhead`` is 8 layers of hidden 128 (its step time is the host's per-step work). The
+model is created directly on the device in ``--dtype`` (default: bfloat16 on CUDA, float32 on CPU). The same
 tensors feed both sides: HF's ``FalconForCausalLM`` (SDPA attention) and this project's engine
 graph run by ``generate()`` (the IR weights are views of HF's where the layout allows).
 
@@ -32,6 +33,8 @@ from typing import Any
 import torch
 
 SHAPES: dict[str, dict[str, Any]] = {
+    # Weights so small that a step's time is the host's per-step work (Python, dispatch, launches).
+    "overhead": {"hidden_size": 128, "num_hidden_layers": 8, "num_attention_heads": 2, "vocab_size": 512},
     "small": {"hidden_size": 1024, "num_hidden_layers": 8, "num_attention_heads": 16, "vocab_size": 65024},
     "7b": {"hidden_size": 4544, "num_hidden_layers": 32, "num_attention_heads": 71, "vocab_size": 65024},
 }
@@ -109,7 +112,7 @@ def measure(hf, runner, batch: int, args, clock) -> dict[str, Any]:
     from compiler_core.runtime.generation import GenerationConfig, generate
 
     torch.manual_seed(batch)
-    prompts = torch.randint(100, 60000, (batch, args.prompt_len)).tolist()
+    prompts = torch.randint(100, hf.config.vocab_size, (batch, args.prompt_len)).tolist()
     ids = torch.tensor(prompts, device=args.device)
     mask = torch.ones_like(ids)
 

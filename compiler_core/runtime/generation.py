@@ -239,8 +239,9 @@ def _beam_search(runner: ModelRunner, prompts: list[list[int]], config: Generati
     n_beams, n_new, end_id = config.num_beams, config.max_new_tokens, config.end_id
     lp, early = config.length_penalty, config.early_stopping
     n_batch, device = len(prompts), runner.device
-    fill = _pad_id(config) if config.pad_id is not None or end_id is not None else -1
-    batch = _Batch(prompts, n_beams, max(len(p) for p in prompts) + n_new, _pad_id(config), device)
+    # Finished hypotheses end at end_id (the fill after it is trimmed) or are max_new_tokens long.
+    fill = _pad_id(config)
+    batch = _Batch(prompts, n_beams, max(len(p) for p in prompts) + n_new, fill, device)
     runner.allocate(n_batch * n_beams, batch.mask.shape[1])
 
     keep = 2 * n_beams  # max(2, 1 + number of end ids) * beams, with at most one end id
