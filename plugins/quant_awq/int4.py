@@ -45,6 +45,21 @@ def scales_from_amax(amax: torch.Tensor, dtype: torch.dtype = torch.float32) -> 
     return (amax.float() / INT4_MAX).clamp(min=torch.finfo(dtype).tiny).to(dtype)
 
 
+def _grouped_codes(w: torch.Tensor, group_size: int, amax: torch.Tensor | None, scales: torch.Tensor) -> torch.Tensor:
+    """float32 codes ``[out, groups, group_size]`` of ``w`` for per-group ``scales`` (float32).
+
+    Works on the grouped view with broadcast scales: no full-size copies of the scales.
+    """
+    out, inp = w.shape
+    wg = w.float().reshape(out, inp // group_size, group_size)
+    if amax is not None:
+        # Clip to the (possibly shrunk) range first, as llm-awq does.
+        a = amax.float()[..., None]
+        wg = torch.maximum(torch.minimum(wg, a), -a)
+    # torch.round rounds half to even, as TensorRT's quantization does.
+    return (wg / scales[..., None]).round_().clamp_(INT4_MIN, INT4_MAX)
+
+
 def quantize_groups(
     w: torch.Tensor, group_size: int, amax: torch.Tensor | None = None, scale_dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,15 +69,9 @@ def quantize_groups(
     saturate, which is how AWQ's clip search shrinks a group's range.
     """
     check_group_size(w.shape[1], group_size)
-    if amax is None:
-        amax = group_amax(w, group_size)
-    scales = scales_from_amax(amax, scale_dtype)
-    s = scales.float().repeat_interleave(group_size, dim=1)
-    a = amax.float().repeat_interleave(group_size, dim=1)
-    # Clip to the (possibly shrunk) range first, as llm-awq does, then round half to even.
-    wc = torch.maximum(torch.minimum(w.float(), a), -a)
-    q = torch.round(wc / s).clamp(INT4_MIN, INT4_MAX).to(torch.int8)
-    return q, scales
+    scales = scales_from_amax(group_amax(w, group_size) if amax is None else amax, scale_dtype)
+    q = _grouped_codes(w, group_size, amax, scales.float())
+    return q.to(torch.int8).reshape(w.shape), scales
 
 
 def dequantize_codes(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -74,9 +83,13 @@ def dequantize_codes(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype =
 
 
 def fake_quantize(w: torch.Tensor, group_size: int, amax: torch.Tensor | None = None) -> torch.Tensor:
-    """Quantize then dequantize (float32), the error model every search scores."""
-    q, scales = quantize_groups(w, group_size, amax)
-    return dequantize_codes(q, scales)
+    """Quantize then dequantize with float32 scales, the error model every search scores.
+
+    Equal to ``dequantize_codes(*quantize_groups(w, group_size, amax))`` without the int8 round trip.
+    """
+    check_group_size(w.shape[1], group_size)
+    scales = scales_from_amax(group_amax(w, group_size) if amax is None else amax)
+    return _grouped_codes(w, group_size, amax, scales).mul_(scales[..., None]).reshape(w.shape)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from plugins.quant_awq.int4 import fake_quantize, group_amax, quantize_groups
+from plugins.quant_awq.int4 import fake_quantize, group_amax
 
 #: llm-awq clamps the candidate scales at 1e-4 before normalising them.
 MIN_SCALE = 1e-4
@@ -42,11 +42,11 @@ def candidate_scales(x_mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def output_mse(x: torch.Tensor, weights: Sequence[torch.Tensor], fake_weights: Sequence[torch.Tensor]) -> float:
-    """MSE of ``x @ W.T`` against ``x @ Wq.T`` over all the linears' outputs together."""
+    """MSE of ``x @ W.T`` against ``x @ Wq.T`` over all the linears' outputs together (float32 inputs)."""
     err, count = 0.0, 0
     for w, wq in zip(weights, fake_weights, strict=True):
         # x @ W.T - x @ Wq.T == x @ (W - Wq).T, without forming both outputs.
-        diff = x @ (w.float() - wq).T
+        diff = x @ (w - wq).T
         err += diff.pow(2).sum().item()
         count += diff.numel()
     return err / count
@@ -66,6 +66,7 @@ def search_scale(
     the producer's output is divided by ``scales`` and each weight multiplied by it.
     """
     x = x.float()
+    weights = [w.float() for w in weights]
     if x_mean_abs is None:
         x_mean_abs = x.abs().mean(0)
     losses = []
@@ -74,7 +75,7 @@ def search_scale(
         alpha = i / n_grid
         s = candidate_scales(x_mean_abs, alpha)
         # (x / s) @ Q(W * s).T is compared with x @ W.T; equivalently x @ (Q(W * s) / s).T.
-        fake = [fake_quantize(w.float() * s, group_size) / s for w in weights]
+        fake = [fake_quantize(w * s, group_size).div_(s) for w in weights]
         loss = output_mse(x, weights, fake)
         losses.append(loss)
         if best is None or loss < best[0]:
@@ -124,9 +125,7 @@ def search_clip(
         best_err = torch.full_like(org, float("inf"))
         for i in range(int(max_shrink * n_grid)):
             amax = org * (1 - i / n_grid)
-            q, scales = quantize_groups(rows, group_size, amax)
-            wq = (q.float().reshape(*scales.shape, group_size) * scales[..., None]).reshape(rows.shape)
-            err = group_output_mse(rows, wq, gram)
+            err = group_output_mse(rows, fake_quantize(rows, group_size, amax), gram)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best = torch.where(better, amax, best)

@@ -9,6 +9,7 @@ from plugins.quant_awq.int4 import (
     check_group_size,
     dequantize_codes,
     dequantize_packed,
+    fake_quantize,
     pack_int4,
     quantize_groups,
     unpack_int4,
@@ -72,6 +73,10 @@ def test_group_quantization_matches_reference() -> None:
     assert (err <= scales.repeat_interleave(8, 1) / 2 + 1e-6).all()
     packed = pack_int4(q)
     torch.testing.assert_close(dequantize_packed(packed, scales, torch.float32), dequantize_codes(q, scales))
+    # The searches' fast quantize-dequantize is the same function, with and without clipping.
+    assert torch.equal(fake_quantize(w, 8), dequantize_codes(q, scales))
+    clip = torch.rand(6, 4, generator=g) + 0.2
+    assert torch.equal(fake_quantize(w, 8, clip), dequantize_codes(*quantize_groups(w, 8, clip)))
 
 
 def test_clip_range_saturates_and_scales_round_to_storage_dtype() -> None:

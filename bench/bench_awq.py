@@ -1,0 +1,253 @@
+"""INT4-AWQ beside full precision: quantization time, weight bytes and decode speed, one table.
+
+A random-weight Falcon is made in memory (nothing downloaded; the shapes are bench_decode.py's:
+``--shape small`` is a Falcon-7B-style model with hidden 1024 and 8 layers, ``--shape 7b`` has
+falcon-7b's real dimensions), in ``--dtype`` (default: bfloat16 on CUDA, float32 on CPU). Then:
+
+    quantize   int4_awq on random calibration tokens (--calib_size blocks of --calib_len), timed:
+               calibration forward, AWQ scale search, clip search and packing
+    engines    HF FalconForCausalLM (SDPA) | modelc full precision | modelc int4_awq,
+               all on --device, the same weights
+
+For each batch size (best of --repeat, after a warm-up) the table shows prefill ms and decode
+tokens/s (batch x (N - 1) / (time(N new tokens) - time(1 new token))); the header gives each
+engine's resident weight bytes and, on CUDA, the table the memory-bandwidth floor (weight bytes /
+measured read bandwidth: the batch-1 decode tokens/s of a step that only reads its weights
+once). On a CPU the int4 kernels dequantize once at load, so CPU decode reads full-precision
+weights and shows only the quantization's overhead, not its bandwidth saving. The last column
+is greedy-token agreement of int4_awq with modelc's full-precision engine (random weights: a
+sanity check, not an accuracy figure).
+
+    python bench/bench_awq.py                                   # CPU, small shape, float32
+    python bench/bench_awq.py --device cuda --shape 7b          # GPU, falcon-7b dims, bfloat16
+
+On CUDA, bfloat16 decode uses PyTorch's int4 GEMM (see plugins/quant_awq/lowering.py); other
+dtypes and prefill dequantize per call. Group size 128 needs hidden and ffn sizes divisible by
+128: falcon-7b's 4544 is not, so ``--shape 7b`` defaults to group size 64 (4544 = 71 x 64).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from typing import Any
+
+import torch
+
+#: bench_decode.py's shapes: a small Falcon-7B-style model and falcon-7b's real dimensions.
+SHAPES: dict[str, dict[str, Any]] = {
+    "small": {"hidden_size": 1024, "num_hidden_layers": 8, "num_attention_heads": 16, "vocab_size": 65024},
+    "7b": {"hidden_size": 4544, "num_hidden_layers": 32, "num_attention_heads": 71, "vocab_size": 65024},
+}
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def best_time(fn, repeat: int, device: str) -> tuple[float, Any]:
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        sync(device)
+        start = time.perf_counter()
+        out = fn()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def copy_bandwidth(device: str) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write counted)."""
+    x = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    seconds, _ = best_time(lambda: y.copy_(x), 5, device)
+    return 2 * x.numel() / seconds
+
+
+def make_hf(shape: str, dtype: torch.dtype, device: str):
+    """A random-weight Falcon-7B-style (MQA, parallel attention) HF model on ``device`` in ``dtype``."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    config = FalconConfig(
+        **SHAPES[shape],
+        multi_query=True,
+        parallel_attn=True,
+        bias=False,
+        alibi=False,
+        new_decoder_architecture=False,
+        max_position_embeddings=4096,
+        initializer_range=0.02,
+        bos_token_id=11,
+        eos_token_id=11,
+    )
+    torch.manual_seed(0)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # initialise straight in the target dtype: no fp32 copy of 7B weights
+    try:
+        with torch.device(device):
+            hf = FalconForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    hf = hf.eval()
+    hf.config._attn_implementation = "sdpa"
+    hf.generation_config.eos_token_id = None  # random weights: never stop early
+    return hf, config
+
+
+def loaded_model(hf, dtype: torch.dtype):
+    """The HF model's weights as a modelc LoadedModel (IR names, tp1)."""
+    from compiler_core.checkpoint import make_config
+    from compiler_core.convert import LoadedModel, map_tensors
+    from compiler_core.mapping import Mapping
+    from compiler_core.registry import get_registry
+
+    hf_dict = hf.config.to_dict()
+    arch = get_registry().architecture_for_hf(hf_dict, "bench")
+    config = make_config(arch.config_from_hf(hf_dict), str(dtype).removeprefix("torch."), Mapping())
+    state = {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}  # tied to the embedding
+    return LoadedModel(config, dict(map_tensors(config, state.items(), "bench")))
+
+
+def runner_of(model, device: str):
+    from compiler_core.convert import rank_weights
+    from compiler_core.mapping import Mapping
+    from compiler_core.model import rank_graph
+    from compiler_core.runtime.runner import LocalRunner
+    from compiler_core.runtime.session import TorchSession
+
+    session = TorchSession(rank_graph(model.config, 0), rank_weights(model, 0), device)
+    weight_bytes = sum(w.numel() * w.element_size() for w in session.executor.weights.values())
+    return LocalRunner([session], Mapping()), weight_bytes
+
+
+def quantize_awq(model, args) -> tuple[Any, float]:
+    """int4_awq of ``model`` (its weights dict is copied, not changed) and the seconds it took."""
+    from compiler_core.calibration import CalibrationBatch, CalibrationSet
+    from compiler_core.convert import LoadedModel
+    from plugins.quant_awq.scheme import Int4AwqScheme
+
+    gen = torch.Generator().manual_seed(1)
+    batches = tuple(
+        CalibrationBatch(ids, torch.ones_like(ids))
+        for ids in torch.randint(100, 60000, (args.calib_size, 1, args.calib_len), generator=gen)
+    )
+    copy = LoadedModel({**model.config}, dict(model.weights))
+    options = {
+        "group_size": args.group_size,
+        "awq_max_tokens": args.awq_max_tokens,
+        "device": args.device,
+        "show_progress": False,
+    }
+    sync(args.device)
+    start = time.perf_counter()
+    quantized = Int4AwqScheme().quantize(copy, CalibrationSet(batches, "random tokens"), options)
+    sync(args.device)
+    return quantized, time.perf_counter() - start
+
+
+def measure(engines: dict[str, Any], hf, batch: int, args) -> dict[str, Any]:
+    from compiler_core.runtime.generation import GenerationConfig, generate
+
+    torch.manual_seed(batch)
+    prompts = torch.randint(100, 60000, (batch, args.prompt_len)).tolist()
+    ids = torch.tensor(prompts, device=args.device)
+    mask = torch.ones_like(ids)
+
+    def hf_generate(n: int):
+        with torch.inference_mode():
+            out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0)
+        return out[:, args.prompt_len :].tolist()
+
+    sides = {"hf": hf_generate}
+    for name, runner in engines.items():
+        sides[name] = lambda n, runner=runner: [b[0] for b in generate(runner, prompts, GenerationConfig(n))]
+    row: dict[str, Any] = {"batch": batch}
+    tokens = {}
+    for name, fn in sides.items():
+        fn(2)  # warm-up: allocation, kernel selection, lazy initialisation
+        t1, _ = best_time(lambda fn=fn: fn(1), args.repeat, args.device)
+        tn, out = best_time(lambda fn=fn: fn(args.new_tokens), args.repeat, args.device)
+        row[f"{name}_prefill_ms"] = 1000 * t1
+        row[f"{name}_decode_tps"] = batch * (args.new_tokens - 1) / (tn - t1)
+        tokens[name] = out
+    same = sum(a == b for x, y in zip(tokens["awq"], tokens["fp"], strict=True) for a, b in zip(x, y, strict=True))
+    row["agreement"] = same / (batch * args.new_tokens)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--shape", default="small", choices=sorted(SHAPES))
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--group_size", type=int, default=None, help="default: 128 (64 for --shape 7b)")
+    parser.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
+    parser.add_argument("--prompt_len", type=int, default=64)
+    parser.add_argument("--new_tokens", type=int, default=32)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--calib_size", type=int, default=16, help="calibration blocks")
+    parser.add_argument("--calib_len", type=int, default=256, help="tokens per calibration block")
+    parser.add_argument("--awq_max_tokens", type=int, default=2048, help="tokens each AWQ search is scored on")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.group_size is None:
+        args.group_size = 64 if args.shape == "7b" else 128
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+
+    import transformers
+
+    hf, config = make_hf(args.shape, dtype, args.device)
+    model = loaded_model(hf, dtype)
+    awq_model, quant_seconds = quantize_awq(model, args)
+    fp_runner, fp_bytes = runner_of(model, args.device)
+    awq_runner, awq_bytes = runner_of(awq_model, args.device)
+    params = sum(p.numel() for p in hf.parameters())
+    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else platform.processor()
+    dtype_name = str(dtype).removeprefix("torch.")
+    print(
+        f"# {args.shape} Falcon (hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
+        f"{config.num_attention_heads} heads, MQA, {params / 1e6:.0f}M params, {dtype_name}) on {args.device} "
+        f"({where or platform.machine()}, {torch.get_num_threads()} threads); torch {torch.__version__}, "
+        f"transformers {transformers.__version__}; int4_awq group {args.group_size}; prompt {args.prompt_len}, "
+        f"{args.new_tokens} new tokens, best of {args.repeat}"
+    )
+    print(
+        f"# int4_awq quantization: {quant_seconds:.1f} s ({args.calib_size} x {args.calib_len} calibration tokens, "
+        f"searches scored on {args.awq_max_tokens}); resident weights: {dtype_name} {fp_bytes / 2**20:.0f} MiB, "
+        f"int4_awq {awq_bytes / 2**20:.0f} MiB ({fp_bytes / awq_bytes:.2f}x less)"
+    )
+    floors = None
+    if args.device.startswith("cuda"):
+        read_bw = copy_bandwidth(args.device) / 2
+        floors = (read_bw / fp_bytes, read_bw / awq_bytes)
+    header = (
+        f"| batch | HF prefill ms | {dtype_name} prefill ms | int4_awq prefill ms | HF decode tok/s | "
+        f"{dtype_name} decode tok/s | int4_awq decode tok/s | int4_awq vs {dtype_name} |"
+    )
+    if floors is not None:
+        header += f" floor {dtype_name} tok/s | floor int4_awq tok/s |"
+    header += " token agreement |"
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    engines = {"fp": fp_runner, "awq": awq_runner}
+    for batch in (int(b) for b in args.batch.split(",")):
+        r = measure(engines, hf, batch, args)
+        line = (
+            f"| {batch} | {r['hf_prefill_ms']:.1f} | {r['fp_prefill_ms']:.1f} | {r['awq_prefill_ms']:.1f} | "
+            f"{r['hf_decode_tps']:.1f} | {r['fp_decode_tps']:.1f} | {r['awq_decode_tps']:.1f} | "
+            f"{r['awq_decode_tps'] / r['fp_decode_tps']:.2f}x |"
+        )
+        if floors is not None:
+            line += f" {floors[0]:.0f} | {floors[1]:.0f} |"
+        line += f" {r['agreement']:.0%} |"
+        print(line, flush=True)
+    sync(args.device)
+
+
+if __name__ == "__main__":
+    main()
