@@ -53,11 +53,16 @@ class CacheSlot:
 
     def write_at(self, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor) -> None:
         """Write one step's K/V at the offset held in device tensor ``index`` [1] (graph-capturable)."""
-        self.k.index_copy_(2, index, self._encode(k))
-        self.v.index_copy_(2, index, self._encode(v))
+        _bytes(self.k).index_copy_(2, index, _bytes(self._encode(k)))
+        _bytes(self.v).index_copy_(2, index, _bytes(self._encode(v)))
 
     def read_all(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return self._decode(self.k, dtype), self._decode(self.v, dtype)
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """A one-byte float tensor viewed as uint8: CUDA's index_copy_ has no float8 kernels."""
+    return t.view(torch.uint8) if t.element_size() == 1 and t.is_floating_point() else t
 
 
 @dataclass
