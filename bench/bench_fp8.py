@@ -286,7 +286,6 @@ def accuracy(args) -> None:
     from compiler_core.summarize import summarize
     from plugins.falcon.tiny import train_tokenizer
 
-    torch.set_num_threads(args.threads or torch.get_num_threads())
     tokenizer = train_tokenizer()
     lines = resources.files("compiler_core").joinpath("data/summarize_sample.jsonl").read_text().splitlines()
     ids = torch.tensor([tokenizer(json.loads(line)["article"])["input_ids"][:256] for line in lines])
@@ -361,6 +360,8 @@ def main() -> None:
     parser.add_argument("--acc_output_len", type=int, default=100)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.accuracy:
         accuracy(args)
         return
