@@ -180,6 +180,7 @@ class SourceFile:
         self.base = self._bytes.untyped_storage().data_ptr()
 
     def names(self) -> list[str]:
+        """Tensor names in header order."""
         return list(self.header)
 
     def tensor(self, name: str) -> torch.Tensor:
@@ -204,6 +205,7 @@ class SourceFile:
         return t.data_ptr() - self.base
 
     def close(self) -> None:
+        """Close the file descriptor; tensors keep the mapping alive on their own."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -263,6 +265,7 @@ class SourceSet:
         return None if offset is None else (f.fd, offset)
 
     def close(self) -> None:
+        """Close every file (copies that read from them must be flushed first)."""
         for f in self.files.values():
             f.close()
         self.files.clear()
