@@ -70,6 +70,25 @@ def test_indivisible_heads_fail_before_any_work(tiny, tmp_path):
     assert not out.exists() and list(tmp_path.iterdir()) == [model_dir]
 
 
+@pytest.mark.parametrize(
+    "fields,tp,valid",
+    [
+        ({"hidden_size": 4544, "num_attention_heads": 71}, 2, "valid tp sizes: 1"),  # falcon-7b
+        (
+            {"hidden_size": 8192, "num_attention_heads": 128, "num_kv_heads": 8, "new_decoder_architecture": True},
+            3,
+            "valid tp sizes: 1, 2, 4, 8, 16, 32, 64, 128",
+        ),  # falcon-40b: KV heads duplicated past 8
+    ],
+    ids=["falcon-7b", "falcon-40b"],
+)
+def test_real_head_counts_give_their_valid_tp_sizes(fields, tp, valid, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "falcon", **fields}))
+    result = modelc("convert", "--model_dir", tmp_path, "--output_dir", tmp_path / "o", "--tp_size", tp)
+    assert result.exit_code == 2 and valid in error_line(result)
+    assert f"num_attention_heads {fields['num_attention_heads']}" in error_line(result)
+
+
 def test_five_heads_convert_at_a_valid_tp_size(tiny, converted, batch, reference):
     from compiler_core.verify import FP32_ATOL, compare, runner_trace
 
