@@ -30,6 +30,7 @@ def parse_input_ids(values: tuple[str, ...], vocab_size: int | None) -> list[lis
 
 
 def encode_texts(tokenizer, texts: tuple[str, ...], add_special_tokens: bool) -> list[list[int]]:
+    """One token id list per --input_text; an empty encoding is a usage error."""
     prompts = []
     for text in texts:
         ids = tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
