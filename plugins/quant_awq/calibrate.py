@@ -95,8 +95,11 @@ def plan_scales(graph: Graph, groups: list[ScaleGroup], quantized: set[str]) -> 
             linears.append(node)
         if not any(n.name in quantized for n in linears):
             continue
-        group_readers = {r.name for r in readers.get(linears[0].inputs[0], [])}
-        fold = producer.op in NORM_OPS and group_readers == {n.name for n in linears}
+        # Folding changes the norm's output for every reader: only the group may read it.
+        value = linears[0].inputs[0]
+        group_readers = {r.name for r in readers.get(value, [])}
+        only_group = group_readers == {n.name for n in linears} and value not in graph.outputs
+        fold = producer.op in NORM_OPS and only_group
         if fold:
             plans.append(ScalePlan(producer, tuple(linears), True))
         else:

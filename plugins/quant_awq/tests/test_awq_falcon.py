@@ -14,7 +14,7 @@ from compiler_core.runtime.context import positions_from_mask
 from compiler_core.runtime.loading import checkpoint_runner
 from plugins.falcon.convert import ir_name
 from plugins.quant_awq.int4 import dequantize_packed, fake_quantize, unpack_int4
-from plugins.quant_awq.tests.conftest import GROUP_SIZE
+from plugins.quant_awq.tests.conftest import CALIB, GROUP_SIZE
 
 VARIANTS = ["rw", "7b", "40b", "180b", "falcon2"]
 
@@ -120,6 +120,29 @@ def test_execution_matches_hand_dequantized_transformers(variant, hf_dir, awq_di
     ref = hf_logits(dequantized_hf(hf_dir(variant), ckpt), eval_ids)
     out = modelc_logits(ckpt, eval_ids)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_excluded_linear_in_a_folded_group_keeps_its_scale(hf_dir, eval_ids, tmp_path) -> None:
+    """7b's shared layer norm feeds qkv and fc; with fc excluded the norm still absorbs the scale
+    searched for qkv, so fc's full-precision weight must carry it (W * s) to stay exact."""
+    from compiler_core.quantize import quantize
+
+    config, _ = quantize(
+        hf_dir("7b"),
+        tmp_path / "ckpt",
+        qformat="int4_awq",
+        group_size=GROUP_SIZE,
+        exclude_modules=["lm_head", "*.mlp.fc"],
+        device="cpu",
+        show_progress=False,
+        **CALIB,
+    )
+    assert config["quantization"]["exclude_modules"] == ["lm_head", "*.mlp.fc"]
+    weights = load_rank_weights(rank_file(tmp_path / "ckpt", 0))
+    assert weights["layers.0.mlp.fc.weight"].dtype == torch.float32
+    assert "layers.0.mlp.fc.weights_scaling_factor" not in weights
+    ref = hf_logits(dequantized_hf(hf_dir("7b"), tmp_path / "ckpt"), eval_ids)
+    torch.testing.assert_close(modelc_logits(tmp_path / "ckpt", eval_ids), ref, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
