@@ -104,12 +104,13 @@ class KVCache:
         storage allocated once stays the storage every later step (and a captured graph) uses.
         """
         for slot in self.slots.values():
+            k, v = _bytes(slot.k), _bytes(slot.v)  # float8 rows move as bytes (no CUDA float8 gather)
             if index.shape[0] == slot.k.shape[0]:
-                slot.k.copy_(slot.k.index_select(0, index))
-                slot.v.copy_(slot.v.index_select(0, index))
+                k.copy_(k.index_select(0, index))
+                v.copy_(v.index_select(0, index))
             else:
-                slot.k = slot.k.index_select(0, index)
-                slot.v = slot.v.index_select(0, index)
+                slot.k = k.index_select(0, index).view(slot.k.dtype)
+                slot.v = v.index_select(0, index).view(slot.v.dtype)
 
 
 @dataclass
