@@ -93,3 +93,14 @@ def test_dataset_without_a_text_field(hf_dir, tmp_path):
     )  # fmt: skip
     assert result.exit_code == 2
     assert f"{data}:1: record has no 'text' or 'article' field" in result.output
+
+
+def test_kv_cache_alone_needs_no_qformat(hf_dir, tmp_path):
+    """--qformat defaults to full_prec, so --kv_cache_dtype fp8 alone quantizes only the cache."""
+    out = tmp_path / "kv"
+    result = modelc(
+        "quantize", "--model_dir", str(hf_dir("rw")), "--output_dir", str(out), "--kv_cache_dtype", "fp8", *SMALL
+    )
+    assert result.exit_code == 0, result.output
+    q = json.loads((out / "config.json").read_text())["quantization"]
+    assert (q["quant_algo"], q["kv_cache_quant_algo"]) == (None, "FP8")
