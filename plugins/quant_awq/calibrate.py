@@ -41,7 +41,8 @@ from plugins.quant_awq.search import search_clip, search_scale
 from plugins.quant_awq.transform import quantized_node
 
 NORM_OPS = ("layer_norm", "rms_norm")
-DEFAULT_MAX_TOKENS = 4096
+#: Tokens each search is scored on: enough to rank 20 candidate scales; cost grows linearly with it.
+DEFAULT_MAX_TOKENS = 2048
 
 
 @dataclass

@@ -36,7 +36,7 @@ class Int4AwqScheme(QuantScheme):
     """INT4 weight-only, group-wise, symmetric, with AWQ activation-aware scales and clipping.
 
     ``options`` read by :meth:`quantize` (besides the generic ones): ``group_size`` (default 128),
-    ``awq_max_tokens`` (calibration tokens each search is scored on, default 4096) and
+    ``awq_max_tokens`` (calibration tokens each search is scored on, default 2048) and
     ``mapping`` (the target split, checked for whole groups per rank before calibrating).
     """
 
