@@ -27,6 +27,7 @@ the model dtype).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,11 +122,11 @@ def observe_inputs(
     """Run the calibration set once; return stats per activation value read by ``linears``."""
     stride = max(1, -(-calibration.num_tokens // max_tokens))
     stats: dict[str, ActivationStats] = {}
-    watch: dict[str, Node] = {}
+    watch: list[str] = []  # one linear per activation: its readers all see the same tensor
     for node in linears:
         if node.inputs[0] not in stats:
             stats[node.inputs[0]] = ActivationStats()
-            watch[node.name] = node
+            watch.append(node.name)
     seen = {value: 0 for value in stats}
 
     def record(node: Node, inputs: tuple[torch.Tensor, ...], output: Any, ctx) -> None:
@@ -163,6 +164,7 @@ def fold_into_norm(weights: dict[str, torch.Tensor], producer: Node, scales: tor
 
 
 def feeds_attention(graph: Graph, node: Node) -> bool:
+    """True for a linear whose output an ``attention`` node reads (a fused QKV projection)."""
     return any(n.op == "attention" and node.outputs[0] in n.inputs for n in graph.nodes)
 
 
@@ -196,16 +198,15 @@ def quantize_linear(
 
 def search_scales(
     plans: list[ScalePlan],
-    graph: Graph,
     weights: dict[str, torch.Tensor],
     stats: dict[str, ActivationStats],
     quantized: set[str],
     group_size: int,
     *,
     device: str,
-    progress_bar,
+    progress_bar: Callable[[list[ScalePlan]], Iterable[ScalePlan]],
 ) -> dict[str, torch.Tensor]:
-    """Search each plan's scale and apply the fold; return the scale of every scaled linear."""
+    """Search each plan's scale and apply the fold to ``weights``; return the scale of every scaled linear."""
     out: dict[str, torch.Tensor] = {}
     for plan in progress_bar(plans):
         act = stats[plan.linears[0].inputs[0]]

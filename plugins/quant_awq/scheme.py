@@ -71,7 +71,6 @@ class Int4AwqScheme(QuantScheme):
         )
         scales = search_scales(
             plans,
-            graph,
             model.weights,
             stats,
             quantized,
