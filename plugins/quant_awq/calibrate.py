@@ -160,7 +160,7 @@ def fold_into_norm(weights: dict[str, torch.Tensor], producer: Node, scales: tor
         name = producer.params.get(role)
         if name is not None:
             t = weights[name]
-            weights[name] = (t.float() / scales).to(t.dtype)
+            weights[name] = (t.float() / scales.to(t.device)).to(t.dtype)
 
 
 def feeds_attention(graph: Graph, node: Node) -> bool:
@@ -224,7 +224,7 @@ def search_scales(
             for n in plan.linears:
                 if n.name not in quantized:
                     w = weights[n.params["weight"]]
-                    weights[n.params["weight"]] = (w.float() * scales).to(w.dtype)
+                    weights[n.params["weight"]] = (w.float() * scales.to(w.device)).to(w.dtype)
         for n in members:
             out[n.name] = scales
     return out
