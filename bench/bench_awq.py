@@ -239,8 +239,9 @@ def main() -> None:
     )
     floors = None
     if args.device.startswith("cuda"):
-        read_bw = copy_bandwidth(args.device) / 2
-        floors = (read_bw / fp_bytes, read_bw / awq_bytes)
+        # The design's floor: weight bytes / measured copy traffic (bytes read + written), as bench_decode.
+        traffic = copy_bandwidth(args.device)
+        floors = (traffic / fp_bytes, traffic / awq_bytes)
     header = (
         f"| batch | HF prefill ms | {dtype_name} prefill ms | int4_awq prefill ms | HF decode tok/s | "
         f"{dtype_name} decode tok/s | int4_awq decode tok/s | int4_awq vs {dtype_name} |"

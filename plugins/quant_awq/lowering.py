@@ -81,7 +81,8 @@ def tinygemm_matmul(
         weight, scales_and_zeros = operands
 
         def matmul(x2d: torch.Tensor) -> torch.Tensor:
-            return torch.ops.aten._weight_int4pack_mm(x2d, weight, group_size, scales_and_zeros)
+            # The int4 GEMM requires a contiguous activation (a beam-reordered or sliced input is not).
+            return torch.ops.aten._weight_int4pack_mm(x2d.contiguous(), weight, group_size, scales_and_zeros)
 
         gen = torch.Generator(device=packed.device).manual_seed(0)
         probe = torch.randn(4, packed.shape[1] * 2, generator=gen, device=packed.device).to(torch.bfloat16)
