@@ -35,67 +35,10 @@ import time
 from typing import Any
 
 import torch
+from common import best_time, copy_bandwidth, make_hf, shapes, sync
 
 #: bench_decode.py's shapes: a small Falcon-7B-style model and falcon-7b's real dimensions.
-SHAPES: dict[str, dict[str, Any]] = {
-    "small": {"hidden_size": 1024, "num_hidden_layers": 8, "num_attention_heads": 16, "vocab_size": 65024},
-    "7b": {"hidden_size": 4544, "num_hidden_layers": 32, "num_attention_heads": 71, "vocab_size": 65024},
-}
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def best_time(fn, repeat: int, device: str) -> tuple[float, Any]:
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        sync(device)
-        start = time.perf_counter()
-        out = fn()
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-    return best, out
-
-
-def copy_bandwidth(device: str) -> float:
-    """Device-to-device copy bandwidth in bytes/s (read + write counted)."""
-    x = torch.empty(1 << 30, dtype=torch.uint8, device=device)
-    y = torch.empty_like(x)
-    y.copy_(x)
-    seconds, _ = best_time(lambda: y.copy_(x), 5, device)
-    return 2 * x.numel() / seconds
-
-
-def make_hf(shape: str, dtype: torch.dtype, device: str):
-    """A random-weight Falcon-7B-style (MQA, parallel attention) HF model on ``device`` in ``dtype``."""
-    from transformers import FalconConfig, FalconForCausalLM
-
-    config = FalconConfig(
-        **SHAPES[shape],
-        multi_query=True,
-        parallel_attn=True,
-        bias=False,
-        alibi=False,
-        new_decoder_architecture=False,
-        max_position_embeddings=4096,
-        initializer_range=0.02,
-        bos_token_id=11,
-        eos_token_id=11,
-    )
-    torch.manual_seed(0)
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # initialise straight in the target dtype: no fp32 copy of 7B weights
-    try:
-        with torch.device(device):
-            hf = FalconForCausalLM(config)
-    finally:
-        torch.set_default_dtype(default_dtype)
-    hf = hf.eval()
-    hf.config._attn_implementation = "sdpa"
-    hf.generation_config.eos_token_id = None  # random weights: never stop early
-    return hf, config
+SHAPES = shapes("small", "7b")
 
 
 def loaded_model(hf, dtype: torch.dtype):

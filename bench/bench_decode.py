@@ -31,19 +31,13 @@ import time
 from typing import Any
 
 import torch
+from common import copy_bandwidth, make_hf, shapes, timed
 
-SHAPES: dict[str, dict[str, Any]] = {
-    # Weights so small that a step's time is the host's per-step work (Python, dispatch, launches).
-    "overhead": {"hidden_size": 128, "num_hidden_layers": 8, "num_attention_heads": 2, "vocab_size": 512},
-    "small": {"hidden_size": 1024, "num_hidden_layers": 8, "num_attention_heads": 16, "vocab_size": 65024},
-    "7b": {"hidden_size": 4544, "num_hidden_layers": 32, "num_attention_heads": 71, "vocab_size": 65024},
-}
+SHAPES = shapes("overhead", "small", "7b")
 
 
 def make_models(shape: str, dtype: torch.dtype, device: str):
     """(HF model, our runner) over the same random weights, both on ``device``."""
-    from transformers import FalconConfig, FalconForCausalLM
-
     from compiler_core.checkpoint import make_config
     from compiler_core.convert import LoadedModel, map_tensors, rank_weights
     from compiler_core.mapping import Mapping
@@ -52,29 +46,7 @@ def make_models(shape: str, dtype: torch.dtype, device: str):
     from compiler_core.runtime.runner import LocalRunner
     from compiler_core.runtime.session import TorchSession
 
-    hf_config = FalconConfig(
-        **SHAPES[shape],
-        multi_query=True,
-        parallel_attn=True,
-        bias=False,
-        alibi=False,
-        new_decoder_architecture=False,
-        max_position_embeddings=4096,
-        initializer_range=0.02,
-        bos_token_id=11,
-        eos_token_id=11,
-    )
-    torch.manual_seed(0)
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # initialise straight in the target dtype: no fp32 copy of 7B weights
-    try:
-        with torch.device(device):
-            hf = FalconForCausalLM(hf_config)
-    finally:
-        torch.set_default_dtype(default_dtype)
-    hf = hf.eval()
-    hf.config._attn_implementation = "sdpa"
-    hf.generation_config.eos_token_id = None  # random weights: never stop early on either side
+    hf, hf_config = make_hf(shape, dtype, device)
 
     hf_dict = hf_config.to_dict()
     arch = get_registry().architecture_for_hf(hf_dict, "bench")
@@ -83,28 +55,6 @@ def make_models(shape: str, dtype: torch.dtype, device: str):
     model = LoadedModel(config, dict(map_tensors(config, state.items(), "bench")))
     session = TorchSession(rank_graph(config, 0), rank_weights(model, 0), device)
     return hf, LocalRunner([session], Mapping()), hf_config
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def timed(fn, device: str, clock) -> tuple[float, Any]:
-    sync(device)
-    start = clock()
-    out = fn()
-    sync(device)
-    return clock() - start, out
-
-
-def copy_bandwidth(device: str, clock) -> float:
-    """Memory traffic of a large copy in bytes/s (each byte read once and written once)."""
-    x = torch.empty(1 << 30, dtype=torch.uint8, device=device)
-    y = torch.empty_like(x)
-    y.copy_(x)
-    seconds = min(timed(lambda: y.copy_(x), device, clock)[0] for _ in range(5))
-    return 2 * x.numel() / seconds
 
 
 def measure(hf, runner, batch: int, args, clock) -> dict[str, Any]:

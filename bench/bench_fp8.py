@@ -48,52 +48,18 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from common import copy_bandwidth, falcon_hf_config, shapes, timed
 
-SHAPES: dict[str, dict[str, Any]] = {
-    "small": {"hidden_size": 1024, "num_hidden_layers": 8, "num_attention_heads": 16, "vocab_size": 65024},
-    "7b": {"hidden_size": 4544, "num_hidden_layers": 32, "num_attention_heads": 71, "vocab_size": 65024},
-}
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def timed(fn, device: str) -> tuple[float, Any]:
-    sync(device)
-    start = time.perf_counter()
-    out = fn()
-    sync(device)
-    return time.perf_counter() - start, out
-
-
-def copy_bandwidth(device: str) -> float:
-    """Memory traffic of a large copy in bytes/s (each byte read once and written once)."""
-    x = torch.empty(1 << 30, dtype=torch.uint8, device=device)
-    y = torch.empty_like(x)
-    y.copy_(x)
-    seconds = min(timed(lambda: y.copy_(x), device)[0] for _ in range(5))
-    return 2 * x.numel() / seconds
+SHAPES = shapes("small", "7b")
 
 
 def falcon_config(shape: str, dtype: str) -> dict[str, Any]:
     """The modelc checkpoint config of a falcon-7b-style model (tp1)."""
-    from transformers import FalconConfig
-
     from compiler_core.checkpoint import make_config
     from compiler_core.mapping import Mapping
     from compiler_core.registry import get_registry
 
-    hf = FalconConfig(
-        **SHAPES[shape],
-        multi_query=True,
-        parallel_attn=True,
-        bias=False,
-        alibi=False,
-        new_decoder_architecture=False,
-        max_position_embeddings=4096,
-    ).to_dict()
+    hf = falcon_hf_config(shape).to_dict()
     arch = get_registry().architecture_for_hf(hf, "bench")
     return make_config(arch.config_from_hf(hf), dtype, Mapping())
 

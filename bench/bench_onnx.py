@@ -24,34 +24,20 @@ from __future__ import annotations
 import argparse
 import platform
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from common import best_time, falcon_hf_config, shapes
 
-SHAPES: dict[str, dict[str, Any]] = {
-    "small": {"hidden_size": 1024, "num_hidden_layers": 8, "num_attention_heads": 16, "vocab_size": 65024},
-    "tiny": {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 8, "vocab_size": 8192},
-}
+SHAPES = shapes("small", "tiny")
 
 
 def make_hf(shape: str, dtype: torch.dtype, out_dir: Path):
     """A random Falcon-7B-style HF checkpoint in ``out_dir``; returns the model (kept for HF's side)."""
-    from transformers import FalconConfig, FalconForCausalLM
+    from transformers import FalconForCausalLM
 
-    config = FalconConfig(
-        **SHAPES[shape],
-        multi_query=True,
-        parallel_attn=True,
-        bias=False,
-        alibi=False,
-        new_decoder_architecture=False,
-        max_position_embeddings=4096,
-        initializer_range=0.02,
-        bos_token_id=11,
-        eos_token_id=11,
-    )
+    config = falcon_hf_config(shape)
     torch.manual_seed(0)
     model = FalconForCausalLM(config).to(dtype).eval()
     model.save_pretrained(out_dir)
@@ -73,22 +59,6 @@ def build_engines(hf_dir: Path, work: Path, dtype: str, backends: list[str]) -> 
         settings = {"max_batch_size": 8, "max_input_len": 256, "max_seq_len": 512}
         build_engine(checkpoint, engines[name], backend, settings, show_progress=False)
     return engines
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def best_time(fn, repeat: int, device: str) -> tuple[float, Any]:
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        sync(device)
-        start = time.perf_counter()
-        out = fn()
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-    return best, out
 
 
 def measure(fn, batch: int, args) -> dict[str, Any]:
