@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from plugins.falcon.testing import tiny_hf_dirs
 from tests.multirank.helpers import build_engine_dir
 
 #: Prompts of different lengths, so that the ranks also agree on left padding and positions.
@@ -32,16 +33,7 @@ def prompts(tokenizer) -> list[list[int]]:
 @pytest.fixture(scope="session")
 def hf_dir(tmp_path_factory, tokenizer) -> Callable[[str], Path]:
     """variant -> a 2-layer random-weight Hugging Face Falcon (made once per session)."""
-    from plugins.falcon.tiny import make_tiny_falcon
-
-    root, made = tmp_path_factory.mktemp("mr-hf"), {}
-
-    def get(variant: str) -> Path:
-        if variant not in made:
-            made[variant] = make_tiny_falcon(root / variant, variant, num_layers=2, tokenizer=tokenizer)
-        return made[variant]
-
-    return get
+    return tiny_hf_dirs(tmp_path_factory.mktemp("mr-hf"), tokenizer)
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from plugins.falcon.testing import single_torch_thread, tiny_hf_dirs
+
 #: Prompts of very different lengths, so left padding, positions and masks all matter.
 PROMPTS = [
     "The river ran slowly past the old mill, and the miller's daughter counted the boats that drifted "
@@ -21,10 +23,8 @@ PROMPTS = [
 def one_torch_thread():
     """Tiny models gain nothing from intra-op threads, and spinning threads stall when CI runs
     test processes side by side on few cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with single_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -42,16 +42,7 @@ def prompt_ids(tokenizer) -> list[list[int]]:
 @pytest.fixture(scope="session")
 def hf_dir(tmp_path_factory, tokenizer) -> Callable[[str], Path]:
     """variant -> a 2-layer random-weight Hugging Face Falcon checkpoint (made once per session)."""
-    from plugins.falcon.tiny import make_tiny_falcon
-
-    root, made = tmp_path_factory.mktemp("hf"), {}
-
-    def get(variant: str) -> Path:
-        if variant not in made:
-            made[variant] = make_tiny_falcon(root / variant, variant, num_layers=2, tokenizer=tokenizer)
-        return made[variant]
-
-    return get
+    return tiny_hf_dirs(tmp_path_factory.mktemp("hf"), tokenizer)
 
 
 @pytest.fixture(scope="session")

@@ -20,12 +20,10 @@ def one_torch_thread():
     """One intra-op thread while this package's tests run: fastest for 64-wide models, and on a
     busy machine two OpenMP threads stall every small op at their barrier (measured: 32 greedy
     steps took 9.8 CPU s with two threads, 0.07 s with one). Restored afterwards."""
-    import torch
+    from plugins.falcon.testing import single_torch_thread
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with single_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

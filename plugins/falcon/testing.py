@@ -1,0 +1,35 @@
+"""Helpers for the tests' conftest fixtures: one torch thread, cached tiny HF Falcon checkpoints."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+@contextmanager
+def single_torch_thread() -> Iterator[None]:
+    """One torch intra-op thread inside the block; the previous count is restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def tiny_hf_dirs(root: Path, tokenizer: Any, num_layers: int = 2) -> Callable[[str], Path]:
+    """variant -> a ``num_layers``-layer random-weight HF Falcon checkpoint under ``root`` (made once)."""
+    from plugins.falcon.tiny import make_tiny_falcon
+
+    made: dict[str, Path] = {}
+
+    def get(variant: str) -> Path:
+        if variant not in made:
+            made[variant] = make_tiny_falcon(root / variant, variant, num_layers=num_layers, tokenizer=tokenizer)
+        return made[variant]
+
+    return get
