@@ -39,7 +39,6 @@ Two halves, both architecture- and scheme-agnostic:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from importlib import resources
@@ -49,6 +48,7 @@ from typing import Any
 import torch
 
 from compiler_core.errors import UsageError
+from compiler_core.fileio import json_lines
 from compiler_core.ir import Graph, Node
 from compiler_core.mapping import Mapping as ParallelMapping
 from compiler_core.progress import progress
@@ -124,18 +124,11 @@ def _paragraphs(text: str) -> list[str]:
 
 def _jsonl_texts(path: Path) -> list[str]:
     texts = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UsageError(f"{path}:{lineno}: not valid JSON ({exc})") from None
-            field = next((k for k in TEXT_FIELDS if isinstance(record, dict) and k in record), None)
-            if field is None:
-                raise UsageError(f"{path}:{lineno}: record has no {' or '.join(map(repr, TEXT_FIELDS))} field")
-            texts.append(str(record[field]))
+    for number, record in json_lines(path.read_text(encoding="utf-8"), str(path)):
+        field = next((k for k in TEXT_FIELDS if k in record), None)
+        if field is None:
+            raise UsageError(f"{path}:{number}: record has no {' or '.join(map(repr, TEXT_FIELDS))} field")
+        texts.append(str(record[field]))
     return texts
 
 

@@ -87,6 +87,20 @@ def read_json(path: Path, what: str = "file") -> dict[str, Any]:
     return data
 
 
+def json_lines(text: str, source: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of JSONL ``text``; errors name ``source:line``."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{source}:{number}: not valid JSON ({exc})") from None
+        if not isinstance(record, dict):
+            raise UsageError(f"{source}:{number}: not a JSON object")
+        yield number, record
+
+
 def write_json(path: Path, data: Any) -> None:
     """Write ``data`` as indented JSON (used inside an atomic output directory)."""
     Path(path).write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from compiler_core.errors import ModelcError, UsageError
+from compiler_core.fileio import json_lines
 from compiler_core.progress import progress
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -71,18 +72,10 @@ def load_articles(path: Path | None = None) -> list[Article]:
 
 def _rows_from_jsonl(text: str, source: str) -> list[Article]:
     rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"{source}: line {number} is not valid JSON ({exc})") from None
-        if not isinstance(record, dict):
-            raise UsageError(f"{source}: line {number} is not a JSON object")
+    for number, record in json_lines(text, source):
         for column in (ARTICLE, HIGHLIGHTS):
             if not isinstance(record.get(column), str):
-                raise UsageError(f"{source}: line {number} has no string column {column!r}")
+                raise UsageError(f"{source}:{number}: no string column {column!r}")
         rows.append(Article(record[ARTICLE], record[HIGHLIGHTS]))
     return rows
 
