@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from compiler_core.ir import Graph, Node
 from compiler_core.runtime.context import ForwardContext
+from compiler_core.runtime.cpu_linear import cpu_linear
 
 Kernel = Callable[..., torch.Tensor]
 
@@ -75,6 +76,9 @@ def lower_rms_norm(node: Node, low: TorchLowering) -> Kernel:
 
 def lower_linear(node: Node, low: TorchLowering) -> Kernel:
     weight, bias = low.param(node, "weight"), low.param(node, "bias")
+    fast = cpu_linear(weight, bias)
+    if fast is not None:
+        return lambda ctx, x: fast(x)
     return lambda ctx, x: F.linear(x, weight, bias)
 
 
