@@ -122,11 +122,27 @@ def make_tiny_falcon(
         **overrides,
     )
     torch.manual_seed(seed)
-    model = FalconForCausalLM(config).to(getattr(torch, dtype)).eval()
+    model = FalconForCausalLM(config)
+    randomize_norms_and_biases(model)
+    model = model.to(getattr(torch, dtype)).eval()
     with atomic_output_dir(Path(out_dir)) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
     return Path(out_dir)
+
+
+def randomize_norms_and_biases(model) -> None:
+    """Give layer norms and biases random values: transformers initialises them to 1 and 0, which
+    would let a converter that drops or misplaces one go unnoticed by every parity check."""
+    import torch
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.normal_(1.0, 0.2)
+                module.bias.normal_(0.0, 0.2)
+            elif isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_(0.0, 0.2)
 
 
 @click.command("tiny-falcon")
