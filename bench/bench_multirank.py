@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -105,13 +106,14 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def launch(args: argparse.Namespace, engine: Path, ranks: int, batch: int, result: Path) -> dict:
-    mpirun = Path(sys.executable).with_name("mpirun")
+    beside_python = Path(sys.executable).with_name("mpirun")
+    mpirun = str(beside_python) if beside_python.is_file() else shutil.which("mpirun") or "mpirun"
     command = [sys.executable, __file__, "--worker", "--engine_dir", str(engine), "--result", str(result)]
     command += ["--device", args.device, "--batch_size", str(batch), "--prompt_len", str(args.prompt_len)]
     command += ["--new_tokens", str(args.new_tokens), "--repeat", str(args.repeat)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads_per_rank)}
     if ranks > 1:
-        prefix = [str(mpirun), "-n", str(ranks), "--oversubscribe", "-x", "OMP_NUM_THREADS"]
+        prefix = [mpirun, "-n", str(ranks), "--oversubscribe", "-x", "OMP_NUM_THREADS"]
         if os.geteuid() == 0:
             prefix.append("--allow-run-as-root")
         command = prefix + command

@@ -11,9 +11,14 @@ FP8_E4M3_MAX = 448.0
 
 
 class Communicator(Protocol):
-    """Collectives within a tensor-parallel group."""
+    """Collectives within a tensor-parallel group.
+
+    ``graph_capturable`` says whether the collectives may be recorded into a CUDA graph (NCCL's
+    can; an exchange between Python threads cannot).
+    """
 
     tp_size: int
+    graph_capturable: bool
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor: ...
 

@@ -36,9 +36,10 @@ TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("MODELC_DIST_TIMEOUT_S",
 class ProcessGroupComm:
     """The ``Communicator`` of one tensor-parallel group, over a torch.distributed process group."""
 
-    def __init__(self, group: dist.ProcessGroup, tp_size: int) -> None:
+    def __init__(self, group: dist.ProcessGroup, tp_size: int, graph_capturable: bool) -> None:
         self.group = group
         self.tp_size = tp_size
+        self.graph_capturable = graph_capturable
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         # The collective works in place; the input may still be read by a later node.
@@ -199,5 +200,7 @@ def open_distributed_runner(engine_dir: Path, engine_config: dict[str, Any], dev
     if mapping.tp_size > 1:
         # new_group is collective: every rank creates every stage's group, in the same order.
         groups = [dist.new_group(mapping.tp_group(mapping.rank(0, stage))) for stage in range(mapping.pp_size)]
-        session.comm = ProcessGroupComm(groups[mapping.pp_rank(rank)], mapping.tp_size)
+        # NCCL collectives can live inside the CUDA graph of a decode step: without one, every
+        # step's host synchronisation waits for the peers' kernel launches.
+        session.comm = ProcessGroupComm(groups[mapping.pp_rank(rank)], mapping.tp_size, rank_device.type == "cuda")
     return DistributedRunner(session, mapping, rank)

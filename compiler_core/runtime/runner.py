@@ -68,6 +68,8 @@ class ThreadGroup:
 
 
 class _ThreadMember:
+    graph_capturable = False
+
     def __init__(self, group: ThreadGroup, index: int) -> None:
         self.group, self.index, self.tp_size = group, index, group.tp_size
 

@@ -47,8 +47,9 @@ class TorchSession(RankSession):
     ``decode_mode`` picks how one-token steps run: ``"dynamic"`` (attention over the tokens so
     far; the default on CPU), ``"static"`` (fixed shapes: write at a device-held offset, attend
     over the whole cache under a mask) or ``"graph"`` (static, captured once per cache
-    allocation as a CUDA graph and replayed; the default on CUDA for a rank without
-    tensor-parallel peers). ``MODELC_CUDA_GRAPHS=0`` turns graphs off.
+    allocation as a CUDA graph and replayed; the default on CUDA, where a tensor-parallel rank's
+    collectives are captured with the step when its communicator allows it).
+    ``MODELC_CUDA_GRAPHS=0`` turns graphs off.
     """
 
     supports_last_only = True
@@ -83,7 +84,8 @@ class TorchSession(RankSession):
     @torch.inference_mode()
     def forward(self, x, positions, attention_mask, start, last_only: bool = False):
         x = x.to(self.device)
-        if self.decode_mode != "dynamic" and x.shape[1] == 1 and self.cache is not None and self.comm is None:
+        capturable = self.comm is None or self.comm.graph_capturable
+        if self.decode_mode != "dynamic" and x.shape[1] == 1 and self.cache is not None and capturable:
             return self._static_forward(x, positions, attention_mask, start)
         ctx = ForwardContext(
             positions=positions.to(self.device),

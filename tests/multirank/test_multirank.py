@@ -73,6 +73,30 @@ def test_mpirun_tokens_equal_single_rank_and_hf(variant, tp, pp, engine, hf_dir,
 
 @pytest.mark.mpi
 @pytest.mark.parametrize(
+    ("variant", "tp", "pp"),
+    [("rw", 2, 1), ("40b", 2, 1), ("7b", 1, 2)],
+    ids=["rw-tp2", "40b-tp2", "7b-pp2"],
+)
+def test_mpirun_on_gpus_tokens_equal_hf(variant, tp, pp, engine, hf_dir, prompts, tmp_path):
+    """One GPU per rank, NCCL between them, decode steps (with their collectives) replayed as CUDA graphs."""
+    import torch
+
+    from compiler_core.engine import read_engine_config
+    from compiler_core.runtime.open import special_ids
+
+    if torch.cuda.device_count() < tp * pp:
+        pytest.skip(f"needs {tp * pp} CUDA GPUs, found {torch.cuda.device_count()}")
+    out = tmp_path / "mpi.json"
+    args = ["run", "--engine_dir", str(engine(variant, tp, pp)), *ids_args(prompts)]
+    result = run_mpi(tp * pp, *args, "--max_output_len", str(NEW_TOKENS), "--device", "cuda", "--output_json", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "CUDA graph capture failed" not in result.stderr
+    end_id, _ = special_ids(read_engine_config(engine(variant)))
+    assert json.loads(out.read_text())["output_ids"] == hf_greedy(hf_dir(variant), prompts, NEW_TOKENS, end_id)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize(
     ("variant", "tp", "pp", "extra"),
     [
         # Beam search reorders each rank's own cache, on both pipeline stages.
