@@ -14,10 +14,11 @@ For each batch size, after one warm-up call, both sides are timed (best of ``--r
     decode tok/s    batch x (N - 1) / (time(N new tokens) - time(1 new token))
 
 On CUDA the engine's decode steps replay a CUDA graph; a third column times the same engine
-without graphs. Greedy tokens of all sides are compared (printed as "tokens equal"). The header also gives the
-memory-bandwidth floor: measured copy traffic / weight bytes, i.e. the decode steps/s of an
-implementation that did nothing per step but read every weight once (batch-1 decode is bound
-by it; larger batches reuse each weight read for every row).
+without graphs (on CPU, ``MODELC_ONEDNN_LINEAR=0`` shows the engine with BLAS linears). Greedy
+tokens of all sides are compared (printed as "tokens equal"). The header also gives the
+memory-bandwidth floor, the decode steps/s of an implementation that did nothing per step but
+read every weight once (batch-1 decode is bound by it; larger batches reuse each weight read for
+every row), at two measured rates: a large copy's traffic, and a read-only float32 sum.
 
     python bench/bench_decode.py                               # CPU, small shape, batch 1 and 8
     python bench/bench_decode.py --device cuda --shape 7b      # GPU, falcon-7b dims, bf16
@@ -31,7 +32,7 @@ import time
 from typing import Any
 
 import torch
-from common import copy_bandwidth, make_hf, shapes, timed
+from common import copy_bandwidth, make_hf, read_bandwidth, shapes, timed
 
 SHAPES = shapes("overhead", "small", "7b")
 
@@ -142,10 +143,11 @@ def main() -> None:
     # Each decode step reads every weight once; at the copy's memory traffic rate that alone takes
     # weight_bytes / bandwidth, so no implementation decodes a batch-1 token faster than this.
     weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
-    bandwidth = copy_bandwidth(args.device, clock)
+    bandwidth, reading = copy_bandwidth(args.device, clock), read_bandwidth(args.device, clock)
     print(
-        f"# weights {weight_bytes / 2**20:.0f} MiB; copy traffic {bandwidth / 1e9:.1f} GB/s; "
-        f"weight-read floor: {bandwidth / weight_bytes:.1f} decode steps/s; clock: {args.clock}"
+        f"# weights {weight_bytes / 2**20:.0f} MiB; copy traffic {bandwidth / 1e9:.1f} GB/s, "
+        f"read-only sum {reading / 1e9:.1f} GB/s; weight-read floor: {bandwidth / weight_bytes:.1f} decode steps/s "
+        f"at copy traffic, {reading / weight_bytes:.1f} at the sum's rate; clock: {args.clock}"
     )
     graphs = runner.sessions[0].decode_mode == "graph"
     header = "| batch | HF prefill ms | modelc prefill ms | HF decode tok/s | modelc decode tok/s |"

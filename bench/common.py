@@ -59,6 +59,13 @@ def copy_bandwidth(device: str, clock: Callable[[], float] = time.perf_counter) 
     return 2 * x.numel() / seconds
 
 
+def read_bandwidth(device: str, clock: Callable[[], float] = time.perf_counter) -> float:
+    """Bytes/s of a read-only pass over 1 GiB (a float32 sum): what a GEMV can hope to stream."""
+    x = torch.ones(1 << 28, dtype=torch.float32, device=device)  # written, so pages are really backed
+    seconds, _ = best_time(x.sum, 5, device, clock)
+    return x.numel() * x.element_size() / seconds
+
+
 def falcon_hf_config(shape: str):
     """transformers' FalconConfig of a random Falcon-7B-style model (MQA, parallel attention) of ``shape``."""
     from transformers import FalconConfig

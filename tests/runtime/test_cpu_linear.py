@@ -71,12 +71,13 @@ def test_environment_turns_the_fast_path_off(monkeypatch):
     assert cpu_linear(torch.zeros(1024, 1024), None) is not None
 
 
-@pytest.mark.parametrize("variant", ["rw", "7b", "40b"])
-def test_greedy_matches_transformers_with_onednn_everywhere(variant, monkeypatch, engine_dir, hf_model, prompt_ids):
+@pytest.mark.parametrize(("variant", "tp"), [("rw", 1), ("7b", 1), ("40b", 1), ("40b", 2)])
+def test_greedy_matches_transformers_with_onednn_everywhere(variant, tp, monkeypatch, engine_dir, hf_model, prompt_ids):
     """The tiny test models' weights are below the size threshold; lowering them all to oneDNN
-    checks the fast path end to end (bias, ALiBi, MQA, GQA) against transformers."""
+    checks the fast path end to end (bias, ALiBi, MQA, GQA, tensor-parallel ranks as threads)
+    against transformers."""
     monkeypatch.setattr(cpu_linear_module, "MIN_ONEDNN_WEIGHT_ELEMENTS", 0)
-    runner, config = open_runner(engine_dir(variant), "cpu")
+    runner, config = open_runner(engine_dir(variant, tp), "cpu")
     end_id, _ = special_ids(config)
     settings = GenerationConfig(16, end_id=end_id, pad_id=0)
     ours: list[list[int]] = []
