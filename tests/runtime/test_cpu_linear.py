@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +12,7 @@ from torch.profiler import profile
 from compiler_core.runtime import cpu_linear as cpu_linear_module
 from compiler_core.runtime.cpu_linear import MAX_ONEDNN_ROWS, cpu_linear, onednn_linear_supported
 from compiler_core.runtime.generation import GenerationConfig, generate
-from compiler_core.runtime.open import open_runner, special_ids
+from compiler_core.runtime.open import special_ids
 from tests.runtime.reference import hf_generate, strip_padding
 
 pytestmark = pytest.mark.skipif(
@@ -76,11 +78,26 @@ def test_greedy_matches_transformers_with_onednn_everywhere(variant, tp, monkeyp
     """The tiny test models' weights are below the size threshold; lowering them all to oneDNN
     checks the fast path end to end (bias, ALiBi, MQA, GQA, tensor-parallel ranks as threads)
     against transformers."""
+    from compiler_core.engine import engine_mapping, load_rank_session, read_engine_config
+    from compiler_core.runtime.runner import LocalRunner
+
     monkeypatch.setattr(cpu_linear_module, "MIN_ONEDNN_WEIGHT_ELEMENTS", 0)
-    runner, config = open_runner(engine_dir(variant, tp), "cpu")
+    # Counted through a wrapper rather than the profiler, which does not see the rank threads.
+    onednn_calls = []
+    inner_product = torch.ops.mkldnn._linear_pointwise
+
+    def counted(*args):
+        onednn_calls.append(threading.get_ident())
+        return inner_product(*args)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", counted)
+    path = engine_dir(variant, tp)
+    config = read_engine_config(path)
+    mapping = engine_mapping(config)
+    runner = LocalRunner([load_rank_session(path, r, "cpu", config) for r in mapping.ranks()], mapping)
     end_id, _ = special_ids(config)
     settings = GenerationConfig(16, end_id=end_id, pad_id=0)
-    ours: list[list[int]] = []
-    assert ONEDNN_OP in ops_called(lambda: ours.extend(beams[0] for beams in generate(runner, prompt_ids, settings)))
+    ours = [beams[0] for beams in generate(runner, prompt_ids, settings)]
+    assert len(set(onednn_calls)) == tp  # every rank's linears ran through oneDNN
     ref = hf_generate(hf_model(variant), prompt_ids, 0, max_new_tokens=16, do_sample=False)
     assert [strip_padding(row, len(seq), {0}) for row, seq in zip(ref, ours, strict=True)] == ours
