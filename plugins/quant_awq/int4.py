@@ -1,8 +1,12 @@
 """Symmetric group-wise INT4 weights: quantize, pack two per byte, unpack, dequantize.
 
 Layout (the checkpoint's and every backend's): a linear weight is ``[out, in]``. Each row is cut
-into groups of ``group_size`` consecutive input channels; group ``g`` of row ``o`` has one scale
-``scales[o, g] = amax / 7`` (TensorRT and ModelOpt INT4 are symmetric: no zero point), and
+into ``ceil(in / group_size)`` groups of consecutive input channels: every group holds
+``group_size`` channels except, when ``group_size`` does not divide ``in``, the last one, which
+holds the remaining ``in % group_size`` (a *ragged* last group, as ONNX's blocked
+DequantizeLinear allows; falcon-7b's hidden size 4544 is 35 groups of 128 and one of 64).
+Group ``g`` of row ``o`` has one scale ``scales[o, g] = amax / 7`` over the channels it holds
+(TensorRT and ModelOpt INT4 are symmetric: no zero point), and
 ``q = clamp(round_half_even(w / scale), -8, 7)``.
 
 Packing is along the input dim (dim 1): byte ``[o, j]`` holds ``q[o, 2j]`` in its low nibble and
@@ -10,29 +14,52 @@ Packing is along the input dim (dim 1): byte ``[o, j]`` holds ``q[o, 2j]`` in it
 That is also ONNX's int4 byte order for a row-major ``[out, in]`` tensor, so the packed bytes are
 a DequantizeLinear initializer as they are. Packing along ``in`` keeps every output row intact,
 so row-wise transforms (column-parallel splits, Falcon's fused-QKV reorder) apply to the packed
-weight and its scales exactly as to a plain weight.
+weight and its scales exactly as to a plain weight. It needs an even ``in``.
+
+Internally, a ragged row is zero-padded to whole groups before it is reshaped into groups: a zero
+changes no group's max |w| and quantizes to code 0, and the padding is cut off again.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 INT4_MIN, INT4_MAX = -8, 7
 
 
-def check_group_size(in_features: int, group_size: int, what: str = "weight") -> None:
-    """Raise ValueError unless ``in_features`` splits into whole groups of an even ``group_size``."""
+def check_group_size(group_size: int) -> None:
+    """Raise ValueError unless ``group_size`` is a positive even number."""
     if group_size <= 0 or group_size % 2:
         raise ValueError(f"group_size must be a positive even number, got {group_size}")
-    if in_features % group_size:
-        raise ValueError(f"{what}: input dim {in_features} is not a multiple of group_size {group_size}")
+
+
+def num_groups(in_features: int, group_size: int) -> int:
+    """Groups per row, ``ceil(in_features / group_size)`` (the last one ragged when it does not divide)."""
+    return -(-in_features // group_size)
+
+
+def grouped(t: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``[rows, in]`` -> ``[rows, groups, group_size]``, a ragged last group zero-padded.
+
+    A view when ``group_size`` divides ``in``; otherwise a padded copy.
+    """
+    rows, inp = t.shape
+    pad = num_groups(inp, group_size) * group_size - inp
+    if pad:
+        t = F.pad(t, (0, pad))
+    return t.reshape(rows, -1, group_size)
+
+
+def ungrouped(t: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Inverse of :func:`grouped`: ``[rows, groups, group_size]`` -> ``[rows, in_features]``, padding cut off."""
+    return t.reshape(t.shape[0], -1)[:, :in_features].contiguous()
 
 
 def group_amax(w: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Per-group max |w|: ``[out, in]`` -> ``[out, in / group_size]`` (float32)."""
-    out, inp = w.shape
-    check_group_size(inp, group_size)
-    return w.float().abs().reshape(out, inp // group_size, group_size).amax(-1)
+    """Per-group max |w|: ``[out, in]`` -> ``[out, ceil(in / group_size)]`` (float32)."""
+    check_group_size(group_size)
+    return grouped(w.float().abs(), group_size).amax(-1)
 
 
 def scales_from_amax(amax: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -48,10 +75,10 @@ def scales_from_amax(amax: torch.Tensor, dtype: torch.dtype = torch.float32) -> 
 def _grouped_codes(w: torch.Tensor, group_size: int, amax: torch.Tensor | None, scales: torch.Tensor) -> torch.Tensor:
     """float32 codes ``[out, groups, group_size]`` of ``w`` for per-group ``scales`` (float32).
 
-    Works on the grouped view with broadcast scales: no full-size copies of the scales.
+    Works on the grouped view with broadcast scales: no full-size copies of the scales. Padding
+    of a ragged last group gets code 0.
     """
-    out, inp = w.shape
-    wg = w.float().reshape(out, inp // group_size, group_size)
+    wg = grouped(w.float(), group_size)
     if amax is not None:
         # Clip to the (possibly shrunk) range first, as llm-awq does.
         a = amax.float()[..., None]
@@ -63,33 +90,54 @@ def _grouped_codes(w: torch.Tensor, group_size: int, amax: torch.Tensor | None, 
 def quantize_groups(
     w: torch.Tensor, group_size: int, amax: torch.Tensor | None = None, scale_dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize ``w [out, in]`` to int4 codes (int8 ``[out, in]``) and scales ``[out, in / group_size]``.
+    """Quantize ``w [out, in]`` to int4 codes (int8 ``[out, in]``) and scales ``[out, ceil(in / group_size)]``.
 
     ``amax`` (per group, default: the group's max |w|) is the clipping range: weights beyond it
     saturate, which is how AWQ's clip search shrinks a group's range.
     """
-    check_group_size(w.shape[1], group_size)
+    check_group_size(group_size)
     scales = scales_from_amax(group_amax(w, group_size) if amax is None else amax, scale_dtype)
     q = _grouped_codes(w, group_size, amax, scales.float())
-    return q.to(torch.int8).reshape(w.shape), scales
+    return ungrouped(q.to(torch.int8), w.shape[1]), scales
 
 
-def dequantize_codes(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """int4 codes ``[out, in]`` times their group scales -> ``[out, in]`` in ``dtype``."""
-    out, inp = q.shape
-    groups = scales.shape[1]
-    w = q.float().reshape(out, groups, inp // groups) * scales.float()[..., None]
-    return w.reshape(out, inp).to(dtype)
+def scale_groups_(w: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Multiply ``w [out, in]`` (codes in a float dtype) in place by its group scales; return ``w``.
+
+    Whole groups are scaled through a grouped view and a ragged last group on its own, so no
+    padded copy of ``w`` or expanded copy of ``scales`` is made.
+    """
+    out, inp = w.shape
+    if tuple(scales.shape) != (out, num_groups(inp, group_size)):
+        raise ValueError(
+            f"scales {list(scales.shape)} do not match a [{out}, {inp}] weight in groups of {group_size} "
+            f"(expected [{out}, {num_groups(inp, group_size)}])"
+        )
+    whole = inp // group_size
+    if whole:
+        w[:, : whole * group_size].unflatten(1, (whole, group_size)).mul_(scales[:, :whole, None])
+    if inp % group_size:
+        w[:, whole * group_size :].mul_(scales[:, whole:])
+    return w
+
+
+def dequantize_codes(
+    q: torch.Tensor, scales: torch.Tensor, group_size: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """int4 codes ``[out, in]`` times their group scales -> ``[out, in]`` in ``dtype`` (computed in float32)."""
+    # A copy even for float input: the scaling is in place.
+    return scale_groups_(q.to(torch.float32, copy=True), scales.float(), group_size).to(dtype)
 
 
 def fake_quantize(w: torch.Tensor, group_size: int, amax: torch.Tensor | None = None) -> torch.Tensor:
     """Quantize then dequantize with float32 scales, the error model every search scores.
 
-    Equal to ``dequantize_codes(*quantize_groups(w, group_size, amax))`` without the int8 round trip.
+    Equal to ``dequantize_codes(*quantize_groups(w, group_size, amax), group_size)`` without the
+    int8 round trip.
     """
-    check_group_size(w.shape[1], group_size)
+    check_group_size(group_size)
     scales = scales_from_amax(group_amax(w, group_size) if amax is None else amax)
-    return _grouped_codes(w, group_size, amax, scales).mul_(scales[..., None]).reshape(w.shape)
+    return ungrouped(_grouped_codes(w, group_size, amax, scales).mul_(scales[..., None]), w.shape[1])
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -109,6 +157,6 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((lo, hi), dim=-1).reshape(*p.shape[:-1], p.shape[-1] * 2)
 
 
-def dequantize_packed(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_packed(packed: torch.Tensor, scales: torch.Tensor, group_size: int, dtype: torch.dtype) -> torch.Tensor:
     """Packed int4 weight and group scales -> the dense ``[out, in]`` weight in ``dtype``."""
-    return dequantize_codes(unpack_int4(packed), scales, dtype)
+    return dequantize_codes(unpack_int4(packed), scales, group_size, dtype)

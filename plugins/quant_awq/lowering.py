@@ -1,7 +1,8 @@
 """Kernels for ``awq_linear``.
 
 torch, CPU: the weight is dequantized once, at lowering time, into the compute dtype (a dense
-GEMM is the fastest thing a CPU can do with it).
+GEMM is the fastest thing a CPU can do with it). A ragged last group (see int4.py) is just
+scaled by its own scale.
 
 torch, CUDA: the weight stays int4 in device memory (a quarter of the fp16 bytes).
 
@@ -10,7 +11,9 @@ torch, CUDA: the weight stays int4 in device memory (a quarter of the fp16 bytes
   of at most ``TINYGEMM_MAX_ROWS`` tokens (decode): it reads the packed weight directly. Its
   weight layout is device-specific and cannot be checked on a CPU, so each layer compares it
   once, at lowering time, with the reference dequantization on a probe input and falls back
-  (with a warning) if they disagree or the op is unavailable.
+  (with a warning) if they disagree or the op is unavailable. The kernel needs K in whole
+  groups (and whole tiles); a ragged layer's weight is zero-padded once, at lowering time, to
+  whole groups (see :func:`tinygemm_operands`) and its activation per call.
 * Otherwise (prefill, float16/float32 models) each call dequantizes into a temporary in the
   compute dtype and runs a dense GEMM.
 
@@ -19,6 +22,8 @@ onnx (also what TensorRT parses): the weight-only INT4 pattern TensorRT recognis
 MatMul``, preceded by ``Mul(x, prequant_scaling_factor)`` when the layer has one. The scale is
 in the compute dtype, so the DequantizeLinear output feeds the MatMul without a Cast (strongly
 typed networks need both MatMul inputs of one type). No zero point: TensorRT is symmetric-only.
+A ragged layer's weight is zero-padded to whole blocks and its activation padded to match
+(see :func:`lower_awq_linear_onnx` for why).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import torch.nn.functional as F
 
 from compiler_core.ir import Node
 from compiler_core.runtime.kernels import Kernel, TorchLowering
-from plugins.quant_awq.int4 import dequantize_packed, unpack_int4
+from plugins.quant_awq.int4 import dequantize_packed, scale_groups_, unpack_int4
 
 #: Tokens per call up to which the CUDA int4 GEMM is used; larger calls are compute-bound and
 #: run faster as dequantize + dense GEMM.
@@ -39,30 +44,47 @@ TINYGEMM_MAX_ROWS = 16
 TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
 
 
-def dequantize_in_dtype(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_in_dtype(
+    packed: torch.Tensor, scales: torch.Tensor, group_size: int, dtype: torch.dtype
+) -> torch.Tensor:
     """:func:`dequantize_packed` computed directly in ``dtype`` (scales already in ``dtype``).
 
     A code in [-8, 7] times a scale is rounded once in either dtype, so the result is identical
-    to the float32 reference, without float32 temporaries.
+    to the float32 reference, without float32 temporaries (the codes' temporary is scaled in place).
     """
-    out, groups = scales.shape
-    return (unpack_int4(packed).to(dtype).view(out, groups, -1) * scales[..., None]).view(out, -1)
+    return scale_groups_(unpack_int4(packed).to(dtype), scales, group_size)
 
 
-def tinygemm_operands(packed: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+def tinygemm_codes(packed: torch.Tensor, groups: int, group_size: int) -> torch.Tensor:
+    """uint8 ``[out, groups * group_size / 2]``: the codes as ``aten._convert_weight_to_int4pack`` takes them.
+
+    Its codes are unsigned (q + 8) with the even input index in the *high* nibble. A ragged last
+    group is padded with code 0 (unsigned 8) up to whole groups: the kernel then multiplies the
+    padded inputs by a weight of exactly 0, whatever its group's scale.
+    """
+    q = unpack_int4(packed).to(torch.int32)
+    pad = groups * group_size - q.shape[1]
+    if pad:
+        q = F.pad(q, (0, pad))
+    u = q + 8
+    return ((u[:, 0::2] << 4) | u[:, 1::2]).to(torch.uint8)
+
+
+def tinygemm_operands(
+    packed: torch.Tensor, scales: torch.Tensor, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The weight and scales in ``aten._weight_int4pack_mm``'s layout, or None when it does not apply.
 
-    Its codes are unsigned (q + 8) with the even input index in the *high* nibble, and it
-    dequantizes as ``(u - 8) * scale + zero`` from ``scales_and_zeros [in/group, out, 2]``;
-    symmetric INT4 has zero 0.
+    It dequantizes as ``(u - 8) * scale + zero`` from ``scales_and_zeros [groups, out, 2]``;
+    symmetric INT4 has zero 0. K is the padded width ``groups * group_size``: for a ragged layer
+    the caller pads the activation to it as well (see :func:`tinygemm_matmul`).
     """
-    out, half = packed.shape
-    k = half * 2
+    out, groups = scales.shape
+    k = groups * group_size
     tiles = next((t for t in (8, 4, 2) if k % (t * 16) == 0), None)
     if tiles is None or out % 8:
         return None
-    u = unpack_int4(packed).to(torch.int32) + 8
-    u8 = ((u[:, 0::2] << 4) | u[:, 1::2]).to(torch.uint8)
+    u8 = tinygemm_codes(packed, groups, group_size)
     weight = torch.ops.aten._convert_weight_to_int4pack(u8.contiguous(), tiles)
     scales_and_zeros = torch.stack([scales, torch.zeros_like(scales)], dim=-1).transpose(0, 1).contiguous()
     return weight, scales_and_zeros
@@ -71,22 +93,34 @@ def tinygemm_operands(packed: torch.Tensor, scales: torch.Tensor) -> tuple[torch
 def tinygemm_matmul(
     packed: torch.Tensor, scales: torch.Tensor, group_size: int, name: str
 ) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """``x2d -> x2d @ W.T`` through the CUDA int4 GEMM, if it applies and passes a probe."""
+    """``x2d -> x2d @ W.T`` through the CUDA int4 GEMM, if it applies and passes a probe.
+
+    A layer whose input dim is not whole groups (a ragged last group) keeps the int4 kernel: its
+    weight was padded with zero codes at lowering time (a few columns, under one group per row)
+    and each call pads the activation with zeros to match. The alternative, dequantizing such
+    layers per call, would read four times the weight bytes on every decode step; the padded
+    activation is at most ``TINYGEMM_MAX_ROWS`` rows, a copy the contiguous activation the
+    kernel requires would often cost anyway.
+    """
     if scales.dtype != torch.bfloat16 or group_size not in TINYGEMM_GROUP_SIZES:
         return None
+    in_features = packed.shape[1] * 2
     try:
-        operands = tinygemm_operands(packed, scales)
+        operands = tinygemm_operands(packed, scales, group_size)
         if operands is None:
             return None
         weight, scales_and_zeros = operands
+        pad = scales.shape[1] * group_size - in_features
 
         def matmul(x2d: torch.Tensor) -> torch.Tensor:
-            # The int4 GEMM requires a contiguous activation (a beam-reordered or sliced input is not).
-            return torch.ops.aten._weight_int4pack_mm(x2d.contiguous(), weight, group_size, scales_and_zeros)
+            # The int4 GEMM requires a contiguous activation (a beam-reordered or sliced input is
+            # not); F.pad returns a new contiguous tensor with zeros in the padded columns.
+            x2d = F.pad(x2d, (0, pad)) if pad else x2d.contiguous()
+            return torch.ops.aten._weight_int4pack_mm(x2d, weight, group_size, scales_and_zeros)
 
         gen = torch.Generator(device=packed.device).manual_seed(0)
-        probe = torch.randn(4, packed.shape[1] * 2, generator=gen, device=packed.device).to(torch.bfloat16)
-        want = probe.float() @ dequantize_in_dtype(packed, scales, torch.bfloat16).float().T
+        probe = torch.randn(4, in_features, generator=gen, device=packed.device).to(torch.bfloat16)
+        want = probe.float() @ dequantize_in_dtype(packed, scales, group_size, torch.bfloat16).float().T
         got = matmul(probe).float()
     except (RuntimeError, NotImplementedError) as exc:
         warnings.warn(f"{name}: int4 GEMM unavailable ({exc}); dequantizing per call", stacklevel=2)
@@ -107,9 +141,10 @@ def lower_awq_linear_torch(node: Node, low: TorchLowering) -> Kernel:
     bias = low.param(node, "bias")
     dtype = low.compute_dtype
     scales = low.param(node, "weights_scaling_factor").to(dtype)
+    group_size = int(node.attrs["group_size"])
 
     if low.device.type == "cpu":
-        weight = dequantize_packed(packed, scales, dtype)
+        weight = dequantize_packed(packed, scales, group_size, dtype)
 
         def dense(ctx, x: torch.Tensor) -> torch.Tensor:
             if prequant is not None:
@@ -118,7 +153,7 @@ def lower_awq_linear_torch(node: Node, low: TorchLowering) -> Kernel:
 
         return dense
 
-    int4_matmul = tinygemm_matmul(packed, scales, int(node.attrs["group_size"]), node.name)
+    int4_matmul = tinygemm_matmul(packed, scales, group_size, node.name)
     out_features = scales.shape[0]
 
     def on_device(ctx, x: torch.Tensor) -> torch.Tensor:
@@ -128,7 +163,7 @@ def lower_awq_linear_torch(node: Node, low: TorchLowering) -> Kernel:
         if int4_matmul is not None and rows <= TINYGEMM_MAX_ROWS:
             y = int4_matmul(x.reshape(rows, x.shape[-1])).reshape(*x.shape[:-1], out_features)
             return y if bias is None else y + bias
-        return F.linear(x, dequantize_in_dtype(packed, scales, dtype), bias)
+        return F.linear(x, dequantize_in_dtype(packed, scales, group_size, dtype), bias)
 
     return on_device
 
@@ -140,11 +175,23 @@ def lower_awq_linear_onnx(node: Node, ctx) -> list[str]:
     (x,) = ctx.inputs(node)
     codes = unpack_int4(ctx.weight(node, "weight"))
     scales = ctx.weight(node, "weights_scaling_factor")
-    # Transposed to [in, out] / [in / group, out]: blocks then run along the MatMul's K axis.
-    q = ctx.initializer(f"{node.params['weight']}.T", codes.t(), "int4")
-    s = ctx.initializer(f"{node.params['weights_scaling_factor']}.T", scales.t(), ctx.compute_dtype)
-    weight = emit_dequantize(ctx, q, s, axis=0, block_size=int(node.attrs["group_size"]))
+    group_size = int(node.attrs["group_size"])
     prequant = ctx.param(node, "prequant_scaling_factor")
     if prequant is not None:
         x = ctx.emit("Mul", [x, prequant])
+    pad = scales.shape[1] * group_size - codes.shape[1]
+    if pad:
+        # A ragged last group is stored as a whole block: zero codes pad the weight and a Pad
+        # gives the activation as many zero columns. The ONNX spec (and onnxruntime) would take
+        # a ragged last block (scale dim ceil(D / block_size)), but TensorRT's parser derives
+        # the block from D / scale dim: it rejects 4544 inputs in 36 blocks and would read 96
+        # inputs in 2 blocks of 64 as blocks of 48. Padding the activation rather than slicing
+        # the dequantized weight keeps the DequantizeLinear -> MatMul pattern that TensorRT's
+        # INT4 GEMM and onnxruntime's MatMulNBits fuse.
+        codes = F.pad(codes, (0, pad))
+        x = ctx.emit("Pad", [x, ctx.const([0, pad]), "", ctx.const([-1])], dtype=ctx.compute_dtype)
+    # Transposed to [in, out] / [in / group, out]: blocks then run along the MatMul's K axis.
+    q = ctx.initializer(f"{node.params['weight']}.T", codes.t(), "int4")
+    s = ctx.initializer(f"{node.params['weights_scaling_factor']}.T", scales.t(), ctx.compute_dtype)
+    weight = emit_dequantize(ctx, q, s, axis=0, block_size=group_size)
     return [emit_matmul(ctx, x, weight, ctx.param(node, "bias"), outputs=ctx.outputs_of(node))]

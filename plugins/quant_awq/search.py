@@ -8,7 +8,8 @@
   ``alpha = 0`` is plain round-to-nearest, so the result is never worse than RTN on the
   calibration tokens.
 * :func:`search_clip`: per (output row, group), the clipping range ``amax * (1 - i / 20)`` for
-  i = 0..9 with the lowest MSE of that group's partial output ``x_g @ w_g``.
+  i = 0..9 with the lowest MSE of that group's partial output ``x_g @ w_g``. A ragged last
+  group (see :mod:`plugins.quant_awq.int4`) is searched like the others, over the channels it has.
 
 Both take the activation as a token sample ``x [tokens, in]``; losses are computed in float32.
 """
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from plugins.quant_awq.int4 import fake_quantize, group_amax
+from plugins.quant_awq.int4 import fake_quantize, group_amax, grouped
 
 #: llm-awq clamps the candidate scales at 1e-4 before normalising them.
 MIN_SCALE = 1e-4
@@ -85,20 +86,22 @@ def search_scale(
 
 
 def _group_gram(x: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Per input group, ``x_g.T @ x_g / tokens``: ``[groups, group_size, group_size]``."""
-    n, inp = x.shape
-    xg = x.float().reshape(n, inp // group_size, group_size).transpose(0, 1)
-    return xg.transpose(1, 2) @ xg / n
+    """Per input group, ``x_g.T @ x_g / tokens``: ``[groups, group_size, group_size]``.
+
+    A ragged last group's activations are zero-padded, so its Gram matrix is zero outside the
+    channels it has.
+    """
+    xg = grouped(x.float(), group_size).transpose(0, 1)
+    return xg.transpose(1, 2) @ xg / x.shape[0]
 
 
 def group_output_mse(w: torch.Tensor, wq: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     """Per (row, group), the mean over tokens of ``(x_g @ (w_g - wq_g))**2``: ``[out, groups]``.
 
     Uses the group Gram matrices, ``d.T @ (x_g.T x_g / n) @ d``, so memory stays at the weight's
-    size whatever the number of tokens.
+    size whatever the number of tokens. A ragged last group's padding has zero difference ``d``.
     """
-    groups, gs, _ = gram.shape
-    d = (w.float() - wq).reshape(w.shape[0], groups, gs)
+    d = grouped(w.float() - wq, gram.shape[1])
     return torch.einsum("ogi,gij,ogj->og", d, gram, d)
 
 
@@ -110,7 +113,7 @@ def search_clip(
     max_shrink: float = 0.5,
     row_chunk: int = 1024,
 ) -> torch.Tensor:
-    """Per-group clipping ranges ``[out, in / group_size]`` for ``w [out, in]`` read by ``x [tokens, in]``.
+    """Per-group clipping ranges ``[out, ceil(in / group_size)]`` for ``w [out, in]`` read by ``x [tokens, in]``.
 
     Tries ``amax * (1 - i / n_grid)`` for ``i < max_shrink * n_grid`` and keeps, per group, the one
     whose partial output ``x_g @ w_g`` changes least after quantization. ``i = 0`` (no clipping)

@@ -59,7 +59,8 @@ def dequantized_hf(hf: Path, checkpoint: Path):
         ir = ir_name(name)
         base = ir.removesuffix(".weight")
         if ir.endswith(".weight") and f"{base}.weights_scaling_factor" in weights:
-            dense = dequantize_packed(weights[ir], weights[f"{base}.weights_scaling_factor"], torch.float32)
+            scales = weights[f"{base}.weights_scaling_factor"]
+            dense = dequantize_packed(weights[ir], scales, config["quantization"]["group_size"], torch.float32)
             prequant = weights.get(f"{base}.prequant_scaling_factor")
             if prequant is not None:
                 dense = dense * prequant
