@@ -25,7 +25,7 @@ from plugins.quant_awq.transform import (
     DEFAULT_GROUP_SIZE,
     QUANT_ALGO,
     SCHEME_NAME,
-    check_divisible,
+    check_groups,
     output_heads,
     quantizable_linears,
     quantization_section,
@@ -37,7 +37,7 @@ class Int4AwqScheme(QuantScheme):
 
     ``options`` read by :meth:`quantize` (besides the generic ones): ``group_size`` (default 128),
     ``awq_max_tokens`` (calibration tokens each search is scored on, default 2048) and
-    ``mapping`` (the target split, checked for whole groups per rank before calibrating).
+    ``mapping`` (the target split, checked for whole groups per row-parallel rank before calibrating).
     """
 
     name = SCHEME_NAME
@@ -102,10 +102,10 @@ class Int4AwqScheme(QuantScheme):
 
     @staticmethod
     def _check_split(model: LoadedModel, linears, group_size: int, exclude: list[str], mapping: Mapping | None) -> None:
-        """Fail before calibrating when some rank's linear would not hold whole groups."""
+        """Fail before calibrating when a linear has an odd input dim or a rank would not hold whole groups."""
         for node in linears:
             in_features = model.weights[node.params["weight"]].shape[1]
-            check_divisible(node, in_features, group_size, 1)
+            check_groups(node, in_features, group_size, 1)
         if mapping is None or mapping.tp_size == 1:
             return
         preview = {

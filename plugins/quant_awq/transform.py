@@ -4,12 +4,19 @@ every rank and by the quantizer itself, so both always agree).
 
 A quantized linear ``X`` (its weight param ``X.weight``) reads::
 
-    X.weight                   int8   [out, in / 2]           two int4 codes per byte (see int4.py)
-    X.weights_scaling_factor   dtype  [out, in / group_size]  per-group scale, amax / 7
-    X.prequant_scaling_factor  dtype  [in]                    only for pre_quant_scale_modules
-    X.bias                     dtype  [out]                   unchanged, when the linear has one
+    X.weight                   int8   [out, in / 2]                 two int4 codes per byte (see int4.py)
+    X.weights_scaling_factor   dtype  [out, ceil(in / group_size)]  per-group scale, amax / 7
+    X.prequant_scaling_factor  dtype  [in]                          only for pre_quant_scale_modules
+    X.bias                     dtype  [out]                         unchanged, when the linear has one
 
 and computes ``(x * prequant_scaling_factor) @ dequant(weight).T + bias``.
+
+Any even ``in`` is accepted: when ``group_size`` does not divide it, the last group of each row
+is ragged and holds the remaining ``in % group_size`` channels (falcon-7b's 4544 at group 128);
+for divisible dims the format is unchanged. Two limits remain, both refused up front by
+:func:`check_groups`: an odd ``in`` (codes are packed in pairs along it), and a row-parallel
+split whose rank boundary falls inside a group (each rank's slice of the scales must cover
+exactly its own channels, so every rank must hold whole groups).
 """
 
 from __future__ import annotations
@@ -20,19 +27,21 @@ from typing import Any
 
 from compiler_core.errors import UsageError
 from compiler_core.ir import Graph, Node, OpSpec, Param
+from plugins.quant_awq.int4 import num_groups
 
 SCHEME_NAME = "int4_awq"
 QUANT_ALGO = "W4A16_AWQ"
 OP = "awq_linear"
 DEFAULT_GROUP_SIZE = 128
-#: Group sizes suggested when a layer's input dim does not divide into the requested one.
+#: Group sizes suggested when a row-parallel layer's per-rank input dim does not divide into the requested one.
 COMMON_GROUP_SIZES = (128, 64, 32, 16)
 
 AWQ_LINEAR = OpSpec(
     OP,
     "INT4 group-wise weight-only linear: (x * prequant_scaling_factor) @ dequant(weight).T (+ bias). "
     "weight int8 [out, in/2] (two int4 per byte, low nibble = even input index), weights_scaling_factor "
-    "[out, in/group_size], prequant_scaling_factor [in] (optional). attr `parallel` as for linear.",
+    "[out, ceil(in/group_size)] (the last group holds in % group_size channels when that is not 0), "
+    "prequant_scaling_factor [in] (optional). attr `parallel` as for linear.",
     params=("weight", "weights_scaling_factor"),
     optional_params=("prequant_scaling_factor", "bias"),
     attrs=("group_size",),
@@ -72,21 +81,28 @@ def param_base(node: Node) -> str:
     return weight.removesuffix(".weight") if weight.endswith(".weight") else node.name
 
 
-def check_divisible(node: Node, in_features: int, group_size: int, tp_size: int) -> None:
-    """UsageError (before any work) when a linear's per-rank input dim is not whole groups."""
-    if in_features % group_size == 0:
+def check_groups(node: Node, in_features: int, group_size: int, tp_size: int) -> None:
+    """UsageError (before any work) for a linear whose per-rank input dim int4_awq cannot store.
+
+    ``in_features`` is the rank's input dim. Refused: an odd one (two codes share a byte along
+    it), and a row-parallel split that cuts a group (a rank's scales would then cover channels
+    of its neighbour). A ragged last group is fine otherwise: a column-parallel or unsplit
+    linear keeps every row's full input dim.
+    """
+    if in_features % 2:
+        raise UsageError(
+            f"int4_awq: layer {node.name}: input dim {in_features} is odd; int4 codes are packed in pairs "
+            f"along the input dim, so odd input dims are not supported (leave the layer unquantized with "
+            f"--exclude_modules)"
+        )
+    if node.attrs.get("parallel") != "row" or tp_size == 1 or in_features % group_size == 0:
         return
-    if node.attrs.get("parallel") == "row" and tp_size > 1:
-        full = in_features * tp_size
-        where = f"input dim {full} split over tp_size {tp_size} is {in_features} per rank"
-    else:
-        full = in_features
-        where = f"input dim {in_features}"
     fits = [g for g in COMMON_GROUP_SIZES if in_features % g == 0]
     hint = f"group sizes that fit: {', '.join(map(str, fits))}" if fits else "no common group size fits"
     raise UsageError(
-        f"int4_awq: layer {node.name}: {where}, not a multiple of group_size {group_size} "
-        f"(every rank needs whole groups; {hint})"
+        f"int4_awq: layer {node.name}: input dim {in_features * tp_size} split over tp_size {tp_size} is "
+        f"{in_features} per rank, not a multiple of group_size {group_size} (a rank boundary would cut a "
+        f"group: every rank needs whole groups; {hint})"
     )
 
 
@@ -97,7 +113,9 @@ def quantized_node(node: Node, params: Mapping[str, Param], group_size: int, pre
     base = param_base(node)
     new_params = {
         weight.name: Param(weight.name, (out, inp // 2), "int8"),
-        f"{base}.weights_scaling_factor": Param(f"{base}.weights_scaling_factor", (out, inp // group_size), dtype),
+        f"{base}.weights_scaling_factor": Param(
+            f"{base}.weights_scaling_factor", (out, num_groups(inp, group_size)), dtype
+        ),
     }
     roles = {"weight": weight.name, "weights_scaling_factor": f"{base}.weights_scaling_factor"}
     if prequant:
@@ -129,7 +147,7 @@ def transform_graph(graph: Graph, config: Mapping[str, Any]) -> Graph:
     params = dict(graph.params)
     replaced = {}
     for node in quantizable_linears(graph, q.get("exclude_modules") or ()):
-        check_divisible(node, params[node.params["weight"]].shape[1], group_size, tp_size)
+        check_groups(node, params[node.params["weight"]].shape[1], group_size, tp_size)
         new, new_params = quantized_node(node, params, group_size, node.name in prequant, dtype)
         replaced[node.name] = new
         params.update(new_params)

@@ -212,11 +212,17 @@ def test_row_parallel_split_must_hold_whole_groups(hf_dir, tmp_path) -> None:
     assert not out.exists()
 
 
-def test_input_dim_must_hold_whole_groups(hf_dir, tmp_path) -> None:
+def test_odd_input_dim_is_refused(tokenizer, tmp_path) -> None:
+    """Two int4 codes share a byte along the input dim, so an odd one is refused, naming the layer,
+    before any calibration. (Dims that are not whole groups are fine: see test_awq_ragged.py.)"""
+    from plugins.falcon.tiny import make_tiny_falcon
+
+    # An odd hidden size needs an odd head dim, which transformers refuses; an odd MLP width will do.
+    hf = make_tiny_falcon(tmp_path / "hf", "rw", num_layers=1, ffn_hidden_size=255, tokenizer=tokenizer)
     code, stderr = run_modelc(
         "quantize",
         "--model_dir",
-        str(hf_dir("rw")),
+        str(hf),
         "--output_dir",
         str(tmp_path / "never"),
         "--qformat",
@@ -227,5 +233,7 @@ def test_input_dim_must_hold_whole_groups(hf_dir, tmp_path) -> None:
         "2",
     )
     assert code == 2, stderr
-    assert "layer layers.0.attention.qkv: input dim 64, not a multiple of group_size 128" in stderr
-    assert "group sizes that fit: 64, 32, 16" in stderr
+    assert "layer layers.0.mlp.proj: input dim 255 is odd" in stderr
+    assert "odd input dims are not supported" in stderr and "--exclude_modules" in stderr
+    assert "calibrate" not in stderr
+    assert not (tmp_path / "never").exists()
