@@ -23,8 +23,8 @@ that the quantized engine computes the same model, not an accuracy figure).
     python bench/bench_awq.py --device cuda --shape 7b          # GPU, falcon-7b dims, bfloat16
 
 On CUDA, bfloat16 decode uses PyTorch's int4 GEMM (see plugins/quant_awq/lowering.py); other
-dtypes and prefill dequantize per call. Group size 128 needs hidden and ffn sizes divisible by
-128: falcon-7b's 4544 is not, so ``--shape 7b`` defaults to group size 64 (4544 = 71 x 64).
+dtypes and prefill dequantize per call. falcon-7b's hidden size 4544 is not a multiple of 128: its
+last group holds 64 channels (the int4 GEMM pads it to a whole group).
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--shape", default="small", choices=sorted(SHAPES))
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--group_size", type=int, default=None, help="default: 128 (64 for --shape 7b)")
+    parser.add_argument("--group_size", type=int, default=128)
     parser.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
     parser.add_argument("--prompt_len", type=int, default=64)
     parser.add_argument("--new_tokens", type=int, default=32)
@@ -152,8 +152,6 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.group_size is None:
-        args.group_size = 64 if args.shape == "7b" else 128
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
 
     import transformers
