@@ -1,8 +1,8 @@
 """Kernels for ``awq_linear``.
 
 torch, CPU: the weight is dequantized once, at lowering time, into the compute dtype (a dense
-GEMM is the fastest thing a CPU can do with it). A ragged last group (see int4.py) is just
-scaled by its own scale.
+GEMM is the fastest thing a CPU can do with it) and then runs like any float linear of the
+runtime. A ragged last group (see int4.py) is just scaled by its own scale.
 
 torch, CUDA: the weight stays int4 in device memory (a quarter of the fp16 bytes).
 
@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from compiler_core.ir import Node
+from compiler_core.runtime.cpu_linear import cpu_linear
 from compiler_core.runtime.kernels import Kernel, TorchLowering
 from plugins.quant_awq.int4 import dequantize_packed, scale_groups_, unpack_int4
 
@@ -145,11 +146,13 @@ def lower_awq_linear_torch(node: Node, low: TorchLowering) -> Kernel:
 
     if low.device.type == "cpu":
         weight = dequantize_packed(packed, scales, group_size, dtype)
+        # The dense weight then takes the runtime's CPU linear, fast path included.
+        fast = cpu_linear(weight, bias)
 
         def dense(ctx, x: torch.Tensor) -> torch.Tensor:
             if prequant is not None:
                 x = x * prequant
-            return F.linear(x, weight, bias)
+            return F.linear(x, weight, bias) if fast is None else fast(x)
 
         return dense
 

@@ -123,6 +123,28 @@ def test_execution_matches_hand_dequantized_transformers(variant, hf_dir, awq_di
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
+def test_cpu_fast_linear_runs_the_dequantized_weights(monkeypatch, hf_dir, awq_dir, eval_ids) -> None:
+    """On CPU the dequantized weights take the runtime's oneDNN linear (forced here for the tiny
+    model's small weights) and still compute the dequantized model."""
+    from compiler_core.runtime import cpu_linear
+
+    if not cpu_linear.onednn_linear_supported():
+        pytest.skip("this torch build or CPU has no oneDNN float32 inner product")
+    ckpt, ids = awq_dir("40b"), eval_ids[:1, :16]  # quantized first: calibration runs float linears
+    calls = []
+    inner_product = torch.ops.mkldnn._linear_pointwise
+
+    def counted(*args):
+        calls.append(args[1].shape)
+        return inner_product(*args)
+
+    monkeypatch.setattr(cpu_linear, "MIN_ONEDNN_WEIGHT_ELEMENTS", 0)
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", counted)
+    out = modelc_logits(ckpt, ids)
+    assert any(shape[0] != out.shape[-1] for shape in calls)  # not only the (unquantized) lm_head
+    torch.testing.assert_close(out, hf_logits(dequantized_hf(hf_dir("40b"), ckpt), ids), atol=1e-4, rtol=1e-4)
+
+
 def test_excluded_linear_in_a_folded_group_keeps_its_scale(hf_dir, eval_ids, tmp_path) -> None:
     """7b's shared layer norm feeds qkv and fc; with fc excluded the norm still absorbs the scale
     searched for qkv, so fc's full-precision weight must carry it (W * s) to stay exact."""
