@@ -96,6 +96,21 @@ def left_padded(prompts: Sequence[Sequence[int]], pad: int = 0) -> tuple[torch.T
     return ids, mask
 
 
+def built_engine(checkpoint: Path, out: Path, backend: str) -> Path:
+    """``out``, made an engine of ``checkpoint`` for ``backend`` in this process."""
+    from compiler_core.engine import build_engine
+    from compiler_core.registry import get_registry
+
+    build_engine(checkpoint, out, get_registry().backend(backend, "test"), {}, show_progress=False)
+    return out
+
+
+def prompt_logits(engine_dir: Path, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 prefill logits of ``prompts``, left-padded, and the mask of their real positions."""
+    ids, mask = left_padded(prompts)
+    return prefill_logits(local_runner(engine_dir), ids, mask), mask.bool()
+
+
 def prefill_logits(runner, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Float32 logits of a whole left-padded batch from an empty cache."""
     from compiler_core.runtime.context import positions_from_mask

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import onnx
 import pytest
 import torch
 
-from compiler_core.engine import build_engine, read_engine_config
+from compiler_core.engine import read_engine_config
 from compiler_core.registry import get_registry
 from plugins.quant_awq.tests.conftest import GROUP_SIZE
 
@@ -16,34 +14,24 @@ pytest.importorskip("onnxruntime")
 if "onnx" not in get_registry().backends:
     pytest.skip("the onnx backend plugin is not loaded", allow_module_level=True)
 
-from plugins.onnx.testing import left_padded, local_runner, prefill_logits
+from plugins.onnx.testing import built_engine, prompt_logits
 
 PROMPTS = [[5, 77, 120, 33, 9, 250, 18, 61, 300, 2, 45, 17], [150, 3, 99, 8]]
-
-
-def engine(checkpoint: Path, out: Path, backend: str) -> Path:
-    build_engine(checkpoint, out, get_registry().backend(backend, "test"), {}, show_progress=False)
-    return out
-
-
-def logits(engine_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    ids, mask = left_padded(PROMPTS)
-    return prefill_logits(local_runner(engine_dir), ids, mask), mask.bool()
 
 
 # 180b has 40b's graph and falcon2's ops are 7b's and 40b's: three variants cover every lowering.
 @pytest.mark.parametrize("variant", ["rw", "7b", "40b"])
 def test_onnxruntime_equals_torch_backend(variant, awq_dir, tmp_path) -> None:
     ckpt = awq_dir(variant)
-    onnx_logits, real = logits(engine(ckpt, tmp_path / "onnx", "onnx"))
-    torch_logits, _ = logits(engine(ckpt, tmp_path / "torch", "torch"))
+    onnx_logits, real = prompt_logits(built_engine(ckpt, tmp_path / "onnx", "onnx"), PROMPTS)
+    torch_logits, _ = prompt_logits(built_engine(ckpt, tmp_path / "torch", "torch"), PROMPTS)
     assert (onnx_logits - torch_logits)[real].abs().max().item() < 1e-4
 
 
 def test_onnx_graph_uses_blocked_int4_dequantize(awq_dir, tmp_path) -> None:
     """Each quantized linear is int4 W[in, out] -> DequantizeLinear(axis 0, block = group) -> MatMul,
     with the prequant multiply only where the checkpoint has one; lm_head stays a float MatMul."""
-    out = engine(awq_dir("40b"), tmp_path / "onnx", "onnx")
+    out = built_engine(awq_dir("40b"), tmp_path / "onnx", "onnx")
     model = onnx.load(str(out / "rank0.onnx"), load_external_data=False)
     int4 = {i.name: i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT4}
     dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in int4]
@@ -63,15 +51,15 @@ def test_onnx_graph_uses_blocked_int4_dequantize(awq_dir, tmp_path) -> None:
 
 
 def test_tensor_parallel_onnx_equals_tp1(awq_dir, tmp_path) -> None:
-    tp2, real = logits(engine(awq_dir("40b", tp=2), tmp_path / "tp2", "onnx"))
-    tp1, _ = logits(engine(awq_dir("40b"), tmp_path / "tp1", "onnx"))
+    tp2, real = prompt_logits(built_engine(awq_dir("40b", tp=2), tmp_path / "tp2", "onnx"), PROMPTS)
+    tp1, _ = prompt_logits(built_engine(awq_dir("40b"), tmp_path / "tp1", "onnx"), PROMPTS)
     assert (tp2 - tp1)[real].abs().max().item() < 1e-4
 
 
 def test_float16_onnxruntime_close_to_torch_backend(awq_dir, tmp_path) -> None:
     ckpt = awq_dir("7b", dtype="float16")
-    onnx_logits, real = logits(engine(ckpt, tmp_path / "onnx", "onnx"))
-    torch_logits, _ = logits(engine(ckpt, tmp_path / "torch", "torch"))
+    onnx_logits, real = prompt_logits(built_engine(ckpt, tmp_path / "onnx", "onnx"), PROMPTS)
+    torch_logits, _ = prompt_logits(built_engine(ckpt, tmp_path / "torch", "torch"), PROMPTS)
     # fp16 rounding differs between onnxruntime's kernels and torch's (as for unquantized models).
     assert (onnx_logits - torch_logits)[real].abs().max().item() < 5e-2
     assert torch.equal(onnx_logits.argmax(-1)[real], torch_logits.argmax(-1)[real])

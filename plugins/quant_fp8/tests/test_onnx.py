@@ -2,32 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import onnx
 import pytest
 import torch
 
-from compiler_core.engine import build_engine, read_engine_config
+from compiler_core.engine import read_engine_config
 from compiler_core.registry import get_registry
 
 pytest.importorskip("onnxruntime")
 if "onnx" not in get_registry().backends:
     pytest.skip("the onnx backend plugin is not loaded", allow_module_level=True)
 
-from plugins.onnx.testing import left_padded, local_runner, prefill_logits
+from plugins.onnx.testing import built_engine, prompt_logits
 
 PROMPTS = [[5, 77, 120, 33, 9, 250, 18, 61, 300, 2, 45, 17, 88, 140, 7, 230], [150, 3, 99, 8, 41, 12]]
-
-
-def engine(checkpoint: Path, out: Path, backend: str) -> Path:
-    build_engine(checkpoint, out, get_registry().backend(backend, "test"), {}, show_progress=False)
-    return out
-
-
-def logits(engine_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    ids, mask = left_padded(PROMPTS)
-    return prefill_logits(local_runner(engine_dir), ids, mask), mask.bool()
 
 
 # 180b has 40b's graph and falcon2's ops are 7b's and 40b's: three variants cover every lowering.
@@ -35,15 +23,15 @@ def logits(engine_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
 def test_onnxruntime_equals_torch_backend(variant, fp8_dir, tmp_path):
     """FP8 weights, activations and KV cache: onnxruntime's Q/DQ graph computes what the torch kernels do."""
     ckpt = fp8_dir(variant)
-    onnx_logits, real = logits(engine(ckpt, tmp_path / "onnx", "onnx"))
-    torch_logits, _ = logits(engine(ckpt, tmp_path / "torch", "torch"))
+    onnx_logits, real = prompt_logits(built_engine(ckpt, tmp_path / "onnx", "onnx"), PROMPTS)
+    torch_logits, _ = prompt_logits(built_engine(ckpt, tmp_path / "torch", "torch"), PROMPTS)
     scale = torch_logits[real].abs().max().item()
     assert (onnx_logits - torch_logits)[real].abs().max().item() < 1e-4 * scale
     assert torch.equal(onnx_logits.argmax(-1)[real], torch_logits.argmax(-1)[real])
 
 
 def test_onnx_graph_has_per_tensor_fp8_qdq_around_each_matmul(fp8_dir, tmp_path):
-    out = engine(fp8_dir("40b"), tmp_path / "onnx", "onnx")
+    out = built_engine(fp8_dir("40b"), tmp_path / "onnx", "onnx")
     model = onnx.load(str(out / "rank0.onnx"), load_external_data=False)
     inits = {i.name: i for i in model.graph.initializer}
     fp8_weights = {n for n, i in inits.items() if i.data_type == onnx.TensorProto.FLOAT8E4M3FN}
@@ -71,15 +59,15 @@ def test_onnx_graph_has_per_tensor_fp8_qdq_around_each_matmul(fp8_dir, tmp_path)
 
 
 def test_tensor_parallel_onnx_equals_tp1(fp8_dir, tmp_path):
-    tp2, real = logits(engine(fp8_dir("7b", tp=2), tmp_path / "tp2", "onnx"))
-    tp1, _ = logits(engine(fp8_dir("7b"), tmp_path / "tp1", "onnx"))
+    tp2, real = prompt_logits(built_engine(fp8_dir("7b", tp=2), tmp_path / "tp2", "onnx"), PROMPTS)
+    tp1, _ = prompt_logits(built_engine(fp8_dir("7b"), tmp_path / "tp1", "onnx"), PROMPTS)
     assert (tp2 - tp1)[real].abs().max().item() < 1e-4 * tp1[real].abs().max().item()
 
 
 def test_float16_onnxruntime_close_to_torch_backend(fp8_dir, tmp_path):
     ckpt = fp8_dir("falcon2", dtype="float16")
-    onnx_logits, real = logits(engine(ckpt, tmp_path / "onnx", "onnx"))
-    torch_logits, _ = logits(engine(ckpt, tmp_path / "torch", "torch"))
+    onnx_logits, real = prompt_logits(built_engine(ckpt, tmp_path / "onnx", "onnx"), PROMPTS)
+    torch_logits, _ = prompt_logits(built_engine(ckpt, tmp_path / "torch", "torch"), PROMPTS)
     # fp16 rounding differs between onnxruntime's kernels and torch's, and an activation that lands on
     # the other side of an FP8 rounding boundary moves by a whole FP8 step.
     assert (onnx_logits - torch_logits)[real].abs().max().item() < 0.05 * torch_logits[real].abs().max().item()
