@@ -126,8 +126,9 @@ def generate(
 # --- shared pieces ---------------------------------------------------------------------------
 
 
-class _Batch:
-    """Left-padded ids, the full-length attention mask and each row's real prompt length."""
+class PromptBatch:
+    """Left-padded ids, the full-length attention mask and each row's real prompt length: what
+    every generation mode feeds a runner, a prompt pass and then one decode step at a time."""
 
     def __init__(self, prompts: list[list[int]], rows_per_prompt: int, total: int, pad_id: int, device: torch.device):
         prompt_len = max(len(p) for p in prompts)
@@ -190,7 +191,7 @@ def _trim(tokens: list[int], end_id: int | None) -> list[int]:
 def _greedy_or_sample(runner: ModelRunner, prompts: list[list[int]], config: GenerationConfig) -> list[list[int]]:
     n_new, end_id, pad_id = config.max_new_tokens, config.end_id, _pad_id(config)
     device = runner.device
-    batch = _Batch(prompts, 1, max(len(p) for p in prompts) + n_new, pad_id, device)
+    batch = PromptBatch(prompts, 1, max(len(p) for p in prompts) + n_new, pad_id, device)
     runner.allocate(len(prompts), batch.mask.shape[1])
     generator = None
     if config.sampling:
@@ -241,7 +242,7 @@ def _beam_search(runner: ModelRunner, prompts: list[list[int]], config: Generati
     n_batch, device = len(prompts), runner.device
     # Finished hypotheses end at end_id (the fill after it is trimmed) or are max_new_tokens long.
     fill = _pad_id(config)
-    batch = _Batch(prompts, n_beams, max(len(p) for p in prompts) + n_new, fill, device)
+    batch = PromptBatch(prompts, n_beams, max(len(p) for p in prompts) + n_new, fill, device)
     runner.allocate(n_batch * n_beams, batch.mask.shape[1])
 
     keep = 2 * n_beams  # max(2, 1 + number of end ids) * beams, with at most one end id

@@ -122,19 +122,13 @@ def prefill_logits(runner, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
 
 def teacher_forced_logits(runner, prompts: Sequence[Sequence[int]], tokens: torch.Tensor) -> torch.Tensor:
     """Float32 next-token logits [rows, steps + 1, vocab]: after the prompts, then after feeding
-    ``tokens[:, t]`` one decode step at a time through the KV cache (as generation does)."""
-    from compiler_core.runtime.context import positions_from_mask
+    ``tokens[:, t]`` one decode step at a time through the KV cache, exactly as generation does."""
+    from compiler_core.runtime.generation import PromptBatch
 
-    ids, mask = left_padded(prompts)
-    rows, width = ids.shape
     steps = tokens.shape[1]
-    runner.allocate(rows, width + steps)
-    full_mask = torch.cat((mask, torch.ones(rows, steps, dtype=mask.dtype)), dim=1)
-    lengths = mask.sum(dim=1)
+    batch = PromptBatch(list(prompts), 1, max(len(p) for p in prompts) + steps, 0, torch.device("cpu"))
+    runner.allocate(batch.ids.shape[0], batch.mask.shape[1])
     with torch.inference_mode():
-        out = [runner.last_logits(ids, positions_from_mask(mask), mask, 0).float()]
-        for t in range(steps):
-            start = width + t
-            positions = (lengths + t)[:, None]
-            out.append(runner.last_logits(tokens[:, t : t + 1], positions, full_mask[:, : start + 1], start).float())
+        out = [batch.prefill(runner)]
+        out += [batch.step(runner, tokens[:, t], t) for t in range(steps)]
     return torch.stack(out, dim=1)
