@@ -205,33 +205,28 @@ def run_modelc(*args: str) -> tuple[int, str]:
     return result.exit_code, result.stderr
 
 
-def test_row_parallel_split_must_hold_whole_groups(hf_dir, tmp_path) -> None:
-    """TP2 of a 64-wide attention output leaves 32 inputs per rank: group_size 64 cannot split it.
-    The error names the layer, the dims and the group size, before any calibration."""
-    out = tmp_path / "never"
+def refused_quantize(model_dir: Path, out: Path, *flags: str) -> str:
+    """``modelc quantize --qformat int4_awq`` that must stop before calibrating: exit 2, nothing
+    written, one error line (returned)."""
     code, stderr = run_modelc(
-        "quantize",
-        "--model_dir",
-        str(hf_dir("40b")),
-        "--output_dir",
-        str(out),
-        "--qformat",
-        "int4_awq",
-        "--group_size",
-        "64",
-        "--tp_size",
-        "2",
-        "--calib_size",
-        "2",
+        "quantize", "--model_dir", str(model_dir), "--output_dir", str(out), "--qformat", "int4_awq", *flags
     )
     assert code == 2, stderr
     lines = [line for line in stderr.splitlines() if line.startswith("modelc: error:")]
     assert len(lines) == 1, stderr
-    assert "layers.0.attention.dense" in lines[0]
-    assert "input dim 64 split over tp_size 2 is 32 per rank" in lines[0]
-    assert "group_size 64" in lines[0] and "32, 16" in lines[0]
     assert "calibrate" not in stderr
     assert not out.exists()
+    return lines[0]
+
+
+def test_row_parallel_split_must_hold_whole_groups(hf_dir, tmp_path) -> None:
+    """TP2 of a 64-wide attention output leaves 32 inputs per rank: group_size 64 cannot split it.
+    The error names the layer, the dims and the group size, before any calibration."""
+    flags = ("--group_size", "64", "--tp_size", "2", "--calib_size", "2")
+    error = refused_quantize(hf_dir("40b"), tmp_path / "never", *flags)
+    assert "layers.0.attention.dense" in error
+    assert "input dim 64 split over tp_size 2 is 32 per rank" in error
+    assert "group_size 64" in error and "32, 16" in error
 
 
 def test_odd_input_dim_is_refused(tokenizer, tmp_path) -> None:
@@ -241,21 +236,6 @@ def test_odd_input_dim_is_refused(tokenizer, tmp_path) -> None:
 
     # An odd hidden size needs an odd head dim, which transformers refuses; an odd MLP width will do.
     hf = make_tiny_falcon(tmp_path / "hf", "rw", num_layers=1, ffn_hidden_size=255, tokenizer=tokenizer)
-    code, stderr = run_modelc(
-        "quantize",
-        "--model_dir",
-        str(hf),
-        "--output_dir",
-        str(tmp_path / "never"),
-        "--qformat",
-        "int4_awq",
-        "--awq_block_size",
-        "128",
-        "--calib_size",
-        "2",
-    )
-    assert code == 2, stderr
-    assert "layer layers.0.mlp.proj: input dim 255 is odd" in stderr
-    assert "odd input dims are not supported" in stderr and "--exclude_modules" in stderr
-    assert "calibrate" not in stderr
-    assert not (tmp_path / "never").exists()
+    error = refused_quantize(hf, tmp_path / "never", "--awq_block_size", "128", "--calib_size", "2")
+    assert "layer layers.0.mlp.proj: input dim 255 is odd" in error
+    assert "odd input dims are not supported" in error and "--exclude_modules" in error

@@ -24,6 +24,7 @@ from plugins.quant_awq.tests.test_awq_falcon import (
     hf_logits,
     hf_model,
     modelc_logits,
+    refused_quantize,
     relative_error,
     run_modelc,
 )
@@ -216,26 +217,7 @@ def test_column_parallel_split_of_ragged_layers_matches_tp1(ragged_hf, tmp_path,
 def test_row_parallel_split_inside_a_group_is_refused(ragged_hf, tmp_path) -> None:
     """The attention output's 96 inputs at tp 2 are 48 per rank: rank 1 would start inside the
     group of 64. Refused before calibration, naming the layer and the group sizes that fit."""
-    out = tmp_path / "never"
-    code, stderr = run_modelc(
-        "quantize",
-        "--model_dir",
-        str(ragged_hf),
-        "--output_dir",
-        str(out),
-        "--qformat",
-        "int4_awq",
-        "--group_size",
-        str(GROUP),
-        "--tp_size",
-        "2",
-        "--calib_size",
-        "2",
-    )
-    assert code == 2, stderr
-    lines = [line for line in stderr.splitlines() if line.startswith("modelc: error:")]
-    assert len(lines) == 1, stderr
-    assert "layer layers.0.attention.dense: input dim 96 split over tp_size 2 is 48 per rank" in lines[0]
-    assert "not a multiple of group_size 64" in lines[0] and "group sizes that fit: 16" in lines[0]
-    assert "calibrate" not in stderr
-    assert not out.exists()
+    flags = ("--group_size", str(GROUP), "--tp_size", "2", "--calib_size", "2")
+    error = refused_quantize(ragged_hf, tmp_path / "never", *flags)
+    assert "layer layers.0.attention.dense: input dim 96 split over tp_size 2 is 48 per rank" in error
+    assert "not a multiple of group_size 64" in error and "group sizes that fit: 16" in error
