@@ -4,7 +4,10 @@ A random-weight Falcon is made in memory (no files, nothing downloaded): ``--sha
 small Falcon-7B-style model (hidden 1024, 8 layers, 16 query heads, one KV head, vocab 65024),
 ``--shape 7b`` has falcon-7b's real dimensions (hidden 4544, 32 layers, 71 heads, MQA), and
 ``--shape overhead`` is 8 layers of hidden 128 (its step time is the host's per-step work). The
-model is created directly on the device in ``--dtype`` (default: bfloat16 on CUDA, float32 on CPU). The same
+model is created directly on the device in ``--dtype`` (default: bfloat16 on CUDA, float32 on CPU).
+``--weights bf16-valued`` rounds every random weight to a bfloat16 number first, which is what a
+float32 load of a published (bfloat16) Falcon checkpoint holds; the engine then keeps such weights
+as bfloat16 on CPU and multiplies them in float32 (``MODELC_BF16_WEIGHTS=0`` turns that off). The same
 tensors feed both sides: HF's ``FalconForCausalLM`` (SDPA attention) and this project's engine
 graph run by ``generate()`` (the IR weights are views of HF's where the layout allows).
 
@@ -37,7 +40,7 @@ from common import copy_bandwidth, make_hf, read_bandwidth, shapes, timed
 SHAPES = shapes("overhead", "small", "7b")
 
 
-def make_models(shape: str, dtype: torch.dtype, device: str):
+def make_models(shape: str, dtype: torch.dtype, device: str, bf16_valued: bool = False):
     """(HF model, our runner) over the same random weights, both on ``device``."""
     from compiler_core.checkpoint import make_config
     from compiler_core.convert import LoadedModel, map_tensors, rank_weights
@@ -48,6 +51,10 @@ def make_models(shape: str, dtype: torch.dtype, device: str):
     from compiler_core.runtime.session import TorchSession
 
     hf, hf_config = make_hf(shape, dtype, device)
+    if bf16_valued:
+        with torch.no_grad():
+            for p in hf.parameters():
+                p.copy_(p.to(torch.bfloat16))
 
     hf_dict = hf_config.to_dict()
     arch = get_registry().architecture_for_hf(hf_dict, "bench")
@@ -114,6 +121,12 @@ def main() -> None:
     parser.add_argument("--prompt_len", type=int, default=64)
     parser.add_argument("--new_tokens", type=int, default=32)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--weights",
+        default="random",
+        choices=["random", "bf16-valued"],
+        help="bf16-valued: round the random weights to bfloat16 numbers, as a published checkpoint's are",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     parser.add_argument(
         "--clock",
@@ -130,7 +143,7 @@ def main() -> None:
 
     import transformers
 
-    hf, runner, config = make_models(args.shape, dtype, args.device)
+    hf, runner, config = make_models(args.shape, dtype, args.device, args.weights == "bf16-valued")
     params = sum(p.numel() for p in hf.parameters())
     where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else platform.processor()
     print(
@@ -138,14 +151,17 @@ def main() -> None:
         f"{config.num_attention_heads} heads, MQA, {params / 1e6:.0f}M params, {str(dtype).removeprefix('torch.')}) "
         f"on {args.device} ({where or platform.machine()}, {torch.get_num_threads()} threads); "
         f"torch {torch.__version__}, transformers {transformers.__version__}; "
-        f"prompt {args.prompt_len}, {args.new_tokens} new tokens, best of {args.repeat}"
+        f"prompt {args.prompt_len}, {args.new_tokens} new tokens, best of {args.repeat}; {args.weights} weights"
     )
     # Each decode step reads every weight once; at the copy's memory traffic rate that alone takes
     # weight_bytes / bandwidth, so no implementation decodes a batch-1 token faster than this.
     weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
+    resident = runner.sessions[0].executor.weights.values()
+    engine_bytes = sum(w.numel() * w.element_size() for w in {w.data_ptr(): w for w in resident}.values())
     bandwidth, reading = copy_bandwidth(args.device, clock), read_bandwidth(args.device, clock)
     print(
-        f"# weights {weight_bytes / 2**20:.0f} MiB; copy traffic {bandwidth / 1e9:.1f} GB/s, "
+        f"# weights {weight_bytes / 2**20:.0f} MiB (the engine holds {engine_bytes / 2**20:.0f} MiB); "
+        f"copy traffic {bandwidth / 1e9:.1f} GB/s, "
         f"read-only sum {reading / 1e9:.1f} GB/s; weight-read floor: {bandwidth / weight_bytes:.1f} decode steps/s "
         f"at copy traffic, {reading / weight_bytes:.1f} at the sum's rate; clock: {args.clock}"
     )

@@ -1,16 +1,25 @@
-"""Linear layers on CPU through oneDNN's inner product for the few-row case (decode).
+"""Linear layers on CPU for the few-row case (decode), where streaming the weight is the cost.
 
-``F.linear`` on CPU goes to the BLAS (MKL in the official wheels), which streams a weight
-matrix for a handful of rows at 15-20 GB/s on an AMD EPYC, well below what the memory
-delivers. oneDNN's JIT inner product reads the same row-major weight, unchanged and without
-a packed copy, 1.3-3x faster for up to ~128 rows, and slower for large row counts, where
-BLAS's GEMM blocking wins (``bench/bench_decode.py`` shows the effect on a whole step).
+Two paths, both computing in float32:
 
-``MODELC_ONEDNN_LINEAR=0`` turns this path off (everything then runs through ``F.linear``).
+- **oneDNN.** ``F.linear`` on CPU goes to the BLAS (MKL in the official wheels), which streams a
+  weight matrix for a handful of rows at 15-20 GB/s on an AMD EPYC, well below what the memory
+  delivers. oneDNN's JIT inner product reads the same row-major weight, unchanged and without a
+  packed copy, 1.3-3x faster for up to ~128 rows, and slower for large row counts, where BLAS's
+  GEMM blocking wins. ``MODELC_ONEDNN_LINEAR=0`` turns this path off.
+- **bfloat16-valued weights.** A float32 engine built from a bfloat16 checkpoint (every published
+  Falcon) holds float32 weights whose low 16 bits are all zero. Such a weight is kept as bfloat16,
+  which loses nothing and halves both its memory and the bytes a decode step streams, and is
+  multiplied in float32 by the C kernel ``csrc/bf16_linear.c`` (see :mod:`.native`). Rows beyond
+  :data:`MAX_BF16_KERNEL_ROWS` widen the weight back to float32 for the call.
+  ``MODELC_BF16_WEIGHTS=0`` turns this path off.
+
+``bench/bench_decode.py`` shows both on a whole decode step.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 from collections.abc import Callable
@@ -18,12 +27,22 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from compiler_core.runtime.native import load_kernel_library
+
 # Above this many rows (batch x positions) BLAS's GEMM is as fast or faster than oneDNN's
 # inner product (measured for hidden 1024/4096 and a 65024-row vocabulary on 2 EPYC cores).
 MAX_ONEDNN_ROWS = 128
 # oneDNN spends ~30 us per call before it reads a byte (primitive lookup); below ~4 MiB of
 # weights the BLAS call is done by then.
 MIN_ONEDNN_WEIGHT_ELEMENTS = 1 << 20
+# The bfloat16 kernel applies each weight vector it loads to up to 4 rows; by 16 rows it is
+# compute-bound and oneDNN's float32 inner product, on a widened copy, is faster.
+MAX_BF16_KERNEL_ROWS = 8
+# Below this many elements a weight stays in cache between steps and halving its bytes buys nothing.
+MIN_BF16_WEIGHT_ELEMENTS = 1 << 20
+# Beyond MAX_BF16_KERNEL_ROWS, a bfloat16-held weight is widened to float32 this many elements at a
+# time (4 MiB, which stays in the last-level cache for the GEMM that follows).
+WIDEN_BLOCK_ELEMENTS = 1 << 20
 
 
 @functools.cache
@@ -60,3 +79,79 @@ def cpu_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable[[tor
         return linear_pointwise(x, weight, bias, "none", [], "")
 
     return linear
+
+
+@functools.cache
+def bf16_kernel() -> Callable[..., None] | None:
+    """The C function ``bf16_linear`` (see ``csrc/bf16_linear.c``), or None where it is off or cannot be built."""
+    if os.environ.get("MODELC_BF16_WEIGHTS", "1") == "0":
+        return None
+    library = load_kernel_library("bf16_linear")
+    if library is None:
+        return None
+    kernel = library.bf16_linear
+    kernel.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    kernel.restype = None
+    return kernel
+
+
+def bf16_valued(weight: torch.Tensor) -> bool:
+    """True when every element of a float32 ``weight`` is a bfloat16 number (low 16 bits zero)."""
+    if weight.dtype != torch.float32:
+        return False
+    bits = weight.detach().reshape(-1).view(torch.int32)
+    # In slices: a whole-tensor mask would briefly double the memory of a vocabulary-sized matrix.
+    return not any(bool((part & 0xFFFF).any()) for part in bits.split(1 << 22))
+
+
+def bf16_storage(weight: torch.Tensor) -> torch.Tensor | None:
+    """``weight`` as bfloat16 when that keeps every value and :func:`bf16_linear` can multiply it here, else None."""
+    if weight.device.type != "cpu" or weight.dim() != 2 or not weight.is_contiguous():
+        return None
+    if weight.numel() < MIN_BF16_WEIGHT_ELEMENTS or bf16_kernel() is None or not bf16_valued(weight):
+        return None
+    return weight.to(torch.bfloat16)
+
+
+def bf16_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A float32 linear over ``weight`` held as bfloat16 (from :func:`bf16_storage`); ``bias`` is float32."""
+    kernel = bf16_kernel()
+    assert kernel is not None and weight.dtype == torch.bfloat16, "use bf16_storage() to get the weight"
+    bias = None if bias is None else bias.float().contiguous()
+    out_features, in_features = weight.shape
+
+    def linear(x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // in_features
+        if x.dtype != torch.float32 or x.requires_grad:
+            return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        x2d = x.reshape(rows, in_features).contiguous()
+        if rows > MAX_BF16_KERNEL_ROWS:
+            return _widened_linear(x2d, weight, bias).reshape(*x.shape[:-1], out_features)
+        y = torch.empty((rows, out_features), dtype=torch.float32)
+        kernel(
+            x2d.data_ptr(),
+            weight.data_ptr(),
+            None if bias is None else bias.data_ptr(),
+            y.data_ptr(),
+            rows,
+            out_features,
+            in_features,
+            torch.get_num_threads(),
+        )
+        return y.reshape(*x.shape[:-1], out_features)
+
+    return linear
+
+
+def _widened_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` of float32 rows ``x`` [rows, in] with a bfloat16 ``weight``, widened block by block."""
+    out_features, in_features = weight.shape
+    y = torch.empty((x.shape[0], out_features), dtype=torch.float32)
+    block = max(1, WIDEN_BLOCK_ELEMENTS // in_features)
+    widened = torch.empty((min(block, out_features), in_features), dtype=torch.float32)
+    for start in range(0, out_features, block):
+        stop = min(start + block, out_features)
+        w = widened[: stop - start]
+        w.copy_(weight[start:stop])
+        y[:, start:stop] = F.linear(x, w, None if bias is None else bias[start:stop])
+    return y

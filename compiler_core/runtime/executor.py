@@ -25,7 +25,8 @@ class GraphExecutor:
 
     Kernels come from the ``lower_layer`` hook with ``backend="torch"``, so a plugin's op (a
     quantized linear, say) runs here exactly like a core op. Intermediate values are dropped
-    after their last use.
+    after their last use. ``weights`` are the rank's weights as held in memory: a float32 weight
+    whose values are all bfloat16 numbers may be held as bfloat16 (see ``cpu_linear``).
     """
 
     def __init__(self, graph: Graph, weights: Mapping[str, torch.Tensor], device: torch.device | str = "cpu"):
@@ -46,6 +47,10 @@ class GraphExecutor:
             if kernel is None:
                 raise ModelcError(f"node {node.name}: no plugin lowers op {node.op!r} for the torch backend")
             self.kernels.append(kernel)
+        # Weights that every kernel took as lossless bfloat16 copies are resident only as those.
+        for name, copy in lowering.bf16_copies.items():
+            if copy is not None and name not in lowering.taken_as_stored:
+                self.weights[name] = copy
         last_use: dict[str, int] = {}
         for i, node in enumerate(graph.nodes):
             for value in node.inputs:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from compiler_core.ir import Graph, Node
 from compiler_core.runtime.context import ForwardContext
-from compiler_core.runtime.cpu_linear import cpu_linear
+from compiler_core.runtime.cpu_linear import bf16_linear, bf16_storage, cpu_linear
 
 Kernel = Callable[..., torch.Tensor]
 
@@ -38,22 +38,52 @@ def torch_dtype(name: str) -> torch.dtype:
 
 @dataclass
 class TorchLowering:
-    """The torch backend's lowering context: the rank's weights on their device."""
+    """The torch backend's lowering context: the rank's weights on their device.
+
+    ``param`` hands a kernel the weight as stored; ``bf16_param`` hands it the same values held
+    as bfloat16, where that loses nothing (see :func:`bf16_storage`). The executor keeps only the
+    bfloat16 copy of a weight that no kernel took through ``param``.
+    """
 
     weights: Mapping[str, torch.Tensor]
     device: torch.device
     graph: Graph
+    #: Names of weights some kernel holds as stored.
+    taken_as_stored: set[str] = field(default_factory=set)
+    #: bfloat16 copies by weight name (tied weights share one), None for weights that stay as stored.
+    bf16_copies: dict[str, torch.Tensor | None] = field(default_factory=dict)
 
     def param(self, node: Node, role: str) -> torch.Tensor | None:
         name = node.params.get(role)
-        return None if name is None else self.weights[name]
+        if name is None:
+            return None
+        self.taken_as_stored.add(name)
+        return self.weights[name]
+
+    def bf16_param(self, node: Node, role: str) -> torch.Tensor | None:
+        """The weight as a lossless bfloat16 copy, or None where it is not held that way."""
+        name = node.params.get(role)
+        if name is None:
+            return None
+        if name not in self.bf16_copies:
+            weight = self.weights[name]
+            twin = next((n for n in self.bf16_copies if _same_tensor(self.weights[n], weight)), None)
+            self.bf16_copies[name] = self.bf16_copies[twin] if twin is not None else bf16_storage(weight)
+        return self.bf16_copies[name]
 
     @property
     def compute_dtype(self) -> torch.dtype:
         return torch_dtype(self.graph.attrs.get("dtype", "float32"))
 
 
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+
+
 def lower_embedding(node: Node, low: TorchLowering) -> Kernel:
+    compact = low.bf16_param(node, "weight")
+    if compact is not None:
+        return lambda ctx, ids: F.embedding(ids, compact).float()
     weight = low.param(node, "weight")
     return lambda ctx, ids: F.embedding(ids, weight)
 
@@ -75,7 +105,12 @@ def lower_rms_norm(node: Node, low: TorchLowering) -> Kernel:
 
 
 def lower_linear(node: Node, low: TorchLowering) -> Kernel:
-    weight, bias = low.param(node, "weight"), low.param(node, "bias")
+    bias = low.param(node, "bias")
+    compact = low.bf16_param(node, "weight")
+    if compact is not None:
+        compact_linear = bf16_linear(compact, bias)
+        return lambda ctx, x: compact_linear(x)
+    weight = low.param(node, "weight")
     fast = cpu_linear(weight, bias)
     if fast is not None:
         return lambda ctx, x: fast(x)
