@@ -7,11 +7,13 @@ Two paths, both computing in float32:
   delivers. oneDNN's JIT inner product reads the same row-major weight, unchanged and without a
   packed copy, 1.3-3x faster for up to ~128 rows, and slower for large row counts, where BLAS's
   GEMM blocking wins. ``MODELC_ONEDNN_LINEAR=0`` turns this path off.
-- **bfloat16-valued weights.** A float32 engine built from a bfloat16 checkpoint (every published
+- **bfloat16 weights.** A float32 engine built from a bfloat16 checkpoint (every published
   Falcon) holds float32 weights whose low 16 bits are all zero. Such a weight is kept as bfloat16,
   which loses nothing and halves both its memory and the bytes a decode step streams, and is
-  multiplied in float32 by the C kernel ``csrc/bf16_linear.c`` (see :mod:`.native`). Rows beyond
-  :data:`MAX_BF16_KERNEL_ROWS` widen the weight back to float32 for the call.
+  multiplied in float32 by the C kernel ``csrc/bf16_linear.c`` (see :mod:`.native`). A bfloat16
+  engine's weights take the same kernel: its inputs widen exactly to float32 and each output is
+  rounded to bfloat16 once, after float32 accumulation, as torch's own bfloat16 linear does. Rows
+  beyond :data:`MAX_BF16_KERNEL_ROWS` widen the weight, block by block, for a float32 GEMM.
   ``MODELC_BF16_WEIGHTS=0`` turns this path off.
 
 ``bench/bench_decode.py`` shows both on a whole decode step.
@@ -105,16 +107,23 @@ def bf16_valued(weight: torch.Tensor) -> bool:
 
 
 def bf16_storage(weight: torch.Tensor) -> torch.Tensor | None:
-    """``weight`` as bfloat16 when that keeps every value and :func:`bf16_linear` can multiply it here, else None."""
+    """``weight`` held as bfloat16 for :func:`bf16_linear`, else None.
+
+    A bfloat16 weight is returned as it is; a float32 one is copied when every value is a
+    bfloat16 number (nothing is lost). None for other weights, small ones, and where the kernel
+    does not run."""
     if weight.device.type != "cpu" or weight.dim() != 2 or not weight.is_contiguous():
         return None
-    if weight.numel() < MIN_BF16_WEIGHT_ELEMENTS or bf16_kernel() is None or not bf16_valued(weight):
+    if weight.numel() < MIN_BF16_WEIGHT_ELEMENTS or bf16_kernel() is None:
         return None
-    return weight.to(torch.bfloat16)
+    if weight.dtype == torch.bfloat16:
+        return weight
+    return weight.to(torch.bfloat16) if bf16_valued(weight) else None
 
 
 def bf16_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A float32 linear over ``weight`` held as bfloat16 (from :func:`bf16_storage`); ``bias`` is float32."""
+    """A linear over ``weight`` held as bfloat16 (from :func:`bf16_storage`) for float32 or bfloat16
+    inputs, accumulated in float32; the output has the input's dtype."""
     kernel = bf16_kernel()
     assert kernel is not None and weight.dtype == torch.bfloat16, "use bf16_storage() to get the weight"
     bias = None if bias is None else bias.float().contiguous()
@@ -122,11 +131,12 @@ def bf16_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable[[to
 
     def linear(x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // in_features
-        if x.dtype != torch.float32 or x.requires_grad:
+        if x.dtype not in (torch.float32, torch.bfloat16) or x.requires_grad:
             return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
-        x2d = x.reshape(rows, in_features).contiguous()
+        x2d = x.reshape(rows, in_features).float().contiguous()
         if rows > MAX_BF16_KERNEL_ROWS:
-            return _widened_linear(x2d, weight, bias).reshape(*x.shape[:-1], out_features)
+            y = _widened_linear(x2d, weight, bias)
+            return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
         y = torch.empty((rows, out_features), dtype=torch.float32)
         kernel(
             x2d.data_ptr(),
@@ -138,7 +148,7 @@ def bf16_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable[[to
             in_features,
             torch.get_num_threads(),
         )
-        return y.reshape(*x.shape[:-1], out_features)
+        return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
 
     return linear
 

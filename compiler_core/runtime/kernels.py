@@ -41,8 +41,9 @@ class TorchLowering:
     """The torch backend's lowering context: the rank's weights on their device.
 
     ``param`` hands a kernel the weight as stored; ``bf16_param`` hands it the same values held
-    as bfloat16, where that loses nothing (see :func:`bf16_storage`). The executor keeps only the
-    bfloat16 copy of a weight that no kernel took through ``param``.
+    as bfloat16, where that loses nothing and the CPU kernel for it runs (see
+    :func:`bf16_storage`). The executor keeps only the bfloat16 copy of a weight that no kernel
+    took through ``param``.
     """
 
     weights: Mapping[str, torch.Tensor]
@@ -83,7 +84,8 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
 def lower_embedding(node: Node, low: TorchLowering) -> Kernel:
     compact = low.bf16_param(node, "weight")
     if compact is not None:
-        return lambda ctx, ids: F.embedding(ids, compact).float()
+        stored = low.weights[node.params["weight"]].dtype
+        return lambda ctx, ids: F.embedding(ids, compact).to(stored)
     weight = low.param(node, "weight")
     return lambda ctx, ids: F.embedding(ids, weight)
 

@@ -51,6 +51,19 @@ def test_kernel_equals_float32_linear(rows, in_features, with_bias):
     torch.testing.assert_close(linear(x), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 3, MAX_BF16_KERNEL_ROWS + 1])
+def test_bfloat16_inputs_accumulate_in_float32_and_round_once(rows):
+    """A bfloat16 engine's linear: float32 accumulation, one rounding per output, as torch's own."""
+    torch.manual_seed(rows)
+    weight, bias = (torch.randn(300, 1000) * 0.05).to(torch.bfloat16), torch.randn(300).to(torch.bfloat16)
+    x = torch.randn(rows, 1000).to(torch.bfloat16)
+    out = bf16_linear(weight, bias)(x)
+    assert out.dtype == torch.bfloat16
+    exact = F.linear(x.double(), weight.double(), bias.double())
+    # Within one bfloat16 rounding of the exact value (2^-8 relative), far inside a bf16 product's error.
+    torch.testing.assert_close(out.double(), exact, rtol=2**-8, atol=1e-6)
+
+
 def test_kernel_takes_any_leading_shape_and_strided_rows():
     weight = bf16_numbers(96, 256)
     linear = bf16_linear(weight.to(torch.bfloat16), None)
@@ -79,6 +92,8 @@ def test_storage_only_for_large_exact_contiguous_float32_weights(monkeypatch):
     held = bf16_storage(exact)
     assert held is not None and held.dtype == torch.bfloat16 and torch.equal(held.float(), exact)
     assert bf16_storage(torch.randn(1024, 1024)) is None  # not bfloat16 numbers: kept as float32
+    already = exact.to(torch.bfloat16)
+    assert bf16_storage(already) is already  # a bfloat16 engine's weight: used as it is, no copy
     assert bf16_storage(bf16_numbers(64, 64)) is None  # small: stays in cache anyway
     assert bf16_storage(bf16_numbers(1024, 2048)[:, ::2]) is None  # strided
     monkeypatch.setenv("MODELC_BF16_WEIGHTS", "0")
@@ -150,3 +165,31 @@ def test_float32_engine_of_a_bf16_checkpoint_matches_transformers(
     reference = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
     ref = hf_generate(reference, prompt_ids, 0, max_new_tokens=16, do_sample=False)
     assert [strip_padding(row, len(seq), {0}) for row, seq in zip(ref, ours, strict=True)] == ours
+
+
+@pytest.mark.parametrize(("variant", "tp"), [("7b", 1), ("40b", 2)])
+def test_bfloat16_engine_takes_the_kernel_within_verify_tolerance(variant, tp, bf16_checkpoints, tmp_path, monkeypatch):
+    """A bfloat16 engine's linears run through the kernel and its logits stay within verify's
+    bfloat16 tolerance of transformers' bfloat16 model, over a prompt pass and decode steps."""
+    from compiler_core.convert import convert
+    from compiler_core.mapping import Mapping
+    from compiler_core.runtime.loading import checkpoint_runner
+    from compiler_core.verify import compare, hf_trace, load_hf_model, make_batch, runner_trace
+
+    hf_dir = bf16_checkpoints(variant)
+    convert(hf_dir, tmp_path / "ckpt", dtype="bfloat16", mapping=Mapping.create(tp, 1), show_progress=False)
+    monkeypatch.setattr(cpu_linear_module, "MIN_BF16_WEIGHT_ELEMENTS", 0)
+    kernel, calls = bf16_kernel(), []
+
+    def counted(*args):
+        calls.append(args[4])
+        return kernel(*args)
+
+    monkeypatch.setattr(cpu_linear_module, "bf16_kernel", lambda: counted)
+    batch = make_batch(hf_dir, hf_dir, {"vocab_size": 10**9})
+    runner = checkpoint_runner(tmp_path / "ckpt")
+    got = runner_trace(runner, batch, 8)
+    assert calls.count(len(batch.ids)) >= 7  # every decode step's linears ran through the kernel
+    ref = hf_trace(load_hf_model(hf_dir, "bfloat16", "cpu"), batch, 8)
+    report = compare(ref, got, batch, "bfloat16")
+    assert report.passed, report.lines()
