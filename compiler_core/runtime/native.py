@@ -9,8 +9,9 @@ same time never load a half-written file. Without a compiler, on a CPU the flags
 with ``MODELC_NATIVE_KERNELS=0``, :func:`load_kernel_library` returns None and callers keep
 their torch path; :func:`unavailable_reason` says why.
 
-OpenMP comes from the ``libgomp.so.1`` that torch has already loaded (the shared library asks
-for that soname), so the kernels and torch share one thread pool rather than competing for cores.
+OpenMP comes from the runtime torch has already loaded (its own ``libgomp``, whatever the wheel
+named it): the library is linked against that file, so the kernels and torch share one thread
+pool rather than two pools competing for the same cores.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 
 SOURCE_DIR = Path(__file__).parent / "csrc"
 #: x86-64 kernels use AVX2 and FMA; ``torch.backends.cpu.get_cpu_capability()`` vouches for both.
-X86_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+X86_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC")
 _reasons: dict[str, str] = {}
 
 
@@ -74,15 +75,29 @@ def _load(name: str) -> ctypes.CDLL:
     if compiler is None:
         raise _Unavailable(f"no C compiler ({os.environ.get('CC', 'cc')!r} is not on PATH)")
     source = (SOURCE_DIR / f"{name}.c").read_bytes()
-    version = _compiler_version(compiler)
-    key = hashlib.sha256(b"\0".join([source, " ".join(X86_FLAGS).encode(), version.encode()])).hexdigest()[:16]
+    openmp = torch_openmp_library()
+    parts = [source, " ".join(X86_FLAGS).encode(), _compiler_version(compiler).encode(), str(openmp).encode()]
+    key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
     library = cache_dir() / "kernels" / f"{name}-{key}.so"
     if not library.exists():
-        _compile(compiler, SOURCE_DIR / f"{name}.c", library)
+        _compile(compiler, SOURCE_DIR / f"{name}.c", library, openmp)
     try:
         return ctypes.CDLL(str(library))
     except OSError as exc:
         raise _Unavailable(f"cannot load {library}: {exc}") from None
+
+
+def torch_openmp_library() -> Path | None:
+    """The OpenMP runtime file torch has loaded into this process (None if none is found)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {Path(line.split()[-1]) for line in maps if "/lib" in line}
+    except OSError:
+        return None
+    runtimes = sorted(p for p in paths if p.name.startswith(("libgomp", "libiomp")) and ".so" in p.name)
+    # Wheels keep it in torch/lib or, when auditwheel bundled it, in torch.libs beside the package.
+    torch_dirs = {Path(torch.__file__).parent, Path(torch.__file__).parent.parent / "torch.libs"}
+    return next((p for p in runtimes if torch_dirs & set(p.parents)), runtimes[0] if runtimes else None)
 
 
 @functools.cache
@@ -93,23 +108,26 @@ def _compiler_version(compiler: str) -> str:
         return compiler
 
 
-def _compile(compiler: str, source: Path, library: Path) -> None:
+def _compile(compiler: str, source: Path, library: Path, openmp: Path | None) -> None:
+    # Linked against torch's OpenMP file itself (not with -fopenmp, which would add the system's
+    # libgomp), so the loader resolves the kernels' OpenMP calls to the runtime already in use.
+    link = [str(openmp), f"-Wl,-rpath,{openmp.parent}"] if openmp is not None else ["-fopenmp"]
     try:
         library.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=library.parent)
-        os.close(fd)
+        work = Path(tempfile.mkdtemp(dir=library.parent))
     except OSError as exc:
         raise _Unavailable(f"cannot write to {library.parent}: {exc}") from None
     try:
-        result = subprocess.run(
-            [compiler, *X86_FLAGS, str(source), "-o", tmp], capture_output=True, text=True, timeout=300
-        )
-        if result.returncode != 0:
-            first = (result.stderr.strip().splitlines() or ["no output"])[0]
-            raise _Unavailable(f"{compiler} failed on {source.name}: {first}")
-        os.replace(tmp, library)
+        for command in (
+            [compiler, *X86_FLAGS, "-c", str(source), "-o", str(work / "kernel.o")],
+            [compiler, "-shared", str(work / "kernel.o"), *link, "-o", str(work / "kernel.so")],
+        ):
+            result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+            if result.returncode != 0:
+                first = (result.stderr.strip().splitlines() or ["no output"])[0]
+                raise _Unavailable(f"{compiler} failed on {source.name}: {first}")
+        os.replace(work / "kernel.so", library)
     except (OSError, subprocess.SubprocessError) as exc:
         raise _Unavailable(f"{compiler} failed on {source.name}: {exc}") from None
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        shutil.rmtree(work, ignore_errors=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 import platform
 import shutil
@@ -77,11 +76,21 @@ def test_environment_turns_native_kernels_off(kernels, monkeypatch):
     assert unavailable_reason("twice") == "MODELC_NATIVE_KERNELS=0"
 
 
-def test_shares_torchs_openmp_runtime():
-    """The kernels' OpenMP is the libgomp torch loaded: one thread pool, not two competing for cores."""
-    if load_kernel_library("bf16_linear") is None:
-        pytest.skip(f"no bf16_linear kernel here: {unavailable_reason('bf16_linear')}")
+def loaded_openmp_files() -> set[str]:
     with open("/proc/self/maps") as maps:
-        loaded = {line.split()[-1] for line in maps if "libgomp" in line}
-    assert len(loaded) == 1, loaded
-    assert isinstance(load_kernel_library("bf16_linear"), ctypes.CDLL)
+        return {line.split()[-1] for line in maps if "libgomp" in line or "libiomp" in line}
+
+
+@needs_compiler
+def test_kernels_share_torchs_openmp_runtime(kernels):
+    """A kernel's OpenMP is the runtime torch loaded: loading it maps no second one (two pools
+    would compete for the same cores)."""
+    (kernels / "team.c").write_text(
+        "int team(int n) { int size = 0;\n#pragma omp parallel num_threads(n)\n"
+        "{\n#pragma omp atomic\nsize++;\n}\nreturn size; }\n"
+    )
+    before = loaded_openmp_files()
+    library = load_kernel_library("team")
+    assert library is not None, unavailable_reason("team")
+    assert library.team(2) == 2  # really parallel: an OpenMP team of two
+    assert loaded_openmp_files() == before
