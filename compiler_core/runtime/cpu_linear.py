@@ -38,7 +38,7 @@ MAX_ONEDNN_ROWS = 128
 # weights the BLAS call is done by then.
 MIN_ONEDNN_WEIGHT_ELEMENTS = 1 << 20
 # The bfloat16 kernel applies each weight vector it loads to up to 4 rows; by 16 rows it is
-# compute-bound and oneDNN's float32 inner product, on a widened copy, is faster.
+# compute-bound and a float32 GEMM over a widened copy of the weight is faster.
 MAX_BF16_KERNEL_ROWS = 8
 # Below this many elements a weight stays in cache between steps and halving its bytes buys nothing.
 MIN_BF16_WEIGHT_ELEMENTS = 1 << 20
