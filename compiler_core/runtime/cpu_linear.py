@@ -159,9 +159,11 @@ def _widened_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     y = torch.empty((x.shape[0], out_features), dtype=torch.float32)
     block = max(1, WIDEN_BLOCK_ELEMENTS // in_features)
     widened = torch.empty((min(block, out_features), in_features), dtype=torch.float32)
+    onednn = x.shape[0] <= MAX_ONEDNN_ROWS and onednn_linear_supported()
     for start in range(0, out_features, block):
         stop = min(start + block, out_features)
         w = widened[: stop - start]
         w.copy_(weight[start:stop])
-        y[:, start:stop] = F.linear(x, w, None if bias is None else bias[start:stop])
+        b = None if bias is None else bias[start:stop]
+        y[:, start:stop] = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "") if onednn else F.linear(x, w, b)
     return y

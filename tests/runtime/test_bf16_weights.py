@@ -39,7 +39,7 @@ def test_bf16_valued_tells_exact_weights_apart():
 
 
 @pytest.mark.parametrize("in_features", [1024, 1003, 40, 7])  # whole 32-blocks, then 8-wide and scalar tails
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, MAX_BF16_KERNEL_ROWS + 1, 70])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, MAX_BF16_KERNEL_ROWS + 1, 70, 200])  # kernel, oneDNN, BLAS
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_kernel_equals_float32_linear(rows, in_features, with_bias):
     torch.manual_seed(rows * in_features)
