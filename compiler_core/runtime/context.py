@@ -49,12 +49,13 @@ class CacheSlot:
         return (x.float() * self.scale).to(dtype)
 
     def write(self, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
-        end = start + k.shape[2]
-        self.k[:, :, start:end] = self._encode(k)
-        self.v[:, :, start:end] = self._encode(v)
+        # narrow + copy_ (which also converts the dtype): the fewest ops per decode step.
+        n = k.shape[2]
+        self.k.narrow(2, start, n).copy_(k if self.scale is None else self._encode(k))
+        self.v.narrow(2, start, n).copy_(v if self.scale is None else self._encode(v))
 
     def read(self, end: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._decode(self.k[:, :, :end], dtype), self._decode(self.v[:, :, :end], dtype)
+        return self._decode(self.k.narrow(2, 0, end), dtype), self._decode(self.v.narrow(2, 0, end), dtype)
 
     def write_at(self, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor) -> None:
         """Write one step's K/V at the offset held in device tensor ``index`` [1] (graph-capturable)."""

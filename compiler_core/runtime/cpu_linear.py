@@ -129,28 +129,30 @@ def bf16_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable[[to
     bias = None if bias is None else bias.float().contiguous()
     out_features, in_features = weight.shape
 
+    def run_kernel(x: torch.Tensor, rows: int) -> torch.Tensor:
+        """The kernel on contiguous float32 ``x``: one allocation, no other torch op (each op
+        dispatched during decode costs microseconds)."""
+        y = torch.empty((*x.shape[:-1], out_features), dtype=torch.float32)
+        bias_ptr = None if bias is None else bias.data_ptr()
+        kernel(x.data_ptr(), weight.data_ptr(), bias_ptr, y.data_ptr(), rows, out_features, in_features, threads())
+        return y
+
     def linear(x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // in_features
         if x.dtype not in (torch.float32, torch.bfloat16) or x.requires_grad:
             return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
-        x2d = x.reshape(rows, in_features).float().contiguous()
-        if rows > MAX_BF16_KERNEL_ROWS:
-            y = _widened_linear(x2d, weight, bias)
-            return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
-        y = torch.empty((rows, out_features), dtype=torch.float32)
-        kernel(
-            x2d.data_ptr(),
-            weight.data_ptr(),
-            None if bias is None else bias.data_ptr(),
-            y.data_ptr(),
-            rows,
-            out_features,
-            in_features,
-            torch.get_num_threads(),
-        )
+        if x.dtype == torch.float32 and rows <= MAX_BF16_KERNEL_ROWS and x.is_contiguous():
+            return run_kernel(x, rows)
+        x32 = x.float().contiguous()
+        if rows <= MAX_BF16_KERNEL_ROWS:
+            return run_kernel(x32, rows).to(x.dtype)
+        y = _widened_linear(x32.reshape(rows, in_features), weight, bias)
         return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
 
     return linear
+
+
+threads = torch.get_num_threads
 
 
 def _widened_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
