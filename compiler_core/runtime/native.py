@@ -64,13 +64,9 @@ class _Unavailable(Exception):
 def _load(name: str) -> ctypes.CDLL:
     if os.environ.get("MODELC_NATIVE_KERNELS", "1") == "0":
         raise _Unavailable("MODELC_NATIVE_KERNELS=0")
-    if platform.machine() not in ("x86_64", "AMD64") or torch.backends.cpu.get_cpu_capability() not in (
-        "AVX2",
-        "AVX512",
-    ):
-        raise _Unavailable(
-            f"no AVX2 kernels for this CPU ({platform.machine()}, {torch.backends.cpu.get_cpu_capability()})"
-        )
+    capability = torch.backends.cpu.get_cpu_capability()
+    if platform.machine() not in ("x86_64", "AMD64") or capability not in ("AVX2", "AVX512"):
+        raise _Unavailable(f"the kernels need x86-64 with AVX2; this CPU is {platform.machine()} ({capability})")
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
         raise _Unavailable(f"no C compiler ({os.environ.get('CC', 'cc')!r} is not on PATH)")
