@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import mmap
+from collections.abc import Callable, Iterator
 from collections.abc import Mapping as AbcMapping
 from pathlib import Path
 from typing import Any
@@ -41,15 +44,69 @@ def save_rank_weights(path: Path, weights: AbcMapping[str, torch.Tensor]) -> Non
     save_file(out, str(path), metadata={"format": "pt"})
 
 
-def load_rank_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Load one rank's tensors; a missing or unreadable file is a UsageError naming it."""
+def load_rank_weights(
+    path: Path, each: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """Load one rank's tensors; a missing or unreadable file is a UsageError naming it.
+
+    ``each`` maps every tensor as it is read (the runtime uses it to hold weights compactly), so
+    that only one tensor at a time is ever held in both forms."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: rank weights not found")
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as exc:
+        if each is None:
+            return load_file(str(path))
+        return dict(_read_one_by_one(path, each))
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
         raise UsageError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+#: safetensors dtype codes of the tensors modelc writes.
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _read_one_by_one(path: Path, each: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, ``each(tensor)``) for every tensor of a safetensors file, one tensor resident at a time.
+
+    ``load_file`` returns views of one memory map of the whole file, and every page a view has
+    touched stays resident while any view lives. Here each tensor is mapped, handed to ``each``,
+    copied out if ``each`` kept the view, and its pages are dropped before the next is read."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as mapped:
+        header_len = int.from_bytes(mapped[:8], "little")
+        header = json.loads(mapped[8 : 8 + header_len])
+        base = 8 + header_len
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = (base + offset for offset in info["data_offsets"])
+            if end > len(mapped):
+                raise ValueError(f"tensor {name!r} runs past the end of the file")
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            if end == start:
+                yield name, each(torch.empty(info["shape"], dtype=dtype))
+                continue
+            view = torch.frombuffer(mapped, dtype=torch.uint8, count=end - start, offset=start)
+            held = each(view.view(dtype).reshape(info["shape"]))
+            if held.untyped_storage().data_ptr() == view.untyped_storage().data_ptr():
+                held = held.clone()
+            del view
+            page = mmap.PAGESIZE
+            first = start // page * page
+            mapped.madvise(mmap.MADV_DONTNEED, first, end - first)
+            yield name, held
 
 
 def make_config(

@@ -27,7 +27,9 @@ class TorchBackend(Backend):
 
     def load_rank(self, engine_dir: Path, engine_config: dict[str, Any], rank: int, device: str):
         from compiler_core.engine import engine_graph
+        from compiler_core.runtime.cpu_linear import bf16_kernel, held_for_cpu
         from compiler_core.runtime.session import TorchSession
 
         graph = engine_graph(engine_config, rank)
-        return TorchSession(graph, load_rank_weights(rank_file(engine_dir, rank)), device)
+        each = held_for_cpu if torch.device(device).type == "cpu" and bf16_kernel() is not None else None
+        return TorchSession(graph, load_rank_weights(rank_file(engine_dir, rank), each), device)

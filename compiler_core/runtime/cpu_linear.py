@@ -102,8 +102,13 @@ def bf16_valued(weight: torch.Tensor) -> bool:
     if weight.dtype != torch.float32:
         return False
     bits = weight.detach().reshape(-1).view(torch.int32)
-    # In slices: a whole-tensor mask would briefly double the memory of a vocabulary-sized matrix.
-    return not any(bool((part & 0xFFFF).any()) for part in bits.split(1 << 22))
+    # In slices through one scratch buffer: a whole-tensor mask would briefly double the memory of
+    # a vocabulary-sized matrix, and a fresh buffer per slice leaves the allocator fragmented.
+    scratch = torch.empty(min(bits.numel(), 1 << 20), dtype=torch.int32)
+    for part in bits.split(1 << 20):
+        if bool(torch.bitwise_and(part, 0xFFFF, out=scratch[: part.numel()]).any()):
+            return False
+    return True
 
 
 def bf16_storage(weight: torch.Tensor) -> torch.Tensor | None:
@@ -119,6 +124,12 @@ def bf16_storage(weight: torch.Tensor) -> torch.Tensor | None:
     if weight.dtype == torch.bfloat16:
         return weight
     return weight.to(torch.bfloat16) if bf16_valued(weight) else None
+
+
+def held_for_cpu(weight: torch.Tensor) -> torch.Tensor:
+    """How the CPU runtime holds a loaded weight: as :func:`bf16_storage` gives it, or as it is."""
+    held = bf16_storage(weight)
+    return weight if held is None else held
 
 
 def bf16_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:

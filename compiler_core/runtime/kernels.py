@@ -53,13 +53,26 @@ class TorchLowering:
     taken_as_stored: set[str] = field(default_factory=set)
     #: bfloat16 copies by weight name (tied weights share one), None for weights that stay as stored.
     bf16_copies: dict[str, torch.Tensor | None] = field(default_factory=dict)
+    #: Weights loaded compact (bfloat16 for a float32 parameter), widened for a kernel that asked.
+    widened: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def param(self, node: Node, role: str) -> torch.Tensor | None:
+        """The weight in the dtype the graph declares for it (widened, once, if it was loaded compact)."""
         name = node.params.get(role)
         if name is None:
             return None
         self.taken_as_stored.add(name)
-        return self.weights[name]
+        weight = self.weights[name]
+        if weight.dtype == torch.bfloat16 and self.declared_dtype(name) == torch.float32:
+            if name not in self.widened:
+                self.widened[name] = weight.float()
+            return self.widened[name]
+        return weight
+
+    def declared_dtype(self, name: str) -> torch.dtype | None:
+        """The dtype the graph declares for weight ``name`` (None when it names no torch dtype)."""
+        param = self.graph.params.get(name)
+        return None if param is None else TORCH_DTYPES.get(param.dtype)
 
     def bf16_param(self, node: Node, role: str) -> torch.Tensor | None:
         """The weight as a lossless bfloat16 copy, or None where it is not held that way."""
@@ -84,8 +97,8 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
 def lower_embedding(node: Node, low: TorchLowering) -> Kernel:
     compact = low.bf16_param(node, "weight")
     if compact is not None:
-        stored = low.weights[node.params["weight"]].dtype
-        return lambda ctx, ids: F.embedding(ids, compact).to(stored)
+        dtype = low.declared_dtype(node.params["weight"]) or low.weights[node.params["weight"]].dtype
+        return lambda ctx, ids: F.embedding(ids, compact).to(dtype)
     weight = low.param(node, "weight")
     return lambda ctx, ids: F.embedding(ids, weight)
 

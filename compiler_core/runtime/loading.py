@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from compiler_core.checkpoint import load_rank_weights, rank_file, read_config
 from compiler_core.mapping import Mapping
 from compiler_core.model import rank_graph
+from compiler_core.runtime.cpu_linear import bf16_kernel, held_for_cpu
 from compiler_core.runtime.runner import LocalRunner
 from compiler_core.runtime.session import TorchSession
 
@@ -16,10 +19,11 @@ def checkpoint_runner(checkpoint_dir: Path, device: str = "cpu") -> LocalRunner:
     checkpoint_dir = Path(checkpoint_dir)
     config = read_config(checkpoint_dir)
     mapping = Mapping.from_json(config["mapping"])
+    each = held_for_cpu if torch.device(device).type == "cpu" and bf16_kernel() is not None else None
     sessions = [
         TorchSession(
             rank_graph(config, rank, str(checkpoint_dir / "config.json")),
-            load_rank_weights(rank_file(checkpoint_dir, rank)),
+            load_rank_weights(rank_file(checkpoint_dir, rank), each),
             device,
         )
         for rank in mapping.ranks()

@@ -277,3 +277,35 @@ def test_converted_checkpoint_is_complete(falcon_checkpoint_tp2, tiny_falcon):
     assert set(r0) == set(r1)
     assert torch.equal(r0["embed.weight"], r1["embed.weight"])  # replicated
     assert r0["layers.0.mlp.fc.weight"].shape[0] * 2 == hf["ffn_hidden_size"]  # split
+
+
+def test_loading_tensor_by_tensor_reads_what_was_written(tmp_path):
+    """The runtime's one-tensor-at-a-time reader (``each``) gives the same tensors as safetensors'
+    own loader, for every dtype modelc writes, an empty tensor included, and maps each one."""
+    tensors = {
+        "f32": torch.randn(3, 5),
+        "bf16": torch.randn(4, 2).to(torch.bfloat16),
+        "f16": torch.randn(7).to(torch.float16),
+        "f8": torch.randn(2, 3).to(torch.float8_e4m3fn),
+        "i32": torch.arange(6, dtype=torch.int32).reshape(2, 3),
+        "u8": torch.arange(5, dtype=torch.uint8),
+        "i8": -torch.arange(5, dtype=torch.int8),
+        "empty": torch.zeros(0, 4),
+        "scalar": torch.tensor(2.5),
+    }
+    path = tmp_path / "rank0.safetensors"
+    save_rank_weights(path, tensors)
+    seen = []
+    got = load_rank_weights(path, lambda t: seen.append(t.dtype) or t)
+    assert sorted(got) == sorted(tensors) and len(seen) == len(tensors)
+    for name, expected in tensors.items():
+        assert got[name].dtype == expected.dtype and got[name].shape == expected.shape
+        assert torch.equal(got[name].reshape(-1).view(torch.uint8), expected.reshape(-1).view(torch.uint8)), name
+
+
+def test_loading_tensor_by_tensor_names_a_truncated_file(tmp_path):
+    path = tmp_path / "rank0.safetensors"
+    save_rank_weights(path, {"w": torch.randn(64, 64)})
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(UsageError, match=r"rank0\.safetensors: not a readable"):
+        load_rank_weights(path, lambda t: t)

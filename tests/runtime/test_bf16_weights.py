@@ -193,3 +193,24 @@ def test_bfloat16_engine_takes_the_kernel_within_verify_tolerance(variant, tp, b
     ref = hf_trace(load_hf_model(hf_dir, "bfloat16", "cpu"), batch, 8)
     report = compare(ref, got, batch, "bfloat16")
     assert report.passed, report.lines()
+
+
+def test_a_kernel_asking_for_a_compact_loaded_weight_gets_it_in_its_declared_dtype(monkeypatch):
+    """Weights loaded compact (bfloat16 for a float32 parameter): the linear takes them as they are,
+    while a kernel that asks through ``param`` (a plugin's op, say) gets float32, widened once."""
+    from compiler_core.ir.graph import GraphBuilder
+    from compiler_core.runtime.kernels import TorchLowering
+
+    monkeypatch.setattr(cpu_linear_module, "MIN_BF16_WEIGHT_ELEMENTS", 0)
+    g = GraphBuilder("compact")
+    w = g.param("fc.weight", [16, 8], "float32")
+    h = g.add("linear", ["x"], name="fc", params={"weight": w})
+    h = g.add("linear", [h], name="custom", params={"weight": g.param("custom.weight", [8, 16], "float32")})
+    graph = g.build(["x"], [h], {"dtype": "float32"})
+    held = {name: bf16_numbers(*graph.params[name].shape).to(torch.bfloat16) for name in graph.params}
+    low = TorchLowering(held, torch.device("cpu"), graph)
+    fc, custom = graph.nodes
+    assert low.bf16_param(fc, "weight") is held["fc.weight"]
+    first, again = low.param(custom, "weight"), low.param(custom, "weight")
+    assert first.dtype == torch.float32 and first is again
+    assert torch.equal(first, held["custom.weight"].float())
