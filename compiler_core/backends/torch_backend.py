@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from compiler_core.checkpoint import load_rank_weights, rank_file, save_rank_weights
+from compiler_core.checkpoint import rank_file, save_rank_weights
 from compiler_core.ir import Graph
 from compiler_core.registry import Backend
 
@@ -27,9 +27,8 @@ class TorchBackend(Backend):
 
     def load_rank(self, engine_dir: Path, engine_config: dict[str, Any], rank: int, device: str):
         from compiler_core.engine import engine_graph
-        from compiler_core.runtime.cpu_linear import bf16_kernel, held_for_cpu
+        from compiler_core.runtime.loading import load_weights_for
         from compiler_core.runtime.session import TorchSession
 
         graph = engine_graph(engine_config, rank)
-        each = held_for_cpu if torch.device(device).type == "cpu" and bf16_kernel() is not None else None
-        return TorchSession(graph, load_rank_weights(rank_file(engine_dir, rank), each), device)
+        return TorchSession(graph, load_weights_for(rank_file(engine_dir, rank), device), device)

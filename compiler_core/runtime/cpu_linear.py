@@ -145,7 +145,8 @@ def bf16_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable[[to
         dispatched during decode costs microseconds)."""
         y = torch.empty((*x.shape[:-1], out_features), dtype=torch.float32)
         bias_ptr = None if bias is None else bias.data_ptr()
-        kernel(x.data_ptr(), weight.data_ptr(), bias_ptr, y.data_ptr(), rows, out_features, in_features, threads())
+        threads = torch.get_num_threads()
+        kernel(x.data_ptr(), weight.data_ptr(), bias_ptr, y.data_ptr(), rows, out_features, in_features, threads)
         return y
 
     def linear(x: torch.Tensor) -> torch.Tensor:
@@ -161,9 +162,6 @@ def bf16_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable[[to
         return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
 
     return linear
-
-
-threads = torch.get_num_threads
 
 
 def _widened_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -10,6 +10,7 @@ import torch
 from compiler_core.errors import ModelcError
 from compiler_core.ir import Graph
 from compiler_core.runtime.context import ForwardContext, KVCache
+from compiler_core.runtime.cpu_linear import held_for_cpu
 from compiler_core.runtime.kernels import TorchLowering, torch_dtype
 
 #: Core ops that treat every position on its own (no mixing along the sequence axis).
@@ -25,8 +26,8 @@ class GraphExecutor:
 
     Kernels come from the ``lower_layer`` hook with ``backend="torch"``, so a plugin's op (a
     quantized linear, say) runs here exactly like a core op. Intermediate values are dropped
-    after their last use. ``weights`` are the rank's weights as held in memory: a float32 weight
-    whose values are all bfloat16 numbers may be held as bfloat16 (see ``cpu_linear``).
+    after their last use. ``weights`` are the rank's weights as held in memory: on CPU, a float32
+    weight whose values are all bfloat16 numbers may be held as bfloat16 (see ``held_for_cpu``).
     """
 
     def __init__(self, graph: Graph, weights: Mapping[str, torch.Tensor], device: torch.device | str = "cpu"):
@@ -38,7 +39,7 @@ class GraphExecutor:
         missing = [p for p in graph.params if p not in weights]
         if missing:
             raise ModelcError(f"graph {graph.name}: no weight for parameter {missing[0]!r}")
-        self.weights = {name: weights[name].to(self.device) for name in graph.params}
+        self.weights = _held_weights(weights, graph.params, self.device)
         lowering = TorchLowering(self.weights, self.device, graph)
         hook = get_plugin_manager().hook.lower_layer
         self.kernels = []
@@ -47,10 +48,6 @@ class GraphExecutor:
             if kernel is None:
                 raise ModelcError(f"node {node.name}: no plugin lowers op {node.op!r} for the torch backend")
             self.kernels.append(kernel)
-        # Weights that every kernel took as lossless bfloat16 copies are resident only as those.
-        for name, copy in lowering.bf16_copies.items():
-            if copy is not None and name not in lowering.taken_as_stored:
-                self.weights[name] = copy
         last_use: dict[str, int] = {}
         for i, node in enumerate(graph.nodes):
             for value in node.inputs:
@@ -102,6 +99,24 @@ class GraphExecutor:
         if last_only and self._tail_start == len(self.graph.nodes):
             values = {name: value[:, -1:] for name, value in values.items()}
         return {name: values[name] for name in self.graph.outputs}
+
+
+def _held_weights(
+    weights: Mapping[str, torch.Tensor], names: Iterable[str], device: torch.device
+) -> dict[str, torch.Tensor]:
+    """``weights[name]`` for every name, on ``device``; on CPU as :func:`held_for_cpu` holds them,
+    a tensor shared by several names (tied weights) converted once."""
+    held: dict[str, torch.Tensor] = {}
+    converted: dict[tuple, torch.Tensor] = {}
+    for name in names:
+        weight = weights[name].to(device)
+        if device.type == "cpu":
+            key = (weight.data_ptr(), weight.dtype, tuple(weight.shape), weight.stride())
+            if key not in converted:
+                converted[key] = held_for_cpu(weight)
+            weight = converted[key]
+        held[name] = weight
+    return held
 
 
 def _positionwise(node) -> bool:

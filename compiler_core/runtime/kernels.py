@@ -38,30 +38,25 @@ def torch_dtype(name: str) -> torch.dtype:
 
 @dataclass
 class TorchLowering:
-    """The torch backend's lowering context: the rank's weights on their device.
+    """The torch backend's lowering context: the rank's weights on their device, as the executor
+    holds them (on CPU, a float32 weight of bfloat16 numbers may be held as bfloat16).
 
-    ``param`` hands a kernel the weight as stored; ``bf16_param`` hands it the same values held
-    as bfloat16, where that loses nothing and the CPU kernel for it runs (see
-    :func:`bf16_storage`). The executor keeps only the bfloat16 copy of a weight that no kernel
-    took through ``param``.
+    ``param`` hands a kernel a weight in the dtype the graph declares; ``bf16_param`` hands it a
+    weight held as bfloat16, for the CPU kernel that multiplies such weights (see
+    :func:`bf16_storage`).
     """
 
     weights: Mapping[str, torch.Tensor]
     device: torch.device
     graph: Graph
-    #: Names of weights some kernel holds as stored.
-    taken_as_stored: set[str] = field(default_factory=set)
-    #: bfloat16 copies by weight name (tied weights share one), None for weights that stay as stored.
-    bf16_copies: dict[str, torch.Tensor | None] = field(default_factory=dict)
-    #: Weights loaded compact (bfloat16 for a float32 parameter), widened for a kernel that asked.
+    #: Weights held as bfloat16 for a float32 parameter, widened for a kernel that asked.
     widened: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def param(self, node: Node, role: str) -> torch.Tensor | None:
-        """The weight in the dtype the graph declares for it (widened, once, if it was loaded compact)."""
+        """The weight in the dtype the graph declares for it (widened, once, if it is held compact)."""
         name = node.params.get(role)
         if name is None:
             return None
-        self.taken_as_stored.add(name)
         weight = self.weights[name]
         if weight.dtype == torch.bfloat16 and self.declared_dtype(name) == torch.float32:
             if name not in self.widened:
@@ -75,23 +70,15 @@ class TorchLowering:
         return None if param is None else TORCH_DTYPES.get(param.dtype)
 
     def bf16_param(self, node: Node, role: str) -> torch.Tensor | None:
-        """The weight as a lossless bfloat16 copy, or None where it is not held that way."""
+        """The weight if it is held as bfloat16 and the CPU kernel can multiply it, else None."""
         name = node.params.get(role)
-        if name is None:
+        if name is None or self.weights[name].dtype != torch.bfloat16:
             return None
-        if name not in self.bf16_copies:
-            weight = self.weights[name]
-            twin = next((n for n in self.bf16_copies if _same_tensor(self.weights[n], weight)), None)
-            self.bf16_copies[name] = self.bf16_copies[twin] if twin is not None else bf16_storage(weight)
-        return self.bf16_copies[name]
+        return bf16_storage(self.weights[name])
 
     @property
     def compute_dtype(self) -> torch.dtype:
         return torch_dtype(self.graph.attrs.get("dtype", "float32"))
-
-
-def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
 
 
 def lower_embedding(node: Node, low: TorchLowering) -> Kernel:

@@ -19,13 +19,20 @@ def checkpoint_runner(checkpoint_dir: Path, device: str = "cpu") -> LocalRunner:
     checkpoint_dir = Path(checkpoint_dir)
     config = read_config(checkpoint_dir)
     mapping = Mapping.from_json(config["mapping"])
-    each = held_for_cpu if torch.device(device).type == "cpu" and bf16_kernel() is not None else None
     sessions = [
         TorchSession(
             rank_graph(config, rank, str(checkpoint_dir / "config.json")),
-            load_rank_weights(rank_file(checkpoint_dir, rank), each),
+            load_weights_for(rank_file(checkpoint_dir, rank), device),
             device,
         )
         for rank in mapping.ranks()
     ]
     return LocalRunner(sessions, mapping)
+
+
+def load_weights_for(path: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
+    """A rank file's weights for a torch session on ``device``. Where the CPU holds some weights as
+    bfloat16 (see :func:`held_for_cpu`), each is converted as it is read, so the float32 and
+    bfloat16 copies of the whole model never coexist; elsewhere the file is simply mapped."""
+    each = held_for_cpu if torch.device(device).type == "cpu" and bf16_kernel() is not None else None
+    return load_rank_weights(path, each)
