@@ -43,8 +43,8 @@ SHAPES = shapes("small", "7b")
 
 def loaded_model(hf, dtype: torch.dtype):
     """The HF model's weights as a modelc LoadedModel (IR names, tp1)."""
-    from compiler_core.checkpoint import make_config
-    from compiler_core.convert import LoadedModel, map_tensors
+    from compiler_core.convert.from_hf import LoadedModel, map_tensors
+    from compiler_core.formats.checkpoint import make_config
     from compiler_core.mapping import Mapping
     from compiler_core.registry import get_registry
 
@@ -56,7 +56,7 @@ def loaded_model(hf, dtype: torch.dtype):
 
 
 def runner_of(model, device: str):
-    from compiler_core.convert import rank_weights
+    from compiler_core.convert.from_hf import rank_weights
     from compiler_core.mapping import Mapping
     from compiler_core.model import rank_graph
     from compiler_core.runtime.runner import LocalRunner
@@ -69,9 +69,10 @@ def runner_of(model, device: str):
 
 def quantize_awq(model, args) -> tuple[Any, float]:
     """int4_awq of ``model`` (its weights dict is copied, not changed) and the seconds it took."""
-    from compiler_core.calibration import CalibrationBatch, CalibrationSet
-    from compiler_core.convert import LoadedModel
-    from plugins.quant_awq.scheme import Int4AwqScheme
+    from modelc_plugins.quant_awq.scheme import Int4AwqScheme
+
+    from compiler_core.convert.from_hf import LoadedModel
+    from compiler_core.quantize.calibration import CalibrationBatch, CalibrationSet
 
     gen = torch.Generator().manual_seed(1)
     batches = tuple(

@@ -42,8 +42,8 @@ SHAPES = shapes("overhead", "small", "7b")
 
 def make_models(shape: str, dtype: torch.dtype, device: str, bf16_valued: bool = False):
     """(HF model, our runner) over the same random weights, both on ``device``."""
-    from compiler_core.checkpoint import make_config
-    from compiler_core.convert import LoadedModel, map_tensors, rank_weights
+    from compiler_core.convert.from_hf import LoadedModel, map_tensors, rank_weights
+    from compiler_core.formats.checkpoint import make_config
     from compiler_core.mapping import Mapping
     from compiler_core.model import rank_graph
     from compiler_core.registry import get_registry

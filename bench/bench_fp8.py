@@ -55,7 +55,7 @@ SHAPES = shapes("small", "7b")
 
 def falcon_config(shape: str, dtype: str) -> dict[str, Any]:
     """The modelc checkpoint config of a falcon-7b-style model (tp1)."""
-    from compiler_core.checkpoint import make_config
+    from compiler_core.formats.checkpoint import make_config
     from compiler_core.mapping import Mapping
     from compiler_core.registry import get_registry
 
@@ -66,9 +66,9 @@ def falcon_config(shape: str, dtype: str) -> dict[str, Any]:
 
 def random_model(config: dict[str, Any], device: str):
     """A LoadedModel with random weights made on ``device`` (matrices N(0, 0.02), norms 1, biases 0)."""
-    from compiler_core.calibration import model_graph
-    from compiler_core.convert import LoadedModel
-    from compiler_core.runtime.kernels import torch_dtype
+    from compiler_core.backends.torch.kernels import torch_dtype
+    from compiler_core.convert.from_hf import LoadedModel
+    from compiler_core.quantize.calibration import model_graph
 
     dtype = torch_dtype(config["dtype"])
     model = LoadedModel(config, {})
@@ -84,8 +84,8 @@ def random_model(config: dict[str, Any], device: str):
 
 def quantize_fp8(model, kv: bool, device: str, vocab: int):
     """The fp8 scheme applied to a copy of ``model`` (calibrated on 4 x 128 random tokens)."""
-    from compiler_core.calibration import CalibrationBatch, CalibrationSet
-    from compiler_core.convert import LoadedModel
+    from compiler_core.convert.from_hf import LoadedModel
+    from compiler_core.quantize.calibration import CalibrationBatch, CalibrationSet
     from compiler_core.registry import get_registry
 
     ids = torch.randint(0, vocab, (4, 128), generator=torch.Generator().manual_seed(1))
@@ -99,8 +99,8 @@ def quantize_fp8(model, kv: bool, device: str, vocab: int):
 
 
 def runner_of(model, device: str):
-    from compiler_core.calibration import model_graph
     from compiler_core.mapping import Mapping
+    from compiler_core.quantize.calibration import model_graph
     from compiler_core.runtime.runner import LocalRunner
     from compiler_core.runtime.session import TorchSession
 
@@ -113,11 +113,12 @@ def weight_bytes(model) -> int:
 
 def gemm_table(config: dict[str, Any], args, dtype: torch.dtype) -> None:
     """Median time of F.linear (compute dtype) vs the fp8_linear kernel for each linear shape."""
+    from modelc_plugins.quant_fp8 import numerics
+    from modelc_plugins.quant_fp8.scheme import rewrite_graph
+    from modelc_plugins.quant_fp8.torch_lowering import lower_fp8_linear, scaled_mm_supported
+
+    from compiler_core.backends.torch.kernels import TorchLowering
     from compiler_core.ir import GraphBuilder
-    from compiler_core.runtime.kernels import TorchLowering
-    from plugins.quant_fp8 import numerics
-    from plugins.quant_fp8.scheme import rewrite_graph
-    from plugins.quant_fp8.torch_lowering import lower_fp8_linear, scaled_mm_supported
 
     hidden, hd = config["hidden_size"], config["head_dim"]
     nh, nkv, ffn = config["num_attention_heads"], config["num_kv_heads"], config["ffn_hidden_size"]
@@ -200,10 +201,10 @@ def train_tiny(variant: str, out, tokenizer, args) -> None:
     """A tiny HF Falcon of ``variant`` trained for ``args.acc_steps`` AdamW steps on the shipped corpus."""
     import shutil
 
+    from modelc_plugins.falcon.tiny import make_tiny_falcon
     from transformers import FalconForCausalLM
 
-    from compiler_core.calibration import default_corpus
-    from plugins.falcon.tiny import make_tiny_falcon
+    from compiler_core.quantize.calibration import default_corpus
 
     init = out.with_name(out.name + "-init")
     shutil.rmtree(init, ignore_errors=True)
@@ -241,16 +242,16 @@ def accuracy(args) -> None:
     from importlib import resources
     from pathlib import Path
 
+    from modelc_plugins.falcon.tiny import train_tokenizer
     from transformers import AutoModelForCausalLM
 
-    from compiler_core.convert import convert
-    from compiler_core.engine import build_engine
-    from compiler_core.quantize import quantize
+    from compiler_core.build.engine import build_engine
+    from compiler_core.convert.from_hf import convert
+    from compiler_core.evaluate.summarize import summarize
+    from compiler_core.quantize.ptq import quantize
     from compiler_core.registry import get_registry
     from compiler_core.runtime.context import positions_from_mask
     from compiler_core.runtime.loading import checkpoint_runner
-    from compiler_core.summarize import summarize
-    from plugins.falcon.tiny import train_tokenizer
 
     tokenizer = train_tokenizer()
     lines = resources.files("compiler_core").joinpath("data/summarize_sample.jsonl").read_text().splitlines()

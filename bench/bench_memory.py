@@ -30,7 +30,7 @@ SHAPES = shapes("overhead", "small", "7b")
 
 CHILD = """
 import gc, json, sys
-from compiler_core.engine import engine_mapping, load_rank_session, read_engine_config
+from compiler_core.build.engine import engine_mapping, load_rank_session, read_engine_config
 from compiler_core.runtime.generation import GenerationConfig, generate
 from compiler_core.runtime.runner import LocalRunner
 
@@ -52,9 +52,9 @@ print(json.dumps({"held": held, "load": loaded["VmRSS"], "final": final["VmRSS"]
 
 def build_engine(shape: str, root: Path) -> Path:
     """A float32 torch engine converted from a bfloat16 checkpoint of ``shape``."""
-    from compiler_core.convert import convert
-    from compiler_core.engine import build_engine as build
-    from compiler_core.engine import choose_backend
+    from compiler_core.build.engine import build_engine as build
+    from compiler_core.build.engine import choose_backend
+    from compiler_core.convert.from_hf import convert
     from compiler_core.mapping import Mapping
 
     hf, _ = make_hf(shape, torch.bfloat16, "cpu")

@@ -47,8 +47,8 @@ def make_hf(shape: str, dtype: torch.dtype, out_dir: Path):
 
 
 def build_engines(hf_dir: Path, work: Path, dtype: str, backends: list[str]) -> dict[str, Path]:
-    from compiler_core.convert import convert
-    from compiler_core.engine import build_engine, choose_backend
+    from compiler_core.build.engine import build_engine, choose_backend
+    from compiler_core.convert.from_hf import convert
 
     checkpoint = work / "checkpoint"
     convert(hf_dir, checkpoint, dtype=dtype, show_progress=False)

@@ -22,7 +22,7 @@ def register_ops(register) -> None:
 
 @hookimpl
 def register_backends(register) -> None:
-    from compiler_core.backends.torch_backend import TorchBackend
+    from compiler_core.backends.torch.backend import TorchBackend
 
     register(TorchBackend())
 
@@ -39,7 +39,7 @@ def register_commands(cli) -> None:
 def lower_layer(node: Node, graph: Graph, backend: str, context: Any):
     if backend != "torch":
         return None
-    from compiler_core.runtime.kernels import CORE_KERNELS
+    from compiler_core.backends.torch.kernels import CORE_KERNELS
 
     lower = CORE_KERNELS.get(node.op)
     return None if lower is None else lower(node, context)

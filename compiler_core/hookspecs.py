@@ -183,7 +183,7 @@ def lower_layer(node: Node, graph: Graph, backend: str, context: Any) -> Any:
 
     ``node`` belongs to ``graph`` (the rank's whole graph, for looking up parameter shapes
     and dtypes). ``backend`` is a registered backend name; ``context`` is that backend's lowering context:
-    for ``torch`` a :class:`compiler_core.runtime.kernels.TorchLowering` (weights, device),
+    for ``torch`` a :class:`compiler_core.backends.torch.kernels.TorchLowering` (weights, device),
     and for other backends whatever they document. Return the backend's lowered form (for
     ``torch`` a callable ``fn(ctx, *inputs) -> output``), or None when this implementation
     does not lower ``node.op`` for ``backend``. A quantization scheme lowers its own ops for

@@ -83,8 +83,8 @@ class QuantScheme(ABC):
     def quantize(self, model: Any, calibration: Any, options: dict[str, Any]) -> Any:
         """Calibrate and quantize a full-precision single-rank model.
 
-        ``model`` is a :class:`compiler_core.convert.LoadedModel`, ``calibration`` a
-        :class:`compiler_core.calibration.CalibrationSet`; return the quantized LoadedModel
+        ``model`` is a :class:`compiler_core.convert.from_hf.LoadedModel`, ``calibration`` a
+        :class:`compiler_core.quantize.calibration.CalibrationSet`; return the quantized LoadedModel
         with its ``quantization`` section filled in.
         """
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
+from compiler_core.build.engine import DEFAULT_SETTINGS, build_engine, choose_backend
 from compiler_core.cli.options import accepted_flag, option
-from compiler_core.engine import DEFAULT_SETTINGS, build_engine, choose_backend
 from compiler_core.errors import UsageError
 
 #: trtllm-build flags that choose TensorRT-LLM plugins or kernels. Each is accepted (bare, as in

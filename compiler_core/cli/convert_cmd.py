@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from compiler_core.cli.options import option
-from compiler_core.convert import DTYPE_CHOICES, convert
+from compiler_core.convert.from_hf import DTYPE_CHOICES, convert
 from compiler_core.errors import UsageError
 from compiler_core.mapping import Mapping
 

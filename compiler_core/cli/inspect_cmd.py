@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from compiler_core.inspect import describe
+from compiler_core.formats.inspect import describe
 
 
 @click.command("inspect")

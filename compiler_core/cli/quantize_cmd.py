@@ -1,7 +1,7 @@
 """``modelc quantize``: Hugging Face checkpoint -> calibrated, quantized, sharded modelc checkpoint.
 
 The one-step equivalent of TensorRT-LLM's ``examples/quantization/quantize.py``; the formats
-come from the loaded quant-scheme plugins (see :mod:`compiler_core.quantize`).
+come from the loaded quant-scheme plugins (see :mod:`compiler_core.quantize.ptq`).
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from pathlib import Path
 
 import click
 
-from compiler_core.calibration import DEFAULT_CALIB_SIZE, DEFAULT_MAX_SEQ_LENGTH
 from compiler_core.cli.options import option
-from compiler_core.convert import DTYPE_CHOICES
+from compiler_core.convert.from_hf import DTYPE_CHOICES
 from compiler_core.errors import UsageError
 from compiler_core.mapping import Mapping
+from compiler_core.quantize.calibration import DEFAULT_CALIB_SIZE, DEFAULT_MAX_SEQ_LENGTH
 
 
 class RegistryChoice(click.ParamType):
@@ -37,13 +37,13 @@ class RegistryChoice(click.ParamType):
 
 
 def _qformats() -> list[str]:
-    from compiler_core.quantize import qformat_choices
+    from compiler_core.quantize.ptq import qformat_choices
 
     return qformat_choices()
 
 
 def _kv_dtypes() -> list[str]:
-    from compiler_core.quantize import kv_cache_dtype_choices
+    from compiler_core.quantize.ptq import kv_cache_dtype_choices
 
     return kv_cache_dtype_choices()
 
@@ -147,7 +147,7 @@ def quantize_command(
 
     Example: modelc quantize --model_dir falcon-7b --output_dir ckpt --qformat fp8 --kv_cache_dtype fp8
     """
-    from compiler_core.quantize import quantize
+    from compiler_core.quantize.ptq import quantize
 
     config, calibration = quantize(
         Path(model_dir),

@@ -105,7 +105,7 @@ def run_command(
     with generated tokens only, one entry per input (per input and beam with --num_beams).
     Under mpirun every rank computes and rank 0 prints and writes.
     """
-    from compiler_core.engine import read_engine_config
+    from compiler_core.build.engine import read_engine_config
     from compiler_core.runtime.generation import GenerationConfig, generate
     from compiler_core.runtime.open import is_output_rank, load_tokenizer, open_runner, special_ids
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from compiler_core.cli.options import accepted_flag, option
-from compiler_core.summarize import (
+from compiler_core.evaluate.summarize import (
     DEFAULT_MAX_INPUT_LENGTH,
     DEFAULT_OUTPUT_LEN,
     DEFAULT_ROUGE1_THRESHOLD,
@@ -15,7 +15,7 @@ from compiler_core.summarize import (
     summarize,
     write_report,
 )
-from compiler_core.summarize import check_accuracy as require_rouge1
+from compiler_core.evaluate.summarize import check_accuracy as require_rouge1
 
 _DIR = click.Path(file_okay=False, path_type=Path)
 

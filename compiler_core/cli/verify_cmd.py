@@ -55,7 +55,7 @@ def verify_command(
     exits 1 when the difference is outside the dtype's tolerance or a greedy token differs where
     the reference had no near-tie.
     """
-    from compiler_core.verify import verify
+    from compiler_core.evaluate.verify import verify
 
     if prompts and input_ids:
         raise UsageError("--prompts and --input_ids: give one or the other")

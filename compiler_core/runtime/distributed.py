@@ -22,10 +22,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from compiler_core.engine import engine_mapping, load_rank_session
+from compiler_core.backends.torch.kernels import torch_dtype
+from compiler_core.build.engine import engine_mapping, load_rank_session
 from compiler_core.errors import ModelcError, UsageError
 from compiler_core.mapping import Mapping
-from compiler_core.runtime.kernels import torch_dtype
 from compiler_core.runtime.runner import ModelRunner
 from compiler_core.runtime.session import RankSession
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-from compiler_core.checkpoint import load_rank_weights, rank_file, read_config
+from compiler_core.backends.torch.cpu_linear import bf16_kernel, held_for_cpu
+from compiler_core.formats.checkpoint import load_rank_weights, rank_file, read_config
 from compiler_core.mapping import Mapping
 from compiler_core.model import rank_graph
-from compiler_core.runtime.cpu_linear import bf16_kernel, held_for_cpu
 from compiler_core.runtime.runner import LocalRunner
 from compiler_core.runtime.session import TorchSession
 

@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from compiler_core.checkpoint import TOKENIZER_DIR
-from compiler_core.engine import engine_mapping, load_rank_session, read_engine_config
+from compiler_core.build.engine import engine_mapping, load_rank_session, read_engine_config
 from compiler_core.errors import UsageError
+from compiler_core.formats.checkpoint import TOKENIZER_DIR
 from compiler_core.runtime.runner import LocalRunner, ModelRunner
 
 #: Environment variables in which MPI launchers (Open MPI, MPICH/Intel MPI/PMI, PMIx) publish rank and size.

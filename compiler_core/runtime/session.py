@@ -8,9 +8,9 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from compiler_core.backends.torch.executor import GraphExecutor
 from compiler_core.ir import Graph
 from compiler_core.runtime.context import Communicator, ForwardContext, KVCache
-from compiler_core.runtime.executor import GraphExecutor
 
 
 class RankSession(ABC):

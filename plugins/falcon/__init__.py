@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from modelc_plugins.falcon import config as falcon_config
+from modelc_plugins.falcon import graph as falcon_graph
+from modelc_plugins.falcon.convert import map_falcon_weight, rank_qkv
+
 from compiler_core import hookimpl
 from compiler_core.ir import Graph
 from compiler_core.mapping import Mapping
 from compiler_core.registry import Architecture, ScaleGroup
-from plugins.falcon import config as falcon_config
-from plugins.falcon import graph as falcon_graph
-from plugins.falcon.convert import map_falcon_weight, rank_qkv
 
 __version__ = "0.1.0"
 
@@ -45,7 +46,7 @@ def register_architectures(register) -> None:
 
 @hookimpl
 def register_commands(cli) -> None:
-    from plugins.falcon.tiny import tiny_falcon_command
+    from modelc_plugins.falcon.tiny import tiny_falcon_command
 
     cli.add_command(tiny_falcon_command)
 

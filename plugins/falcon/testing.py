@@ -23,7 +23,7 @@ def single_torch_thread() -> Iterator[None]:
 
 def tiny_hf_dirs(root: Path, tokenizer: Any, num_layers: int = 2) -> Callable[[str], Path]:
     """variant -> a ``num_layers``-layer random-weight HF Falcon checkpoint under ``root`` (made once)."""
-    from plugins.falcon.tiny import make_tiny_falcon
+    from modelc_plugins.falcon.tiny import make_tiny_falcon
 
     made: dict[str, Path] = {}
 

@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from compiler_core.cli.options import option
-from compiler_core.fileio import atomic_output_dir
+from compiler_core.formats.fileio import atomic_output_dir
 
 #: Config overrides per variant; shapes are tiny but every structural flag is the real one's.
 VARIANTS: dict[str, dict[str, Any]] = {

@@ -2,7 +2,7 @@
 
 Its lowering (``lower_layer`` with ``backend="onnx"``) is also what the ``tensorrt`` backend feeds
 to TensorRT's ONNX parser. Quantization plugins lower their own ops through the same hook with
-the :class:`plugins.onnx.lowering.OnnxLowering` context (see docs/ONNX_TENSORRT.md).
+the :class:`modelc_plugins.onnx.lowering.OnnxLowering` context (see docs/ONNX_TENSORRT.md).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 @hookimpl
 def register_backends(register) -> None:
-    from plugins.onnx.backend import OnnxBackend
+    from modelc_plugins.onnx.backend import OnnxBackend
 
     register(OnnxBackend())
 
@@ -26,7 +26,7 @@ def register_backends(register) -> None:
 def lower_layer(node: Node, graph: Graph, backend: str, context: Any):
     if backend != "onnx":
         return None
-    from plugins.onnx.ops import CORE_LOWERINGS
+    from modelc_plugins.onnx.ops import CORE_LOWERINGS
 
     lower = CORE_LOWERINGS.get(node.op)
     return None if lower is None else lower(node, context)

@@ -14,8 +14,8 @@ from compiler_core.registry import Backend
 
 
 def rank_plan(engine_config: dict[str, Any], rank: int, source: str = "engine config.json"):
-    """The :class:`~plugins.onnx.export.RankPlan` recorded for ``rank`` at build time."""
-    from plugins.onnx.export import RankPlan
+    """The :class:`~modelc_plugins.onnx.export.RankPlan` recorded for ``rank`` at build time."""
+    from modelc_plugins.onnx.export import RankPlan
 
     try:
         facts = engine_config["ranks"][rank]["onnx"]
@@ -44,14 +44,15 @@ class OnnxBackend(Backend):
     def build_rank(
         self, graph: Graph, weights: dict[str, torch.Tensor], out_dir: Path, rank: int, settings: dict[str, Any]
     ) -> dict[str, Any]:
-        from plugins.onnx.export import export_rank
+        from modelc_plugins.onnx.export import export_rank
 
         plan = export_rank(graph, weights, out_dir, rank)
         return {"onnx": plan.to_json()}
 
     def load_rank(self, engine_dir: Path, engine_config: dict[str, Any], rank: int, device: str):
-        from compiler_core.engine import engine_graph
-        from plugins.onnx.session import OnnxSession
+        from modelc_plugins.onnx.session import OnnxSession
+
+        from compiler_core.build.engine import engine_graph
 
         source = str(Path(engine_dir) / "config.json")
         return OnnxSession(
@@ -59,6 +60,6 @@ class OnnxBackend(Backend):
         )
 
     def describe_rank(self, engine_dir: Path, engine_config: dict[str, Any], rank: int) -> str:
-        from plugins.onnx.summary import describe_plan
+        from modelc_plugins.onnx.summary import describe_plan
 
         return describe_plan(Path(engine_dir), rank_plan(engine_config, rank))

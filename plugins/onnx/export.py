@@ -15,12 +15,7 @@ from typing import Any
 
 import onnx
 import torch
-from onnx import TensorProto, helper
-
-from compiler_core.errors import ModelcError
-from compiler_core.ir import Graph, Node
-from compiler_core.plugins import get_plugin_manager
-from plugins.onnx.lowering import (
+from modelc_plugins.onnx.lowering import (
     ATTENTION_MASK,
     BATCH,
     DTYPE_NAMES,
@@ -34,7 +29,12 @@ from plugins.onnx.lowering import (
     ValueType,
     onnx_type,
 )
-from plugins.onnx.ops import COLLECTIVES
+from modelc_plugins.onnx.ops import COLLECTIVES
+from onnx import TensorProto, helper
+
+from compiler_core.errors import ModelcError
+from compiler_core.ir import Graph, Node
+from compiler_core.plugins import get_plugin_manager
 
 PLAN_VERSION = 1
 

@@ -1,6 +1,6 @@
-"""Standard-ONNX lowerings of the core IR ops, with the semantics of ``compiler_core.runtime.kernels``.
+"""Standard-ONNX lowerings of the core IR ops, with the semantics of ``compiler_core.backends.torch.kernels``.
 
-Each ``lower_*`` takes the IR node and the :class:`~plugins.onnx.lowering.OnnxLowering` and returns
+Each ``lower_*`` takes the IR node and the :class:`~modelc_plugins.onnx.lowering.OnnxLowering` and returns
 the ONNX names of the node's outputs. ``all_reduce``/``all_gather`` are not here: the exporter
 cuts the graph at them and the session runs them between segments.
 """
@@ -12,11 +12,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from modelc_plugins.onnx.lowering import CacheSpec, OnnxLowering, emit_matmul, onnx_type
 from onnx import TensorProto
 
+from compiler_core.backends.torch.kernels import alibi_slopes, torch_dtype
 from compiler_core.ir import Node
-from compiler_core.runtime.kernels import alibi_slopes, torch_dtype
-from plugins.onnx.lowering import CacheSpec, OnnxLowering, emit_matmul, onnx_type
 
 Lowering = Callable[[Node, OnnxLowering], list[str]]
 

@@ -6,9 +6,8 @@ from collections import Counter
 from pathlib import Path
 
 import onnx
-
-from plugins.onnx.export import RankPlan
-from plugins.onnx.lowering import DTYPE_NAMES
+from modelc_plugins.onnx.export import RankPlan
+from modelc_plugins.onnx.lowering import DTYPE_NAMES
 
 
 def _value(info: onnx.ValueInfoProto) -> str:

@@ -27,7 +27,7 @@ class TinyFalcons:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from plugins.falcon.tiny import train_tokenizer
+            from modelc_plugins.falcon.tiny import train_tokenizer
 
             self._tokenizer = train_tokenizer()
         return self._tokenizer
@@ -38,7 +38,7 @@ class TinyFalcons:
 
     def hf(self, variant: str, layers: int = 3) -> Path:
         """The HF checkpoint of ``variant`` (float32) with ``layers`` decoder layers."""
-        from plugins.falcon.tiny import make_tiny_falcon
+        from modelc_plugins.falcon.tiny import make_tiny_falcon
 
         path = self.root / "hf" / f"{variant}-L{layers}"
         if not path.is_dir():
@@ -47,7 +47,7 @@ class TinyFalcons:
 
     def checkpoint(self, variant: str, dtype: str = "float32", tp: int = 1, pp: int = 1, layers: int = 3) -> Path:
         """A modelc checkpoint of ``variant`` converted to ``dtype`` and split tp x pp."""
-        from compiler_core.convert import convert
+        from compiler_core.convert.from_hf import convert
 
         path = self.root / "ckpt" / f"{variant}-L{layers}-{dtype}-tp{tp}pp{pp}"
         if not path.is_dir():
@@ -66,7 +66,7 @@ class TinyFalcons:
         **settings: Any,
     ) -> Path:
         """An engine directory built from :meth:`checkpoint` with ``backend`` and build ``settings``."""
-        from compiler_core.engine import build_engine
+        from compiler_core.build.engine import build_engine
         from compiler_core.registry import get_registry
 
         tag = "".join(f"-{k}{v}" for k, v in sorted(settings.items()))
@@ -80,7 +80,7 @@ class TinyFalcons:
 
 def local_runner(engine_dir: Path, device: str = "cpu"):
     """Every rank of an engine in this process (tensor-parallel ranks as threads)."""
-    from compiler_core.engine import engine_mapping, load_rank_session, read_engine_config
+    from compiler_core.build.engine import engine_mapping, load_rank_session, read_engine_config
     from compiler_core.runtime.runner import LocalRunner
 
     config = read_engine_config(engine_dir)
@@ -98,7 +98,7 @@ def left_padded(prompts: Sequence[Sequence[int]], pad: int = 0) -> tuple[torch.T
 
 def built_engine(checkpoint: Path, out: Path, backend: str) -> Path:
     """``out``, made an engine of ``checkpoint`` for ``backend`` in this process."""
-    from compiler_core.engine import build_engine
+    from compiler_core.build.engine import build_engine
     from compiler_core.registry import get_registry
 
     build_engine(checkpoint, out, get_registry().backend(backend, "test"), {}, show_progress=False)

@@ -1,16 +1,17 @@
 """INT4 group-wise AWQ for modelc (``--qformat int4_awq``, TensorRT-LLM's ``W4A16_AWQ``).
 
-* :mod:`plugins.quant_awq.int4`: symmetric group quantization, int4 packing (pure functions).
-* :mod:`plugins.quant_awq.search`: AWQ scale and clip searches (pure functions).
-* :mod:`plugins.quant_awq.calibrate`: where scales go (the ``scale_groups`` hook), calibration.
-* :mod:`plugins.quant_awq.transform`: the ``awq_linear`` op and the per-rank graph rewrite.
-* :mod:`plugins.quant_awq.lowering`: kernels for each backend.
+* :mod:`modelc_plugins.quant_awq.int4`: symmetric group quantization, int4 packing (pure functions).
+* :mod:`modelc_plugins.quant_awq.search`: AWQ scale and clip searches (pure functions).
+* :mod:`modelc_plugins.quant_awq.calibrate`: where scales go (the ``scale_groups`` hook), calibration.
+* :mod:`modelc_plugins.quant_awq.transform`: the ``awq_linear`` op and the per-rank graph rewrite.
+* :mod:`modelc_plugins.quant_awq.lowering`: kernels for each backend.
 """
 
 from __future__ import annotations
 
+from modelc_plugins.quant_awq.transform import AWQ_LINEAR, OP, SCHEME_NAME
+
 from compiler_core import hookimpl
-from plugins.quant_awq.transform import AWQ_LINEAR, OP, SCHEME_NAME
 
 __version__ = "0.1.0"
 
@@ -22,7 +23,7 @@ def register_ops(register) -> None:
 
 @hookimpl
 def register_quant_schemes(register) -> None:
-    from plugins.quant_awq.scheme import Int4AwqScheme
+    from modelc_plugins.quant_awq.scheme import Int4AwqScheme
 
     register(Int4AwqScheme())
 
@@ -31,7 +32,7 @@ def register_quant_schemes(register) -> None:
 def quantize_layer(node, graph, weights, scheme, stats):
     if scheme.name != SCHEME_NAME or node.op != "linear":
         return None
-    from plugins.quant_awq.calibrate import quantize_linear
+    from modelc_plugins.quant_awq.calibrate import quantize_linear
 
     return quantize_linear(node, graph, weights, stats)
 
@@ -41,11 +42,11 @@ def lower_layer(node, graph, backend, context):
     if node.op != OP:
         return None
     if backend == "torch":
-        from plugins.quant_awq.lowering import lower_awq_linear_torch
+        from modelc_plugins.quant_awq.lowering import lower_awq_linear_torch
 
         return lower_awq_linear_torch(node, context)
     if backend == "onnx":
-        from plugins.quant_awq.lowering import lower_awq_linear_onnx
+        from modelc_plugins.quant_awq.lowering import lower_awq_linear_onnx
 
         return lower_awq_linear_onnx(node, context)
     return None

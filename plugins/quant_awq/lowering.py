@@ -33,11 +33,11 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from modelc_plugins.quant_awq.int4 import dequantize_packed, scale_groups_, unpack_int4
 
+from compiler_core.backends.torch.cpu_linear import cpu_linear
+from compiler_core.backends.torch.kernels import Kernel, TorchLowering
 from compiler_core.ir import Node
-from compiler_core.runtime.cpu_linear import cpu_linear
-from compiler_core.runtime.kernels import Kernel, TorchLowering
-from plugins.quant_awq.int4 import dequantize_packed, scale_groups_, unpack_int4
 
 #: Tokens per call up to which the CUDA int4 GEMM is used; larger calls are compute-bound and
 #: run faster as dequantize + dense GEMM.
@@ -172,8 +172,8 @@ def lower_awq_linear_torch(node: Node, low: TorchLowering) -> Kernel:
 
 
 def lower_awq_linear_onnx(node: Node, ctx) -> list[str]:
-    """The ONNX nodes of one ``awq_linear`` (``ctx`` is a :class:`plugins.onnx.lowering.OnnxLowering`)."""
-    from plugins.onnx.lowering import emit_dequantize, emit_matmul
+    """The ONNX nodes of one ``awq_linear`` (``ctx`` is a :class:`modelc_plugins.onnx.lowering.OnnxLowering`)."""
+    from modelc_plugins.onnx.lowering import emit_dequantize, emit_matmul
 
     (x,) = ctx.inputs(node)
     codes = unpack_int4(ctx.weight(node, "weight"))

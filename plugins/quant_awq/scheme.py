@@ -4,24 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from compiler_core.calibration import CalibrationSet, model_graph
-from compiler_core.convert import LoadedModel
-from compiler_core.errors import ModelcError, UsageError
-from compiler_core.mapping import Mapping
-from compiler_core.model import rank_graph
-from compiler_core.plugins import get_plugin_manager
-from compiler_core.progress import progress
-from compiler_core.quantize import quantize_layers
-from compiler_core.registry import QuantScheme
-from plugins.quant_awq import transform
-from plugins.quant_awq.calibrate import (
+from modelc_plugins.quant_awq import transform
+from modelc_plugins.quant_awq.calibrate import (
     DEFAULT_MAX_TOKENS,
     feeds_attention,
     observe_inputs,
     plan_scales,
     search_scales,
 )
-from plugins.quant_awq.transform import (
+from modelc_plugins.quant_awq.transform import (
     DEFAULT_GROUP_SIZE,
     QUANT_ALGO,
     SCHEME_NAME,
@@ -30,6 +21,16 @@ from plugins.quant_awq.transform import (
     quantizable_linears,
     quantization_section,
 )
+
+from compiler_core.convert.from_hf import LoadedModel
+from compiler_core.errors import ModelcError, UsageError
+from compiler_core.mapping import Mapping
+from compiler_core.model import rank_graph
+from compiler_core.plugins import get_plugin_manager
+from compiler_core.progress import progress
+from compiler_core.quantize.calibration import CalibrationSet, model_graph
+from compiler_core.quantize.ptq import quantize_layers
+from compiler_core.registry import QuantScheme
 
 
 class Int4AwqScheme(QuantScheme):

@@ -9,7 +9,7 @@
   calibration tokens.
 * :func:`search_clip`: per (output row, group), the clipping range ``amax * (1 - i / 20)`` for
   i = 0..9 with the lowest MSE of that group's partial output ``x_g @ w_g``. A ragged last
-  group (see :mod:`plugins.quant_awq.int4`) is searched like the others, over the channels it has.
+  group (see :mod:`modelc_plugins.quant_awq.int4`) is searched like the others, over the channels it has.
 
 Both take the activation as a token sample ``x [tokens, in]``; losses are computed in float32.
 """
@@ -20,8 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-
-from plugins.quant_awq.int4 import fake_quantize, group_amax, grouped
+from modelc_plugins.quant_awq.int4 import fake_quantize, group_amax, grouped
 
 #: llm-awq clamps the candidate scales at 1e-4 before normalising them.
 MIN_SCALE = 1e-4

@@ -8,7 +8,7 @@ Per-tensor, symmetric FP8 Q/DQ around a MatMul, the pattern TensorRT turns into 
 Both scales are float32 scalars (exact, as in the checkpoint and the torch kernel), so each
 DequantizeLinear yields float32 and a Cast brings it to the compute dtype (none for float32
 models). QuantizeLinear rounds to nearest even and saturates at ±448, like
-:func:`plugins.quant_fp8.numerics.quantize`. The weight stays FP8 in the external data file.
+:func:`modelc_plugins.quant_fp8.numerics.quantize`. The weight stays FP8 in the external data file.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from compiler_core.ir import Node
 
 
 def lower_fp8_linear(node: Node, ctx) -> list[str]:
-    """Emit one ``fp8_linear`` node into ``ctx`` (a ``plugins.onnx.lowering.OnnxLowering``)."""
-    from plugins.onnx.lowering import emit_dequantize, emit_matmul, emit_quantize
+    """Emit one ``fp8_linear`` node into ``ctx`` (a ``modelc_plugins.onnx.lowering.OnnxLowering``)."""
+    from modelc_plugins.onnx.lowering import emit_dequantize, emit_matmul, emit_quantize
 
     (x,) = ctx.inputs(node)
     w_scale, a_scale = (

@@ -19,10 +19,10 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from modelc_plugins.quant_fp8 import numerics
 
+from compiler_core.backends.torch.kernels import TorchLowering
 from compiler_core.ir import Node
-from compiler_core.runtime.kernels import TorchLowering
-from plugins.quant_fp8 import numerics
 
 #: cuBLASLt FP8 GEMMs need both matrix dimensions of the weight to be multiples of 16.
 _SCALED_MM_ALIGN = 16

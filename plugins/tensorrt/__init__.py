@@ -13,6 +13,6 @@ __version__ = "0.1.0"
 
 @hookimpl
 def register_backends(register) -> None:
-    from plugins.tensorrt.backend import TensorRTBackend
+    from modelc_plugins.tensorrt.backend import TensorRTBackend
 
     register(TensorRTBackend())

@@ -8,11 +8,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from modelc_plugins.tensorrt.package import (
+    INSTALL_HINT,
+    can_build_reason,
+    describe_package,
+    gpu_reason,
+    import_tensorrt,
+)
 
 from compiler_core.errors import ModelcError
 from compiler_core.ir import Graph
 from compiler_core.registry import Backend
-from plugins.tensorrt.package import INSTALL_HINT, can_build_reason, describe_package, gpu_reason, import_tensorrt
 
 #: Preference when a TensorRT package imports and a GPU that runs its engines is present
 #: (above torch's 0); otherwise -1, never the default.
@@ -57,8 +63,8 @@ class TensorRTBackend(Backend):
     def build_rank(
         self, graph: Graph, weights: dict[str, torch.Tensor], out_dir: Path, rank: int, settings: dict[str, Any]
     ) -> dict[str, Any]:
-        from plugins.onnx.export import export_rank
-        from plugins.tensorrt.builder import build_serialized
+        from modelc_plugins.onnx.export import export_rank
+        from modelc_plugins.tensorrt.builder import build_serialized
 
         with tempfile.TemporaryDirectory(prefix=f"rank{rank}.onnx.", dir=out_dir) as tmp:
             plan = export_rank(graph, weights, Path(tmp), rank)
@@ -73,8 +79,9 @@ class TensorRTBackend(Backend):
         return {"tensorrt": {"package": describe_package(import_tensorrt()), "plan": plan.to_json()}}
 
     def load_rank(self, engine_dir: Path, engine_config: dict[str, Any], rank: int, device: str):
-        from compiler_core.engine import engine_graph
-        from plugins.tensorrt.session import TensorRTSession
+        from modelc_plugins.tensorrt.session import TensorRTSession
+
+        from compiler_core.build.engine import engine_graph
 
         plan = self._plan(engine_dir, engine_config, rank)
         return TensorRTSession(engine_dir, engine_graph(engine_config, rank), plan, engine_config["build"], device)
@@ -92,7 +99,7 @@ class TensorRTBackend(Backend):
 
     @staticmethod
     def _plan(engine_dir: Path, engine_config: dict[str, Any], rank: int):
-        from plugins.onnx.export import RankPlan
+        from modelc_plugins.onnx.export import RankPlan
 
         source = str(Path(engine_dir) / "config.json")
         try:

@@ -1,6 +1,6 @@
 """ONNX segment -> serialized TensorRT engine: strongly typed network, two optimization profiles.
 
-Profiles (per symbolic dimension of the ONNX inputs, see ``plugins.onnx.lowering``):
+Profiles (per symbolic dimension of the ONNX inputs, see ``modelc_plugins.onnx.lowering``):
 
 * 0, prompt: ``seq`` 1..max_input_len with no past (``past_seq`` 0, ``total_seq`` = ``seq``);
 * 1, decode: one new token (``seq`` 1) after 0..max_seq_len-1 cached ones.
@@ -15,9 +15,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from modelc_plugins.onnx.lowering import BATCH, PAST, SEQ, TOTAL, ValueType
+from modelc_plugins.tensorrt.package import INSTALL_HINT, import_tensorrt, make_logger
+
 from compiler_core.errors import ModelcError, UsageError
-from plugins.onnx.lowering import BATCH, PAST, SEQ, TOTAL, ValueType
-from plugins.tensorrt.package import INSTALL_HINT, import_tensorrt, make_logger
 
 PROMPT_PROFILE, DECODE_PROFILE = 0, 1
 Ranges = dict[str, tuple[int, int, int]]

@@ -1,7 +1,7 @@
 """Running a rank's TensorRT engines: ``execute_async_v3`` on torch CUDA tensors, KV cache between steps.
 
 The plan (segments and collectives) is the ONNX plan the engines were built from, so the step
-order, the cache bookkeeping and the collectives are :class:`plugins.onnx.session.PlanSession`'s.
+order, the cache bookkeeping and the collectives are :class:`modelc_plugins.onnx.session.PlanSession`'s.
 """
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from modelc_plugins.onnx.export import RankPlan, Step
+from modelc_plugins.onnx.session import PlanSession
+from modelc_plugins.tensorrt.builder import DECODE_PROFILE, PROMPT_PROFILE
+from modelc_plugins.tensorrt.package import INSTALL_HINT, gpu_reason, import_tensorrt, make_logger
 
 from compiler_core.errors import ModelcError, UsageError
 from compiler_core.ir import Graph
-from plugins.onnx.export import RankPlan, Step
-from plugins.onnx.session import PlanSession
-from plugins.tensorrt.builder import DECODE_PROFILE, PROMPT_PROFILE
-from plugins.tensorrt.package import INSTALL_HINT, gpu_reason, import_tensorrt, make_logger
 
 
 def torch_dtypes(trt) -> dict[Any, torch.dtype]:

@@ -6,7 +6,7 @@ and fail on parse errors or unsupported ops; only running an engine needs a supp
 
 In another plugin's tests::
 
-    from plugins.tensorrt.testing import build_checkpoint, build_graph, require_tensorrt
+    from modelc_plugins.tensorrt.testing import build_checkpoint, build_graph, require_tensorrt
 
     def test_fp8_graph_builds_in_tensorrt(tmp_path, fp8_checkpoint):
         require_tensorrt()
@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 import torch
+from modelc_plugins.tensorrt.package import INSTALL_HINT, gpu_reason, import_tensorrt
 
 from compiler_core.ir import Graph
-from plugins.tensorrt.package import INSTALL_HINT, gpu_reason, import_tensorrt
 
 #: Small limits keep test builds fast; engines accept any shape inside them.
 TEST_SETTINGS = {"max_batch_size": 4, "max_input_len": 32, "max_seq_len": 64}
@@ -52,7 +52,7 @@ def build_checkpoint(checkpoint_dir: Path, out_dir: Path, **settings: Any) -> di
 
     Raises ModelcError naming the ONNX file and TensorRT's first parser/builder error.
     """
-    from compiler_core.engine import build_engine
+    from compiler_core.build.engine import build_engine
     from compiler_core.registry import get_registry
 
     backend = get_registry().backend("tensorrt", "test")
@@ -66,7 +66,7 @@ def build_graph(
 
     Returns the rank's facts (``{"tensorrt": {"package", "plan"}}``) as an engine config records them.
     """
-    from plugins.tensorrt.backend import TensorRTBackend
+    from modelc_plugins.tensorrt.backend import TensorRTBackend
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from compiler_core import hookimpl
-from compiler_core.checkpoint import (
+from compiler_core.convert.from_hf import convert
+from compiler_core.errors import UsageError
+from compiler_core.formats.checkpoint import (
     FORMAT_VERSION,
     load_rank_weights,
     make_config,
@@ -19,11 +21,9 @@ from compiler_core.checkpoint import (
     save_rank_weights,
     write_config,
 )
-from compiler_core.convert import convert
-from compiler_core.errors import UsageError
-from compiler_core.fileio import atomic_output_dir
+from compiler_core.formats.fileio import atomic_output_dir
 from compiler_core.mapping import Mapping
-from tests.core.conftest import plugin_registered
+from compiler_core.testing import plugin_registered
 
 # --- mapping ---------------------------------------------------------------------------------
 

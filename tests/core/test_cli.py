@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from compiler_core.cli import cli
 from compiler_core.registry import get_commands
-from tests.core.conftest import run_modelc
+from compiler_core.testing import run_modelc
 
 CORE_COMMANDS = ("convert", "quantize", "build", "run", "summarize", "verify", "inspect", "plugins")
 #: Only the plugin that the bad-input tests need, so a half-finished plugin elsewhere in the tree

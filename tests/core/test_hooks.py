@@ -9,15 +9,15 @@ import pytest
 import torch
 
 from compiler_core import hookimpl
-from compiler_core.convert import convert, model_config_from_hf
+from compiler_core.backends.torch.kernels import TorchLowering
+from compiler_core.convert.from_hf import convert, model_config_from_hf
 from compiler_core.ir import Graph, Node, validate
 from compiler_core.mapping import Mapping
 from compiler_core.model import rank_graph
 from compiler_core.plugins import get_plugin_manager
 from compiler_core.registry import Backend, QuantScheme, ScaleGroup, get_registry
 from compiler_core.runtime.context import ForwardContext
-from compiler_core.runtime.kernels import TorchLowering
-from tests.core.conftest import plugin_registered
+from compiler_core.testing import plugin_registered
 
 
 def hook():
@@ -73,7 +73,7 @@ def test_registration_hooks_fill_the_registry_and_record_the_owner():
         assert registry.provided_by[("backends", "torch")] == "core"
         assert registry.provided_by[("architectures", "falcon")] == "falcon"
         # The core's own default choice skips a backend that says it cannot build here.
-        from compiler_core.engine import choose_backend
+        from compiler_core.build.engine import choose_backend
 
         assert choose_backend(None)[0].name != "toy_backend"
     assert "toy_int8" not in get_registry().quant_schemes
@@ -288,9 +288,9 @@ def test_lower_layer_core_kernels_and_plugin_override(falcon_config):
 
 
 def test_executor_names_a_node_nobody_lowers():
+    from compiler_core.backends.torch.executor import GraphExecutor
     from compiler_core.errors import ModelcError
     from compiler_core.ir import OpSpec
-    from compiler_core.runtime.executor import GraphExecutor
 
     class Orphan:
         @hookimpl

@@ -176,7 +176,7 @@ def test_json_refuses_other_ir_versions_and_missing_fields():
 
 
 def _falcon_config(hf_dir, tp: int, pp: int) -> dict:
-    from compiler_core.convert import model_config_from_hf
+    from compiler_core.convert.from_hf import model_config_from_hf
     from compiler_core.mapping import Mapping
 
     return model_config_from_hf(hf_dir, "float32", Mapping.create(tp, pp))

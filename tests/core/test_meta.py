@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from compiler_core import hookspecs
-from tests.core.conftest import REPO_ROOT
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 SPEC_MARK = "compiler_core_spec"
 

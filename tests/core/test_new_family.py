@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from compiler_core import hookimpl
-from compiler_core.convert import convert
+from compiler_core.convert.from_hf import convert
 from compiler_core.ir import Graph, GraphBuilder, OpSpec
 from compiler_core.mapping import Mapping
 from compiler_core.model import rank_graph
@@ -25,7 +25,7 @@ from compiler_core.plugins import get_plugin_manager
 from compiler_core.registry import Architecture
 from compiler_core.runtime.context import positions_from_mask
 from compiler_core.runtime.loading import checkpoint_runner
-from tests.core.conftest import plugin_registered
+from compiler_core.testing import plugin_registered
 
 ARCH = "toy_llama"
 

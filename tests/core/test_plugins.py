@@ -29,7 +29,7 @@ from compiler_core.plugins import (
     reset_plugin_manager,
 )
 from compiler_core.registry import get_commands, get_registry
-from tests.core.conftest import plugin_registered, run_modelc
+from compiler_core.testing import plugin_registered, run_modelc
 
 
 @dataclass
@@ -121,9 +121,9 @@ def test_plugins_load_lazily_on_first_use():
         import sys
         import compiler_core.cli, compiler_core.plugins as p, compiler_core.registry
         assert p._pm is None, "loaded at import"
-        assert "plugins.falcon" not in sys.modules, "falcon imported at import time"
+        assert "modelc_plugins.falcon" not in sys.modules, "falcon imported at import time"
         pm = p.get_plugin_manager()
-        assert "plugins.falcon" in sys.modules
+        assert "modelc_plugins.falcon" in sys.modules
         assert p.get_plugin_manager() is pm
         print("ok")
         """

@@ -20,7 +20,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from tests.core.conftest import REPO_ROOT
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 EXAMPLE = REPO_ROOT / "examples" / "modelc-hello-plugin"
 NEEDED = ("torch", "click", "pluggy", "safetensors", "pip", "pytest")

@@ -6,9 +6,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from modelc_plugins.falcon.testing import tiny_hf_dirs
 
-from plugins.falcon.testing import tiny_hf_dirs
-from tests.multirank.helpers import build_engine_dir
+from compiler_core.testing import build_engine_dir
 
 #: Prompts of different lengths, so that the ranks also agree on left padding and positions.
 PROMPTS = [
@@ -20,7 +20,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from plugins.falcon.tiny import train_tokenizer
+    from modelc_plugins.falcon.tiny import train_tokenizer
 
     return train_tokenizer()
 

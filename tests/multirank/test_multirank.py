@@ -8,10 +8,10 @@ import pytest
 from click.testing import CliRunner
 
 from compiler_core.cli import cli
-from compiler_core.convert import model_config_from_hf
+from compiler_core.convert.from_hf import model_config_from_hf
 from compiler_core.mapping import Mapping
 from compiler_core.model import rank_graph
-from tests.multirank.helpers import error_lines, hf_greedy, run_mpi
+from compiler_core.testing import error_lines, hf_greedy, run_mpi
 
 NEW_TOKENS = 16
 
@@ -53,7 +53,7 @@ def test_all_reduces_per_layer(variant, sequential, tp, pp, hf_dir):
     ids=["rw-tp2", "7b-pp2", "40b-tp2pp2", "falcon2-tp4"],
 )
 def test_mpirun_tokens_equal_single_rank_and_hf(variant, tp, pp, engine, hf_dir, prompts, tmp_path):
-    from compiler_core.engine import read_engine_config
+    from compiler_core.build.engine import read_engine_config
     from compiler_core.runtime.open import special_ids
 
     out = tmp_path / "mpi.json"
@@ -81,7 +81,7 @@ def test_mpirun_on_gpus_tokens_equal_hf(variant, tp, pp, engine, hf_dir, prompts
     """One GPU per rank, NCCL between them, decode steps (with their collectives) replayed as CUDA graphs."""
     import torch
 
-    from compiler_core.engine import read_engine_config
+    from compiler_core.build.engine import read_engine_config
     from compiler_core.runtime.open import special_ids
 
     if torch.cuda.device_count() < tp * pp:
@@ -139,7 +139,7 @@ def test_multirank_engine_without_mpirun_is_one_line(engine):
 @pytest.mark.mpi
 def test_distributed_runner_checks_the_rank_count_itself(engine):
     """The runner's own check (for launchers that publish no rank variables): this process is one rank."""
-    from compiler_core.engine import read_engine_config
+    from compiler_core.build.engine import read_engine_config
     from compiler_core.errors import UsageError
     from compiler_core.runtime.distributed import open_distributed_runner
 

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from plugins.falcon.testing import single_torch_thread, tiny_hf_dirs
+from modelc_plugins.falcon.testing import single_torch_thread, tiny_hf_dirs
 
 #: Prompts of very different lengths, so left padding, positions and masks all matter.
 PROMPTS = [
@@ -29,7 +28,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from plugins.falcon.tiny import train_tokenizer
+    from modelc_plugins.falcon.tiny import train_tokenizer
 
     return train_tokenizer()
 
@@ -48,8 +47,8 @@ def hf_dir(tmp_path_factory, tokenizer) -> Callable[[str], Path]:
 @pytest.fixture(scope="session")
 def engine_dir(tmp_path_factory, hf_dir) -> Callable[..., Path]:
     """(variant, tp=1) -> an fp32 torch engine built from ``hf_dir(variant)`` (once per session)."""
-    from compiler_core.convert import convert
-    from compiler_core.engine import build_engine, choose_backend
+    from compiler_core.build.engine import build_engine, choose_backend
+    from compiler_core.convert.from_hf import convert
     from compiler_core.mapping import Mapping
 
     root, made = tmp_path_factory.mktemp("engines"), {}

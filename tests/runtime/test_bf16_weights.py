@@ -6,18 +6,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compiler_core.runtime import cpu_linear as cpu_linear_module
-from compiler_core.runtime.cpu_linear import (
+from compiler_core.backends.torch.cpu_linear import (
     MAX_BF16_KERNEL_ROWS,
     bf16_kernel,
     bf16_linear,
     bf16_storage,
     bf16_valued,
 )
+from compiler_core.backends.torch.native import unavailable_reason
+from compiler_core.backends.torch import cpu_linear as cpu_linear_module
 from compiler_core.runtime.generation import GenerationConfig, generate
-from compiler_core.runtime.native import unavailable_reason
 from compiler_core.runtime.open import special_ids
-from tests.runtime.reference import hf_generate, strip_padding
+from compiler_core.testing import hf_generate, strip_padding
 
 pytestmark = pytest.mark.skipif(
     bf16_kernel() is None, reason=f"no bfloat16 linear kernel here: {unavailable_reason('bf16_linear')}"
@@ -108,7 +108,7 @@ def test_storage_only_for_large_exact_contiguous_float32_weights(monkeypatch):
 @pytest.fixture(scope="module")
 def bf16_checkpoints(tmp_path_factory, tokenizer):
     """variant -> a tiny Falcon saved in bfloat16, as the published checkpoints are."""
-    from plugins.falcon.tiny import make_tiny_falcon
+    from modelc_plugins.falcon.tiny import make_tiny_falcon
 
     root, made = tmp_path_factory.mktemp("bf16-hf"), {}
 
@@ -131,8 +131,14 @@ def test_float32_engine_of_a_bf16_checkpoint_matches_transformers(
     transformers' float32 model of the same checkpoint."""
     from transformers import AutoModelForCausalLM
 
-    from compiler_core.convert import convert
-    from compiler_core.engine import build_engine, choose_backend, engine_mapping, load_rank_session, read_engine_config
+    from compiler_core.build.engine import (
+        build_engine,
+        choose_backend,
+        engine_mapping,
+        load_rank_session,
+        read_engine_config,
+    )
+    from compiler_core.convert.from_hf import convert
     from compiler_core.mapping import Mapping
     from compiler_core.runtime.runner import LocalRunner
 
@@ -171,10 +177,10 @@ def test_float32_engine_of_a_bf16_checkpoint_matches_transformers(
 def test_bfloat16_engine_takes_the_kernel_within_verify_tolerance(variant, tp, bf16_checkpoints, tmp_path, monkeypatch):
     """A bfloat16 engine's linears run through the kernel and its logits stay within verify's
     bfloat16 tolerance of transformers' bfloat16 model, over a prompt pass and decode steps."""
-    from compiler_core.convert import convert
+    from compiler_core.convert.from_hf import convert
+    from compiler_core.evaluate.verify import compare, hf_trace, load_hf_model, make_batch, runner_trace
     from compiler_core.mapping import Mapping
     from compiler_core.runtime.loading import checkpoint_runner
-    from compiler_core.verify import compare, hf_trace, load_hf_model, make_batch, runner_trace
 
     hf_dir = bf16_checkpoints(variant)
     convert(hf_dir, tmp_path / "ckpt", dtype="bfloat16", mapping=Mapping.create(tp, 1), show_progress=False)
@@ -198,8 +204,8 @@ def test_bfloat16_engine_takes_the_kernel_within_verify_tolerance(variant, tp, b
 def test_a_kernel_asking_for_a_compact_loaded_weight_gets_it_in_its_declared_dtype(monkeypatch):
     """Weights loaded compact (bfloat16 for a float32 parameter): the linear takes them as they are,
     while a kernel that asks through ``param`` (a plugin's op, say) gets float32, widened once."""
+    from compiler_core.backends.torch.kernels import TorchLowering
     from compiler_core.ir.graph import GraphBuilder
-    from compiler_core.runtime.kernels import TorchLowering
 
     monkeypatch.setattr(cpu_linear_module, "MIN_BF16_WEIGHT_ELEMENTS", 0)
     g = GraphBuilder("compact")

@@ -51,7 +51,7 @@ def invoke(*args: str):
 
 @pytest.fixture(scope="session")
 def checkpoint_tp2(tmp_path_factory, hf_dir) -> Path:
-    from compiler_core.convert import convert
+    from compiler_core.convert.from_hf import convert
     from compiler_core.mapping import Mapping
 
     out = tmp_path_factory.mktemp("ckpt") / "7b-tp2"
@@ -161,7 +161,7 @@ def test_run_with_input_ids_and_sampling(tmp_path, engine_dir):
     ],
 )
 def test_run_enforces_build_limits_with_one_line_exit_2(tmp_path, hf_dir, args, message):
-    from compiler_core.convert import convert
+    from compiler_core.convert.from_hf import convert
 
     ckpt, engine = tmp_path / "ckpt", tmp_path / "engine"
     convert(hf_dir("rw"), ckpt, dtype="float32", show_progress=False)

@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import profile
 
-from compiler_core.runtime import cpu_linear as cpu_linear_module
-from compiler_core.runtime.cpu_linear import MAX_ONEDNN_ROWS, cpu_linear, onednn_linear_supported
+from compiler_core.backends.torch.cpu_linear import MAX_ONEDNN_ROWS, cpu_linear, onednn_linear_supported
+from compiler_core.backends.torch import cpu_linear as cpu_linear_module
 from compiler_core.runtime.generation import GenerationConfig, generate
 from compiler_core.runtime.open import special_ids
-from tests.runtime.reference import hf_generate, strip_padding
+from compiler_core.testing import hf_generate, strip_padding
 
 pytestmark = pytest.mark.skipif(
     not onednn_linear_supported(), reason="this torch build or CPU has no oneDNN float32 inner product"
@@ -76,7 +76,7 @@ def test_greedy_matches_transformers_with_onednn_everywhere(variant, tp, monkeyp
     """The tiny test models' weights are below the size threshold; lowering them all to oneDNN
     checks the fast path end to end (bias, ALiBi, MQA, GQA, tensor-parallel ranks as threads)
     against transformers."""
-    from compiler_core.engine import engine_mapping, load_rank_session, read_engine_config
+    from compiler_core.build.engine import engine_mapping, load_rank_session, read_engine_config
     from compiler_core.runtime.runner import LocalRunner
 
     monkeypatch.setattr(cpu_linear_module, "MIN_ONEDNN_WEIGHT_ELEMENTS", 0)

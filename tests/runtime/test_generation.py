@@ -9,7 +9,7 @@ import pytest
 from compiler_core.errors import UsageError
 from compiler_core.runtime.generation import GenerationConfig, generate
 from compiler_core.runtime.open import open_runner, special_ids
-from tests.runtime.reference import hf_generate, strip_padding
+from compiler_core.testing import hf_generate, strip_padding
 
 VARIANTS = ["rw", "7b", "40b", "180b", "falcon2"]
 NEW_TOKENS = 16
@@ -119,7 +119,7 @@ def test_sampling_is_reproducible_per_seed(engine_dir, prompt_ids):
 
 def test_tensor_parallel_engine_generates_the_same_tokens(engine_dir, prompt_ids):
     """A tp=2 engine run in one process (ranks as threads) gives the single-rank tokens."""
-    from compiler_core.engine import engine_mapping, load_rank_session, read_engine_config
+    from compiler_core.build.engine import engine_mapping, load_rank_session, read_engine_config
     from compiler_core.runtime.runner import LocalRunner
 
     single, _ = open_runner(engine_dir("40b"), "cpu")
@@ -167,10 +167,10 @@ def test_last_logits_skips_the_tail_without_changing_results(variant, tp, engine
     """The prompt pass computes the output layers for the last position only, with the same values."""
     import torch
 
-    from compiler_core.engine import engine_mapping, load_rank_session, read_engine_config
+    from compiler_core.build.engine import engine_mapping, load_rank_session, read_engine_config
     from compiler_core.runtime.context import positions_from_mask
     from compiler_core.runtime.runner import LocalRunner
-    from tests.runtime.reference import left_padded
+    from compiler_core.testing import left_padded
 
     path = engine_dir(variant, tp)
     config = read_engine_config(path)

@@ -7,21 +7,21 @@ from pathlib import Path
 
 import pytest
 
-from tests.multirank.helpers import build_engine_dir
+from compiler_core.testing import build_engine_dir
 
 VARIANT = "7b"
 
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from plugins.falcon.tiny import train_tokenizer
+    from modelc_plugins.falcon.tiny import train_tokenizer
 
     return train_tokenizer()
 
 
 @pytest.fixture(scope="session")
 def hf_dir(tmp_path_factory, tokenizer) -> Path:
-    from plugins.falcon.tiny import make_tiny_falcon
+    from modelc_plugins.falcon.tiny import make_tiny_falcon
 
     return make_tiny_falcon(tmp_path_factory.mktemp("sum-hf") / VARIANT, VARIANT, num_layers=2, tokenizer=tokenizer)
 
@@ -36,7 +36,7 @@ def engines(tmp_path_factory, hf_dir) -> dict[int, Path]:
 @pytest.fixture(scope="session")
 def rows() -> list[dict[str, str]]:
     """Three articles in the cnn_dailymail layout (the first rows of the shipped sample)."""
-    from compiler_core.summarize import load_articles
+    from compiler_core.evaluate.summarize import load_articles
 
     return [{"article": a.article, "highlights": a.highlights} for a in load_articles()[:3]]
 

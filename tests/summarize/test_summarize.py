@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from compiler_core.cli import cli
 from compiler_core.errors import UsageError
-from compiler_core.summarize import (
+from compiler_core.evaluate.summarize import (
     ROUGE_KEYS,
     agreement,
     load_articles,
@@ -19,7 +19,7 @@ from compiler_core.summarize import (
     prompt_text,
     rouge,
 )
-from tests.multirank.helpers import error_lines, run_mpi
+from compiler_core.testing import error_lines, run_mpi
 
 #: Small and quick: two batches of two articles, 64 prompt tokens, 16 new tokens.
 QUICK = ["--max_ite", "2", "--batch_size", "2", "--max_input_length", "64", "--output_len", "16", "--device", "cpu"]

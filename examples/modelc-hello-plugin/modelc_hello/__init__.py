@@ -54,10 +54,10 @@ def run_hello(values: list[float], factor: float) -> list[float]:
     """Validate the hello graph against every loaded plugin's ops and run it with modelc's executor."""
     import torch
 
+    from compiler_core.backends.torch.executor import GraphExecutor
     from compiler_core.ir import validate
     from compiler_core.registry import get_registry
     from compiler_core.runtime.context import ForwardContext
-    from compiler_core.runtime.executor import GraphExecutor
 
     graph = validate(hello_graph(factor), get_registry().ops)
     executor = GraphExecutor(graph, weights={})

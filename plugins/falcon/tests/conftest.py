@@ -20,7 +20,7 @@ def one_torch_thread():
     """One intra-op thread while this package's tests run: fastest for 64-wide models, and on a
     busy machine two OpenMP threads stall every small op at their barrier (measured: 32 greedy
     steps took 9.8 CPU s with two threads, 0.07 s with one). Restored afterwards."""
-    from plugins.falcon.testing import single_torch_thread
+    from modelc_plugins.falcon.testing import single_torch_thread
 
     with single_torch_thread():
         yield
@@ -28,7 +28,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from plugins.falcon.tiny import train_tokenizer
+    from modelc_plugins.falcon.tiny import train_tokenizer
 
     return train_tokenizer()
 
@@ -36,7 +36,7 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory, tokenizer) -> Callable[..., Path]:
     """``tiny(variant, name=None, **overrides)`` -> a cached 3-layer HF Falcon checkpoint dir."""
-    from plugins.falcon.tiny import make_tiny_falcon
+    from modelc_plugins.falcon.tiny import make_tiny_falcon
 
     root = tmp_path_factory.mktemp("hf")
     cache: dict[str, Path] = {}
@@ -53,7 +53,7 @@ def tiny(tmp_path_factory, tokenizer) -> Callable[..., Path]:
 @pytest.fixture(scope="session")
 def batch(tiny):
     """The default verify batch (two prompts of different lengths, left padded)."""
-    from compiler_core.verify import make_batch
+    from compiler_core.evaluate.verify import make_batch
 
     model_dir = tiny("rw")
     return make_batch(model_dir, model_dir, {"vocab_size": 10**9})
@@ -62,7 +62,7 @@ def batch(tiny):
 @pytest.fixture(scope="session")
 def reference(tiny, batch) -> Callable[..., Any]:
     """``reference(model_dir, dtype, steps)`` -> the cached transformers Trace of ``batch``."""
-    from compiler_core.verify import hf_trace, load_hf_model
+    from compiler_core.evaluate.verify import hf_trace, load_hf_model
 
     cache: dict[tuple[Path, str, int], Any] = {}
 
@@ -78,7 +78,7 @@ def reference(tiny, batch) -> Callable[..., Any]:
 @pytest.fixture(scope="session")
 def converted(tmp_path_factory) -> Callable[..., Path]:
     """``converted(model_dir, tp, pp, dtype="float32", **kw)`` -> a cached modelc checkpoint dir."""
-    from compiler_core.convert import convert
+    from compiler_core.convert.from_hf import convert
     from compiler_core.mapping import Mapping
 
     root = tmp_path_factory.mktemp("ckpt")

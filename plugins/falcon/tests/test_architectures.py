@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from modelc_plugins.falcon.config import config_from_hf
 from safetensors import safe_open
 
-from compiler_core.checkpoint import rank_file, read_config
 from compiler_core.errors import UsageError
+from compiler_core.evaluate.verify import FP32_ATOL, compare, runner_trace
+from compiler_core.formats.checkpoint import rank_file, read_config
 from compiler_core.runtime.loading import checkpoint_runner
-from compiler_core.verify import FP32_ATOL, compare, runner_trace
-from plugins.falcon.config import config_from_hf
 
 #: name -> (variant it starts from, FalconConfig overrides).
 COMBOS: dict[str, tuple[str, dict]] = {
@@ -56,7 +56,7 @@ def test_untied_lm_head_is_its_own_weight(tiny, converted):
 
 
 def _base(variant: str) -> dict:
-    from plugins.falcon.tiny import tiny_config
+    from modelc_plugins.falcon.tiny import tiny_config
 
     return tiny_config(variant, vocab_size=390).to_dict()
 
@@ -84,7 +84,7 @@ def test_unsupported_configs_name_the_field(variant, change, message, tmp_path):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         config_from_hf(hf)
     # Through the converter: exit-2 error naming the file.
-    from compiler_core.convert import model_config_from_hf
+    from compiler_core.convert.from_hf import model_config_from_hf
     from compiler_core.mapping import Mapping
 
     (tmp_path / "config.json").write_text(json.dumps(hf))

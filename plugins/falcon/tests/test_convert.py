@@ -14,8 +14,8 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from compiler_core.checkpoint import rank_file, read_config
 from compiler_core.cli import cli
+from compiler_core.formats.checkpoint import rank_file, read_config
 from compiler_core.runtime.context import positions_from_mask
 from compiler_core.runtime.loading import checkpoint_runner
 
@@ -45,7 +45,7 @@ def rank_bytes(ckpt: Path) -> list[bytes]:
 def test_falcon_is_an_installed_entry_point():
     eps = importlib.metadata.entry_points(group="compiler_core")
     falcon = [ep for ep in eps if ep.name == "falcon"]
-    assert len(falcon) == 1 and falcon[0].value == "plugins.falcon"
+    assert len(falcon) == 1 and falcon[0].value == "modelc_plugins.falcon"
     assert falcon[0].load().Falcon.name == "falcon"
 
 
@@ -55,7 +55,7 @@ def test_falcon_is_an_installed_entry_point():
 def test_indivisible_heads_fail_before_any_work(tiny, tmp_path):
     """5 heads (like falcon-7b's 71) at tp2: exit 2, one line with the head count and the valid
     sizes. The model dir has no weight files at all, so reaching them would be another error."""
-    from plugins.falcon.tiny import tiny_config
+    from modelc_plugins.falcon.tiny import tiny_config
 
     model_dir = tmp_path / "five-heads"
     model_dir.mkdir()
@@ -90,7 +90,7 @@ def test_real_head_counts_give_their_valid_tp_sizes(fields, tp, valid, tmp_path)
 
 
 def test_five_heads_convert_at_a_valid_tp_size(tiny, converted, batch, reference):
-    from compiler_core.verify import FP32_ATOL, compare, runner_trace
+    from compiler_core.evaluate.verify import FP32_ATOL, compare, runner_trace
 
     model_dir = tiny("7b", name="five-heads", num_attention_heads=5, hidden_size=80)
     ckpt = converted(model_dir, 5, 1)

@@ -14,11 +14,11 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-import compiler_core.verify as verify_module
-from compiler_core.checkpoint import rank_file
+import compiler_core.evaluate.verify as verify_module
 from compiler_core.cli import cli
+from compiler_core.evaluate.verify import Batch, Trace, compare, default_tolerance, runner_trace
+from compiler_core.formats.checkpoint import rank_file
 from compiler_core.runtime.loading import checkpoint_runner
-from compiler_core.verify import Batch, Trace, compare, default_tolerance, runner_trace
 
 
 def modelc(*args):
@@ -166,7 +166,7 @@ def test_default_tolerances():
 
 
 def test_verify_core_names_no_model_family():
-    """compiler_core.verify compares through transformers' auto classes and the checkpoint's own
+    """compiler_core.evaluate.verify compares through transformers' auto classes and the checkpoint's own
     architecture plugin: it imports no plugin."""
     tree = ast.parse(Path(verify_module.__file__).read_text())
     imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]

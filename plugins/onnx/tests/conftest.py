@@ -1,8 +1,7 @@
 from __future__ import annotations
 
 import pytest
-
-from plugins.onnx.testing import TinyFalcons
+from modelc_plugins.onnx.testing import TinyFalcons
 
 
 @pytest.fixture(scope="session")

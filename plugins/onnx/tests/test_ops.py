@@ -7,15 +7,15 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from modelc_plugins.onnx.export import export_rank
+from modelc_plugins.onnx.lowering import ExternalData, OnnxLowering, emit_dequantize, emit_quantize, tensor_bytes
+from modelc_plugins.onnx.session import OnnxSession
+from modelc_plugins.onnx.testing import left_padded
 
 from compiler_core.ir import GraphBuilder, validate
 from compiler_core.registry import ops_table
 from compiler_core.runtime.context import positions_from_mask
 from compiler_core.runtime.session import TorchSession
-from plugins.onnx.export import export_rank
-from plugins.onnx.lowering import ExternalData, OnnxLowering, emit_dequantize, emit_quantize, tensor_bytes
-from plugins.onnx.session import OnnxSession
-from plugins.onnx.testing import left_padded
 
 HIDDEN, VOCAB, HEADS, KV_HEADS, HEAD_DIM = 32, 50, 4, 2, 8
 

@@ -39,7 +39,7 @@ def add_outlier_channels(src: Path, dst: Path, tokenizer) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from plugins.falcon.tiny import train_tokenizer
+    from modelc_plugins.falcon.tiny import train_tokenizer
 
     return train_tokenizer()
 
@@ -48,7 +48,7 @@ def tokenizer():
 def hf_dir(tmp_path_factory, tokenizer) -> Callable[[str], Path]:
     """variant -> a 2-layer random-weight Hugging Face Falcon checkpoint with outlier channels
     (made once per session)."""
-    from plugins.falcon.tiny import make_tiny_falcon
+    from modelc_plugins.falcon.tiny import make_tiny_falcon
 
     root, made = tmp_path_factory.mktemp("hf"), {}
 
@@ -66,7 +66,7 @@ def awq_dir(tmp_path_factory, hf_dir) -> Callable[..., Path]:
     """(variant, tp=1, pp=1, dtype="float32") -> an int4_awq checkpoint of ``hf_dir(variant)``
     (made once per session)."""
     from compiler_core.mapping import Mapping
-    from compiler_core.quantize import quantize
+    from compiler_core.quantize.ptq import quantize
 
     root, made = tmp_path_factory.mktemp("awq"), {}
 
@@ -94,7 +94,7 @@ def awq_dir(tmp_path_factory, hf_dir) -> Callable[..., Path]:
 @pytest.fixture(scope="session")
 def eval_ids(tokenizer) -> torch.Tensor:
     """[2, 64] token ids from the end of the shipped corpus (away from the calibration blocks)."""
-    from compiler_core.calibration import default_corpus
+    from compiler_core.quantize.calibration import default_corpus
 
     ids = tokenizer(default_corpus()[-8000:])["input_ids"]
     return torch.tensor(ids[-128:]).view(2, 64)

@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from modelc_plugins.falcon.convert import ir_name
+from modelc_plugins.quant_awq.int4 import dequantize_packed, fake_quantize, unpack_int4
+from modelc_plugins.quant_awq.tests.conftest import CALIB, GROUP_SIZE
 
-from compiler_core.checkpoint import load_rank_weights, rank_file, read_config
 from compiler_core.cli import cli
+from compiler_core.formats.checkpoint import load_rank_weights, rank_file, read_config
 from compiler_core.runtime.context import positions_from_mask
 from compiler_core.runtime.loading import checkpoint_runner
-from plugins.falcon.convert import ir_name
-from plugins.quant_awq.int4 import dequantize_packed, fake_quantize, unpack_int4
-from plugins.quant_awq.tests.conftest import CALIB, GROUP_SIZE
 
 VARIANTS = ["rw", "7b", "40b", "180b", "falcon2"]
 
@@ -126,7 +126,7 @@ def test_execution_matches_hand_dequantized_transformers(variant, hf_dir, awq_di
 def test_cpu_fast_linear_runs_the_dequantized_weights(monkeypatch, hf_dir, awq_dir, eval_ids) -> None:
     """On CPU the dequantized weights take the runtime's oneDNN linear (forced here for the tiny
     model's small weights) and still compute the dequantized model."""
-    from compiler_core.runtime import cpu_linear
+    from compiler_core.backends.torch import cpu_linear
 
     if not cpu_linear.onednn_linear_supported():
         pytest.skip("this torch build or CPU has no oneDNN float32 inner product")
@@ -148,7 +148,7 @@ def test_cpu_fast_linear_runs_the_dequantized_weights(monkeypatch, hf_dir, awq_d
 def test_excluded_linear_in_a_folded_group_keeps_its_scale(hf_dir, eval_ids, tmp_path) -> None:
     """7b's shared layer norm feeds qkv and fc; with fc excluded the norm still absorbs the scale
     searched for qkv, so fc's full-precision weight must carry it (W * s) to stay exact."""
-    from compiler_core.quantize import quantize
+    from compiler_core.quantize.ptq import quantize
 
     config, _ = quantize(
         hf_dir("7b"),
@@ -232,7 +232,7 @@ def test_row_parallel_split_must_hold_whole_groups(hf_dir, tmp_path) -> None:
 def test_odd_input_dim_is_refused(tokenizer, tmp_path) -> None:
     """Two int4 codes share a byte along the input dim, so an odd one is refused, naming the layer,
     before any calibration. (Dims that are not whole groups are fine: see test_awq_ragged.py.)"""
-    from plugins.falcon.tiny import make_tiny_falcon
+    from modelc_plugins.falcon.tiny import make_tiny_falcon
 
     # An odd hidden size needs an odd head dim, which transformers refuses; an odd MLP width will do.
     hf = make_tiny_falcon(tmp_path / "hf", "rw", num_layers=1, ffn_hidden_size=255, tokenizer=tokenizer)

@@ -5,16 +5,16 @@ from __future__ import annotations
 import onnx
 import pytest
 import torch
+from modelc_plugins.quant_awq.tests.conftest import GROUP_SIZE
 
-from compiler_core.engine import read_engine_config
+from compiler_core.build.engine import read_engine_config
 from compiler_core.registry import get_registry
-from plugins.quant_awq.tests.conftest import GROUP_SIZE
 
 pytest.importorskip("onnxruntime")
 if "onnx" not in get_registry().backends:
     pytest.skip("the onnx backend plugin is not loaded", allow_module_level=True)
 
-from plugins.onnx.testing import built_engine, prompt_logits
+from modelc_plugins.onnx.testing import built_engine, prompt_logits
 
 PROMPTS = [[5, 77, 120, 33, 9, 250, 18, 61, 300, 2, 45, 17], [150, 3, 99, 8]]
 
@@ -69,7 +69,7 @@ def test_float16_onnxruntime_close_to_torch_backend(awq_dir, tmp_path) -> None:
 def test_tensorrt_parses_and_builds(variant, dtype, awq_dir, tmp_path) -> None:
     """TensorRT's ONNX parser accepts the blocked INT4 DequantizeLinear in a strongly typed network
     and the builder makes an engine (TensorRT-RTX builds without a GPU; running one needs a GPU)."""
-    from plugins.tensorrt.testing import build_checkpoint, require_tensorrt
+    from modelc_plugins.tensorrt.testing import build_checkpoint, require_tensorrt
 
     require_tensorrt()
     config = build_checkpoint(awq_dir(variant, dtype=dtype), tmp_path / "engine")

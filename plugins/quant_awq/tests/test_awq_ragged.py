@@ -13,13 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from compiler_core.checkpoint import load_rank_weights, rank_file, read_config
-from compiler_core.registry import get_registry
-from plugins.falcon.convert import grouped_to_planar, ir_name
-from plugins.quant_awq.int4 import dequantize_packed, fake_quantize
-from plugins.quant_awq.tests.conftest import CALIB, add_outlier_channels
-from plugins.quant_awq.tests.test_awq_falcon import (
+from modelc_plugins.falcon.convert import grouped_to_planar, ir_name
+from modelc_plugins.quant_awq.int4 import dequantize_packed, fake_quantize
+from modelc_plugins.quant_awq.tests.conftest import CALIB, add_outlier_channels
+from modelc_plugins.quant_awq.tests.test_awq_falcon import (
     dequantized_hf,
     hf_logits,
     hf_model,
@@ -28,6 +25,9 @@ from plugins.quant_awq.tests.test_awq_falcon import (
     relative_error,
     run_modelc,
 )
+
+from compiler_core.formats.checkpoint import load_rank_weights, rank_file, read_config
+from compiler_core.registry import get_registry
 
 HIDDEN, GROUP, FFN = 96, 64, 384
 HEADS, KV_HEADS, HEAD_DIM = 4, 1, 24
@@ -41,7 +41,7 @@ NO_DENSE = ("--exclude_modules", "lm_head,*.attention.dense")
 @pytest.fixture(scope="module")
 def ragged_hf(tmp_path_factory, tokenizer) -> Path:
     """A 2-layer tiny falcon-7b with hidden size 96 and outlier layer-norm channels."""
-    from plugins.falcon.tiny import make_tiny_falcon
+    from modelc_plugins.falcon.tiny import make_tiny_falcon
 
     root = tmp_path_factory.mktemp("ragged-hf")
     base = make_tiny_falcon(root / "random", VARIANT, num_layers=2, hidden_size=HIDDEN, tokenizer=tokenizer)
@@ -146,8 +146,7 @@ def test_onnxruntime_engine_equals_torch_engine(ragged_ckpt, tmp_path) -> None:
     if "onnx" not in get_registry().backends:
         pytest.skip("the onnx backend plugin is not loaded")
     import onnx
-
-    from plugins.onnx.testing import left_padded, local_runner, prefill_logits
+    from modelc_plugins.onnx.testing import left_padded, local_runner, prefill_logits
 
     engines = {b: build_cli(ragged_ckpt, tmp_path / b, b) for b in ("torch", "onnx")}
     ids, mask = left_padded([[5, 77, 120, 33, 9, 250, 18, 61, 300, 2, 45, 17], [150, 3, 99, 8]])
@@ -195,7 +194,7 @@ def test_onnxruntime_engine_equals_torch_engine(ragged_ckpt, tmp_path) -> None:
 def test_tensorrt_parses_and_builds(ragged_ckpt, tmp_path) -> None:
     """TensorRT takes the padded ragged layers (Pad -> MatMul with a whole-block DequantizeLinear);
     running the engine needs a GPU."""
-    from plugins.tensorrt.testing import build_checkpoint, require_tensorrt
+    from modelc_plugins.tensorrt.testing import build_checkpoint, require_tensorrt
 
     require_tensorrt()
     config = build_checkpoint(ragged_ckpt, tmp_path / "engine")

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from plugins.quant_awq.int4 import (
+from modelc_plugins.quant_awq.int4 import (
     check_group_size,
     dequantize_codes,
     dequantize_packed,
@@ -15,8 +14,8 @@ from plugins.quant_awq.int4 import (
     quantize_groups,
     unpack_int4,
 )
-from plugins.quant_awq.lowering import dequantize_in_dtype, tinygemm_codes, tinygemm_matmul
-from plugins.quant_awq.search import _group_gram, candidate_scales, group_output_mse, search_clip, search_scale
+from modelc_plugins.quant_awq.lowering import dequantize_in_dtype, tinygemm_codes, tinygemm_matmul
+from modelc_plugins.quant_awq.search import _group_gram, candidate_scales, group_output_mse, search_clip, search_scale
 
 
 def test_pack_nibble_order_matches_trtllm_and_onnx() -> None:

@@ -25,7 +25,7 @@ EVAL_LEN = 192
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from plugins.falcon.tiny import train_tokenizer
+    from modelc_plugins.falcon.tiny import train_tokenizer
 
     return train_tokenizer()
 
@@ -53,10 +53,10 @@ def _train(model, ids: torch.Tensor, seed: int) -> None:
 @pytest.fixture(scope="session")
 def hf_dir(tmp_path_factory, tokenizer) -> Callable[[str], Path]:
     """variant -> a 2-layer tiny HF Falcon trained for a few steps on the shipped corpus (made once)."""
+    from modelc_plugins.falcon.tiny import make_tiny_falcon
     from transformers import FalconForCausalLM
 
-    from compiler_core.calibration import default_corpus
-    from plugins.falcon.tiny import make_tiny_falcon
+    from compiler_core.quantize.calibration import default_corpus
 
     root, made = tmp_path_factory.mktemp("fp8_hf"), {}
     corpus = torch.tensor(tokenizer(default_corpus())["input_ids"])
@@ -107,7 +107,7 @@ def hf_logits(hf_dir, eval_ids) -> Callable[[str], torch.Tensor]:
 def fp8_dir(tmp_path_factory, hf_dir) -> Callable[..., Path]:
     """(variant, qformat, kv_cache_dtype, tp, pp, dtype) -> a quantized checkpoint (made once per session)."""
     from compiler_core.mapping import Mapping
-    from compiler_core.quantize import quantize
+    from compiler_core.quantize.ptq import quantize
 
     root, made = tmp_path_factory.mktemp("fp8_ckpt"), {}
 

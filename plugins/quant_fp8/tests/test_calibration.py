@@ -1,4 +1,4 @@
-"""compiler_core.calibration: reading calibration text, packing it into blocks, observing nodes."""
+"""compiler_core.quantize.calibration: reading calibration text, packing it into blocks, observing nodes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from compiler_core.calibration import (
+from compiler_core.errors import UsageError
+from compiler_core.quantize.calibration import (
     collect_stats,
     load_calibration_set,
     make_calibration_set,
@@ -17,7 +18,6 @@ from compiler_core.calibration import (
     read_texts,
     real_tokens,
 )
-from compiler_core.errors import UsageError
 
 
 def test_read_texts_from_every_format(tmp_path):
@@ -83,9 +83,9 @@ def test_default_calibration_set_uses_the_model_tokenizer(hf_dir):
 
 def test_collect_stats_observes_what_the_nodes_saw(hf_dir, tokenizer):
     """Observers get each watched node's real inputs/outputs and can read the batch's KV cache."""
-    from compiler_core.convert import load_full_model
+    from compiler_core.backends.torch.executor import GraphExecutor
+    from compiler_core.convert.from_hf import load_full_model
     from compiler_core.runtime.context import ForwardContext
-    from compiler_core.runtime.executor import GraphExecutor
 
     model = load_full_model(hf_dir("7b"), "float32", show_progress=False)
     graph = model_graph(model)

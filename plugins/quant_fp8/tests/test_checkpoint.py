@@ -6,18 +6,18 @@ import json
 
 import pytest
 import torch
+from modelc_plugins.falcon.convert import rank_qkv
+from modelc_plugins.quant_fp8 import numerics
+from modelc_plugins.quant_fp8.tests.conftest import CALIB, checkpoint_logits
 from safetensors import safe_open
 
 from compiler_core import hookimpl
-from compiler_core.checkpoint import load_rank_weights
 from compiler_core.errors import ModelcError
+from compiler_core.formats.checkpoint import load_rank_weights
 from compiler_core.mapping import Mapping
 from compiler_core.plugins import get_plugin_manager
-from compiler_core.quantize import quantize
+from compiler_core.quantize.ptq import quantize
 from compiler_core.registry import reset_registry
-from plugins.falcon.convert import rank_qkv
-from plugins.quant_fp8 import numerics
-from plugins.quant_fp8.tests.conftest import CALIB, checkpoint_logits
 
 LINEARS = ("attention.qkv", "attention.dense", "mlp.fc", "mlp.proj")
 
@@ -51,7 +51,7 @@ def test_config_and_rank_file_layout(fp8_dir):
 
 
 def test_scales_are_amax_over_448_of_the_source_weights(fp8_dir, hf_dir):
-    from compiler_core.convert import load_full_model
+    from compiler_core.convert.from_hf import load_full_model
 
     full = load_full_model(hf_dir("40b"), "float32", show_progress=False).weights
     got = load_rank_weights(fp8_dir("40b") / "rank0.safetensors")
@@ -133,7 +133,7 @@ def _with_plugin(plugin, fn):
 
 
 def test_quantize_layer_hook_lets_a_plugin_override_a_layer(hf_dir, tmp_path):
-    from plugins.quant_fp8.scheme import quantize_linear
+    from modelc_plugins.quant_fp8.scheme import quantize_linear
 
     def doubled_activation_range(node, weights, stats):
         return quantize_linear(node, weights, {**stats, "input_amax": 2 * stats["input_amax"]})

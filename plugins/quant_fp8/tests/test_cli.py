@@ -76,7 +76,7 @@ def test_bad_input_is_one_line_and_exit_2(hf_dir, tmp_path, args, message):
 
 
 def test_unknown_qformat_lists_every_known_one(hf_dir, tmp_path):
-    from compiler_core.quantize import qformat_choices
+    from compiler_core.quantize.ptq import qformat_choices
 
     result = modelc("quantize", "--model_dir", str(hf_dir("7b")), "--output_dir", str(tmp_path / "o"), "--qformat", "x")
     assert result.exit_code == 2

@@ -5,15 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from modelc_plugins.quant_fp8 import numerics, torch_lowering
+from modelc_plugins.quant_fp8.scheme import rewrite_graph
+from modelc_plugins.quant_fp8.tests.test_numerics import e4m3_table
 
+from compiler_core.backends.torch.executor import GraphExecutor
+from compiler_core.backends.torch.kernels import TorchLowering
 from compiler_core.ir import GraphBuilder, validate
 from compiler_core.registry import get_registry
 from compiler_core.runtime.context import ForwardContext
-from compiler_core.runtime.executor import GraphExecutor
-from compiler_core.runtime.kernels import TorchLowering
-from plugins.quant_fp8 import numerics, torch_lowering
-from plugins.quant_fp8.scheme import rewrite_graph
-from plugins.quant_fp8.tests.test_numerics import e4m3_table
 
 
 def linear_graph(dtype: str, out_features: int = 48, in_features: int = 32):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from modelc_plugins.quant_fp8 import numerics
 
 from compiler_core.runtime.context import CacheSlot
-from plugins.quant_fp8 import numerics
 
 
 def e4m3_table() -> np.ndarray:

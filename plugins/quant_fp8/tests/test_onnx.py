@@ -6,14 +6,14 @@ import onnx
 import pytest
 import torch
 
-from compiler_core.engine import read_engine_config
+from compiler_core.build.engine import read_engine_config
 from compiler_core.registry import get_registry
 
 pytest.importorskip("onnxruntime")
 if "onnx" not in get_registry().backends:
     pytest.skip("the onnx backend plugin is not loaded", allow_module_level=True)
 
-from plugins.onnx.testing import built_engine, prompt_logits
+from modelc_plugins.onnx.testing import built_engine, prompt_logits
 
 PROMPTS = [[5, 77, 120, 33, 9, 250, 18, 61, 300, 2, 45, 17, 88, 140, 7, 230], [150, 3, 99, 8, 41, 12]]
 
@@ -79,7 +79,7 @@ def test_float16_onnxruntime_close_to_torch_backend(fp8_dir, tmp_path):
     [("40b", "float16", 1, "fp8"), ("7b", "bfloat16", 2, None)],
 )
 def test_tensorrt_parses_and_builds(variant, dtype, tp, kv, fp8_dir, tmp_path):
-    from plugins.tensorrt.testing import build_checkpoint, require_tensorrt
+    from modelc_plugins.tensorrt.testing import build_checkpoint, require_tensorrt
 
     require_tensorrt()
     config = build_checkpoint(fp8_dir(variant, kv=kv, tp=tp, dtype=dtype), tmp_path / "engine")

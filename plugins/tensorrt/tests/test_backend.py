@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 from click.testing import CliRunner
+from modelc_plugins.tensorrt import backend as trt_backend
+from modelc_plugins.tensorrt.package import INSTALL_HINT, gpu_reason, import_tensorrt
+from modelc_plugins.tensorrt.testing import build_checkpoint, require_tensorrt
 
+from compiler_core.build.engine import choose_backend, load_rank_session
 from compiler_core.cli import cli
-from compiler_core.engine import choose_backend, load_rank_session
 from compiler_core.errors import UsageError
 from compiler_core.registry import get_registry
-from plugins.tensorrt import backend as trt_backend
-from plugins.tensorrt.package import INSTALL_HINT, gpu_reason, import_tensorrt
-from plugins.tensorrt.testing import build_checkpoint, require_tensorrt
 
 
 @pytest.fixture

@@ -6,12 +6,12 @@ import json
 
 import onnx
 import pytest
+from modelc_plugins.onnx.tests.test_ops import mixed_graph
+from modelc_plugins.tensorrt.builder import DECODE_PROFILE, PROMPT_PROFILE, build_serialized, profile_ranges
+from modelc_plugins.tensorrt.testing import TEST_SETTINGS, build_checkpoint, build_graph, require_tensorrt
 from onnx import TensorProto, helper
 
 from compiler_core.errors import ModelcError
-from plugins.onnx.tests.test_ops import mixed_graph
-from plugins.tensorrt.builder import DECODE_PROFILE, PROMPT_PROFILE, build_serialized, profile_ranges
-from plugins.tensorrt.testing import TEST_SETTINGS, build_checkpoint, build_graph, require_tensorrt
 
 pytestmark = pytest.mark.usefixtures("trt")
 
@@ -78,7 +78,7 @@ def test_parser_errors_fail_the_build(tmp_path):
     )
     model.ir_version = 10
     onnx.save_model(model, str(tmp_path / "bad.onnx"))
-    from plugins.onnx.lowering import ValueType
+    from modelc_plugins.onnx.lowering import ValueType
 
     with pytest.raises(ModelcError, match=r"bad\.onnx: TensorRT's ONNX parser rejected it: node mixed_types"):
         build_serialized(tmp_path / "bad.onnx", {"x": ValueType("float16", ("batch", 4))}, TEST_SETTINGS)

@@ -7,7 +7,7 @@ The core names no scheme: ``--qformat`` is any registered :class:`~compiler_core
 Flow (:func:`quantize`)::
 
     load_full_model(M, dtype)                       # LoadedModel: config + full tp1 weights
-    load_calibration_set(M, dataset, ...)           # token batches (compiler_core.calibration)
+    load_calibration_set(M, dataset, ...)           # token batches (compiler_core.quantize.calibration)
     model = weight_scheme.quantize(model, calibration, options)          # unless full_prec
     model = kv_scheme.quantize_kv_cache(model, calibration, options)     # with --kv_cache_dtype
     check_quantized(model)                          # weights agree with the rebuilt tp1 graph
@@ -51,22 +51,22 @@ from typing import Any
 
 import torch
 
-from compiler_core.calibration import (
-    DEFAULT_CALIB_SIZE,
-    DEFAULT_MAX_SEQ_LENGTH,
-    CalibrationSet,
-    load_calibration_set,
-    model_graph,
-)
-from compiler_core.convert import LoadedModel, load_full_model, model_config_from_hf, write_model
+from compiler_core.backends.torch.kernels import TORCH_DTYPES
+from compiler_core.convert.from_hf import LoadedModel, load_full_model, model_config_from_hf, write_model
 from compiler_core.errors import ModelcError, UsageError
 from compiler_core.ir import Graph, Node, Param, validate
 from compiler_core.mapping import Mapping as ParallelMapping
 from compiler_core.model import rank_graph
 from compiler_core.plugins import get_plugin_manager
 from compiler_core.progress import progress
+from compiler_core.quantize.calibration import (
+    DEFAULT_CALIB_SIZE,
+    DEFAULT_MAX_SEQ_LENGTH,
+    CalibrationSet,
+    load_calibration_set,
+    model_graph,
+)
 from compiler_core.registry import QuantScheme, get_registry
-from compiler_core.runtime.kernels import TORCH_DTYPES
 
 #: ``--qformat`` value that leaves weights in full precision (e.g. to quantize only the KV cache).
 FULL_PRECISION = "full_prec"

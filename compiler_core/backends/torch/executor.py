@@ -7,11 +7,11 @@ from typing import Any
 
 import torch
 
+from compiler_core.backends.torch.cpu_linear import held_for_cpu
+from compiler_core.backends.torch.kernels import TorchLowering, torch_dtype
 from compiler_core.errors import ModelcError
 from compiler_core.ir import Graph
 from compiler_core.runtime.context import ForwardContext, KVCache
-from compiler_core.runtime.cpu_linear import held_for_cpu
-from compiler_core.runtime.kernels import TorchLowering, torch_dtype
 
 #: Core ops that treat every position on its own (no mixing along the sequence axis).
 POSITIONWISE_OPS = frozenset(

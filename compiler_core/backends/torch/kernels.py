@@ -14,9 +14,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from compiler_core.backends.torch.cpu_linear import bf16_linear, bf16_storage, cpu_linear
 from compiler_core.ir import Graph, Node
 from compiler_core.runtime.context import ForwardContext
-from compiler_core.runtime.cpu_linear import bf16_linear, bf16_storage, cpu_linear
 
 Kernel = Callable[..., torch.Tensor]
 

@@ -14,7 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from compiler_core.errors import UsageError
-from compiler_core.fileio import read_json, write_json
+from compiler_core.formats.fileio import read_json, write_json
 from compiler_core.mapping import Mapping
 
 FORMAT = "modelc-checkpoint"

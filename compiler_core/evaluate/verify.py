@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from compiler_core.checkpoint import TOKENIZER_DIR, read_config
+from compiler_core.backends.torch.kernels import torch_dtype
 from compiler_core.errors import ModelcError, UsageError
+from compiler_core.formats.checkpoint import TOKENIZER_DIR, read_config
 from compiler_core.runtime.context import positions_from_mask
-from compiler_core.runtime.kernels import torch_dtype
 from compiler_core.runtime.runner import ModelRunner
 
 #: Two prompts of different lengths, so that left padding is always exercised.

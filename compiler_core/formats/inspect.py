@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compiler_core.checkpoint import read_config
 from compiler_core.errors import UsageError
-from compiler_core.fileio import read_json
+from compiler_core.formats.checkpoint import read_config
+from compiler_core.formats.fileio import read_json
 from compiler_core.ir import format_graph
 from compiler_core.mapping import Mapping
 from compiler_core.model import rank_graph
@@ -21,7 +21,7 @@ def describe(directory: Path, max_nodes: int | None = 40) -> str:
         raise UsageError(f"{directory}: no config.json (not a modelc checkpoint or engine)")
     raw = read_json(directory / "config.json")
     if raw.get("format") == "modelc-engine":
-        from compiler_core.engine import describe_engine
+        from compiler_core.build.engine import describe_engine
 
         return describe_engine(directory, raw, max_nodes)
     config = read_config(directory)

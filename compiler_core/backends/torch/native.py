@@ -1,4 +1,4 @@
-"""C kernels shipped as source in ``compiler_core/runtime/csrc`` and compiled on first use.
+"""C kernels shipped as source in ``compiler_core/backends/torch/csrc`` and compiled on first use.
 
 The package stays pure Python: a kernel is built once per machine with the system's C compiler
 (``$CC``, else ``cc``) into a cache directory (``$MODELC_CACHE_DIR``, else

@@ -8,9 +8,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from compiler_core.checkpoint import TOKENIZER_DIR, load_rank_weights, rank_file, read_config
+from compiler_core.formats.checkpoint import TOKENIZER_DIR, load_rank_weights, rank_file, read_config
 from compiler_core.errors import UsageError
-from compiler_core.fileio import atomic_output_dir, read_json, write_json
+from compiler_core.formats.fileio import atomic_output_dir, read_json, write_json
 from compiler_core.ir import Graph, format_graph, validate
 from compiler_core.mapping import Mapping
 from compiler_core.model import rank_graph

@@ -36,16 +36,16 @@ from typing import Any
 
 import torch
 
-from compiler_core.checkpoint import TOKENIZER_DIR, make_config, rank_file, save_rank_weights, write_config
+from compiler_core.backends.torch.kernels import torch_dtype
 from compiler_core.errors import ModelcError, UsageError
-from compiler_core.fileio import atomic_output_dir, read_json
+from compiler_core.formats.checkpoint import TOKENIZER_DIR, make_config, rank_file, save_rank_weights, write_config
+from compiler_core.formats.fileio import atomic_output_dir, read_json
 from compiler_core.ir import Graph
 from compiler_core.mapping import Mapping
 from compiler_core.model import rank_graph
 from compiler_core.plugins import get_plugin_manager
 from compiler_core.progress import progress
 from compiler_core.registry import get_registry
-from compiler_core.runtime.kernels import torch_dtype
 
 DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
 TOKENIZER_FILES = (

@@ -29,7 +29,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from compiler_core.runtime.native import load_kernel_library
+from compiler_core.backends.torch.native import load_kernel_library
 
 # Above this many rows (batch x positions) BLAS's GEMM is as fast or faster than oneDNN's
 # inner product (measured for hidden 1024/4096 and a 65024-row vocabulary on 2 EPYC cores).

@@ -47,13 +47,13 @@ from typing import Any
 
 import torch
 
+from compiler_core.backends.torch.executor import GraphExecutor
 from compiler_core.errors import UsageError
-from compiler_core.fileio import json_lines
+from compiler_core.formats.fileio import json_lines
 from compiler_core.ir import Graph, Node
 from compiler_core.mapping import Mapping as ParallelMapping
 from compiler_core.progress import progress
 from compiler_core.runtime.context import ForwardContext
-from compiler_core.runtime.executor import GraphExecutor
 
 #: Defaults of TensorRT-LLM's examples/quantization/quantize.py.
 DEFAULT_CALIB_SIZE = 512
@@ -220,7 +220,7 @@ def load_calibration_set(
 
 
 def model_graph(model) -> Graph:
-    """The single-rank graph of a :class:`compiler_core.convert.LoadedModel`, as its config describes it
+    """The single-rank graph of a :class:`compiler_core.convert.from_hf.LoadedModel`, as its config describes it
     (full precision, or quantized as far as ``config["quantization"]`` already says)."""
     from compiler_core.model import rank_graph
 

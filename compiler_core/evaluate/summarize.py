@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from compiler_core.errors import ModelcError, UsageError
-from compiler_core.fileio import json_lines
+from compiler_core.formats.fileio import json_lines
 from compiler_core.progress import progress
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -345,9 +345,9 @@ def summarize(
     Returns the report (``engine``, ``hf``, ``engine_vs_hf`` sections, whichever apply) on rank 0;
     other ranks of an mpirun job generate alongside rank 0 and return None.
     """
-    from compiler_core.engine import read_engine_config
+    from compiler_core.backends.torch.kernels import torch_dtype
+    from compiler_core.build.engine import read_engine_config
     from compiler_core.runtime.generation import GenerationConfig
-    from compiler_core.runtime.kernels import torch_dtype
     from compiler_core.runtime.open import is_output_rank, load_tokenizer, open_runner, resolve_device, special_ids
 
     engine_dir = Path(engine_dir)

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from compiler_core.checkpoint import rank_file, save_rank_weights
+from compiler_core.formats.checkpoint import rank_file, save_rank_weights
 from compiler_core.ir import Graph
 from compiler_core.registry import Backend
 
@@ -26,7 +26,7 @@ class TorchBackend(Backend):
         return {"weights": rank_file(out_dir, rank).name}
 
     def load_rank(self, engine_dir: Path, engine_config: dict[str, Any], rank: int, device: str):
-        from compiler_core.engine import engine_graph
+        from compiler_core.build.engine import engine_graph
         from compiler_core.runtime.loading import load_weights_for
         from compiler_core.runtime.session import TorchSession
 

@@ -1,0 +1,1 @@
+"""Converting a Hugging Face checkpoint into a modelc checkpoint (mapping, casting, sharding)."""

@@ -1,0 +1,1 @@
+"""Judging checkpoints and engines: parity with transformers (verify) and ROUGE (summarize)."""

@@ -1,0 +1,1 @@
+"""Post-training quantization: calibration and the scheme-agnostic quantize flow."""
