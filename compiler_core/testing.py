@@ -79,11 +79,17 @@ def require_mpirun() -> Path:
     return Path(on_path)
 
 
+#: NVLink multicast (NVLS) off for NCCL, PyTorch's symmetric memory and NVSHMEM: on a shared
+#: multi-GPU host a program that uses it can take the host's GPUs out of service.
+NO_NVLINK_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
 def mpi_env() -> dict[str, str]:
-    """The environment for ``mpirun``: one thread per rank, and root allowed where tests run as root."""
+    """The environment for ``mpirun``: one thread per rank, no NVLink multicast, and root allowed
+    where tests run as root."""
     # The ranks share the machine's cores. Open MPI refuses root without the two ALLOW variables
     # (the flag alone would do; the variables keep the command line TensorRT-LLM's).
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **NO_NVLINK_MULTICAST}
     if os.geteuid() == 0:
         env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     return env
@@ -94,7 +100,9 @@ def run_mpi(ranks: int, *modelc_args: str, timeout: float = 240) -> subprocess.C
     command = [str(require_mpirun()), "-n", str(ranks), "--oversubscribe"]
     if os.geteuid() == 0:
         command.append("--allow-run-as-root")
-    command += ["-x", "OMP_NUM_THREADS", sys.executable, "-m", "compiler_core", *modelc_args]
+    for name in ("OMP_NUM_THREADS", *NO_NVLINK_MULTICAST):
+        command += ["-x", name]
+    command += [sys.executable, "-m", "compiler_core", *modelc_args]
     return subprocess.run(command, env=mpi_env(), capture_output=True, text=True, timeout=timeout)
 
 
