@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from compiler_core.backends.torch import cpu_linear as cpu_linear_module
 from compiler_core.backends.torch.cpu_linear import (
     MAX_BF16_KERNEL_ROWS,
     bf16_kernel,
@@ -14,7 +15,6 @@ from compiler_core.backends.torch.cpu_linear import (
     bf16_valued,
 )
 from compiler_core.backends.torch.native import unavailable_reason
-from compiler_core.backends.torch import cpu_linear as cpu_linear_module
 from compiler_core.runtime.generation import GenerationConfig, generate
 from compiler_core.runtime.open import special_ids
 from compiler_core.testing import hf_generate, strip_padding

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import profile
 
-from compiler_core.backends.torch.cpu_linear import MAX_ONEDNN_ROWS, cpu_linear, onednn_linear_supported
 from compiler_core.backends.torch import cpu_linear as cpu_linear_module
+from compiler_core.backends.torch.cpu_linear import MAX_ONEDNN_ROWS, cpu_linear, onednn_linear_supported
 from compiler_core.runtime.generation import GenerationConfig, generate
 from compiler_core.runtime.open import special_ids
 from compiler_core.testing import hf_generate, strip_padding
