@@ -9,6 +9,7 @@ temporary directory beside the output, no worker process still running).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -272,30 +273,35 @@ def test_a_run_finishing_first_keeps_its_output(tmp_path):
     assert left_beside(target) == []
 
 
-def test_racing_convert_runs_leave_one_complete_output(tmp_path, tiny_falcon, checkpoint):
-    """The first run is held mid-work (its workers stopped) while a second finishes into the same dir."""
-    slow = Modelc("convert", "--model_dir", tiny_falcon, "--output_dir", checkpoint, "--tp_size", "2", "--workers", "2")
-    workers = slow.wait_until(lambda: temp_dirs(checkpoint) and len(slow.workers()) == 2 and slow.workers())
-    for worker in workers:
-        worker.send_signal(signal.SIGSTOP)
-    try:
-        fast = run_modelc(
-            "convert", "--model_dir", str(tiny_falcon), "--output_dir", str(checkpoint), "--dtype", "float16"
-        )
-        assert fast.returncode == 0, fast.stderr
-        winner = digest(checkpoint)
-    finally:
-        for worker in workers:
-            with _gone_is_fine():
-                worker.send_signal(signal.SIGCONT)
+def flock_waiters(directory: Path) -> int:
+    """Processes blocked on an flock of ``directory`` (the swap lock), from the kernel's /proc/locks."""
+    inode = f":{os.stat(directory).st_ino} "
+    return sum(1 for line in Path("/proc/locks").read_text().splitlines() if "-> FLOCK" in line and inode in line)
 
-    assert slow.finish() == 1, slow.stderr
-    assert_one_error(slow.stderr, str(checkpoint), "another run wrote this directory")
-    assert digest(checkpoint) == winner
-    config = read_config(checkpoint)  # complete: every rank file its mapping names is there
-    assert (config["dtype"], config["mapping"]["world_size"]) == ("float16", 1)
-    assert left_beside(checkpoint) == []
-    assert running(workers) == []
+
+@pytest.mark.skipif(not Path("/proc/locks").is_file(), reason="needs Linux /proc/locks to see runs waiting")
+def test_runs_finishing_at_the_same_moment_leave_one_complete_output(tmp_path, tiny_falcon):
+    """Two converts are held at their final swap (the test holds the lock they take) and then let go at once."""
+    out = tmp_path / "out"
+    held = os.open(tmp_path, os.O_RDONLY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        runs = {
+            dtype: Modelc("convert", "--model_dir", tiny_falcon, "--output_dir", out, "--dtype", dtype)
+            for dtype in ("float16", "bfloat16")
+        }
+        for run in runs.values():
+            run.wait_until(lambda: flock_waiters(tmp_path) == 2)
+    finally:
+        os.close(held)
+    codes = {dtype: run.finish() for dtype, run in runs.items()}
+
+    assert sorted(codes.values()) == [0, 1], {d: r.stderr for d, r in runs.items()}
+    (winner,) = (d for d, code in codes.items() if code == 0)
+    (loser,) = (d for d, code in codes.items() if code == 1)
+    assert_one_error(runs[loser].stderr, str(out), "another run wrote this directory")
+    assert read_config(out)["dtype"] == winner  # complete: every rank file its mapping names is there
+    assert left_beside(out) == []
 
 
 # --- signals and dying workers --------------------------------------------------------------
