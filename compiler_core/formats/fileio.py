@@ -51,6 +51,7 @@ def atomic_output_dir(target: Path, kind: OutputKind, inputs: Iterable[Path] = (
     target = Path(target)
     seen = _identity(target)
     check_output_dir(target, kind, inputs)
+    new_parents = [p for p in (target.parent, *target.parent.parents) if not p.exists()]
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -63,9 +64,12 @@ def atomic_output_dir(target: Path, kind: OutputKind, inputs: Iterable[Path] = (
         with signals_deferred():  # never half-swapped
             _swap_in(tmp, target, seen)
     except BaseException:
-        if tmp is not None:
-            with signals_deferred():
+        with signals_deferred():
+            if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
+            for parent in new_parents:  # innermost first; one that is no longer empty stays
+                with contextlib.suppress(OSError):
+                    parent.rmdir()
         raise
 
 

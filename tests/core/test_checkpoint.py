@@ -265,6 +265,15 @@ def test_exception_inside_the_block_removes_the_temporary_dir(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_failed_run_removes_the_parents_it_created(tmp_path):
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(RuntimeError):
+        with atomic_output_dir(tmp_path / "kept" / "a" / "b" / "out", KIND):
+            raise RuntimeError("failed")
+    assert list(tmp_path.iterdir()) == [tmp_path / "kept"]
+    assert list((tmp_path / "kept").iterdir()) == []
+
+
 def test_converted_checkpoint_is_complete(falcon_checkpoint_tp2, tiny_falcon):
     config = read_config(falcon_checkpoint_tp2)
     hf = json.loads((tiny_falcon / "config.json").read_text())

@@ -254,6 +254,7 @@ def test_build_replaces_an_earlier_engine(tmp_path, checkpoint, engine):
     backend, _ = choose_backend("torch")
     build_engine(checkpoint, engine, backend, {"max_batch_size": 3}, show_progress=False)
     assert not (engine / "stale.txt").exists()
+    assert json.loads((engine / "config.json").read_text())["build"]["max_batch_size"] == 3
     assert left_beside(engine) == []
 
 
