@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import multiprocessing
+import os
 import signal
+import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
@@ -17,6 +20,8 @@ R = TypeVar("R")
 
 #: How long a terminated worker gets to exit before it is killed.
 STOP_GRACE_S = 5.0
+#: prctl option: the signal this process gets when its parent dies (<linux/prctl.h>).
+PR_SET_PDEATHSIG = 1
 
 
 def map_in_processes(
@@ -33,13 +38,14 @@ def map_in_processes(
     When this process stops early (an error in any job, SIGINT, SIGTERM), every worker is
     terminated and reaped before the exception goes on, so none is left running or writing into
     a directory that is about to be removed. Workers ignore SIGINT: a Ctrl-C reaches the whole
-    process group, and this process alone decides what happens.
+    process group, and this process alone decides what happens. On Linux a worker also dies with
+    this process when it is killed outright (SIGKILL), which leaves no chance to stop anything.
     """
     started_before = set(multiprocessing.active_children())
     # spawn, not fork: fork is unsafe once torch has started its threads or holds mapped weights.
     context = multiprocessing.get_context("spawn")
     pool = concurrent.futures.ProcessPoolExecutor(
-        min(workers, len(jobs)), mp_context=context, initializer=_ignore_sigint
+        min(workers, len(jobs)), mp_context=context, initializer=_worker_setup, initargs=(os.getpid(),)
     )
     try:
         futures = [pool.submit(function, *job) for job in jobs]
@@ -59,8 +65,13 @@ def map_in_processes(
         pool.shutdown(wait=True)
 
 
-def _ignore_sigint() -> None:
+def _worker_setup(parent_pid: int) -> None:
+    """Runs first in each worker: SIGINT is the parent's to handle, and the parent's death is this one's."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent_pid:  # the parent died before the request above took effect
+            os._exit(1)
 
 
 def _stop(pool: concurrent.futures.ProcessPoolExecutor, started_before: set[multiprocessing.Process]) -> None:

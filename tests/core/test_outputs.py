@@ -365,3 +365,29 @@ def test_a_killed_worker_is_one_error_and_keeps_the_old_output(tiny_falcon, chec
     assert running(workers) == []
     assert digest(checkpoint) == before
     assert left_beside(checkpoint) == []
+
+
+def maps_torch(process: psutil.Process) -> bool:
+    """True once ``process`` has loaded torch, so it is past its start-up and into its job."""
+    with _gone_is_fine():
+        return "libtorch" in Path(f"/proc/{process.pid}/maps").read_text()
+    return False
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="workers die with their parent through Linux's PR_SET_PDEATHSIG")
+def test_workers_die_with_a_killed_command(tiny_falcon, tmp_path):
+    run = Modelc(
+        "convert", "--model_dir", tiny_falcon, "--output_dir", tmp_path / "out", "--tp_size", "2", "--workers", "2"
+    )
+    workers = run.wait_until(lambda: len(run.workers()) == 2 and all(map(maps_torch, run.workers())) and run.workers())
+    try:
+        for worker in workers:
+            worker.send_signal(signal.SIGSTOP)  # held mid-job: they cannot finish and leave on their own
+        run.process.send_signal(signal.SIGKILL)  # no handler runs, nothing can be stopped on the way out
+        assert run.finish() == -signal.SIGKILL
+        psutil.wait_procs(workers, timeout=10)
+        assert running(workers) == [], "workers outlived a killed command"
+    finally:
+        for worker in workers:
+            with _gone_is_fine():
+                worker.kill()
