@@ -232,6 +232,17 @@ def test_refusals_in_process(tmp_path, hf_copy, checkpoint, engine, tiny_falcon)
     assert digest(other) == digest(checkpoint)
 
 
+def test_quantize_never_replaces_a_dir_holding_its_calibration_text(tmp_path, hf_copy, checkpoint):
+    from compiler_core.quantize.ptq import quantize
+
+    text = checkpoint / "calibration.txt"
+    text.write_text("The river ran slowly past the old mill.\n\nLight came through the trees.\n")
+    before = digest(checkpoint)
+    with pytest.raises(UsageError, match=r"ckpt: contains the input .*calibration\.txt"):
+        quantize(hf_copy, checkpoint, qformat="int4_awq", calib_dataset=text, calib_size=2, show_progress=False)
+    assert digest(checkpoint) == before
+
+
 def test_tiny_falcon_replaces_only_an_earlier_tiny_falcon(tmp_path, tokenizer, hf_copy):
     from modelc_plugins.falcon.tiny import make_tiny_falcon
 
