@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType
 
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -79,7 +79,7 @@ def signals_deferred() -> Iterator[None]:
             signal.raise_signal(signum)
 
 
-def _install(handler) -> dict[int, object]:
+def _install(handler: Callable[[int, FrameType | None], object]) -> dict[int, object]:
     return {signum: signal.signal(signum, handler) for signum in HANDLED_SIGNALS}
 
 

@@ -69,7 +69,7 @@ def _worker_setup(parent_pid: int) -> None:
     """Runs first in each worker: SIGINT is the parent's to handle, and the parent's death is this one's."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform == "linux":
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
         if os.getppid() != parent_pid:  # the parent died before the request above took effect
             os._exit(1)
 

@@ -30,6 +30,7 @@ from compiler_core.convert.from_hf import convert
 from compiler_core.errors import ConcurrentWriteError, UsageError
 from compiler_core.formats.checkpoint import read_config
 from compiler_core.formats.fileio import OutputKind, atomic_output_dir
+from compiler_core.interrupts import Interrupted, interrupts_raised, signals_deferred
 from compiler_core.testing import error_lines, run_modelc
 
 # --- helpers --------------------------------------------------------------------------------
@@ -314,6 +315,34 @@ def test_runs_finishing_at_the_same_moment_leave_one_complete_output(tmp_path, t
     assert_one_error(runs[loser].stderr, str(out), "another run wrote this directory")
     assert read_config(out)["dtype"] == winner  # complete: every rank file its mapping names is there
     assert left_beside(out) == []
+
+
+# --- signals in this process ----------------------------------------------------------------
+
+
+def test_a_signal_is_held_over_a_deferred_block_then_raised():
+    reached_the_end = False
+    with interrupts_raised(), pytest.raises(Interrupted) as caught:
+        with signals_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)  # a signal handler would have run by now
+            reached_the_end = True
+    assert reached_the_end
+    assert (caught.value.exit_code, str(caught.value)) == (143, "interrupted by SIGTERM")
+
+
+def test_a_repeated_signal_does_not_interrupt_the_cleanup_of_the_first():
+    cleaned_up = False
+    with interrupts_raised(), pytest.raises(Interrupted) as caught:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # interrupted long before this ends
+        finally:
+            os.kill(os.getpid(), signal.SIGINT)  # impatient Ctrl-C during the cleanup
+            time.sleep(0.2)
+            cleaned_up = True
+    assert cleaned_up and caught.value.exit_code == 130
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
 
 
 # --- signals and dying workers --------------------------------------------------------------
