@@ -15,3 +15,7 @@ class UsageError(ModelcError):
     """Bad input: a file, field, flag or value. Exit code 2."""
 
     exit_code = 2
+
+
+class ConcurrentWriteError(ModelcError):
+    """Another run finished into the same output directory first; its output is kept. Exit code 1."""

@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
-import concurrent.futures
-import multiprocessing
 import shutil
 from pathlib import Path
 from typing import Any
 
-from compiler_core.formats.checkpoint import TOKENIZER_DIR, load_rank_weights, rank_file, read_config
 from compiler_core.errors import UsageError
-from compiler_core.formats.fileio import atomic_output_dir, read_json, write_json
+from compiler_core.formats.checkpoint import TOKENIZER_DIR, load_rank_weights, rank_file, read_config
+from compiler_core.formats.fileio import OutputKind, atomic_output_dir, read_json, write_json
 from compiler_core.ir import Graph, format_graph, validate
 from compiler_core.mapping import Mapping
 from compiler_core.model import rank_graph
 from compiler_core.progress import progress
 from compiler_core.registry import Backend, get_registry
+from compiler_core.workers import map_in_processes
 
 ENGINE_FORMAT = "modelc-engine"
 ENGINE_FORMAT_VERSION = 1
+#: What build writes; only an earlier engine (or an empty directory) is replaced.
+ENGINE_OUTPUT = OutputKind("modelc engine", ENGINE_FORMAT)
 DEFAULT_SETTINGS = {"max_batch_size": 8, "max_input_len": 1024, "max_seq_len": 2048}
 
 
@@ -90,26 +91,14 @@ def build_engine(
         raise UsageError(f"--workers must be at least 1, got {workers}")
     graphs = [rank_graph(config, r, str(checkpoint_dir / "config.json")) for r in mapping.ranks()]
     desc = f"build ({backend.name})"
-    with atomic_output_dir(output_dir) as tmp:
+    with atomic_output_dir(output_dir, ENGINE_OUTPUT, inputs=[checkpoint_dir]) as tmp:
         if workers > 1 and mapping.world_size > 1:
-            ctx = multiprocessing.get_context("spawn")  # fork is unsafe once torch has started its threads
-            with concurrent.futures.ProcessPoolExecutor(min(workers, mapping.world_size), mp_context=ctx) as pool:
-                futures = [
-                    pool.submit(
-                        _build_rank_worker,
-                        backend.name,
-                        graphs[r].to_json(),
-                        str(checkpoint_dir),
-                        str(tmp),
-                        r,
-                        settings,
-                    )
-                    for r in mapping.ranks()
-                ]
-                done = concurrent.futures.as_completed(futures)
-                for future in progress(done, total=len(futures), desc=desc, unit="rank", enable=show_progress):
-                    future.result()
-                facts = [f.result() for f in futures]
+            jobs = [
+                (backend.name, graphs[r].to_json(), str(checkpoint_dir), str(tmp), r, settings) for r in mapping.ranks()
+            ]
+            facts = map_in_processes(
+                _build_rank_worker, jobs, workers, desc=desc, unit="rank", show_progress=show_progress
+            )
         else:
             facts = [
                 _build_rank(backend, graphs[rank], checkpoint_dir, tmp, rank, settings)

@@ -10,6 +10,7 @@ import warnings
 import click
 
 from compiler_core.errors import ModelcError
+from compiler_core.interrupts import Interrupted, interrupts_raised
 
 
 class ModelcGroup(click.Group):
@@ -64,10 +65,16 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     warnings.showwarning = _show_warning
     try:
-        cli.main(args=argv, prog_name="modelc", standalone_mode=True)
+        with interrupts_raised():  # SIGINT/SIGTERM unwind every `with`: temporary dirs go, workers stop
+            cli.main(args=argv, prog_name="modelc", standalone_mode=True)
     except ModelcError as exc:  # raised outside a command's invoke (e.g. while collecting commands)
         if debug:
             traceback.print_exc()
         if not exc.quiet:
             click.echo(f"modelc: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except Interrupted as exc:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"modelc: error: {exc}", err=True)
         sys.exit(exc.exit_code)

@@ -24,7 +24,6 @@ import contextlib
 import json
 import math
 import mmap
-import multiprocessing
 import os
 import pickle
 import shutil
@@ -38,7 +37,14 @@ import torch
 
 from compiler_core.backends.torch.kernels import torch_dtype
 from compiler_core.errors import ModelcError, UsageError
-from compiler_core.formats.checkpoint import TOKENIZER_DIR, make_config, rank_file, save_rank_weights, write_config
+from compiler_core.formats.checkpoint import (
+    CHECKPOINT_OUTPUT,
+    TOKENIZER_DIR,
+    make_config,
+    rank_file,
+    save_rank_weights,
+    write_config,
+)
 from compiler_core.formats.fileio import atomic_output_dir, read_json
 from compiler_core.ir import Graph
 from compiler_core.mapping import Mapping
@@ -46,6 +52,7 @@ from compiler_core.model import rank_graph
 from compiler_core.plugins import get_plugin_manager
 from compiler_core.progress import progress
 from compiler_core.registry import get_registry
+from compiler_core.workers import map_in_processes
 
 DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
 TOKENIZER_FILES = (
@@ -532,14 +539,14 @@ def _convert_rank_worker(job: _Job, by_shard: bool) -> int:
     return job.rank
 
 
-def write_model(model: LoadedModel, output_dir: Path, mapping: Mapping, show_progress: bool = True) -> None:
-    """Shard a loaded (possibly quantized) model under ``mapping`` and write it atomically."""
+def write_model(model: LoadedModel, directory: Path, mapping: Mapping, show_progress: bool = True) -> None:
+    """Shard a loaded (possibly quantized) model under ``mapping`` and write it into ``directory``
+    (the temporary directory of an :func:`atomic_output_dir`)."""
     model.config = {**model.config, "mapping": mapping.to_json()}
-    with atomic_output_dir(output_dir) as tmp:
-        for rank in progress(mapping.ranks(), desc="write", unit="rank", enable=show_progress):
-            save_rank_weights(rank_file(tmp, rank), rank_weights(model, rank))
-        write_config(tmp, model.config)
-        copy_tokenizer(model.source_dir, tmp)
+    for rank in progress(mapping.ranks(), desc="write", unit="rank", enable=show_progress):
+        save_rank_weights(rank_file(directory, rank), rank_weights(model, rank))
+    write_config(directory, model.config)
+    copy_tokenizer(model.source_dir, directory)
 
 
 def convert(
@@ -563,15 +570,13 @@ def convert(
         raise UsageError(f"--workers must be at least 1, got {workers}")
     graphs = [rank_graph(config, rank) for rank in mapping.ranks()]
     files = source_files(model_dir)
-    with atomic_output_dir(output_dir) as tmp:
+    with atomic_output_dir(output_dir, CHECKPOINT_OUTPUT, inputs=[model_dir]) as tmp:
         jobs = [_Job(model_dir, config, rank, tmp) for rank in mapping.ranks()]
         if workers > 1 and mapping.world_size > 1:
-            ctx = multiprocessing.get_context("spawn")  # no fork of a process holding mapped weights
-            with concurrent.futures.ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool:
-                futures = [pool.submit(_convert_rank_worker, job, load_by_shard) for job in jobs]
-                done = concurrent.futures.as_completed(futures)
-                for future in progress(done, total=len(futures), desc="convert", unit="rank", enable=show_progress):
-                    future.result()
+            jobs_args = [(job, load_by_shard) for job in jobs]
+            map_in_processes(
+                _convert_rank_worker, jobs_args, workers, desc="convert", unit="rank", show_progress=show_progress
+            )
         elif load_by_shard:
             steps = (shard for job in jobs for shard in stream_rank(job))
             for _ in progress(steps, total=len(jobs) * len(files), desc="convert", unit="shard", enable=show_progress):

@@ -14,11 +14,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from compiler_core.errors import UsageError
-from compiler_core.formats.fileio import read_json, write_json
+from compiler_core.formats.fileio import OutputKind, read_json, write_json
 from compiler_core.mapping import Mapping
 
 FORMAT = "modelc-checkpoint"
 FORMAT_VERSION = 1
+#: What convert and quantize write; only an earlier checkpoint (or an empty directory) is replaced.
+CHECKPOINT_OUTPUT = OutputKind("modelc checkpoint", FORMAT)
 DTYPES = ("float32", "float16", "bfloat16")
 TOKENIZER_DIR = "tokenizer"
 REQUIRED_FIELDS = ("architecture", "dtype", "mapping", "quantization", "format_version")

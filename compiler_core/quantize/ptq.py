@@ -11,7 +11,8 @@ Flow (:func:`quantize`)::
     model = weight_scheme.quantize(model, calibration, options)          # unless full_prec
     model = kv_scheme.quantize_kv_cache(model, calibration, options)     # with --kv_cache_dtype
     check_quantized(model)                          # weights agree with the rebuilt tp1 graph
-    write_model(model, O, Mapping.create(tp, pp))   # per-rank graphs via each transform_graph
+    write_model(model, tmp, Mapping.create(tp, pp)) # per-rank graphs via each transform_graph, into
+                                                    # atomic_output_dir(O) (checked before calibrating)
 
 ``options`` (a plain dict, so it can grow) holds:
 
@@ -54,6 +55,8 @@ import torch
 from compiler_core.backends.torch.kernels import TORCH_DTYPES
 from compiler_core.convert.from_hf import LoadedModel, load_full_model, model_config_from_hf, write_model
 from compiler_core.errors import ModelcError, UsageError
+from compiler_core.formats.checkpoint import CHECKPOINT_OUTPUT
+from compiler_core.formats.fileio import atomic_output_dir, check_output_dir
 from compiler_core.ir import Graph, Node, Param, validate
 from compiler_core.mapping import Mapping as ParallelMapping
 from compiler_core.model import rank_graph
@@ -213,6 +216,8 @@ def quantize(
     config = model_config_from_hf(model_dir, dtype, mapping)
     for rank in mapping.ranks():
         rank_graph(config, rank)  # fail on a bad split before loading and calibrating
+    inputs = [Path(model_dir), *([Path(calib_dataset)] if calib_dataset is not None else [])]
+    check_output_dir(Path(output_dir), CHECKPOINT_OUTPUT, inputs)  # and on a refused output before calibrating
     calibration = load_calibration_set(
         model_dir, calib_dataset, num_samples=calib_size, max_seq_length=calib_max_seq_length, batch_size=batch_size
     )
@@ -244,5 +249,6 @@ def quantize(
         },
     }
     check_quantized(model)
-    write_model(model, Path(output_dir), mapping, show_progress)
+    with atomic_output_dir(Path(output_dir), CHECKPOINT_OUTPUT, inputs) as tmp:
+        write_model(model, tmp, mapping, show_progress)
     return model.config, calibration
