@@ -134,8 +134,10 @@ def shard_param(
     rank, KV heads duplicated when tp_size exceeds them, a quantized weight with its scales).
     Return None to leave the parameter to later implementations; the core's default (last)
     is shape-driven: it replicates a parameter whose rank shape equals the full shape,
-    otherwise splits the one axis that differs into tp_size chunks, zero-padding the tail
-    (a padded vocabulary), and raises ValueError when no single axis explains the shapes.
+    otherwise splits the one axis that differs into tp_size chunks, zero-padding the tail only
+    for a parameter the graph declares padded (``graph.attrs["padded_params"]``, a padded
+    vocabulary), and raises ValueError naming the parameter when no single axis explains the
+    shapes or an undeclared parameter would need padding.
     """
 
 
