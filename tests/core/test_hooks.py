@@ -299,6 +299,18 @@ def test_scale_groups_from_the_architecture(falcon_config):
     assert hook().scale_groups(graph=graph, config={"architecture": "nobody"}) is None
 
 
+def test_scale_groups_derived_from_the_graph_are_what_falcon_names(falcon_config):
+    """The core's derivation (for architectures without the hook) finds Falcon's own groups, plus
+    ln_f -> lm_head, which Falcon leaves out and AWQ skips anyway (lm_head is not quantized)."""
+    from compiler_core.quantize.scale_groups import derive_scale_groups
+
+    config = {**falcon_config, "mapping": Mapping().to_json()}
+    graph = rank_graph(config, 0)
+    derived = derive_scale_groups(graph, get_registry().ops)
+    assert [g for g in derived if g.producer != "ln_f"] == hook().scale_groups(graph=graph, config=config)
+    assert ScaleGroup("ln_f", ("lm_head",)) in derived
+
+
 # --- lower_layer -----------------------------------------------------------------------------
 
 
