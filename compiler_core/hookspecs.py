@@ -172,7 +172,8 @@ def scale_groups(graph: Graph, config: Mapping[str, Any]) -> list[ScaleGroup] | 
     Return a list of :class:`compiler_core.registry.ScaleGroup`: each has the node whose
     output is the shared input (a norm, an activation or a linear) and the linear nodes that
     read it, so one per-channel scale can be folded into that producer. Return None when this
-    plugin does not know ``config``'s architecture.
+    plugin does not know ``config``'s architecture; when no plugin answers, the core derives
+    the groups from the graph (:mod:`compiler_core.quantize.scale_groups`).
     """
 
 
