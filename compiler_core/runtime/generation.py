@@ -243,7 +243,7 @@ def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def _beam_search(runner: ModelRunner, prompts: list[list[int]], config: GenerationConfig) -> list[list[list[int]]]:
     """transformers' vectorised beam search over generated tokens (the prompt is not tracked).
 
-    Each step keeps the top 2·B continuations of all beams; the best B that did not just end
+    Each step keeps the top max(2, 1 + stop tokens)·B continuations of all beams; the best B that did not just end
     continue running, while those among the top B that end (a stop token, or the length limit) compete
     for the B finished slots with score ``sum(logprobs) / generated_len ** length_penalty``.
     """
