@@ -301,7 +301,7 @@ def map_tensors(
         mapped = hook(config=config, name=name, tensor=tensor)
         if mapped is None:
             raise UsageError(f"{source}: tensor {name!r} is not mapped by any plugin")
-        unused = sorted(set(mapped) - set(used)) if used is not None else []
+        unused = [] if used is None else sorted(n for n in mapped if n not in used)
         if unused:
             raise UsageError(
                 f"{source}: tensor {name!r} maps to {', '.join(unused)}, which no graph parameter of architecture "
