@@ -53,8 +53,10 @@ def pipeline_layer_ranges(config, pp_size: int) -> list[range]:
 @hookimpl(trylast=True)
 def shard_param(name: str, tensor: torch.Tensor, graph: Graph, config, mapping: Mapping, rank: int):
     """Shape-driven default: replicate when the rank's shape equals the full one, otherwise
-    split the one axis that differs into tp_size chunks (zero-padding the tail when the
-    rank's chunk times tp_size exceeds the full size, as for a padded vocabulary)."""
+    split the one axis that differs into tp_size chunks. The tail is zero-padded only for a
+    parameter the graph declares padded (``Graph.is_padded``: a padded vocabulary); any other
+    parameter whose chunks overrun its full size is an error, since zeros there (K/V heads
+    fewer than tp_size, say) would make a wrong engine without a word."""
     want = graph.params[name].shape
     have = tuple(tensor.shape)
     if want == have:
@@ -70,6 +72,12 @@ def shard_param(name: str, tensor: torch.Tensor, graph: Graph, config, mapping: 
             f"parameter {name}: {mapping.tp_size} chunks of {chunk} cannot hold axis {axis} of {list(have)}"
         )
     if total > have[axis]:
+        if not graph.is_padded(name):
+            raise ValueError(
+                f"parameter {name}: {mapping.tp_size} chunks of {chunk} overrun axis {axis} of {list(have)} and "
+                "the graph does not declare it padded (graph attribute 'padded_params'); the architecture must "
+                "split it itself (shard_param) or refuse this tp_size (check_mapping)"
+            )
         pad = list(have)
         pad[axis] = total - have[axis]
         tensor = torch.cat([tensor, tensor.new_zeros(pad)], dim=axis)

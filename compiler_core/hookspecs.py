@@ -134,8 +134,10 @@ def shard_param(
     rank, KV heads duplicated when tp_size exceeds them, a quantized weight with its scales).
     Return None to leave the parameter to later implementations; the core's default (last)
     is shape-driven: it replicates a parameter whose rank shape equals the full shape,
-    otherwise splits the one axis that differs into tp_size chunks, zero-padding the tail
-    (a padded vocabulary), and raises ValueError when no single axis explains the shapes.
+    otherwise splits the one axis that differs into tp_size chunks, zero-padding the tail only
+    for a parameter the graph declares padded (``graph.attrs["padded_params"]``, a padded
+    vocabulary), and raises ValueError naming the parameter when no single axis explains the
+    shapes or an undeclared parameter would need padding.
     """
 
 
@@ -170,7 +172,8 @@ def scale_groups(graph: Graph, config: Mapping[str, Any]) -> list[ScaleGroup] | 
     Return a list of :class:`compiler_core.registry.ScaleGroup`: each has the node whose
     output is the shared input (a norm, an activation or a linear) and the linear nodes that
     read it, so one per-channel scale can be folded into that producer. Return None when this
-    plugin does not know ``config``'s architecture.
+    plugin does not know ``config``'s architecture; when no plugin answers, the core derives
+    the groups from the graph (:mod:`compiler_core.quantize.scale_groups`).
     """
 
 

@@ -59,9 +59,21 @@ def _build_rank_worker(
     return _build_rank(backend, graph, Path(checkpoint_dir), Path(out_dir), rank, settings)
 
 
-def build_settings(settings: dict[str, Any]) -> dict[str, Any]:
-    """Defaults filled in and checked: max_batch_size, max_input_len, max_seq_len (all >= 1)."""
-    settings = {**DEFAULT_SETTINGS, **{k: v for k, v in settings.items() if v is not None}}
+def build_settings(settings: dict[str, Any], model_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Defaults filled in and checked: max_batch_size, max_input_len, max_seq_len (all >= 1).
+
+    ``max_seq_len`` defaults to the model's ``max_position_embeddings`` when its config has one
+    (the longest sequence it was trained for), and ``max_input_len`` to at most that.
+    """
+    defaults = dict(DEFAULT_SETTINGS)
+    trained = (model_config or {}).get("max_position_embeddings")
+    if isinstance(trained, int) and not isinstance(trained, bool) and trained >= 1:
+        defaults["max_seq_len"] = trained
+        defaults["max_input_len"] = min(defaults["max_input_len"], trained)
+    given = {k: v for k, v in settings.items() if v is not None}
+    if "max_seq_len" in given and "max_input_len" not in given:
+        defaults["max_input_len"] = min(defaults["max_input_len"], given["max_seq_len"])
+    settings = {**defaults, **given}
     for key in DEFAULT_SETTINGS:
         if not isinstance(settings[key], int) or settings[key] < 1:
             raise UsageError(f"--{key} must be a positive integer, got {settings[key]!r}")
@@ -86,7 +98,7 @@ def build_engine(
     checkpoint_dir = Path(checkpoint_dir)
     config = read_config(checkpoint_dir)
     mapping = Mapping.from_json(config["mapping"])
-    settings = build_settings(settings)
+    settings = build_settings(settings, config)
     if workers < 1:
         raise UsageError(f"--workers must be at least 1, got {workers}")
     graphs = [rank_graph(config, r, str(checkpoint_dir / "config.json")) for r in mapping.ranks()]

@@ -85,7 +85,8 @@ def _trtllm_flags(command):
     "--max_seq_len",
     default=None,
     type=int,
-    help=f"Longest prompt + output in tokens, enforced at run time [default: {DEFAULT_SETTINGS['max_seq_len']}].",
+    help="Longest prompt + output in tokens, enforced at run time [default: the model's max_position_embeddings, "
+    f"else {DEFAULT_SETTINGS['max_seq_len']}].",
 )
 @option(
     "--max_output_len",

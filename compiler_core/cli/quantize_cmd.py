@@ -172,3 +172,12 @@ def quantize_command(
         f"{calibration.num_samples} samples / {calibration.num_tokens} tokens of {calibration.source} "
         f"to {output_dir}"
     )
+    used = q.get("scale_groups")
+    if used:
+        groups = used["groups"]
+        how = "named by the architecture" if used["source"] == "architecture" else "derived from the graph"
+        shown = "; ".join(f"{p} -> {', '.join(linears)}" for p, linears in list(groups.items())[:3])
+        more = (
+            f"; ... ({len(groups)} in all, listed in config.json quantization.scale_groups)" if len(groups) > 3 else ""
+        )
+        click.echo(f"activation-aware scale groups {how}: {shown}{more}")

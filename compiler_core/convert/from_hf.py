@@ -28,7 +28,7 @@ import os
 import pickle
 import shutil
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -291,25 +291,46 @@ def read_source_file(path: Path, want: Callable[[str], bool] | None = None) -> I
 
 
 def map_tensors(
-    config: dict[str, Any], tensors: Iterable[tuple[str, torch.Tensor]], source: str
+    config: dict[str, Any],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    source: str,
+    used: Collection[str] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Apply the ``map_weight`` hook and cast float tensors to the checkpoint dtype."""
+    """Apply the ``map_weight`` hook and cast float tensors to the checkpoint dtype.
+
+    ``used`` holds the parameter names of every rank's graph: a tensor mapped to a name outside
+    it is an error, since dropping it would convert a model that lacks a weight its source has
+    (``map_weight`` returns ``{}`` to drop a tensor on purpose).
+    """
     hook = get_plugin_manager().hook.map_weight
     dtype = torch_dtype(config["dtype"])
     for name, tensor in tensors:
         mapped = hook(config=config, name=name, tensor=tensor)
         if mapped is None:
             raise UsageError(f"{source}: tensor {name!r} is not mapped by any plugin")
+        unused = [] if used is None else sorted(n for n in mapped if n not in used)
+        if unused:
+            raise UsageError(
+                f"{source}: tensor {name!r} maps to {', '.join(unused)}, which no graph parameter of architecture "
+                f"{config['architecture']!r} uses (map_weight returns {{}} to drop a tensor on purpose)"
+            )
         for ir_name, t in mapped.items():
             yield ir_name, t.to(dtype) if t.is_floating_point() else t
+
+
+def graph_params(config: dict[str, Any]) -> frozenset[str]:
+    """The parameter names of every rank's graph under ``config``'s mapping."""
+    mapping = Mapping.from_json(config["mapping"])
+    return frozenset(name for rank in mapping.ranks() for name in rank_graph(config, rank).params)
 
 
 def load_full_model(model_dir: Path, dtype: str, show_progress: bool = True) -> LoadedModel:
     """Read every source tensor once and map it to IR names (tp=1, pp=1)."""
     config = model_config_from_hf(model_dir, dtype, Mapping())
+    used = graph_params(config)
     weights: dict[str, torch.Tensor] = {}
     for path in progress(source_files(model_dir), desc="load", unit="shard", enable=show_progress):
-        weights.update(map_tensors(config, read_source_file(path), str(path)))
+        weights.update(map_tensors(config, read_source_file(path), str(path), used))
     return LoadedModel(config, weights, Path(model_dir))
 
 
@@ -472,6 +493,8 @@ class _Job:
     config: dict[str, Any]
     rank: int
     out_dir: Path
+    #: Parameter names of every rank's graph (a mapped tensor outside them is an error).
+    used: frozenset[str]
 
     def setup(self) -> tuple[Graph, Mapping, RankFileWriter]:
         graph = rank_graph(self.config, self.rank)
@@ -485,18 +508,18 @@ def stream_rank(job: _Job) -> Iterator[str]:
     skipped before they are touched."""
     graph, mapping, writer = job.setup()
     arch = get_registry().architecture(job.config["architecture"], "config.json")
-    layers = range(*graph.attrs["layers"]) if "layers" in graph.attrs else None
+    layers = range(*graph.attrs["layers"])
 
     def wanted(name: str) -> bool:
         layer = arch.source_layer(name)
-        return layer is None or layers is None or layer in layers
+        return layer is None or layer in layers
 
     with writer:
         for path in source_files(job.model_dir):
             sources = SourceSet()
             try:
                 tensors = ((n, t) for n, t in sources.open(path) if wanted(n))
-                for name, tensor in map_tensors(job.config, tensors, str(path)):
+                for name, tensor in map_tensors(job.config, tensors, str(path), job.used):
                     if name in graph.params:
                         writer.write(name, shard_for_rank(graph, job.config, mapping, job.rank, name, tensor), sources)
                 writer.flush()  # its copies read from this shard's file descriptors
@@ -516,10 +539,12 @@ def write_rank_from(job: _Job, weights: dict[str, torch.Tensor], sources: Source
             yield name
 
 
-def _load_mapped(model_dir: Path, config: dict[str, Any], sources: SourceSet) -> Iterator[dict[str, torch.Tensor]]:
+def _load_mapped(
+    model_dir: Path, config: dict[str, Any], sources: SourceSet, used: frozenset[str]
+) -> Iterator[dict[str, torch.Tensor]]:
     """Map every source file (one dict of IR tensors per file), keeping the files open."""
     for path in source_files(model_dir):
-        yield dict(map_tensors(config, sources.open(path), str(path)))
+        yield dict(map_tensors(config, sources.open(path), str(path), used))
 
 
 def _convert_rank_worker(job: _Job, by_shard: bool) -> int:
@@ -530,7 +555,7 @@ def _convert_rank_worker(job: _Job, by_shard: bool) -> int:
     sources = SourceSet()
     try:
         weights: dict[str, torch.Tensor] = {}
-        for part in _load_mapped(job.model_dir, job.config, sources):
+        for part in _load_mapped(job.model_dir, job.config, sources, job.used):
             weights.update(part)
         for _ in write_rank_from(job, weights, sources):
             pass
@@ -571,7 +596,8 @@ def convert(
     graphs = [rank_graph(config, rank) for rank in mapping.ranks()]
     files = source_files(model_dir)
     with atomic_output_dir(output_dir, CHECKPOINT_OUTPUT, inputs=[model_dir]) as tmp:
-        jobs = [_Job(model_dir, config, rank, tmp) for rank in mapping.ranks()]
+        used = frozenset(name for graph in graphs for name in graph.params)
+        jobs = [_Job(model_dir, config, rank, tmp, used) for rank in mapping.ranks()]
         if workers > 1 and mapping.world_size > 1:
             jobs_args = [(job, load_by_shard) for job in jobs]
             map_in_processes(
@@ -585,7 +611,7 @@ def convert(
             with contextlib.closing(SourceSet()) as sources:
                 weights: dict[str, torch.Tensor] = {}
                 for part in progress(
-                    _load_mapped(model_dir, config, sources),
+                    _load_mapped(model_dir, config, sources, used),
                     total=len(files),
                     desc="load",
                     unit="shard",

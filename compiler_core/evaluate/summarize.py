@@ -202,10 +202,6 @@ def batches(prompts: list[list[int]], batch_size: int, max_ite: int) -> list[lis
     return [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)][:max_ite]
 
 
-def _trim(ids: list[int], end_id: int | None) -> list[int]:
-    return ids[: ids.index(end_id) + 1] if end_id is not None and end_id in ids else ids
-
-
 def _timed(
     work: Sequence[list[list[int]]],
     step: Callable[[list[list[int]]], list[list[int]]],
@@ -252,7 +248,10 @@ def run_hf(
     except (OSError, ValueError) as exc:
         raise UsageError(f"--hf_model_dir {model_dir}: cannot load the model ({exc})") from None
     model = model.to(device).eval()
-    pad_id = config.pad_id if config.pad_id is not None else config.end_id
+    from compiler_core.runtime.generation import trim_after_stop
+
+    stops = config.stop_ids
+    pad_id = config.pad_id if config.pad_id is not None else (stops[0] if stops else 0)
     sampling = (
         {"do_sample": True, "temperature": config.temperature, "top_k": config.top_k, "top_p": config.top_p or 1.0}
         if config.sampling
@@ -271,11 +270,11 @@ def run_hf(
                 attention_mask=mask,
                 max_new_tokens=config.max_new_tokens,
                 num_beams=config.num_beams,
-                eos_token_id=config.end_id,
+                eos_token_id=list(stops) or None,
                 pad_token_id=pad_id,
                 **sampling,
             )
-        return [_trim(row, config.end_id) for row in out[:, length:].tolist()]
+        return [trim_after_stop(row, stops) for row in out[:, length:].tolist()]
 
     return _timed(work, step, tokenizer, "summarize (hf)", show_progress)
 
@@ -348,7 +347,14 @@ def summarize(
     from compiler_core.backends.torch.kernels import torch_dtype
     from compiler_core.build.engine import read_engine_config
     from compiler_core.runtime.generation import GenerationConfig
-    from compiler_core.runtime.open import is_output_rank, load_tokenizer, open_runner, resolve_device, special_ids
+    from compiler_core.runtime.open import (
+        is_output_rank,
+        load_tokenizer,
+        open_runner,
+        resolve_device,
+        special_ids,
+        stop_ids,
+    )
 
     engine_dir = Path(engine_dir)
     engine_config = read_engine_config(engine_dir)
@@ -360,7 +366,7 @@ def summarize(
     tokenizer = load_tokenizer(engine_dir, tokenizer_dir, required=hf_model_dir is None)
     if tokenizer is None:
         tokenizer = load_tokenizer(engine_dir, hf_model_dir)
-    end_id, pad_id = special_ids(engine_config, tokenizer)
+    _, pad_id = special_ids(engine_config, tokenizer)
     articles = load_articles(dataset)[: max(batch_size, 1) * max(max_ite, 1)]
     work = batches([prompt_ids(tokenizer, a.article, max_input_length) for a in articles], batch_size, max_ite)
     config = GenerationConfig(
@@ -370,7 +376,7 @@ def summarize(
         top_k=top_k,
         top_p=top_p,
         seed=seed,
-        end_id=end_id,
+        end_ids=stop_ids(engine_config, tokenizer),
         pad_id=pad_id,
     )
     main = is_output_rank()

@@ -11,6 +11,7 @@ import torch
 from compiler_core.build.engine import engine_mapping, load_rank_session, read_engine_config
 from compiler_core.errors import UsageError
 from compiler_core.formats.checkpoint import TOKENIZER_DIR
+from compiler_core.graph_attrs import stop_token_ids
 from compiler_core.runtime.runner import LocalRunner, ModelRunner
 
 #: Environment variables in which MPI launchers (Open MPI, MPICH/Intel MPI/PMI, PMIx) publish rank and size.
@@ -111,13 +112,20 @@ def load_tokenizer(engine_dir: Path, tokenizer_dir: Path | None = None, required
         raise UsageError(f"{source}: not a loadable tokenizer ({exc})") from None
 
 
+def stop_ids(engine_config: dict[str, Any], tokenizer=None) -> tuple[int, ...]:
+    """Every stop token: the model config's eos ids (one or several), else the tokenizer's eos."""
+    ids = stop_token_ids(engine_config["checkpoint"], "engine config.json")
+    if not ids and tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids = (tokenizer.eos_token_id,)
+    return ids
+
+
 def special_ids(engine_config: dict[str, Any], tokenizer=None) -> tuple[int | None, int | None]:
-    """(end_id, pad_id): the model config's eos/pad ids, else the tokenizer's; pad falls back to end."""
-    checkpoint = engine_config["checkpoint"]
-    end_id = checkpoint.get("eos_token_id")
-    if end_id is None and tokenizer is not None:
-        end_id = tokenizer.eos_token_id
-    pad_id = checkpoint.get("pad_token_id")
+    """(end_id, pad_id): the first stop id (:func:`stop_ids`), and the model config's pad id, else
+    the tokenizer's; pad falls back to end."""
+    stops = stop_ids(engine_config, tokenizer)
+    end_id = stops[0] if stops else None
+    pad_id = engine_config["checkpoint"].get("pad_token_id")
     if pad_id is None and tokenizer is not None:
         pad_id = tokenizer.pad_token_id
     return end_id, end_id if pad_id is None else pad_id

@@ -139,6 +139,6 @@ def config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
         "max_position_embeddings": int(hf.get("max_position_embeddings", 2048)),
         "tie_word_embeddings": bool(hf.get("tie_word_embeddings", True)),
         "bos_token_id": hf.get("bos_token_id", 11),
-        "eos_token_id": eos[0] if isinstance(eos, list) else eos,
+        "eos_token_id": eos,
         "pad_token_id": hf.get("pad_token_id"),
     }

@@ -4,7 +4,8 @@ quantization that the ``quantize_layer`` hook performs.
 Design (one consistent rule for every architecture):
 
 * The architecture's ``scale_groups`` hook names, for each shared activation, the node that
-  produces it and the linears that read it.
+  produces it and the linears that read it; for an architecture that names none, the core
+  derives them from the graph (:mod:`compiler_core.quantize.scale_groups`).
 * When the producer is a norm (``layer_norm``/``rms_norm``) whose output only those linears read,
   the AWQ scale ``s`` is **folded**: the norm's weight and bias are divided by ``s`` and every
   reader's weight multiplied by ``s`` (excluded readers too, in full precision), so the

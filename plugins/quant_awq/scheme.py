@@ -26,10 +26,10 @@ from compiler_core.convert.from_hf import LoadedModel
 from compiler_core.errors import ModelcError, UsageError
 from compiler_core.mapping import Mapping
 from compiler_core.model import rank_graph
-from compiler_core.plugins import get_plugin_manager
 from compiler_core.progress import progress
 from compiler_core.quantize.calibration import CalibrationSet, model_graph
 from compiler_core.quantize.ptq import quantize_layers
+from compiler_core.quantize.scale_groups import describe_scale_groups, scale_groups_for
 from compiler_core.registry import QuantScheme
 
 
@@ -65,7 +65,7 @@ class Int4AwqScheme(QuantScheme):
         self._check_split(model, linears, group_size, exclude, options.get("mapping"))
         quantized = {n.name for n in linears}
 
-        groups = get_plugin_manager().hook.scale_groups(graph=graph, config=model.config) or []
+        groups, source = scale_groups_for(graph, model.config)
         plans = plan_scales(graph, groups, quantized)
         stats = observe_inputs(
             graph, model.weights, calibration, linears, max_tokens=max_tokens, device=device, show_progress=show
@@ -94,6 +94,7 @@ class Int4AwqScheme(QuantScheme):
         model.config["quantization"] = {
             **model.config["quantization"],
             **quantization_section(group_size, exclude, prequant),
+            "scale_groups": describe_scale_groups(groups, source),
         }
         quantized_graph = quantize_layers(model, graph, self, layer_stats, show_progress=show)
         expected = transform.transform_graph(graph, model.config)

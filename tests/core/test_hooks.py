@@ -11,7 +11,7 @@ import torch
 from compiler_core import hookimpl
 from compiler_core.backends.torch.kernels import TorchLowering
 from compiler_core.convert.from_hf import convert, model_config_from_hf
-from compiler_core.ir import Graph, Node, validate
+from compiler_core.ir import Graph, GraphBuilder, Node, validate
 from compiler_core.mapping import Mapping
 from compiler_core.model import rank_graph
 from compiler_core.plugins import get_plugin_manager
@@ -113,6 +113,27 @@ def test_unmapped_tensor_is_an_error_naming_it(tiny_falcon, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("by_shard", [False, True], ids=["loaded", "by_shard"])
+def test_mapped_tensor_no_graph_uses_is_an_error_naming_it(tiny_falcon_7b, tmp_path, by_shard):
+    """Falcon-7B has no biases: a stored attention bias maps to a name its graph never reads."""
+    from safetensors.torch import save_file
+
+    from compiler_core.errors import UsageError
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    for f in tiny_falcon_7b.iterdir():
+        (hf / f.name).symlink_to(f)
+    save_file({"transformer.h.0.self_attention.dense.bias": torch.zeros(64)}, str(hf / "zz-extra.safetensors"))
+    with pytest.raises(
+        UsageError,
+        match=r"zz-extra\.safetensors: tensor 'transformer\.h\.0\.self_attention\.dense\.bias' maps to "
+        r"layers\.0\.attention\.dense\.bias, which no graph parameter of architecture 'falcon' uses",
+    ):
+        convert(hf, tmp_path / "out", mapping=Mapping.create(1, 2), load_by_shard=by_shard, show_progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 # --- pipeline_layer_ranges ----------------------------------------------------------------------
 
 
@@ -179,6 +200,25 @@ def test_shard_param_pads_an_uneven_vocabulary(falcon_config):
     )
     assert torch.equal(part[:195], full[196:])
     assert torch.equal(part[195], torch.zeros(64))
+
+
+def _one_linear_graph(rows: int, padded: list[str]) -> Graph:
+    g = GraphBuilder("split")
+    w = g.param("k_proj.weight", [rows, 8], "float32")
+    out = g.add("linear", ["x"], name="k_proj", params={"weight": w}, parallel="column")
+    return validate(g.build(["x"], [out], attrs={"padded_params": padded}), get_registry().ops)
+
+
+def test_shard_param_refuses_to_pad_an_undeclared_parameter():
+    """Six rows split four ways needs two rows of zeros: allowed only where the graph declares it."""
+    mapping = Mapping.create(4, 1)
+    full = torch.randn(6, 8)
+    graph = _one_linear_graph(2, padded=[])
+    with pytest.raises(ValueError, match=r"parameter k_proj\.weight: 4 chunks of 2 overrun axis 0 of \[6, 8\]"):
+        hook().shard_param(name="k_proj.weight", tensor=full, graph=graph, config={}, mapping=mapping, rank=3)
+    declared = _one_linear_graph(2, padded=["k_proj.weight"])
+    part = hook().shard_param(name="k_proj.weight", tensor=full, graph=declared, config={}, mapping=mapping, rank=3)
+    assert torch.equal(part, torch.zeros(2, 8))
 
 
 def test_shard_param_plugin_answer_comes_before_the_default(falcon_config):
@@ -257,6 +297,18 @@ def test_scale_groups_from_the_architecture(falcon_config):
         for linear in g.linears:
             assert graph.node(linear).inputs[0] in producer.outputs
     assert hook().scale_groups(graph=graph, config={"architecture": "nobody"}) is None
+
+
+def test_scale_groups_derived_from_the_graph_are_what_falcon_names(falcon_config):
+    """The core's derivation (for architectures without the hook) finds Falcon's own groups, plus
+    ln_f -> lm_head, which Falcon leaves out and AWQ skips anyway (lm_head is not quantized)."""
+    from compiler_core.quantize.scale_groups import derive_scale_groups
+
+    config = {**falcon_config, "mapping": Mapping().to_json()}
+    graph = rank_graph(config, 0)
+    derived = derive_scale_groups(graph, get_registry().ops)
+    assert [g for g in derived if g.producer != "ln_f"] == hook().scale_groups(graph=graph, config=config)
+    assert ScaleGroup("ln_f", ("lm_head",)) in derived
 
 
 # --- lower_layer -----------------------------------------------------------------------------

@@ -213,3 +213,27 @@ def test_family_disappears_with_its_plugin(llama_dir, tmp_path):
     with pytest.raises(UsageError, match=r"config\.json: no loaded plugin supports model_type 'llama'"):
         convert(llama_dir, tmp_path / "x", show_progress=False)
     assert not (tmp_path / "x").exists()
+
+
+def test_awq_derives_scale_groups_for_a_family_that_names_none(llama_dir, llama_plugin):
+    """The family has no scale_groups hook: AWQ still scales, with the groups the graph implies,
+    and the checkpoint says which ones it used."""
+    from compiler_core.convert.from_hf import load_full_model
+    from compiler_core.quantize.calibration import CalibrationBatch, CalibrationSet
+    from compiler_core.registry import get_registry
+
+    model = load_full_model(llama_dir, "float32", show_progress=False)
+    norm_before = model.weights["layers.0.input_layernorm.weight"].clone()
+    torch.manual_seed(0)
+    ids = torch.randint(0, 96, (4, 32))
+    calibration = CalibrationSet((CalibrationBatch(ids, torch.ones_like(ids)),), "random ids")
+    scheme = get_registry().quant_scheme("int4_awq", "--qformat")
+    quantized = scheme.quantize(model, calibration, {"group_size": 16, "device": "cpu", "show_progress": False})
+    used = quantized.config["quantization"]["scale_groups"]
+    assert used["source"] == "graph"
+    attn = "layers.0.self_attn"
+    assert used["groups"]["layers.0.input_layernorm"] == [f"{attn}.q_proj", f"{attn}.k_proj", f"{attn}.v_proj"]
+    assert used["groups"]["layers.0.post_attention_layernorm"] == ["layers.0.mlp.gate_proj", "layers.0.mlp.up_proj"]
+    assert not any(f"{attn}.o_proj" in linears for linears in used["groups"].values())  # reads attention
+    # The searched scale was folded into the norm that feeds the group.
+    assert not torch.equal(quantized.weights["layers.0.input_layernorm.weight"], norm_before)

@@ -85,6 +85,40 @@ def test_greedy_stops_each_sequence_at_end_id(engine_dir, hf_model, prompt_ids):
     assert any(len(seq) != len(ours[0]) for seq in ours), "sequences should end at different steps"
 
 
+def two_stop_tokens(runner, prompt_ids, beams: int) -> tuple[int, int]:
+    """Two stop tokens, the second of which changes what the first alone would give."""
+    free = generate(runner, prompt_ids, GenerationConfig(NEW_TOKENS, num_beams=beams))
+    tokens = [t for per_prompt in free for seq in per_prompt for t in seq[1:]]
+    first = Counter(tokens).most_common(1)[0][0]
+    alone = generate(runner, prompt_ids, GenerationConfig(NEW_TOKENS, num_beams=beams, end_id=first, pad_id=PAD))
+    for second in dict.fromkeys(tokens):
+        config = GenerationConfig(NEW_TOKENS, num_beams=beams, end_ids=(first, second), pad_id=PAD)
+        if second != first and generate(runner, prompt_ids, config) != alone:
+            return first, second
+    pytest.fail("no second stop token changes the output")
+
+
+@pytest.mark.parametrize("beams", [1, 2])
+def test_several_stop_tokens_end_sequences_as_transformers_does(beams, engine_dir, hf_model, prompt_ids):
+    runner, _ = open_runner(engine_dir("7b"), "cpu")
+    stops = two_stop_tokens(runner, prompt_ids, beams)
+    ours = generate(runner, prompt_ids, GenerationConfig(NEW_TOKENS, num_beams=beams, end_ids=stops, pad_id=PAD))
+    ref = hf_generate(
+        hf_model("7b"),
+        prompt_ids,
+        PAD,
+        max_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        num_beams=beams,
+        num_return_sequences=beams,
+        eos_token_id=list(stops),
+    )
+    flat = [seq for per_prompt in ours for seq in per_prompt]
+    assert [strip_padding(row, len(seq), {PAD, *stops}) for row, seq in zip(ref, flat, strict=True)] == flat
+    assert all(seq[-1] in stops for seq in flat if len(seq) < NEW_TOKENS)
+    assert all(not set(seq[:-1]) & set(stops) for seq in flat)
+
+
 @pytest.mark.parametrize("variant", ["rw", "7b"])
 @pytest.mark.parametrize(
     "options",

@@ -9,11 +9,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from compiler_core import rope
 from compiler_core.backends.torch.cpu_linear import bf16_linear, bf16_storage, cpu_linear
 from compiler_core.ir import Graph, Node
 from compiler_core.runtime.context import ForwardContext
@@ -167,14 +167,13 @@ def alibi_slopes(total_heads: int) -> torch.Tensor:
 
 
 def rotary_tables(
-    positions: torch.Tensor, dim: int, theta: float, scaling: Mapping[str, Any] | None, dtype: torch.dtype
+    positions: torch.Tensor, inv_freq: torch.Tensor, divisor: float | None, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [b, 1, s, dim] for GPT-NeoX style (rotate-half) rotary embeddings."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim))
+    """cos/sin [b, 1, s, dim] for GPT-NeoX style (rotate-half) rotary embeddings (see compiler_core.rope)."""
     pos = positions.float()
-    if scaling and scaling.get("rope_type", scaling.get("type")) == "linear":
-        pos = pos / float(scaling["factor"])
-    freqs = pos[..., None] * inv_freq
+    if divisor is not None:
+        pos = pos / divisor
+    freqs = pos[..., None] * inv_freq.to(positions.device)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 
@@ -221,9 +220,10 @@ def lower_attention(node: Node, low: TorchLowering) -> Kernel:
     nh, nkv, hd = int(a["num_heads"]), int(a["num_kv_heads"]), int(a["head_dim"])
     slot, kind = a["cache_slot"], a["position_embedding"]
     scale = float(a.get("softmax_scale", 1.0 / math.sqrt(hd)))
-    rotary_dim = int(a.get("rotary_dim", hd))
-    theta = float(a.get("rope_theta", 10000.0))
-    rope_scaling = a.get("rope_scaling")
+    frequencies = rope.inv_freq(a).to(low.device) if kind == "rope" else None
+    divisor = rope.position_divisor(a)
+    # Layers with the same rotation share one table per forward pass.
+    rope_key = ("rope", tuple(frequencies.tolist()), divisor) if kind == "rope" else None
     alibi, alibi_key = None, None
     if kind == "alibi":
         offset = int(a.get("alibi_head_offset", 0))
@@ -236,9 +236,9 @@ def lower_attention(node: Node, low: TorchLowering) -> Kernel:
     def attention(ctx: ForwardContext, qkv: torch.Tensor) -> torch.Tensor:
         b, s, _ = qkv.shape
         if kind == "rope":
-            key = ("rope", rotary_dim, theta, qkv.dtype)
+            key = (*rope_key, qkv.dtype)
             if key not in ctx.memo:
-                ctx.memo[key] = rotary_tables(ctx.positions, rotary_dim, theta, rope_scaling, qkv.dtype)
+                ctx.memo[key] = rotary_tables(ctx.positions, frequencies, divisor, qkv.dtype)
             cos, sin = ctx.memo[key]
             # Q and K heads are adjacent in the fused projection: rotate them in one pass.
             qk = apply_rotary(qkv[..., : (nh + nkv) * hd].view(b, s, nh + nkv, hd).transpose(1, 2), cos, sin)

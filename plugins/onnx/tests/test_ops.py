@@ -20,8 +20,13 @@ from compiler_core.runtime.session import TorchSession
 HIDDEN, VOCAB, HEADS, KV_HEADS, HEAD_DIM = 32, 50, 4, 2, 8
 
 
-def mixed_graph(kv_fp8: bool):
-    """embedding -> rms_norm -> two GQA attentions (partial linearly scaled rope; ALiBi) -> silu/relu/mul/narrow."""
+#: The first attention's rotary settings: partial, linearly scaled rope.
+LINEAR_ROPE = {"rotary_dim": HEAD_DIM // 2, "rope_theta": 500.0, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}
+
+
+def mixed_graph(kv_fp8: bool, rope: dict | None = None):
+    """embedding -> rms_norm -> two GQA attentions (rope with ``rope`` settings, default LINEAR_ROPE; ALiBi)
+    -> silu/relu/mul/narrow."""
     g = GraphBuilder("ops")
     p = lambda name, shape: g.param(name, shape, "float32")  # noqa: E731
     x = g.add("embedding", ["input_ids"], name="embed", params={"weight": p("embed", [VOCAB, HIDDEN])})
@@ -32,10 +37,7 @@ def mixed_graph(kv_fp8: bool):
         attrs = {"num_heads": HEADS, "num_kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "cache_slot": f"s{i}"}
         params = {}
         if position == "rope":
-            attrs.update(
-                position_embedding="rope", rotary_dim=HEAD_DIM // 2, rope_theta=500.0,
-                rope_scaling={"rope_type": "linear", "factor": 2.0},
-            )  # fmt: skip
+            attrs.update(position_embedding="rope", **(LINEAR_ROPE if rope is None else rope))
         else:
             attrs.update(
                 position_embedding="alibi", alibi_num_heads=8, alibi_head_offset=4, alibi_scale=0.5,
@@ -91,6 +93,23 @@ def test_mixed_ops_match_reference(tmp_path, kv_fp8):
         assert (w[real] - g[real]).abs().max().item() < 2e-4
     if kv_fp8:
         assert plan.cache["s0"].dtype == "float8_e4m3fn"
+
+
+def test_rope_as_data_matches_reference(tmp_path):
+    """Precomputed frequencies (``rope_inv_freq``, as an architecture passes Llama 3's) drive both
+    backends, and they really are what rotates: other frequencies give other logits."""
+    freqs = [1.0, 0.05]  # rotary_dim 4: two frequencies, neither the default one of any theta here
+    graph, weights = mixed_graph(False, {"rotary_dim": HEAD_DIM // 2, "rope_inv_freq": freqs})
+    plan = export_rank(graph, weights, tmp_path, 0)
+    prompts = [[3, 7, 11, 2, 9, 4], [5, 1, 8]]
+    want = run_steps(TorchSession(graph, weights, "cpu"), prompts)
+    got = run_steps(OnnxSession(tmp_path, graph, plan), prompts)
+    for w, g in zip(want, got, strict=True):
+        real = slice(None) if w.shape[1] == 1 else (slice(None), slice(-3, None))
+        assert (w[real] - g[real]).abs().max().item() < 2e-4
+    other, _ = mixed_graph(False, {"rotary_dim": HEAD_DIM // 2, "rope_inv_freq": [1.0, 0.5]})
+    changed = run_steps(TorchSession(other, weights, "cpu"), prompts)
+    assert (changed[0][:, -3:] - want[0][:, -3:]).abs().max().item() > 1e-3
 
 
 def test_cache_is_truncated_to_start(tmp_path):

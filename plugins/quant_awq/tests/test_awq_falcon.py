@@ -95,6 +95,10 @@ def test_checkpoint_format(awq_dir) -> None:
     assert q["quant_algo"] == "W4A16_AWQ"
     assert q["group_size"] == GROUP_SIZE and q["has_zero_point"] is False
     assert q["exclude_modules"] == ["lm_head"]
+    # Falcon names its groups (the hook wins over the core's derivation, which would add ln_f).
+    assert q["scale_groups"]["source"] == "architecture"
+    assert q["scale_groups"]["groups"]["layers.0.input_layernorm"] == ["layers.0.attention.qkv", "layers.0.mlp.fc"]
+    assert "ln_f" not in q["scale_groups"]["groups"]
     # GELU cannot absorb a scale, so the MLP down projections keep theirs; the shared layer norm
     # absorbs the scale of qkv and fc; the attention output has no scale group.
     assert q["pre_quant_scale"] is True
