@@ -4,8 +4,8 @@ How the bytes move (``convert``):
 
 * Source safetensors shards are memory-mapped (:class:`SourceFile`); a tensor is a view of the
   file's pages, so reading costs nothing until a byte is used.
-* Each HF tensor goes through the ``map_weight`` hook (names, fused-QKV layout), a cast to the
-  checkpoint dtype (a no-op when the dtype already matches) and the ``shard_param`` hook.
+* Each HF tensor goes through the architecture's ``map_weight`` (names, fused-QKV layout), a cast
+  to the checkpoint dtype (a no-op when the dtype already matches) and its ``shard_param``.
 * Each rank's file is laid out up front from its graph (every parameter's shape and dtype is
   known before any weight is read) and tensors are written into it as they arrive
   (:class:`RankFileWriter`). A rank tensor that is still a contiguous, unchanged range of a
@@ -36,16 +36,17 @@ from typing import Any
 
 import torch
 
+from compiler_core.api import Architecture
 from compiler_core.backends.torch.kernels import torch_dtype
 from compiler_core.errors import ModelcError, UsageError
 from compiler_core.formats.checkpoint import TOKENIZER_DIR, make_config, rank_file, save_rank_weights, write_config
 from compiler_core.formats.fileio import atomic_output_dir, read_json
+from compiler_core.host import load_registry
 from compiler_core.ir import Graph
 from compiler_core.mapping import Mapping
 from compiler_core.model import rank_graph
-from compiler_core.plugins import get_plugin_manager
 from compiler_core.progress import progress
-from compiler_core.registry import get_registry
+from compiler_core.registry import Registry
 
 DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
 TOKENIZER_FILES = (
@@ -118,11 +119,11 @@ def resolve_dtype(dtype: str, hf: dict[str, Any], source: str) -> str:
     return declared
 
 
-def model_config_from_hf(model_dir: Path, dtype: str, mapping: Mapping) -> dict[str, Any]:
+def model_config_from_hf(registry: Registry, model_dir: Path, dtype: str, mapping: Mapping) -> dict[str, Any]:
     """The checkpoint config for ``model_dir`` converted to ``dtype`` under ``mapping``."""
     source = str(Path(model_dir) / "config.json")
     hf = read_hf_config(model_dir)
-    arch = get_registry().architecture_for_hf(hf, source)
+    arch = registry.architecture_for_hf(hf, source)
     try:
         fields = arch.config_from_hf(hf)
         arch.check_mapping(fields, mapping)
@@ -284,25 +285,25 @@ def read_source_file(path: Path, want: Callable[[str], bool] | None = None) -> I
 
 
 def map_tensors(
-    config: dict[str, Any], tensors: Iterable[tuple[str, torch.Tensor]], source: str
+    arch: Architecture, config: dict[str, Any], tensors: Iterable[tuple[str, torch.Tensor]], source: str
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Apply the ``map_weight`` hook and cast float tensors to the checkpoint dtype."""
-    hook = get_plugin_manager().hook.map_weight
+    """Map each tensor with ``arch.map_weight`` and cast float tensors to the checkpoint dtype."""
     dtype = torch_dtype(config["dtype"])
     for name, tensor in tensors:
-        mapped = hook(config=config, name=name, tensor=tensor)
+        mapped = arch.map_weight(config, name, tensor)
         if mapped is None:
-            raise UsageError(f"{source}: tensor {name!r} is not mapped by any plugin")
+            raise UsageError(f"{source}: tensor {name!r} is not mapped by architecture {arch.name!r}")
         for ir_name, t in mapped.items():
             yield ir_name, t.to(dtype) if t.is_floating_point() else t
 
 
-def load_full_model(model_dir: Path, dtype: str, show_progress: bool = True) -> LoadedModel:
+def load_full_model(registry: Registry, model_dir: Path, dtype: str, show_progress: bool = True) -> LoadedModel:
     """Read every source tensor once and map it to IR names (tp=1, pp=1)."""
-    config = model_config_from_hf(model_dir, dtype, Mapping())
+    config = model_config_from_hf(registry, model_dir, dtype, Mapping())
+    arch = registry.architecture(config["architecture"], "config.json")
     weights: dict[str, torch.Tensor] = {}
     for path in progress(source_files(model_dir), desc="load", unit="shard", enable=show_progress):
-        weights.update(map_tensors(config, read_source_file(path), str(path)))
+        weights.update(map_tensors(arch, config, read_source_file(path), str(path)))
     return LoadedModel(config, weights, Path(model_dir))
 
 
@@ -310,13 +311,18 @@ def load_full_model(model_dir: Path, dtype: str, show_progress: bool = True) -> 
 
 
 def shard_for_rank(
-    graph: Graph, config: dict[str, Any], mapping: Mapping, rank: int, name: str, tensor: torch.Tensor
+    arch: Architecture,
+    graph: Graph,
+    config: dict[str, Any],
+    mapping: Mapping,
+    rank: int,
+    name: str,
+    tensor: torch.Tensor,
 ) -> torch.Tensor:
-    """Rank ``rank``'s part of full parameter ``name`` (the ``shard_param`` hook), checked
+    """Rank ``rank``'s part of full parameter ``name`` (``arch.shard_param``), checked
     against the shape and dtype that the rank's graph declares."""
-    hook = get_plugin_manager().hook.shard_param
     try:
-        out = hook(name=name, tensor=tensor, graph=graph, config=config, mapping=mapping, rank=rank)
+        out = arch.shard_param(name, tensor, graph, config, mapping, rank)
     except ValueError as exc:
         raise ModelcError(f"rank {rank}: {exc}") from None
     want = graph.params[name]
@@ -327,16 +333,17 @@ def shard_for_rank(
     return out
 
 
-def rank_weights(model: LoadedModel, rank: int) -> dict[str, torch.Tensor]:
+def rank_weights(registry: Registry, model: LoadedModel, rank: int) -> dict[str, torch.Tensor]:
     """Rank ``rank``'s parameters from a fully loaded model."""
     config = model.config
     mapping = Mapping.from_json(config["mapping"])
-    graph = rank_graph(config, rank)
+    arch = registry.architecture(config["architecture"], "config.json")
+    graph = rank_graph(registry, config, rank)
     out = {}
     for name in graph.params:
         if name not in model.weights:
             raise ModelcError(f"parameter {name} is not in the source checkpoint")
-        out[name] = shard_for_rank(graph, config, mapping, rank, name, model.weights[name])
+        out[name] = shard_for_rank(arch, graph, config, mapping, rank, name, model.weights[name])
     return out
 
 
@@ -459,25 +466,25 @@ class RankFileWriter:
 
 @dataclass
 class _Job:
-    """Everything one rank's conversion needs (picklable for worker processes)."""
+    """Everything one rank's conversion needs besides the registry (picklable for worker processes)."""
 
     model_dir: Path
     config: dict[str, Any]
     rank: int
     out_dir: Path
 
-    def setup(self) -> tuple[Graph, Mapping, RankFileWriter]:
-        graph = rank_graph(self.config, self.rank)
+    def setup(self, registry: Registry) -> tuple[Architecture, Graph, Mapping, RankFileWriter]:
+        arch = registry.architecture(self.config["architecture"], "config.json")
+        graph = rank_graph(registry, self.config, self.rank)
         writer = RankFileWriter(rank_file(self.out_dir, self.rank), graph, self.rank)
-        return graph, Mapping.from_json(self.config["mapping"]), writer
+        return arch, graph, Mapping.from_json(self.config["mapping"]), writer
 
 
-def stream_rank(job: _Job) -> Iterator[str]:
+def stream_rank(registry: Registry, job: _Job) -> Iterator[str]:
     """Write ``job.rank``'s file reading one source shard at a time (``--load_by_shard``);
     yields each shard's name when it is done. Tensors outside the rank's pipeline stage are
     skipped before they are touched."""
-    graph, mapping, writer = job.setup()
-    arch = get_registry().architecture(job.config["architecture"], "config.json")
+    arch, graph, mapping, writer = job.setup(registry)
     layers = range(*graph.attrs["layers"]) if "layers" in graph.attrs else None
 
     def wanted(name: str) -> bool:
@@ -489,55 +496,66 @@ def stream_rank(job: _Job) -> Iterator[str]:
             sources = SourceSet()
             try:
                 tensors = ((n, t) for n, t in sources.open(path) if wanted(n))
-                for name, tensor in map_tensors(job.config, tensors, str(path)):
+                for name, tensor in map_tensors(arch, job.config, tensors, str(path)):
                     if name in graph.params:
-                        writer.write(name, shard_for_rank(graph, job.config, mapping, job.rank, name, tensor), sources)
+                        shard = shard_for_rank(arch, graph, job.config, mapping, job.rank, name, tensor)
+                        writer.write(name, shard, sources)
                 writer.flush()  # its copies read from this shard's file descriptors
             finally:
                 sources.close()  # the shard's pages go before the next shard is read
             yield path.name
 
 
-def write_rank_from(job: _Job, weights: dict[str, torch.Tensor], sources: SourceSet) -> Iterator[str]:
+def write_rank_from(
+    registry: Registry, job: _Job, weights: dict[str, torch.Tensor], sources: SourceSet
+) -> Iterator[str]:
     """Write ``job.rank``'s file from a fully mapped model; yields each parameter written."""
-    graph, mapping, writer = job.setup()
+    arch, graph, mapping, writer = job.setup(registry)
     with writer:
         for name in graph.params:
             if name not in weights:
                 raise ModelcError(f"rank {job.rank}: parameter {name} is not in the source checkpoint")
-            writer.write(name, shard_for_rank(graph, job.config, mapping, job.rank, name, weights[name]), sources)
+            shard = shard_for_rank(arch, graph, job.config, mapping, job.rank, name, weights[name])
+            writer.write(name, shard, sources)
             yield name
 
 
-def _load_mapped(model_dir: Path, config: dict[str, Any], sources: SourceSet) -> Iterator[dict[str, torch.Tensor]]:
+def _load_mapped(
+    arch: Architecture, model_dir: Path, config: dict[str, Any], sources: SourceSet
+) -> Iterator[dict[str, torch.Tensor]]:
     """Map every source file (one dict of IR tensors per file), keeping the files open."""
     for path in source_files(model_dir):
-        yield dict(map_tensors(config, sources.open(path), str(path)))
+        yield dict(map_tensors(arch, config, sources.open(path), str(path)))
 
 
 def _convert_rank_worker(job: _Job, by_shard: bool) -> int:
+    """One rank in a spawned worker process, which loads the installed plugins for itself."""
+    registry = load_registry()
     if by_shard:
-        for _ in stream_rank(job):
+        for _ in stream_rank(registry, job):
             pass
         return job.rank
+    arch = registry.architecture(job.config["architecture"], "config.json")
     sources = SourceSet()
     try:
         weights: dict[str, torch.Tensor] = {}
-        for part in _load_mapped(job.model_dir, job.config, sources):
+        for part in _load_mapped(arch, job.model_dir, job.config, sources):
             weights.update(part)
-        for _ in write_rank_from(job, weights, sources):
+        for _ in write_rank_from(registry, job, weights, sources):
             pass
     finally:
         sources.close()
     return job.rank
 
 
-def write_model(model: LoadedModel, output_dir: Path, mapping: Mapping, show_progress: bool = True) -> None:
+def write_model(
+    registry: Registry, model: LoadedModel, output_dir: Path, mapping: Mapping, show_progress: bool = True
+) -> None:
     """Shard a loaded (possibly quantized) model under ``mapping`` and write it atomically."""
     model.config = {**model.config, "mapping": mapping.to_json()}
     with atomic_output_dir(output_dir) as tmp:
         for rank in progress(mapping.ranks(), desc="write", unit="rank", enable=show_progress):
-            save_rank_weights(rank_file(tmp, rank), rank_weights(model, rank))
+            save_rank_weights(rank_file(tmp, rank), rank_weights(registry, model, rank))
         write_config(tmp, model.config)
         copy_tokenizer(model.source_dir, tmp)
 
@@ -551,17 +569,21 @@ def convert(
     load_by_shard: bool = False,
     workers: int = 1,
     show_progress: bool = True,
+    registry: Registry | None = None,
 ) -> dict[str, Any]:
     """Convert a Hugging Face checkpoint into a modelc checkpoint directory; return its config.
 
     Every check that needs no weights (config fields, the tp/pp split, each rank's graph, the
-    source files) runs before anything is read or written.
+    source files) runs before anything is read or written. ``registry`` holds the plugins to use
+    (default: the installed ones, loaded for this call); worker processes load the installed ones.
     """
+    registry = registry or load_registry()
     model_dir, mapping = Path(model_dir), mapping or Mapping()
-    config = model_config_from_hf(model_dir, dtype, mapping)
+    config = model_config_from_hf(registry, model_dir, dtype, mapping)
     if workers < 1:
         raise UsageError(f"--workers must be at least 1, got {workers}")
-    graphs = [rank_graph(config, rank) for rank in mapping.ranks()]
+    arch = registry.architecture(config["architecture"], "config.json")
+    graphs = [rank_graph(registry, config, rank) for rank in mapping.ranks()]
     files = source_files(model_dir)
     with atomic_output_dir(output_dir) as tmp:
         jobs = [_Job(model_dir, config, rank, tmp) for rank in mapping.ranks()]
@@ -573,14 +595,14 @@ def convert(
                 for future in progress(done, total=len(futures), desc="convert", unit="rank", enable=show_progress):
                     future.result()
         elif load_by_shard:
-            steps = (shard for job in jobs for shard in stream_rank(job))
+            steps = (shard for job in jobs for shard in stream_rank(registry, job))
             for _ in progress(steps, total=len(jobs) * len(files), desc="convert", unit="shard", enable=show_progress):
                 pass
         else:
             with contextlib.closing(SourceSet()) as sources:
                 weights: dict[str, torch.Tensor] = {}
                 for part in progress(
-                    _load_mapped(model_dir, config, sources),
+                    _load_mapped(arch, model_dir, config, sources),
                     total=len(files),
                     desc="load",
                     unit="shard",
@@ -588,7 +610,7 @@ def convert(
                 ):
                     weights.update(part)
                 total = sum(len(g.params) for g in graphs)
-                steps = (name for job in jobs for name in write_rank_from(job, weights, sources))
+                steps = (name for job in jobs for name in write_rank_from(registry, job, weights, sources))
                 for _ in progress(steps, total=total, desc="convert", unit="tensor", enable=show_progress):
                     pass
         write_config(tmp, config)

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from compiler_core.host import load_registry
 from compiler_core.mapping import Mapping
 
 PROMPTS = ("The weather in the valley was calm and", "Cooking rice")
@@ -67,14 +68,14 @@ class TinyFalcons:
     ) -> Path:
         """An engine directory built from :meth:`checkpoint` with ``backend`` and build ``settings``."""
         from compiler_core.build.engine import build_engine
-        from compiler_core.registry import get_registry
 
         tag = "".join(f"-{k}{v}" for k, v in sorted(settings.items()))
         path = self.root / "engine" / f"{variant}-L{layers}-{dtype}-tp{tp}pp{pp}-{backend}{tag}"
         if not path.is_dir():
-            chosen = get_registry().backend(backend, "test")
+            registry = load_registry()
+            chosen = registry.backend(backend, "test")
             ckpt = self.checkpoint(variant, dtype, tp, pp, layers)
-            build_engine(ckpt, path, chosen, dict(settings), show_progress=False)
+            build_engine(ckpt, path, chosen, dict(settings), show_progress=False, registry=registry)
         return path
 
 
@@ -83,9 +84,11 @@ def local_runner(engine_dir: Path, device: str = "cpu"):
     from compiler_core.build.engine import engine_mapping, load_rank_session, read_engine_config
     from compiler_core.runtime.runner import LocalRunner
 
+    registry = load_registry()
     config = read_engine_config(engine_dir)
     mapping = engine_mapping(config)
-    return LocalRunner([load_rank_session(engine_dir, r, device, config) for r in mapping.ranks()], mapping)
+    sessions = [load_rank_session(registry, engine_dir, r, device, config) for r in mapping.ranks()]
+    return LocalRunner(sessions, mapping)
 
 
 def left_padded(prompts: Sequence[Sequence[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,9 +102,9 @@ def left_padded(prompts: Sequence[Sequence[int]], pad: int = 0) -> tuple[torch.T
 def built_engine(checkpoint: Path, out: Path, backend: str) -> Path:
     """``out``, made an engine of ``checkpoint`` for ``backend`` in this process."""
     from compiler_core.build.engine import build_engine
-    from compiler_core.registry import get_registry
 
-    build_engine(checkpoint, out, get_registry().backend(backend, "test"), {}, show_progress=False)
+    registry = load_registry()
+    build_engine(checkpoint, out, registry.backend(backend, "test"), {}, show_progress=False, registry=registry)
     return out
 
 

@@ -36,10 +36,11 @@ from modelc_plugins.quant_awq.int4 import pack_int4, quantize_groups
 from modelc_plugins.quant_awq.search import search_clip, search_scale
 from modelc_plugins.quant_awq.transform import quantized_node
 
+from compiler_core.api import ScaleGroup
 from compiler_core.errors import ModelcError
 from compiler_core.ir import Graph, Node
 from compiler_core.quantize.calibration import CalibrationSet, collect_stats, real_tokens
-from compiler_core.registry import ScaleGroup
+from compiler_core.registry import Registry
 
 NORM_OPS = ("layer_norm", "rms_norm")
 #: Tokens each search is scored on: enough to rank 20 candidate scales; cost grows linearly with it.
@@ -110,6 +111,7 @@ def plan_scales(graph: Graph, groups: list[ScaleGroup], quantized: set[str]) -> 
 
 
 def observe_inputs(
+    registry: Registry,
     graph: Graph,
     weights: dict[str, torch.Tensor],
     calibration: CalibrationSet,
@@ -143,6 +145,7 @@ def observe_inputs(
         st.samples.append(x[first::stride].to("cpu", copy=True))
 
     collect_stats(
+        registry,
         graph,
         weights,
         calibration,
@@ -171,7 +174,7 @@ def feeds_attention(graph: Graph, node: Node) -> bool:
 def quantize_linear(
     node: Node, graph: Graph, weights: dict[str, torch.Tensor], stats: dict[str, Any]
 ) -> tuple[list[Node], dict[str, torch.Tensor]]:
-    """One linear -> ``awq_linear`` plus its tensors (what the ``quantize_layer`` hook returns).
+    """One linear -> ``awq_linear`` plus its tensors (what :meth:`Int4AwqScheme.quantize_layer` returns).
 
     ``stats``: ``group_size``; ``scales``, the AWQ scale of the weight's input channels (or
     None); ``prequant``, keep ``1 / scales`` as the input multiply (else the producer absorbed

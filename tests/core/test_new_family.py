@@ -177,7 +177,7 @@ def llama_plugin():
 @pytest.mark.parametrize(
     "tp,pp,by_shard", [(1, 1, False), (2, 1, False), (1, 2, True), (2, 2, False)], ids=lambda v: str(v)
 )
-def test_llama_family_as_a_plugin_matches_transformers(llama_dir, llama_plugin, tmp_path, tp, pp, by_shard):
+def test_llama_family_as_a_plugin_matches_transformers(registry, llama_dir, llama_plugin, tmp_path, tp, pp, by_shard):
     from transformers import LlamaForCausalLM
 
     out = tmp_path / "ckpt"
@@ -185,7 +185,7 @@ def test_llama_family_as_a_plugin_matches_transformers(llama_dir, llama_plugin, 
         llama_dir, out, dtype="float32", mapping=Mapping.create(tp, pp), load_by_shard=by_shard, show_progress=False
     )
     assert config["architecture"] == ARCH
-    graph = rank_graph(config, 0)
+    graph = rank_graph(registry, config, 0)
     assert {"concat", "rms_norm", "silu", "mul"} <= {n.op for n in graph.nodes}
 
     ids = torch.tensor([[0, 0, 5, 17, 42, 7, 3], [11, 12, 13, 14, 15, 16, 18]])

@@ -12,8 +12,8 @@ from modelc_plugins.onnx.lowering import ExternalData, OnnxLowering, emit_dequan
 from modelc_plugins.onnx.session import OnnxSession
 from modelc_plugins.onnx.testing import left_padded
 
+from compiler_core.host import Host
 from compiler_core.ir import GraphBuilder, validate
-from compiler_core.registry import ops_table
 from compiler_core.runtime.context import positions_from_mask
 from compiler_core.runtime.session import TorchSession
 
@@ -58,7 +58,7 @@ def mixed_graph(kv_fp8: bool):
     for name in weights:
         if name.startswith("kv_scale"):
             weights[name] = torch.tensor([0.02])
-    return validate(graph, ops_table()), weights
+    return validate(graph, Host.load().registry.ops), weights
 
 
 def run_steps(session, prompts, steps: int = 3) -> list[torch.Tensor]:
@@ -76,13 +76,13 @@ def run_steps(session, prompts, steps: int = 3) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("kv_fp8", [False, True], ids=["kv-fp32", "kv-fp8"])
-def test_mixed_ops_match_reference(tmp_path, kv_fp8):
+def test_mixed_ops_match_reference(registry, tmp_path, kv_fp8):
     graph, weights = mixed_graph(kv_fp8)
-    plan = export_rank(graph, weights, tmp_path, 0)
+    plan = export_rank(registry, graph, weights, tmp_path, 0)
     for file in plan.files:
         onnx.checker.check_model(str(tmp_path / file), full_check=True)
     prompts = [[3, 7, 11, 2, 9, 4], [5, 1, 8]]
-    want = run_steps(TorchSession(graph, weights, "cpu"), prompts)
+    want = run_steps(TorchSession(registry, graph, weights, "cpu"), prompts)
     got = run_steps(OnnxSession(tmp_path, graph, plan), prompts)
     assert [tuple(w.shape) for w in want] == [tuple(g.shape) for g in got]
     for w, g in zip(want, got, strict=True):
@@ -93,10 +93,10 @@ def test_mixed_ops_match_reference(tmp_path, kv_fp8):
         assert plan.cache["s0"].dtype == "float8_e4m3fn"
 
 
-def test_cache_is_truncated_to_start(tmp_path):
+def test_cache_is_truncated_to_start(registry, tmp_path):
     """A step at an earlier offset overwrites the cache from there, as the reference does."""
     graph, weights = mixed_graph(False)
-    session = OnnxSession(tmp_path, graph, export_rank(graph, weights, tmp_path, 0))
+    session = OnnxSession(tmp_path, graph, export_rank(registry, graph, weights, tmp_path, 0))
     ids, mask = left_padded([[3, 7, 11, 2]])
     first = session.forward(ids, positions_from_mask(mask), mask, 0)
     session.forward(ids[:, :1], torch.tensor([[4]]), torch.ones(1, 5, dtype=torch.long), 4)
