@@ -13,12 +13,12 @@ from typing import Any
 
 import pluggy
 
+from compiler_core import plugins
 from compiler_core.plugins import (
     CORE_PLUGIN,
     PluginFailure,
     core_version,
     dist_facts,
-    entry_points,
     load_entry_points,
     new_plugin_manager,
     register_checked,
@@ -48,6 +48,15 @@ class Host:
             register_checked(pm, plugin, name)
         return cls(pm, failures)
 
+    @classmethod
+    def with_plugins(cls, chosen: Mapping[str, object]) -> Host:
+        """The core plus exactly ``chosen`` (name -> plugin object), no entry points: a host for a
+        test or an application that picks its plugins itself."""
+        pm = new_plugin_manager()
+        for name, plugin in chosen.items():
+            register_checked(pm, plugin, name)
+        return cls(pm)
+
     @cached_property
     def registry(self) -> Registry:
         """The ops, architectures, quantization schemes and backends the plugins registered."""
@@ -66,7 +75,7 @@ class Host:
         (then ``error`` says why).
         """
         owners = {**self.registry.provided_by, **self.commands.provided_by}
-        dists = {ep.name: dist_facts(ep) for ep in entry_points()}
+        dists = {ep.name: dist_facts(ep) for ep in plugins.entry_points()}
         provides: dict[str, dict[str, list[str]]] = {}
         for (kind, name), owner in owners.items():
             provides.setdefault(owner, {}).setdefault(kind, []).append(name)

@@ -341,9 +341,8 @@ def test_convert_and_run_use_the_registry_they_are_given(tiny_falcon, tmp_path: 
         def register_architectures(self, register):
             register(CountingFalcon())
 
-    # Only the counting Falcon is loaded, so it is the one that detects the checkpoint.
-    host = Host(new_falcon_free_manager(), [])
-    host.pm.register(Counting(), name="counting")
+    # The counting Falcon is the only architecture loaded, so it is the one that detects the checkpoint.
+    host = Host.with_plugins({"counting": Counting()})
     called: dict[str, int] = {}
 
     def before(hook_name, hook_impls, kwargs):
@@ -365,15 +364,3 @@ def test_convert_and_run_use_the_registry_they_are_given(tiny_falcon, tmp_path: 
     assert methods["map_weight"] > 0 and methods["shard_param"] == params
     # One lowering per node of each rank's graph, the only way the executor gets a kernel.
     assert called["lower_layer"] == sum(len(s.graph.nodes) for s in runner.sessions)
-
-
-def new_falcon_free_manager():
-    """A plugin manager with the core and the quantization plugins but not the Falcon plugin."""
-    from modelc_plugins import quant_awq, quant_fp8
-
-    from compiler_core.plugins import new_plugin_manager, register_checked
-
-    pm = new_plugin_manager()
-    register_checked(pm, quant_fp8, "quant_fp8")
-    register_checked(pm, quant_awq, "quant_awq")
-    return pm

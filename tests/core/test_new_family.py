@@ -1,11 +1,11 @@
 """A new model family is a plugin, not a core change.
 
 This file defines a Llama-style architecture from scratch (RMSNorm, rotary GQA attention,
-SwiGLU MLP, untied LM head) as a throwaway plugin object: its architecture, its weight
-mapping and one op of its own (``concat``, with a torch kernel through ``lower_layer``). The
-core then converts a real Hugging Face ``LlamaForCausalLM`` checkpoint with it, shards it for
-tensor and pipeline parallelism with its default rules, and the reference executor's logits
-match transformers' with a KV cache.
+SwiGLU MLP, untied LM head) as a throwaway plugin object: its architecture (with its weight
+mapping as a method) and one op of its own (``concat``, with a torch kernel through
+``lower_layer``), loaded into a host of its own. The core then converts a real Hugging Face
+``LlamaForCausalLM`` checkpoint with it, shards it for tensor and pipeline parallelism with the
+base class's default rules, and the reference executor's logits match transformers' with a KV cache.
 """
 
 from __future__ import annotations
@@ -17,15 +17,15 @@ import pytest
 import torch
 
 from compiler_core import hookimpl
+from compiler_core.api import Architecture
 from compiler_core.convert.from_hf import convert
+from compiler_core.host import Host
 from compiler_core.ir import Graph, GraphBuilder, OpSpec
 from compiler_core.mapping import Mapping
 from compiler_core.model import rank_graph
-from compiler_core.plugins import get_plugin_manager
-from compiler_core.registry import Architecture
+from compiler_core.registry import Registry
 from compiler_core.runtime.context import positions_from_mask
 from compiler_core.runtime.loading import checkpoint_runner
-from compiler_core.testing import plugin_registered
 
 ARCH = "toy_llama"
 
@@ -55,9 +55,10 @@ class ToyLlama(Architecture):
         if config["num_key_value_heads"] % mapping.tp_size:
             raise ValueError(f"tp_size {mapping.tp_size} must divide num_key_value_heads")
 
-    def build_graph(self, config: dict[str, Any], mapping: Mapping, rank: int, dtype: str) -> Graph:
-        stages = get_plugin_manager().hook.pipeline_layer_ranges(config=config, pp_size=mapping.pp_size)
-        layers = stages[mapping.pp_rank(rank)]
+    def map_weight(self, config: dict[str, Any], name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name.removeprefix("model."): tensor}
+
+    def build_graph(self, config: dict[str, Any], mapping: Mapping, rank: int, dtype: str, layers: range) -> Graph:
         tp = mapping.tp_size
         hidden, hd, eps = config["hidden_size"], config["head_dim"], config["rms_norm_eps"]
         nh, nkv = config["num_attention_heads"] // tp, config["num_key_value_heads"] // tp
@@ -134,12 +135,6 @@ class ToyLlamaPlugin:
         axis = int(node.attrs["axis"])
         return lambda ctx, *xs: torch.cat(xs, dim=axis)
 
-    @hookimpl
-    def map_weight(self, config, name, tensor):
-        if config.get("architecture") != ARCH:
-            return None
-        return {name.removeprefix("model."): tensor}
-
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory) -> Path:
@@ -168,24 +163,26 @@ def llama_dir(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture
-def llama_plugin():
-    with plugin_registered(ToyLlamaPlugin(), "toy_llama"):
-        yield
+@pytest.fixture(scope="module")
+def llama_registry() -> Registry:
+    """The installed plugins plus this file's family."""
+    return Host.load(extra={"toy_llama": ToyLlamaPlugin()}).registry
 
 
 @pytest.mark.parametrize(
     "tp,pp,by_shard", [(1, 1, False), (2, 1, False), (1, 2, True), (2, 2, False)], ids=lambda v: str(v)
 )
-def test_llama_family_as_a_plugin_matches_transformers(registry, llama_dir, llama_plugin, tmp_path, tp, pp, by_shard):
+def test_llama_family_as_a_plugin_matches_transformers(llama_registry, llama_dir, tmp_path, tp, pp, by_shard):
     from transformers import LlamaForCausalLM
 
     out = tmp_path / "ckpt"
+    mapping = Mapping.create(tp, pp)
     config = convert(
-        llama_dir, out, dtype="float32", mapping=Mapping.create(tp, pp), load_by_shard=by_shard, show_progress=False
-    )
+        llama_dir, out, dtype="float32", mapping=mapping, load_by_shard=by_shard, show_progress=False,
+        registry=llama_registry,
+    )  # fmt: skip
     assert config["architecture"] == ARCH
-    graph = rank_graph(registry, config, 0)
+    graph = rank_graph(llama_registry, config, 0)
     assert {"concat", "rms_norm", "silu", "mul"} <= {n.op for n in graph.nodes}
 
     ids = torch.tensor([[0, 0, 5, 17, 42, 7, 3], [11, 12, 13, 14, 15, 16, 18]])
@@ -194,7 +191,7 @@ def test_llama_family_as_a_plugin_matches_transformers(registry, llama_dir, llam
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=mask).logits
 
-    runner = checkpoint_runner(out)
+    runner = checkpoint_runner(out, registry=llama_registry)
     runner.allocate(2, 16)
     # Prompt minus its last token, then the last token alone through the KV cache.
     prompt = runner.logits(ids[:, :-1], positions_from_mask(mask)[:, :-1], mask[:, :-1], 0)

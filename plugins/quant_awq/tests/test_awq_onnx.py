@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx
 import pytest
 import torch
-from modelc_plugins.quant_awq.tests.conftest import GROUP_SIZE
+from modelc_plugins.quant_awq.testing import GROUP_SIZE
 
 from compiler_core.build.engine import read_engine_config
 from compiler_core.host import Host

@@ -15,8 +15,9 @@ import pytest
 import torch
 from modelc_plugins.falcon.convert import grouped_to_planar, ir_name
 from modelc_plugins.quant_awq.int4 import dequantize_packed, fake_quantize
-from modelc_plugins.quant_awq.tests.conftest import CALIB, add_outlier_channels
-from modelc_plugins.quant_awq.tests.test_awq_falcon import (
+from modelc_plugins.quant_awq.testing import (
+    CALIB,
+    add_outlier_channels,
     dequantized_hf,
     hf_logits,
     hf_model,

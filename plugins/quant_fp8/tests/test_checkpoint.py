@@ -9,7 +9,7 @@ import torch
 from modelc_plugins.falcon.convert import rank_qkv
 from modelc_plugins.quant_fp8 import numerics
 from modelc_plugins.quant_fp8.scheme import FP8Scheme, quantize_linear
-from modelc_plugins.quant_fp8.tests.conftest import CALIB, checkpoint_logits
+from modelc_plugins.quant_fp8.testing import CALIB, checkpoint_logits
 from safetensors import safe_open
 
 from compiler_core import hookimpl

@@ -7,7 +7,7 @@ import pytest
 import torch
 from modelc_plugins.quant_fp8 import numerics, torch_lowering
 from modelc_plugins.quant_fp8.scheme import rewrite_graph
-from modelc_plugins.quant_fp8.tests.test_numerics import e4m3_table
+from modelc_plugins.quant_fp8.testing import e4m3_table
 
 from compiler_core.backends.torch.executor import GraphExecutor
 from compiler_core.backends.torch.kernels import TorchLowering
