@@ -66,8 +66,8 @@ def falcon_config(shape: str, dtype: str) -> dict[str, Any]:
 
 def random_model(config: dict[str, Any], device: str):
     """A LoadedModel with random weights made on ``device`` (matrices N(0, 0.02), norms 1, biases 0)."""
-    from compiler_core.backends.torch.kernels import torch_dtype
     from compiler_core.convert.from_hf import LoadedModel
+    from compiler_core.dtypes import torch_dtype
     from compiler_core.host import load_registry
     from compiler_core.quantize.calibration import model_graph
 

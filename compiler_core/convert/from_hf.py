@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from compiler_core.api import Architecture
-from compiler_core.backends.torch.kernels import torch_dtype
+from compiler_core.dtypes import MODEL_DTYPES, from_safetensors_code, safetensors_code, torch_dtype
 from compiler_core.errors import ModelcError, UsageError
 from compiler_core.formats.checkpoint import TOKENIZER_DIR, make_config, rank_file, save_rank_weights, write_config
 from compiler_core.formats.fileio import atomic_output_dir, read_json
@@ -48,7 +48,7 @@ from compiler_core.model import rank_graph
 from compiler_core.progress import progress
 from compiler_core.registry import Registry
 
-DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
+DTYPE_CHOICES = ("auto", *MODEL_DTYPES)
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -58,25 +58,6 @@ TOKENIZER_FILES = (
     "tokenizer.model",
 )
 
-#: safetensors dtype names <-> torch dtypes.
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "U16": torch.uint16,
-    "U32": torch.uint32,
-    "U64": torch.uint64,
-    "BOOL": torch.bool,
-}
-_SAFETENSORS_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 #: Linux moves at most this many bytes per read/write/copy_file_range call.
 _IO_CHUNK = 1 << 30
 
@@ -114,8 +95,8 @@ def resolve_dtype(dtype: str, hf: dict[str, Any], source: str) -> str:
     if dtype != "auto":
         return dtype
     declared = hf.get("torch_dtype") or hf.get("dtype") or "float32"
-    if declared not in DTYPE_CHOICES[1:]:
-        raise UsageError(f"{source}: torch_dtype {declared!r} is not one of float32, float16, bfloat16")
+    if declared not in MODEL_DTYPES:
+        raise UsageError(f"{source}: torch_dtype {declared!r} is not one of {', '.join(MODEL_DTYPES)}")
     return declared
 
 
@@ -171,7 +152,7 @@ class SourceFile:
             self.data_start = 8 + n
             for name, info in self.header.items():
                 begin, end = info["data_offsets"]
-                if info["dtype"] not in SAFETENSORS_DTYPES or not 0 <= begin <= end <= size - self.data_start:
+                if from_safetensors_code(info["dtype"]) is None or not 0 <= begin <= end <= size - self.data_start:
                     raise UsageError(f"{self.path}: tensor {name!r} has a bad dtype or data range")
             self._map = mmap.mmap(self.fd, 0, access=mmap.ACCESS_COPY)
             self._bytes = torch.frombuffer(self._map, dtype=torch.uint8)
@@ -187,7 +168,7 @@ class SourceFile:
     def tensor(self, name: str) -> torch.Tensor:
         """``name`` as a view of the mapping (a copy only if the file misaligns it)."""
         info = self.header[name]
-        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        dtype = from_safetensors_code(info["dtype"])
         begin, end = (self.data_start + o for o in info["data_offsets"])
         shape = list(info["shape"])
         if math.prod(shape) * dtype.itemsize != end - begin:
@@ -395,7 +376,7 @@ class RankFileWriter:
             nbytes = math.prod(shape) * dtype.itemsize
             self.layout[name] = (offset, nbytes, dtype, shape)
             header[name] = {
-                "dtype": _SAFETENSORS_NAMES[dtype],
+                "dtype": safetensors_code(dtype),
                 "shape": list(shape),
                 "data_offsets": [offset, offset + nbytes],
             }

@@ -348,8 +348,8 @@ def summarize(
     other ranks of an mpirun job generate alongside rank 0 and return None. ``registry`` holds
     the plugins that run the engine (default: the installed ones, loaded for this call).
     """
-    from compiler_core.backends.torch.kernels import torch_dtype
     from compiler_core.build.engine import read_engine_config
+    from compiler_core.dtypes import torch_dtype
     from compiler_core.runtime.generation import GenerationConfig
     from compiler_core.runtime.open import is_output_rank, load_tokenizer, open_runner, resolve_device, special_ids
 

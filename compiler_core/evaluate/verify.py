@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from compiler_core.backends.torch.kernels import torch_dtype
+from compiler_core.dtypes import torch_dtype
 from compiler_core.errors import ModelcError, UsageError
 from compiler_core.formats.checkpoint import TOKENIZER_DIR, read_config
 from compiler_core.registry import Registry

@@ -13,13 +13,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from compiler_core.dtypes import MODEL_DTYPES, from_safetensors_code
 from compiler_core.errors import UsageError
 from compiler_core.formats.fileio import read_json, write_json
 from compiler_core.mapping import Mapping
 
 FORMAT = "modelc-checkpoint"
 FORMAT_VERSION = 1
-DTYPES = ("float32", "float16", "bfloat16")
 TOKENIZER_DIR = "tokenizer"
 REQUIRED_FIELDS = ("architecture", "dtype", "mapping", "quantization", "format_version")
 
@@ -62,22 +62,6 @@ def load_rank_weights(
         raise UsageError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
-#: safetensors dtype codes of the tensors modelc writes.
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
 def _read_one_by_one(path: Path, each: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, ``each(tensor)``) for every tensor of a safetensors file, one tensor resident at a time.
 
@@ -94,7 +78,9 @@ def _read_one_by_one(path: Path, each: Callable[[torch.Tensor], torch.Tensor]) -
             start, end = (base + offset for offset in info["data_offsets"])
             if end > len(mapped):
                 raise ValueError(f"tensor {name!r} runs past the end of the file")
-            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            dtype = from_safetensors_code(info["dtype"])
+            if dtype is None:
+                raise ValueError(f"tensor {name!r} has unknown dtype {info['dtype']!r}")
             if end == start:
                 yield name, each(torch.empty(info["shape"], dtype=dtype))
                 continue
@@ -142,8 +128,8 @@ def read_config(directory: Path) -> dict[str, Any]:
             raise UsageError(f"{path}: field {field!r} is missing")
     if config["format_version"] != FORMAT_VERSION:
         raise UsageError(f"{path}: format_version {config['format_version']!r} is not {FORMAT_VERSION}")
-    if config["dtype"] not in DTYPES:
-        raise UsageError(f"{path}: field 'dtype' is {config['dtype']!r}, expected one of {', '.join(DTYPES)}")
+    if config["dtype"] not in MODEL_DTYPES:
+        raise UsageError(f"{path}: field 'dtype' is {config['dtype']!r}, expected one of {', '.join(MODEL_DTYPES)}")
     if not isinstance(config["quantization"], dict):
         raise UsageError(f"{path}: field 'quantization' must be an object")
     mapping = Mapping.from_json(config["mapping"], str(path))

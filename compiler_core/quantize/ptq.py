@@ -6,12 +6,12 @@ The core names no scheme: ``--qformat`` is any registered :class:`~compiler_core
 
 Flow (:func:`quantize`)::
 
-    load_full_model(M, dtype)                       # LoadedModel: config + full tp1 weights
+    load_full_model(registry, M, dtype)             # LoadedModel: config + full tp1 weights
     load_calibration_set(M, dataset, ...)           # token batches (compiler_core.quantize.calibration)
     model = weight_scheme.quantize(model, calibration, options)          # unless full_prec
     model = kv_scheme.quantize_kv_cache(model, calibration, options)     # with --kv_cache_dtype
-    check_quantized(model)                          # weights agree with the rebuilt tp1 graph
-    write_model(model, O, Mapping.create(tp, pp))   # per-rank graphs via each transform_graph
+    check_quantized(registry, model)                # weights agree with the rebuilt tp1 graph
+    write_model(registry, model, O, mapping)        # per-rank graphs via each transform_graph
 
 ``options`` (a plain dict, so it can grow) holds:
 
@@ -53,8 +53,8 @@ from typing import Any
 import torch
 
 from compiler_core.api import QuantScheme
-from compiler_core.backends.torch.kernels import TORCH_DTYPES
 from compiler_core.convert.from_hf import LoadedModel, load_full_model, model_config_from_hf, write_model
+from compiler_core.dtypes import dtype_name
 from compiler_core.errors import ModelcError, UsageError
 from compiler_core.host import load_registry
 from compiler_core.ir import Graph, Node, Param, validate
@@ -73,8 +73,6 @@ from compiler_core.registry import Registry
 #: ``--qformat`` value that leaves weights in full precision (e.g. to quantize only the KV cache).
 FULL_PRECISION = "full_prec"
 DEFAULT_SEED = 1234
-
-_IR_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
 
 
 def qformat_choices(registry: Registry) -> list[str]:
@@ -124,7 +122,7 @@ def excluded(node_name: str, patterns: Iterable[str]) -> bool:
 def ir_dtype(tensor: torch.Tensor) -> str:
     """The IR dtype name of a tensor's element type."""
     try:
-        return _IR_DTYPES[tensor.dtype]
+        return dtype_name(tensor.dtype)
     except KeyError:
         raise ModelcError(f"tensor dtype {tensor.dtype} has no IR dtype") from None
 

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from compiler_core.backends.torch.kernels import torch_dtype
 from compiler_core.build.engine import engine_mapping, load_rank_session
+from compiler_core.dtypes import torch_dtype
 from compiler_core.errors import ModelcError, UsageError
 from compiler_core.mapping import Mapping
 from compiler_core.registry import Registry

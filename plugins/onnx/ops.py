@@ -15,7 +15,8 @@ import torch
 from modelc_plugins.onnx.lowering import CacheSpec, OnnxLowering, emit_matmul, onnx_type
 from onnx import TensorProto
 
-from compiler_core.backends.torch.kernels import alibi_slopes, torch_dtype
+from compiler_core.backends.torch.kernels import alibi_slopes
+from compiler_core.dtypes import torch_dtype
 from compiler_core.ir import Node
 
 Lowering = Callable[[Node, OnnxLowering], list[str]]

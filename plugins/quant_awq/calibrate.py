@@ -1,9 +1,9 @@
 """AWQ calibration: what each linear's input looks like, where its scale goes, and the per-layer
-quantization that the ``quantize_layer`` hook performs.
+quantization that the scheme's ``quantize_layer`` performs.
 
 Design (one consistent rule for every architecture):
 
-* The architecture's ``scale_groups`` hook names, for each shared activation, the node that
+* The architecture's ``scale_groups`` method names, for each shared activation, the node that
   produces it and the linears that read it.
 * When the producer is a norm (``layer_norm``/``rms_norm``) whose output only those linears read,
   the AWQ scale ``s`` is **folded**: the norm's weight and bias are divided by ``s`` and every

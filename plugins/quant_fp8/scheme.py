@@ -12,7 +12,7 @@ Checkpoint layout (TensorRT-LLM / ModelOpt FP8 export)::
 ``<linear>`` is the weight's name without ``.weight`` (``layers.0.attention.qkv``), so a fused
 QKV linear has one weight and one activation scale; ``<attention>`` is the attention node's
 name (``layers.0.attention.core``). The same functions rewrite nodes for :meth:`transform_graph`
-(any rank, from the config) and for the ``quantize_layer`` hook (tp1, with tensors), so the two
+(any rank, from the config) and for :meth:`FP8Scheme.quantize_layer` (tp1, with tensors), so the two
 cannot drift apart.
 """
 

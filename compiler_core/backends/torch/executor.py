@@ -8,7 +8,8 @@ from typing import Any
 import torch
 
 from compiler_core.backends.torch.cpu_linear import held_for_cpu
-from compiler_core.backends.torch.kernels import TorchLowering, torch_dtype
+from compiler_core.backends.torch.kernels import TorchLowering
+from compiler_core.dtypes import torch_dtype
 from compiler_core.errors import ModelcError
 from compiler_core.ir import Graph, Node, OpSpec
 from compiler_core.registry import Registry

@@ -8,7 +8,7 @@ from modelc_plugins.quant_awq.transform import output_heads
 
 from compiler_core.errors import ModelcError
 from compiler_core.ir import GraphBuilder
-from compiler_core.registry import ScaleGroup
+from compiler_core.api import ScaleGroup
 
 
 def small_graph():
