@@ -2,13 +2,14 @@
 
 How the bytes move (``convert``):
 
-* Source safetensors shards are memory-mapped (:class:`SourceFile`); a tensor is a view of the
-  file's pages, so reading costs nothing until a byte is used.
+* Source safetensors shards are memory-mapped (``formats.safetensors_io.SafetensorsReader``, the
+  reader rank files are loaded with too); a tensor is a view of the file's pages, so reading costs
+  nothing until a byte is used.
 * Each HF tensor goes through the architecture's ``map_weight`` (names, fused-QKV layout), a cast
   to the checkpoint dtype (a no-op when the dtype already matches) and its ``shard_param``.
 * Each rank's file is laid out up front from its graph (every parameter's shape and dtype is
   known before any weight is read) and tensors are written into it as they arrive
-  (:class:`RankFileWriter`). A rank tensor that is still a contiguous, unchanged range of a
+  (:func:`rank_file_writer`). A rank tensor that is still a contiguous, unchanged range of a
   source file (most weights at tp1, column-parallel slices at tp>1) is copied file to file with
   ``copy_file_range``, so its bytes never enter this process, as with ``cp``.
 
@@ -21,14 +22,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import json
-import math
-import mmap
 import multiprocessing
-import os
 import pickle
 import shutil
-import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,10 +33,11 @@ from typing import Any
 import torch
 
 from compiler_core.api import Architecture
-from compiler_core.dtypes import MODEL_DTYPES, from_safetensors_code, safetensors_code, torch_dtype
+from compiler_core.dtypes import MODEL_DTYPES, torch_dtype
 from compiler_core.errors import ModelcError, UsageError
 from compiler_core.formats.checkpoint import TOKENIZER_DIR, make_config, rank_file, save_rank_weights, write_config
 from compiler_core.formats.fileio import atomic_output_dir, read_json
+from compiler_core.formats.safetensors_io import SafetensorsReader, SafetensorsWriter
 from compiler_core.host import load_registry
 from compiler_core.ir import Graph
 from compiler_core.mapping import Mapping
@@ -57,9 +54,6 @@ TOKENIZER_FILES = (
     "merges.txt",
     "tokenizer.model",
 )
-
-#: Linux moves at most this many bytes per read/write/copy_file_range call.
-_IO_CHUNK = 1 << 30
 
 
 def copy_tokenizer(model_dir: Path | None, checkpoint_dir: Path) -> None:
@@ -127,72 +121,6 @@ def source_files(model_dir: Path) -> list[Path]:
 # --- reading --------------------------------------------------------------------------------
 
 
-class SourceFile:
-    """One safetensors file, memory-mapped copy-on-write: tensors are views of its pages.
-
-    Writing into a tensor copies that page privately (the file is never modified), so callers
-    may update weights in place. ``locate`` tells whether a tensor is still an unchanged byte
-    range of this file, which lets writers copy it file to file.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.fd = os.open(self.path, os.O_RDONLY)
-        try:
-            size = os.fstat(self.fd).st_size
-            head = os.pread(self.fd, 8, 0)
-            n = int.from_bytes(head, "little") if len(head) == 8 else -1
-            if n < 2 or 8 + n > size:
-                raise UsageError(f"{self.path}: not a safetensors file (bad header length)")
-            try:
-                header = json.loads(os.pread(self.fd, n, 8))
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise UsageError(f"{self.path}: not a safetensors file ({exc})") from None
-            self.header = {k: v for k, v in header.items() if k != "__metadata__"}
-            self.data_start = 8 + n
-            for name, info in self.header.items():
-                begin, end = info["data_offsets"]
-                if from_safetensors_code(info["dtype"]) is None or not 0 <= begin <= end <= size - self.data_start:
-                    raise UsageError(f"{self.path}: tensor {name!r} has a bad dtype or data range")
-            self._map = mmap.mmap(self.fd, 0, access=mmap.ACCESS_COPY)
-            self._bytes = torch.frombuffer(self._map, dtype=torch.uint8)
-        except BaseException:
-            os.close(self.fd)
-            raise
-        self.base = self._bytes.untyped_storage().data_ptr()
-
-    def names(self) -> list[str]:
-        """Tensor names in header order."""
-        return list(self.header)
-
-    def tensor(self, name: str) -> torch.Tensor:
-        """``name`` as a view of the mapping (a copy only if the file misaligns it)."""
-        info = self.header[name]
-        dtype = from_safetensors_code(info["dtype"])
-        begin, end = (self.data_start + o for o in info["data_offsets"])
-        shape = list(info["shape"])
-        if math.prod(shape) * dtype.itemsize != end - begin:
-            raise UsageError(f"{self.path}: tensor {name!r}: shape {shape} does not match its data range")
-        if begin == end:
-            return torch.empty(shape, dtype=dtype)
-        raw = self._bytes[begin:end]
-        if begin % dtype.itemsize:
-            raw = raw.clone()
-        return raw.view(dtype).reshape(shape)
-
-    def locate(self, t: torch.Tensor) -> int | None:
-        """File offset of ``t``'s bytes when ``t`` is a contiguous view of this file, else None."""
-        if not t.is_contiguous() or t.untyped_storage().data_ptr() != self.base:
-            return None
-        return t.data_ptr() - self.base
-
-    def close(self) -> None:
-        """Close the file descriptor; tensors keep the mapping alive on their own."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
 def _refusal(exc: Exception) -> str:
     """The informative line of torch's weights_only refusal."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
@@ -228,14 +156,14 @@ class SourceSet:
     """Open source files: resolves which file (and offset) a tensor's bytes come from."""
 
     def __init__(self) -> None:
-        self.files: dict[int, SourceFile] = {}
+        self.files: dict[int, SafetensorsReader] = {}
 
     def open(self, path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         """Tensors of one weight file, in file order."""
         if path.suffix != ".safetensors":
             yield from read_bin_file(path).items()
             return
-        f = SourceFile(path)
+        f = SafetensorsReader(path)
         self.files[f.base] = f
         for name in f.names():
             yield name, f.tensor(name)
@@ -331,115 +259,10 @@ def rank_weights(registry: Registry, model: LoadedModel, rank: int) -> dict[str,
 # --- writing --------------------------------------------------------------------------------
 
 
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while len(data):
-        n = os.pwrite(fd, data[:_IO_CHUNK], offset)
-        data, offset = data[n:], offset + n
-
-
-def _copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, count: int) -> bool:
-    """Copy ``count`` bytes file to file inside the kernel; False when the system can't."""
-    try:
-        while count:
-            n = os.copy_file_range(src_fd, dst_fd, min(count, _IO_CHUNK), src_offset, dst_offset)
-            if n == 0:
-                return False
-            src_offset, dst_offset, count = src_offset + n, dst_offset + n, count - n
-    except (OSError, AttributeError):
-        return False
-    return True
-
-
-def io_threads() -> int:
-    """Threads that move bytes for one writer: the copies release the GIL, so they overlap with
-    each other and with the main thread's mapping and sharding."""
-    return max(1, min(4, os.cpu_count() or 1))
-
-
-class RankFileWriter:
-    """A rank's safetensors file, laid out from its graph and filled as tensors arrive.
-
-    Tensors are stored in (element size descending, name) order so every one is aligned to its
-    element size; the same graph always gives the same bytes, whatever order tensors come in.
-    Copies run on a few threads; at most ``2 x threads`` wait at a time, which bounds the memory
-    that pending tensors hold.
-    """
-
-    def __init__(self, path: Path, graph: Graph, rank: int, threads: int | None = None) -> None:
-        self.path, self.rank = Path(path), rank
-        self.layout: dict[str, tuple[int, int, torch.dtype, tuple[int, ...]]] = {}
-        header: dict[str, Any] = {}
-        offset = 0
-        params = graph.params
-        for name in sorted(params, key=lambda n: (-torch_dtype(params[n].dtype).itemsize, n)):
-            dtype, shape = torch_dtype(params[name].dtype), tuple(params[name].shape)
-            nbytes = math.prod(shape) * dtype.itemsize
-            self.layout[name] = (offset, nbytes, dtype, shape)
-            header[name] = {
-                "dtype": safetensors_code(dtype),
-                "shape": list(shape),
-                "data_offsets": [offset, offset + nbytes],
-            }
-            offset += nbytes
-        header["__metadata__"] = {"format": "pt"}
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)
-        self.data_start = 8 + len(blob)
-        self.pending = set(self.layout)
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-        threads = threads or io_threads()
-        self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix=f"rank{rank}-io")
-        self._slots = threading.BoundedSemaphore(2 * threads)
-        self._futures: list[concurrent.futures.Future] = []
-        _pwrite_all(self.fd, memoryview(len(blob).to_bytes(8, "little") + blob), 0)
-        os.ftruncate(self.fd, self.data_start + offset)
-
-    def write(self, name: str, t: torch.Tensor, sources: SourceSet | None = None) -> None:
-        """Store parameter ``name``; file-to-file when ``t`` is an unchanged range of a source."""
-        offset, nbytes, dtype, shape = self.layout[name]
-        if tuple(t.shape) != shape or t.dtype != dtype:
-            raise ModelcError(f"rank {self.rank}: {name} is {t.dtype} {list(t.shape)}, expected {dtype} {list(shape)}")
-        where = sources.locate(t) if sources is not None else None
-        self._slots.acquire()
-        self._futures.append(self._pool.submit(self._store, t, where, self.data_start + offset, nbytes))
-        self.pending.discard(name)
-
-    def _store(self, t: torch.Tensor, where: tuple[int, int] | None, offset: int, nbytes: int) -> None:
-        try:
-            if where is None or not _copy_range(where[0], where[1], self.fd, offset, nbytes):
-                flat = t.detach().cpu().contiguous().reshape(-1)
-                if nbytes:
-                    _pwrite_all(self.fd, memoryview(flat.view(torch.uint8).numpy()), offset)
-        finally:
-            self._slots.release()
-
-    def flush(self) -> None:
-        """Wait until every tensor given so far is in the file (before its source closes)."""
-        futures, self._futures = self._futures, []
-        for future in futures:
-            future.result()
-
-    def _finish(self) -> None:
-        self._pool.shutdown(wait=True)
-        os.close(self.fd)
-
-    def close(self) -> None:
-        """Wait for every copy; raise when one failed or a parameter was never written."""
-        try:
-            self.flush()
-        finally:
-            self._finish()
-        if self.pending:
-            raise ModelcError(f"rank {self.rank}: parameter {sorted(self.pending)[0]} is not in the source checkpoint")
-
-    def __enter__(self) -> RankFileWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self._finish()
+def rank_file_writer(path: Path, graph: Graph, rank: int) -> SafetensorsWriter:
+    """The writer of rank ``rank``'s file, laid out from every parameter its graph declares."""
+    layout = {name: (torch_dtype(p.dtype), p.shape) for name, p in graph.params.items()}
+    return SafetensorsWriter(path, layout, f"rank {rank}")
 
 
 # --- conversion -----------------------------------------------------------------------------
@@ -454,10 +277,10 @@ class _Job:
     rank: int
     out_dir: Path
 
-    def setup(self, registry: Registry) -> tuple[Architecture, Graph, Mapping, RankFileWriter]:
+    def setup(self, registry: Registry) -> tuple[Architecture, Graph, Mapping, SafetensorsWriter]:
         arch = registry.architecture(self.config["architecture"], "config.json")
         graph = rank_graph(registry, self.config, self.rank)
-        writer = RankFileWriter(rank_file(self.out_dir, self.rank), graph, self.rank)
+        writer = rank_file_writer(rank_file(self.out_dir, self.rank), graph, self.rank)
         return arch, graph, Mapping.from_json(self.config["mapping"]), writer
 
 
@@ -485,6 +308,8 @@ def stream_rank(registry: Registry, job: _Job) -> Iterator[str]:
             finally:
                 sources.close()  # the shard's pages go before the next shard is read
             yield path.name
+        if writer.pending:
+            raise ModelcError(f"rank {job.rank}: parameter {sorted(writer.pending)[0]} is not in the source checkpoint")
 
 
 def write_rank_from(
