@@ -210,3 +210,24 @@ def test_family_disappears_with_its_plugin(llama_dir, tmp_path):
     with pytest.raises(UsageError, match=r"config\.json: no loaded plugin supports model_type 'llama'"):
         convert(llama_dir, tmp_path / "x", show_progress=False)
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_commands_use_the_host_on_the_click_context(llama_dir, tmp_path):
+    """``modelc convert`` and ``modelc inspect`` run with the host they are given (``ctx.obj``), so
+    a family only that host knows converts and lists; without it the same command refuses."""
+    from click.testing import CliRunner
+
+    from compiler_core.cli import cli
+
+    host = Host.load(extra={"toy_llama": ToyLlamaPlugin()})
+    out = tmp_path / "ckpt"
+    args = ["convert", "--model_dir", str(llama_dir), "--output_dir", str(out), "--tp_size", "2"]
+    converted = CliRunner().invoke(cli, args, obj=host)
+    assert converted.exit_code == 0, converted.output
+    assert f"converted {ARCH} (float32, tp=2 pp=1)" in converted.stdout
+    listed = CliRunner().invoke(cli, ["inspect", str(out), "--nodes", "0"], obj=host)
+    assert listed.exit_code == 0, listed.output
+    assert f"architecture: {ARCH}" in listed.stdout
+    refused = CliRunner().invoke(cli, [*args[:-4], "--output_dir", str(tmp_path / "other")])
+    assert refused.exit_code == 2
+    assert "no loaded plugin supports model_type 'llama'" in refused.stderr
