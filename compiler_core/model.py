@@ -8,28 +8,27 @@ from compiler_core.errors import UsageError
 from compiler_core.graph_attrs import complete_graph_attrs
 from compiler_core.ir import Graph, validate
 from compiler_core.mapping import Mapping
-from compiler_core.plugins import get_plugin_manager
-from compiler_core.registry import get_registry
+from compiler_core.registry import Registry
 from compiler_core.rope import check_rope
 
 
-def rank_graph(config: dict[str, Any], rank: int, source: str = "config.json") -> Graph:
+def rank_graph(registry: Registry, config: dict[str, Any], rank: int, source: str = "config.json") -> Graph:
     """Build and validate rank ``rank``'s graph, quantized as ``config["quantization"]`` says.
 
     The runtime attributes (:mod:`compiler_core.graph_attrs`) are filled in or checked, and the
     rotary settings checked against what the kernels implement (:mod:`compiler_core.rope`),
     before any quantization scheme rewrites the graph.
     """
-    registry = get_registry()
     arch = registry.architecture(config["architecture"], source)
     mapping = Mapping.from_json(config["mapping"], source)
     try:
         arch.check_mapping(config, mapping)
     except ValueError as exc:
         raise UsageError(f"{source}: {exc}") from None
-    graph = arch.build_graph(config, mapping, rank, config["dtype"])
-    stages = get_plugin_manager().hook.pipeline_layer_ranges(config=config, pp_size=mapping.pp_size)
-    graph = complete_graph_attrs(graph, config, mapping, rank, stages[mapping.pp_rank(rank)], source)
+    stages = arch.pipeline_layer_ranges(config, mapping.pp_size)
+    layers = stages[mapping.pp_rank(rank)]
+    graph = arch.build_graph(config, mapping, rank, config["dtype"], layers)
+    graph = complete_graph_attrs(graph, config, mapping, rank, layers, source)
     check_rope(graph, source)
     for scheme in registry.quant_schemes.values():
         graph = scheme.transform_graph(graph, config)

@@ -8,39 +8,20 @@ plugin chooses its own scopes. ``pytest`` is imported only by the helpers that s
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import site
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from compiler_core.plugins import get_plugin_manager, register_checked
-from compiler_core.registry import reset_registry
+# --- the CLI ---------------------------------------------------------------------------------
 
-# --- plugins and the CLI ----------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def plugin_registered(plugin: object, name: str) -> Iterator[None]:
-    """Register ``plugin`` into the process-wide manager for the duration of a ``with`` block.
-
-    The registry is rebuilt on entry and exit, so what the plugin registers is visible only
-    inside the block.
-    """
-    pm = get_plugin_manager()
-    register_checked(pm, plugin, name)
-    reset_registry()
-    try:
-        yield
-    finally:
-        pm.unregister(plugin, name=name)
-        reset_registry()
+# A test that needs a throwaway plugin builds its own host, ``Host.load(extra={"name": plugin})``
+# (compiler_core.host), and passes ``host.registry`` to the API or ``obj=host`` to click's runner.
 
 
 def run_modelc(

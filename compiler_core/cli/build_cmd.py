@@ -9,6 +9,7 @@ import click
 from compiler_core.build.engine import DEFAULT_SETTINGS, build_engine, choose_backend
 from compiler_core.cli.options import accepted_flag, option
 from compiler_core.errors import UsageError
+from compiler_core.host import Host
 
 #: trtllm-build flags that choose TensorRT-LLM plugins or kernels. Each is accepted (bare, as in
 #: older releases, or with a value, as in newer ones) so a copied command runs; the help says
@@ -96,7 +97,9 @@ def _trtllm_flags(command):
 )
 @option("--workers", default=1, show_default=True, type=int, help="Build ranks in this many parallel processes.")
 @_trtllm_flags
+@click.pass_obj
 def build_command(
+    host: Host,
     checkpoint_dir: Path,
     output_dir: Path,
     backend: str | None,
@@ -111,10 +114,12 @@ def build_command(
         if max_seq_len is not None:
             raise UsageError("--max_output_len: give either --max_seq_len or --max_output_len, not both")
         max_seq_len = (max_input_len or DEFAULT_SETTINGS["max_input_len"]) + max_output_len
-    chosen, reason = choose_backend(backend)
+    chosen, reason = choose_backend(backend, host.registry)
     click.echo(f"backend: {chosen.name} ({reason})")
     settings = {"max_batch_size": max_batch_size, "max_input_len": max_input_len, "max_seq_len": max_seq_len}
-    config = build_engine(Path(checkpoint_dir), Path(output_dir), chosen, settings, workers=workers)
+    config = build_engine(
+        Path(checkpoint_dir), Path(output_dir), chosen, settings, workers=workers, registry=host.registry
+    )
     mapping = config["checkpoint"]["mapping"]
     build = config["build"]
     click.echo(

@@ -10,6 +10,7 @@ import click
 
 from compiler_core.cli.options import accepted_flag, option
 from compiler_core.errors import UsageError
+from compiler_core.host import Host
 
 
 def parse_input_ids(values: tuple[str, ...], vocab_size: int | None) -> list[list[int]]:
@@ -84,7 +85,9 @@ def run_result(outputs: list[list[list[int]]], tokenizer) -> dict[str, Any]:
 @option("--output_json", default=None, type=click.Path(path_type=Path), help="Write output ids and text here.")
 @accepted_flag("--use_py_session", "TensorRT-LLM's Python session. Ignored: there is one runtime.")
 @accepted_flag("--log_level", "TensorRT-LLM log level. Ignored.", takes_value=True)
+@click.pass_obj
 def run_command(
+    host: Host,
     engine_dir: Path,
     input_text: tuple[str, ...],
     input_ids: tuple[str, ...],
@@ -138,7 +141,7 @@ def run_command(
     config.end_ids = end_id or stop_ids(engine_config, tokenizer)
     config.pad_id = default_pad if pad_id is None else pad_id
 
-    runner, _ = open_runner(Path(engine_dir), device)
+    runner, _ = open_runner(Path(engine_dir), device, host.registry)
     outputs = generate(runner, prompts, config)
     if not is_output_rank():
         return

@@ -25,6 +25,7 @@ import torch
 from compiler_core.errors import ModelcError, UsageError
 from compiler_core.formats.fileio import json_lines
 from compiler_core.progress import progress
+from compiler_core.registry import Registry
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 DEFAULT_MAX_INPUT_LENGTH = 923
@@ -338,14 +339,16 @@ def summarize(
     seed: int = 0,
     device: str = "auto",
     show_progress: bool = True,
+    registry: Registry | None = None,
 ) -> dict[str, dict[str, float]] | None:
     """Summarize the dataset with the engine and/or transformers and score both.
 
     Returns the report (``engine``, ``hf``, ``engine_vs_hf`` sections, whichever apply) on rank 0;
-    other ranks of an mpirun job generate alongside rank 0 and return None.
+    other ranks of an mpirun job generate alongside rank 0 and return None. ``registry`` holds
+    the plugins that run the engine (default: the installed ones, loaded for this call).
     """
-    from compiler_core.backends.torch.kernels import torch_dtype
     from compiler_core.build.engine import read_engine_config
+    from compiler_core.dtypes import torch_dtype
     from compiler_core.runtime.generation import GenerationConfig
     from compiler_core.runtime.open import (
         is_output_rank,
@@ -383,7 +386,7 @@ def summarize(
     report: dict[str, dict[str, float]] = {}
     engine, hf_device = None, None
     if test_engine:
-        runner, _ = open_runner(engine_dir, device)
+        runner, _ = open_runner(engine_dir, device, registry)
         main = getattr(runner, "rank", 0) == 0
         engine = run_engine(runner, work, config, tokenizer, show_progress and main)
         hf_device = runner.device

@@ -2,26 +2,23 @@
 
 from __future__ import annotations
 
-import json
-import mmap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from collections.abc import Mapping as AbcMapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
+from compiler_core.dtypes import MODEL_DTYPES
 from compiler_core.errors import UsageError
 from compiler_core.formats.fileio import OutputKind, read_json, write_json
+from compiler_core.formats.safetensors_io import SafetensorsReader, SafetensorsWriter
 from compiler_core.mapping import Mapping
 
 FORMAT = "modelc-checkpoint"
 FORMAT_VERSION = 1
 #: What convert and quantize write; only an earlier checkpoint (or an empty directory) is replaced.
 CHECKPOINT_OUTPUT = OutputKind("modelc checkpoint", FORMAT)
-DTYPES = ("float32", "float16", "bfloat16")
 TOKENIZER_DIR = "tokenizer"
 REQUIRED_FIELDS = ("architecture", "dtype", "mapping", "quantization", "format_version")
 
@@ -34,81 +31,39 @@ def rank_file(directory: Path, rank: int, suffix: str = "safetensors") -> Path:
 
 
 def save_rank_weights(path: Path, weights: AbcMapping[str, torch.Tensor]) -> None:
-    """Save one rank's tensors; tensors that share storage (tied weights) are stored separately."""
-    seen: set[int] = set()
-    out = {}
-    for name in sorted(weights):
-        t = weights[name].contiguous()
-        if t.untyped_storage().data_ptr() in seen:
-            t = t.clone()
-        seen.add(t.untyped_storage().data_ptr())
-        out[name] = t
-    save_file(out, str(path), metadata={"format": "pt"})
+    """Save one rank's tensors; tensors that share storage (tied weights) are each stored in full."""
+    layout = {name: (t.dtype, tuple(t.shape)) for name, t in weights.items()}
+    with SafetensorsWriter(path, layout, Path(path).name, threads=1) as writer:
+        for name, tensor in weights.items():
+            writer.write(name, tensor)
 
 
 def load_rank_weights(
     path: Path, each: Callable[[torch.Tensor], torch.Tensor] | None = None
 ) -> dict[str, torch.Tensor]:
-    """Load one rank's tensors; a missing or unreadable file is a UsageError naming it.
+    """Load one rank's tensors as views of a copy-on-write mapping of the file; a missing or unreadable
+    file is a UsageError naming it.
 
-    ``each`` maps every tensor as it is read (the runtime uses it to hold weights compactly), so
-    that only one tensor at a time is ever held in both forms."""
+    ``each`` maps every tensor as it is read (the runtime uses it to hold weights compactly); each
+    tensor's pages are dropped once it is mapped, so that only one tensor at a time is ever held in
+    both forms."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: rank weights not found")
+    reader = SafetensorsReader(path)
     try:
         if each is None:
-            return load_file(str(path))
-        return dict(_read_one_by_one(path, each))
-    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
-        raise UsageError(f"{path}: not a readable safetensors file ({exc})") from None
-
-
-#: safetensors dtype codes of the tensors modelc writes.
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
-def _read_one_by_one(path: Path, each: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, ``each(tensor)``) for every tensor of a safetensors file, one tensor resident at a time.
-
-    ``load_file`` returns views of one memory map of the whole file, and every page a view has
-    touched stays resident while any view lives. Here each tensor is mapped, handed to ``each``,
-    copied out if ``each`` kept the view, and its pages are dropped before the next is read."""
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as mapped:
-        header_len = int.from_bytes(mapped[:8], "little")
-        header = json.loads(mapped[8 : 8 + header_len])
-        base = 8 + header_len
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            start, end = (base + offset for offset in info["data_offsets"])
-            if end > len(mapped):
-                raise ValueError(f"tensor {name!r} runs past the end of the file")
-            dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            if end == start:
-                yield name, each(torch.empty(info["shape"], dtype=dtype))
-                continue
-            view = torch.frombuffer(mapped, dtype=torch.uint8, count=end - start, offset=start)
-            held = each(view.view(dtype).reshape(info["shape"]))
-            if held.untyped_storage().data_ptr() == view.untyped_storage().data_ptr():
-                held = held.clone()
-            del view
-            page = mmap.PAGESIZE
-            first = start // page * page
-            mapped.madvise(mmap.MADV_DONTNEED, first, end - first)
-            yield name, held
+            return {name: reader.tensor(name) for name in reader.names()}
+        out = {}
+        for name in reader.names():
+            held = each(reader.tensor(name))
+            if held.untyped_storage().data_ptr() == reader.base:
+                held = held.clone()  # ``each`` kept the view: copy it out before its pages go
+            reader.release(name)
+            out[name] = held
+        return out
+    finally:
+        reader.close()
 
 
 def make_config(
@@ -144,8 +99,8 @@ def read_config(directory: Path) -> dict[str, Any]:
             raise UsageError(f"{path}: field {field!r} is missing")
     if config["format_version"] != FORMAT_VERSION:
         raise UsageError(f"{path}: format_version {config['format_version']!r} is not {FORMAT_VERSION}")
-    if config["dtype"] not in DTYPES:
-        raise UsageError(f"{path}: field 'dtype' is {config['dtype']!r}, expected one of {', '.join(DTYPES)}")
+    if config["dtype"] not in MODEL_DTYPES:
+        raise UsageError(f"{path}: field 'dtype' is {config['dtype']!r}, expected one of {', '.join(MODEL_DTYPES)}")
     if not isinstance(config["quantization"], dict):
         raise UsageError(f"{path}: field 'quantization' must be an object")
     mapping = Mapping.from_json(config["mapping"], str(path))

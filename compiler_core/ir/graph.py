@@ -15,19 +15,6 @@ from typing import Any
 
 IR_VERSION = 1
 
-#: Element types a parameter may have. Quantized formats add theirs through params' dtype
-#: strings; the executor maps each to a torch dtype.
-DTYPES = (
-    "float32",
-    "float16",
-    "bfloat16",
-    "float8_e4m3fn",
-    "int8",
-    "uint8",
-    "int32",
-    "int64",
-)
-
 
 @dataclass(frozen=True)
 class Param:

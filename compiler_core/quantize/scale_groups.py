@@ -1,6 +1,6 @@
 """Which linears share an input, for activation-aware schemes (AWQ): the architecture's word, else the graph's.
 
-An architecture names its groups through the ``scale_groups`` hook. One that does not still gets
+An architecture names its groups with its ``scale_groups`` method. One that does not still gets
 activation-aware scaling: the groups are derived from the graph, one per producer whose output
 feeds linears directly, so a new family needs no hook to be quantized well.
 """
@@ -10,9 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from compiler_core.api import Architecture, ScaleGroup
 from compiler_core.ir import Graph, OpSpec
-from compiler_core.plugins import get_plugin_manager
-from compiler_core.registry import ScaleGroup, get_registry
 
 #: OpSpec tags of the nodes a derived group may start from: a weight (norm, linear) can absorb
 #: the scale, an activation keeps it as a multiply on the linears' input.
@@ -38,12 +37,14 @@ def derive_scale_groups(graph: Graph, ops: Mapping[str, OpSpec]) -> list[ScaleGr
     return [ScaleGroup(producer, tuple(linears)) for producer, linears in groups.items()]
 
 
-def scale_groups_for(graph: Graph, config: Mapping[str, Any]) -> tuple[list[ScaleGroup], str]:
+def scale_groups_for(
+    arch: Architecture, graph: Graph, config: dict[str, Any], ops: Mapping[str, OpSpec]
+) -> tuple[list[ScaleGroup], str]:
     """The groups for ``graph`` and where they came from (``FROM_ARCHITECTURE`` or ``FROM_GRAPH``)."""
-    named = get_plugin_manager().hook.scale_groups(graph=graph, config=config)
+    named = arch.scale_groups(graph, config)
     if named is not None:
         return list(named), FROM_ARCHITECTURE
-    return derive_scale_groups(graph, get_registry().ops), FROM_GRAPH
+    return derive_scale_groups(graph, ops), FROM_GRAPH
 
 
 def describe_scale_groups(groups: list[ScaleGroup], source: str) -> dict[str, Any]:

@@ -12,6 +12,8 @@ from compiler_core.build.engine import engine_mapping, load_rank_session, read_e
 from compiler_core.errors import UsageError
 from compiler_core.formats.checkpoint import TOKENIZER_DIR
 from compiler_core.graph_attrs import stop_token_ids
+from compiler_core.host import load_registry
+from compiler_core.registry import Registry
 from compiler_core.runtime.runner import LocalRunner, ModelRunner
 
 #: Environment variables in which MPI launchers (Open MPI, MPICH/Intel MPI/PMI, PMIx) publish rank and size.
@@ -60,13 +62,17 @@ def _job_error(message: str) -> UsageError:
     return error
 
 
-def open_runner(engine_dir: Path, device: str = "auto") -> tuple[ModelRunner, dict[str, Any]]:
+def open_runner(
+    engine_dir: Path, device: str = "auto", registry: Registry | None = None
+) -> tuple[ModelRunner, dict[str, Any]]:
     """A runner for every rank of the engine and the engine's config.
 
     A single-rank engine runs here; a multi-rank engine needs one MPI process per rank
     (``mpirun -n W``), each of which opens its own rank. The runner carries the engine's build
-    limits, which :func:`compiler_core.runtime.generation.generate` enforces.
+    limits, which :func:`compiler_core.runtime.generation.generate` enforces. ``registry`` holds
+    the plugins to use (default: the installed ones, loaded for this call).
     """
+    registry = registry or load_registry()
     engine_dir = Path(engine_dir)
     config = read_engine_config(engine_dir)
     mapping = engine_mapping(config)
@@ -75,7 +81,7 @@ def open_runner(engine_dir: Path, device: str = "auto") -> tuple[ModelRunner, di
     if mapping.world_size == 1:
         if size > 1:
             raise _job_error(f"{engine_dir}: engine has world_size 1; run it without mpirun (or with -n 1)")
-        runner: ModelRunner = LocalRunner([load_rank_session(engine_dir, 0, device, config)], mapping)
+        runner: ModelRunner = LocalRunner([load_rank_session(registry, engine_dir, 0, device, config)], mapping)
     else:
         if size != mapping.world_size:
             raise _job_error(
@@ -85,7 +91,7 @@ def open_runner(engine_dir: Path, device: str = "auto") -> tuple[ModelRunner, di
             )
         from compiler_core.runtime.distributed import open_distributed_runner
 
-        runner = open_distributed_runner(engine_dir, config, device)
+        runner = open_distributed_runner(registry, engine_dir, config, device)
     runner.build_limits = dict(config["build"])
     return runner, config
 

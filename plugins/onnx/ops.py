@@ -16,7 +16,8 @@ from modelc_plugins.onnx.lowering import CacheSpec, OnnxLowering, emit_matmul, o
 from onnx import TensorProto
 
 from compiler_core import rope
-from compiler_core.backends.torch.kernels import alibi_slopes, torch_dtype
+from compiler_core.backends.torch.kernels import alibi_slopes
+from compiler_core.dtypes import torch_dtype
 from compiler_core.ir import Node
 
 Lowering = Callable[[Node, OnnxLowering], list[str]]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from modelc_plugins.falcon import Falcon
 
 from compiler_core import hookimpl
 from compiler_core.convert.from_hf import convert
@@ -22,8 +23,9 @@ from compiler_core.formats.checkpoint import (
     write_config,
 )
 from compiler_core.formats.fileio import OutputKind, atomic_output_dir
+from compiler_core.host import Host
 from compiler_core.mapping import Mapping
-from compiler_core.testing import plugin_registered
+from compiler_core.registry import Registry
 
 # --- mapping ---------------------------------------------------------------------------------
 
@@ -160,18 +162,28 @@ def siblings(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.parent.iterdir())
 
 
-class FailOnRank1:
-    """A plugin whose shard_param gives up on rank 1, after rank 0 has been sharded (and written)."""
+class FailOnRank1(Falcon):
+    """A Falcon whose shard_param gives up on rank 1, after rank 0 has been sharded (and written)."""
 
     def __init__(self) -> None:
         self.ranks: list[int] = []
 
-    @hookimpl
     def shard_param(self, name, tensor, graph, config, mapping, rank):
         self.ranks.append(rank)
         if rank == 1:
             raise RuntimeError("disk full while writing rank 1")
-        return None
+        return super().shard_param(name, tensor, graph, config, mapping, rank)
+
+
+def only(arch: Falcon) -> Registry:
+    """The registry of a host with the core and ``arch`` as its only architecture."""
+
+    class Registers:
+        @hookimpl
+        def register_architectures(self, register):
+            register(arch)
+
+    return Host.with_plugins({"fail_on_rank1": Registers()}).registry
 
 
 def test_failed_conversion_leaves_existing_output_intact(tiny_falcon, tmp_path):
@@ -181,16 +193,19 @@ def test_failed_conversion_leaves_existing_output_intact(tiny_falcon, tmp_path):
     assert {"config.json", "rank0.safetensors", "rank1.safetensors"} <= set(before)
 
     failing = FailOnRank1()
-    with plugin_registered(failing, "fail_on_rank1"), pytest.raises(RuntimeError, match="disk full"):
-        convert(tiny_falcon, out, dtype="float16", mapping=Mapping.create(2, 1), show_progress=False)
+    with pytest.raises(RuntimeError, match="disk full"):
+        convert(
+            tiny_falcon, out, dtype="float16", mapping=Mapping.create(2, 1), show_progress=False, registry=only(failing)
+        )
     assert 0 in failing.ranks and 1 in failing.ranks  # it really got midway
     assert snapshot(out) == before
     assert siblings(out) == ["out"], "no temporary directory may be left behind"
 
 
 def test_failed_first_conversion_leaves_nothing(tiny_falcon, tmp_path):
-    with plugin_registered(FailOnRank1(), "fail_on_rank1"), pytest.raises(RuntimeError):
-        convert(tiny_falcon, tmp_path / "out", mapping=Mapping.create(2, 1), show_progress=False)
+    registry = only(FailOnRank1())
+    with pytest.raises(RuntimeError):
+        convert(tiny_falcon, tmp_path / "out", mapping=Mapping.create(2, 1), show_progress=False, registry=registry)
     assert list(tmp_path.iterdir()) == []
 
 

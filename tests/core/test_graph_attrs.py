@@ -7,12 +7,12 @@ from typing import Any
 import pytest
 
 from compiler_core import hookimpl
+from compiler_core.api import Architecture
 from compiler_core.errors import ModelcError, UsageError
+from compiler_core.host import Host
 from compiler_core.ir import Graph, GraphBuilder
 from compiler_core.mapping import Mapping
 from compiler_core.model import rank_graph
-from compiler_core.registry import Architecture
-from compiler_core.testing import plugin_registered
 
 ARCH = "bare"
 
@@ -31,15 +31,13 @@ class Bare(Architecture):
     def config_from_hf(self, hf_config: dict[str, Any]) -> dict[str, Any]:
         return dict(hf_config)
 
-    def build_graph(self, config: dict[str, Any], mapping: Mapping, rank: int, dtype: str) -> Graph:
-        from compiler_core.mapping import default_layer_ranges
-
+    def build_graph(self, config: dict[str, Any], mapping: Mapping, rank: int, dtype: str, layers: range) -> Graph:
         g = GraphBuilder(f"bare.rank{rank}")
         x = "input_ids" if mapping.is_first_stage(rank) else "hidden_states"
         inputs = [x]
         if mapping.is_first_stage(rank):
             x = g.add("embedding", [x], name="embed", params={"weight": g.param("embed.weight", [10, 4], dtype)})
-        for i in default_layer_ranges(config["num_hidden_layers"], mapping.pp_size)[mapping.pp_rank(rank)]:
+        for i in layers:
             x = g.add("linear", [x], name=f"l{i}", params={"weight": g.param(f"l{i}.weight", [4, 4], dtype)})
         if mapping.is_last_stage(rank):
             x = g.add("linear", [x], name="head", params={"weight": g.param("head.weight", [10, 4], dtype)})
@@ -53,6 +51,11 @@ class BarePlugin:
     @hookimpl
     def register_architectures(self, register):
         register(Bare(self.attrs))
+
+
+def bare_registry(attrs: dict[str, Any]):
+    """A registry of the core plus a Bare architecture whose graphs set ``attrs``."""
+    return Host.with_plugins({"bare": BarePlugin(attrs)}).registry
 
 
 def config(**fields: Any) -> dict[str, Any]:
@@ -70,8 +73,7 @@ def config(**fields: Any) -> dict[str, Any]:
 
 
 def test_the_core_fills_in_what_the_runtime_reads():
-    with plugin_registered(BarePlugin({}), "bare"):
-        attrs = rank_graph(config(), 1).attrs
+    attrs = rank_graph(bare_registry({}), config(), 1).attrs
     assert attrs == {
         "architecture": ARCH,
         "dtype": "float32",
@@ -88,20 +90,18 @@ def test_the_core_fills_in_what_the_runtime_reads():
 def test_a_size_in_neither_graph_nor_config_is_one_error_naming_it():
     fields = config()
     del fields["hidden_size"]
-    with plugin_registered(BarePlugin({}), "bare"):
-        with pytest.raises(UsageError, match=r"^ckpt/config\.json: graph attribute 'hidden_size' is missing"):
-            rank_graph(fields, 0, "ckpt/config.json")
-        assert rank_graph(fields | {"hidden_size": 4}, 0).attrs["hidden_size"] == 4
+    registry = bare_registry({})
+    with pytest.raises(UsageError, match=r"^ckpt/config\.json: graph attribute 'hidden_size' is missing"):
+        rank_graph(registry, fields, 0, "ckpt/config.json")
+    assert rank_graph(registry, fields | {"hidden_size": 4}, 0).attrs["hidden_size"] == 4
 
 
 def test_an_attribute_that_contradicts_the_core_is_an_error_naming_it():
-    with plugin_registered(BarePlugin({"layers": [0, 3]}), "bare"):
-        with pytest.raises(ModelcError, match=r"rank 1's graph sets attribute 'layers' to \[0, 3\].* is \[2, 3\]"):
-            rank_graph(config(), 1)
+    with pytest.raises(ModelcError, match=r"rank 1's graph sets attribute 'layers' to \[0, 3\].* is \[2, 3\]"):
+        rank_graph(bare_registry({"layers": [0, 3]}), config(), 1)
 
 
 @pytest.mark.parametrize(("field", "value"), [("eos_token_id", [7, "x"]), ("pad_token_id", -1)])
 def test_malformed_token_ids_name_the_field(field, value):
-    with plugin_registered(BarePlugin({}), "bare"):
-        with pytest.raises(UsageError, match=rf"field '{field}' must be a token id"):
-            rank_graph(config(**{field: value}), 0)
+    with pytest.raises(UsageError, match=rf"field '{field}' must be a token id"):
+        rank_graph(bare_registry({}), config(**{field: value}), 0)

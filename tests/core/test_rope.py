@@ -11,7 +11,6 @@ import torch
 from compiler_core.convert.from_hf import convert
 from compiler_core.ir import GraphBuilder, validate
 from compiler_core.mapping import Mapping
-from compiler_core.registry import get_registry
 from compiler_core.rope import inv_freq
 from compiler_core.runtime.context import positions_from_mask
 from compiler_core.runtime.session import TorchSession
@@ -47,7 +46,7 @@ def test_a_rope_scaling_the_kernels_ignore_is_refused_at_build(tiny_falcon_7b, t
     shutil.rmtree(checkpoint)
 
 
-def _attention_logits(rope: dict) -> torch.Tensor:
+def _attention_logits(registry, rope: dict) -> torch.Tensor:
     """One rotary attention layer's output for a fixed prompt, under the rotary settings ``rope``."""
     g = GraphBuilder("rope")
     width = HEADS * HEAD_DIM
@@ -63,23 +62,23 @@ def _attention_logits(rope: dict) -> torch.Tensor:
         position_embedding="rope",
         **rope,
     )
-    graph = validate(g.build(["x"], [out], attrs={"dtype": "float32"}), get_registry().ops)
+    graph = validate(g.build(["x"], [out], attrs={"dtype": "float32"}), registry.ops)
     torch.manual_seed(0)
-    session = TorchSession(graph, {"qkv.weight": torch.randn(3 * width, width)}, "cpu")
+    session = TorchSession(registry, graph, {"qkv.weight": torch.randn(3 * width, width)}, "cpu")
     x = torch.randn(1, 12, width)
     mask = torch.ones(1, 12, dtype=torch.long)
     session.allocate(1, 12)
     return session.forward(x, positions_from_mask(mask), mask, 0)
 
 
-def test_rope_inv_freq_is_what_the_torch_kernel_rotates_by():
+def test_rope_inv_freq_is_what_the_torch_kernel_rotates_by(registry):
     default = {"rope_theta": 500.0}
     as_data = {"rope_inv_freq": inv_freq({"head_dim": HEAD_DIM, **default}).tolist()}
-    assert torch.equal(_attention_logits(as_data), _attention_logits(default))
+    assert torch.equal(_attention_logits(registry, as_data), _attention_logits(registry, default))
     halved = {"rope_inv_freq": (inv_freq({"head_dim": HEAD_DIM, **default}) / 2).tolist()}
     linear = {**default, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}
-    assert torch.allclose(_attention_logits(halved), _attention_logits(linear), atol=1e-5)
-    assert not torch.allclose(_attention_logits(halved), _attention_logits(default), atol=1e-3)
+    assert torch.allclose(_attention_logits(registry, halved), _attention_logits(registry, linear), atol=1e-5)
+    assert not torch.allclose(_attention_logits(registry, halved), _attention_logits(registry, default), atol=1e-3)
 
 
 @pytest.mark.parametrize(

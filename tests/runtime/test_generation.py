@@ -151,7 +151,7 @@ def test_sampling_is_reproducible_per_seed(engine_dir, prompt_ids):
     assert top1 == greedy
 
 
-def test_tensor_parallel_engine_generates_the_same_tokens(engine_dir, prompt_ids):
+def test_tensor_parallel_engine_generates_the_same_tokens(registry, engine_dir, prompt_ids):
     """A tp=2 engine run in one process (ranks as threads) gives the single-rank tokens."""
     from compiler_core.build.engine import engine_mapping, load_rank_session, read_engine_config
     from compiler_core.runtime.runner import LocalRunner
@@ -160,7 +160,7 @@ def test_tensor_parallel_engine_generates_the_same_tokens(engine_dir, prompt_ids
     path = engine_dir("40b", tp=2)
     config = read_engine_config(path)
     mapping = engine_mapping(config)
-    runner = LocalRunner([load_rank_session(path, r, "cpu", config) for r in mapping.ranks()], mapping)
+    runner = LocalRunner([load_rank_session(registry, path, r, "cpu", config) for r in mapping.ranks()], mapping)
     for config in (GenerationConfig(NEW_TOKENS), GenerationConfig(NEW_TOKENS, num_beams=2)):
         assert generate(runner, prompt_ids, config) == generate(single, prompt_ids, config)
 
@@ -197,7 +197,7 @@ def test_bad_generation_settings_name_the_flag(options, field):
 
 
 @pytest.mark.parametrize(("variant", "tp"), [("rw", 1), ("7b", 1), ("40b", 2)])
-def test_last_logits_skips_the_tail_without_changing_results(variant, tp, engine_dir, prompt_ids):
+def test_last_logits_skips_the_tail_without_changing_results(registry, variant, tp, engine_dir, prompt_ids):
     """The prompt pass computes the output layers for the last position only, with the same values."""
     import torch
 
@@ -209,7 +209,7 @@ def test_last_logits_skips_the_tail_without_changing_results(variant, tp, engine
     path = engine_dir(variant, tp)
     config = read_engine_config(path)
     mapping = engine_mapping(config)
-    runner = LocalRunner([load_rank_session(path, r, "cpu", config) for r in mapping.ranks()], mapping)
+    runner = LocalRunner([load_rank_session(registry, path, r, "cpu", config) for r in mapping.ranks()], mapping)
     ids, mask = left_padded(prompt_ids, PAD)
     runner.allocate(len(prompt_ids), ids.shape[1])
     full = runner.logits(ids, positions_from_mask(mask), mask, 0)

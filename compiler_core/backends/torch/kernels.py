@@ -15,25 +15,11 @@ import torch.nn.functional as F
 
 from compiler_core import rope
 from compiler_core.backends.torch.cpu_linear import bf16_linear, bf16_storage, cpu_linear
+from compiler_core.dtypes import IR_DTYPES, torch_dtype
 from compiler_core.ir import Graph, Node
 from compiler_core.runtime.context import ForwardContext
 
 Kernel = Callable[..., torch.Tensor]
-
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float8_e4m3fn": torch.float8_e4m3fn,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "int32": torch.int32,
-    "int64": torch.int64,
-}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    return TORCH_DTYPES[name]
 
 
 @dataclass
@@ -67,7 +53,7 @@ class TorchLowering:
     def declared_dtype(self, name: str) -> torch.dtype | None:
         """The dtype the graph declares for weight ``name`` (None when it names no torch dtype)."""
         param = self.graph.params.get(name)
-        return None if param is None else TORCH_DTYPES.get(param.dtype)
+        return None if param is None or param.dtype not in IR_DTYPES else torch_dtype(param.dtype)
 
     def bf16_param(self, node: Node, role: str) -> torch.Tensor | None:
         """The weight if it is held as bfloat16 and the CPU kernel can multiply it, else None."""

@@ -58,7 +58,7 @@ def test_llama3_frequencies_are_transformers_own():
 
 
 @pytest.mark.parametrize(("tied", "tp", "pp"), [(False, 1, 1), (True, 2, 1), (False, 2, 2)])
-def test_logits_match_transformers(tmp_path, tied, tp, pp):
+def test_logits_match_transformers(llama_registry, tmp_path, tied, tp, pp):
     from transformers import LlamaForCausalLM
 
     from compiler_core.convert.from_hf import convert
@@ -69,19 +69,21 @@ def test_logits_match_transformers(tmp_path, tied, tp, pp):
 
     hf_dir = tiny_llama(tmp_path / "hf", tied=tied)
     out = tmp_path / "ckpt"
-    config = convert(hf_dir, out, dtype="float32", mapping=Mapping.create(tp, pp), show_progress=False)
+    mapping = Mapping.create(tp, pp)
+    config = convert(hf_dir, out, dtype="float32", mapping=mapping, show_progress=False, registry=llama_registry)
     assert config["architecture"] == "llama" and config["eos_token_id"] == [5, 6]
-    attention = rank_graph(config, 0).node("layers.0.self_attn.core")
+    attention = rank_graph(llama_registry, config, 0).node("layers.0.self_attn.core")
     assert "rope_inv_freq" in attention.attrs and "rope_scaling" not in attention.attrs
     if tp == 2:  # 97 rows do not split in two: the graph declares its padded head
-        assert rank_graph(config, config["mapping"]["world_size"] - 1).attrs["padded_params"] == ["lm_head.weight"]
+        last = rank_graph(llama_registry, config, mapping.world_size - 1)
+        assert last.attrs["padded_params"] == ["lm_head.weight"]
 
     ids = torch.tensor([[0, 0, 5, 17, 42, 7, 3, 9, 30, 21], [11, 12, 13, 14, 15, 16, 18, 19, 20, 22]])
     mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1, 1], [1] * 10])
     hf = LlamaForCausalLM.from_pretrained(hf_dir, attn_implementation="sdpa").eval()
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=mask).logits
-    runner = checkpoint_runner(out)
+    runner = checkpoint_runner(out, registry=llama_registry)
     runner.allocate(2, 16)
     positions = positions_from_mask(mask)
     prompt = runner.logits(ids[:, :-1], positions[:, :-1], mask[:, :-1], 0)
