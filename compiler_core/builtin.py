@@ -1,16 +1,14 @@
-"""The core's own hook implementations: core ops, their torch kernels, default sharding rules,
-the torch backend and the core CLI commands. Registered like any plugin (name ``core``); its
-dispatch implementations are ``trylast`` so plugins can override them.
+"""The core's own hook implementations: core ops, their torch lowerings and fused patterns,
+default sharding rules, the torch backend and the core CLI commands. Registered like any plugin
+(name ``core``); its dispatch implementations are ``trylast`` so plugins can override them.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from compiler_core.hookspecs import hookimpl
-from compiler_core.ir import CORE_OPS, Graph, Node
+from compiler_core.ir import CORE_OPS, Graph
 from compiler_core.mapping import Mapping, default_layer_ranges
 
 
@@ -35,14 +33,17 @@ def register_commands(cli) -> None:
         cli.add_command(command)
 
 
-@hookimpl(trylast=True)
-def lower_layer(node: Node, graph: Graph, backend: str, context: Any):
-    if backend != "torch":
-        return None
+@hookimpl
+def register_lowerings(register) -> None:
+    from compiler_core.backends.torch import fused
     from compiler_core.backends.torch.kernels import CORE_KERNELS
+    from compiler_core.backends.torch.quant import QUANT_KERNELS
+    from compiler_core.lowering import Lowering
 
-    lower = CORE_KERNELS.get(node.op)
-    return None if lower is None else lower(node, context)
+    for op, lower in {**CORE_KERNELS, **QUANT_KERNELS}.items():
+        register(Lowering(op, "torch", lower))
+    for pattern in fused.PATTERNS:
+        register(pattern)
 
 
 @hookimpl(trylast=True)

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import torch
 
     from compiler_core.ir import Graph, Node, OpSpec
+    from compiler_core.lowering import Decomposition, FusedPattern, Lowering
     from compiler_core.mapping import Mapping as ParallelMapping
     from compiler_core.registry import Architecture, Backend, QuantScheme, ScaleGroup
 
@@ -177,15 +178,25 @@ def scale_groups(graph: Graph, config: Mapping[str, Any]) -> list[ScaleGroup] | 
 # --- lowering ------------------------------------------------------------------------------
 
 
-@hookspec(firstresult=True)
-def lower_layer(node: Node, graph: Graph, backend: str, context: Any) -> Any:
-    """Lower one IR node for one backend.
+@hookspec
+def register_lowerings(register: Callable[[Lowering | Decomposition | FusedPattern], None]) -> None:
+    """Declare how ops run on backends.
 
-    ``node`` belongs to ``graph`` (the rank's whole graph, for looking up parameter shapes
-    and dtypes). ``backend`` is a registered backend name; ``context`` is that backend's lowering context:
-    for ``torch`` a :class:`compiler_core.backends.torch.kernels.TorchLowering` (weights, device),
-    and for other backends whatever they document. Return the backend's lowered form (for
-    ``torch`` a callable ``fn(ctx, *inputs) -> output``), or None when this implementation
-    does not lower ``node.op`` for ``backend``. A quantization scheme lowers its own ops for
-    every backend it supports through this hook.
+    Call ``register(entry)`` once per entry (all three in :mod:`compiler_core.lowering`):
+
+    * ``Lowering(op, backend, fn)``: backend ``backend`` runs ``op`` with ``fn(node, context)``
+      (``context``: for ``torch`` a :class:`compiler_core.backends.torch.kernels.TorchLowering`, the
+      result a kernel ``fn(ctx, *inputs) -> output``; for ``onnx`` an ``OnnxLowering``, the result the
+      ONNX names of the node's outputs).
+    * ``Decomposition(op, fn)``: ``fn(node, graph)`` rewrites a node of ``op`` into other ops, in the
+      end core primitives (``quantize``, ``dequantize``, ``matmul``, ...): a quantization scheme
+      declares its op this way and every backend that lowers the primitives runs it.
+    * ``FusedPattern(name, backend, pattern, fn)``: a backend's fast kernel for a tree of ops (an op,
+      or the primitives a decomposition produces), taken instead of lowering them one by one.
+
+    The core lowers a graph for a backend with one loop over this table (fused pattern, else the
+    backend's lowering, else the decomposition); a node none of them covers is an error naming the
+    op and the backend. Registering the same (op, backend), decomposed op or (pattern name, backend)
+    twice is an error naming both plugins. ``modelc plugins`` lists each plugin's entries.
+    Returns nothing (the return value is ignored).
     """

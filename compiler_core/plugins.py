@@ -171,8 +171,9 @@ def reset_plugin_manager() -> None:
 def plugin_info() -> list[dict[str, Any]]:
     """One dict per plugin: name, version, package, module, hooks, provides and status.
 
-    ``provides`` maps a kind ("architectures", "backends", "commands", "ops",
-    "quant_schemes") to the names the plugin registered; ``status`` is "loaded" or "failed"
+    ``provides`` maps a kind ("architectures", "backends", "commands", "decompositions",
+    "fused_patterns", "lowerings", "ops", "quant_schemes") to the names the plugin registered
+    (a lowering as ``backend:op``, a fused pattern as ``backend:name``); ``status`` is "loaded" or "failed"
     (then ``error`` says why).
     """
     from compiler_core.registry import get_commands, get_registry

@@ -259,32 +259,38 @@ def test_scale_groups_from_the_architecture(falcon_config):
     assert hook().scale_groups(graph=graph, config={"architecture": "nobody"}) is None
 
 
-# --- lower_layer -----------------------------------------------------------------------------
+# --- register_lowerings -----------------------------------------------------------------------
 
 
-def test_lower_layer_core_kernels_and_plugin_override(falcon_config):
+def test_core_lowerings_run_and_a_plugin_fused_pattern_takes_over_one_op(falcon_config):
+    from compiler_core.backends.torch.executor import GraphExecutor
+    from compiler_core.lowering import FusedPattern, Pattern
+
     graph = rank_graph({**falcon_config, "mapping": Mapping().to_json()}, 0)
     weights = {name: torch.randn(p.shape) for name, p in graph.params.items()}
+    table = get_registry().lowerings
+    assert table.lowering("linear", "torch") is not None and table.lowering("linear", "no_such_backend") is None
     low = TorchLowering(weights, torch.device("cpu"), graph)
     node = graph.node("layers.0.mlp.fc")
-    kernel = hook().lower_layer(node=node, graph=graph, backend="torch", context=low)
+    kernel = table.lowering("linear", "torch").fn(node, low)
     x = torch.randn(1, 3, 64)
     ctx = ForwardContext.for_prompt(torch.ones(1, 3, dtype=torch.long))
     expected = x @ weights["layers.0.mlp.fc.weight"].T + weights["layers.0.mlp.fc.bias"]
     torch.testing.assert_close(kernel(ctx, x), expected)
-    assert hook().lower_layer(node=node, graph=graph, backend="no_such_backend", context=None) is None
 
     class Doubler:
         @hookimpl
-        def lower_layer(self, node, graph, backend, context):
-            if backend == "torch" and node.op == "gelu":
-                return lambda ctx, x: 2 * x
-            return None
+        def register_lowerings(self, register):
+            register(FusedPattern("doubled_gelu", "torch", Pattern("gelu"), lambda match, low: lambda ctx, x: 2 * x))
 
-    act = graph.node("layers.0.mlp.act")
     with plugin_registered(Doubler(), "doubler"):
-        assert torch.equal(hook().lower_layer(node=act, graph=graph, backend="torch", context=low)(ctx, x), 2 * x)
-        assert hook().lower_layer(node=node, graph=graph, backend="torch", context=low) is not None
+        executor = GraphExecutor(graph, weights)
+        by_root = {step.root.name: (step, k) for step, k in zip(executor.steps, executor.kernels, strict=True)}
+        step, gelu = by_root["layers.0.mlp.act"]
+        assert step.fused is not None and step.fused.name == "doubled_gelu"
+        assert torch.equal(gelu(ctx, x), 2 * x)
+        assert by_root["layers.0.mlp.fc"][0].fused is None
+        assert get_registry().provided_by[("fused_patterns", "torch:doubled_gelu")] == "doubler"
 
 
 def test_executor_names_a_node_nobody_lowers():
@@ -325,6 +331,8 @@ def test_convert_and_run_go_through_the_dispatch_hooks(tiny_falcon, tmp_path: Pa
         runner.logits(torch.tensor([[1, 2, 3]]), torch.arange(3)[None], mask, 0)
     finally:
         undo()
-    assert {"map_weight", "shard_param", "pipeline_layer_ranges", "lower_layer"} <= set(called)
-    # One lowering per node of each rank's graph, the only way the executor gets a kernel.
-    assert called["lower_layer"] == sum(len(s.graph.nodes) for s in runner.sessions)
+    assert {"map_weight", "shard_param", "pipeline_layer_ranges"} <= set(called)
+    # Every node of each rank's graph is lowered through the registered table, once.
+    for session in runner.sessions:
+        lowered = [n.name for step in session.executor.steps for n in step.nodes]
+        assert lowered == [n.name for n in session.graph.nodes]

@@ -27,7 +27,7 @@ def hookspec_functions() -> dict[str, object]:
 
 def test_hookspecs_are_found():
     names = set(hookspec_functions())
-    assert {"register_ops", "register_architectures", "map_weight", "lower_layer", "shard_param"} <= names
+    assert {"register_ops", "register_architectures", "map_weight", "register_lowerings", "shard_param"} <= names
     assert len(names) >= 11
 
 

@@ -2,7 +2,7 @@
 
 This file defines a Llama-style architecture from scratch (RMSNorm, rotary GQA attention,
 SwiGLU MLP, untied LM head) as a throwaway plugin object: its architecture, its weight
-mapping and one op of its own (``concat``, with a torch kernel through ``lower_layer``). The
+mapping and one op of its own (``concat``, with a torch kernel through ``register_lowerings``). The
 core then converts a real Hugging Face ``LlamaForCausalLM`` checkpoint with it, shards it for
 tensor and pipeline parallelism with its default rules, and the reference executor's logits
 match transformers' with a KV cache.
@@ -19,6 +19,7 @@ import torch
 from compiler_core import hookimpl
 from compiler_core.convert.from_hf import convert
 from compiler_core.ir import Graph, GraphBuilder, OpSpec
+from compiler_core.lowering import Lowering
 from compiler_core.mapping import Mapping
 from compiler_core.model import rank_graph
 from compiler_core.plugins import get_plugin_manager
@@ -116,6 +117,11 @@ class ToyLlama(Architecture):
         return g.build(inputs, [x], attrs={"dtype": dtype, "rank": rank, "layers": [layers.start, layers.stop]})
 
 
+def lower_concat(node, low):
+    axis = int(node.attrs["axis"])
+    return lambda ctx, *xs: torch.cat(xs, dim=axis)
+
+
 class ToyLlamaPlugin:
     """Everything the family needs, through the public hooks only."""
 
@@ -128,11 +134,8 @@ class ToyLlamaPlugin:
         register(OpSpec("concat", "Concatenate the inputs along `axis`.", num_inputs=(2, 8), attrs=("axis",)))
 
     @hookimpl
-    def lower_layer(self, node, graph, backend, context):
-        if node.op != "concat" or backend != "torch":
-            return None
-        axis = int(node.attrs["axis"])
-        return lambda ctx, *xs: torch.cat(xs, dim=axis)
+    def register_lowerings(self, register):
+        register(Lowering("concat", "torch", lower_concat))
 
     @hookimpl
     def map_weight(self, config, name, tensor):

@@ -8,7 +8,6 @@ from click.testing import CliRunner
 
 from compiler_core.cli import cli
 from compiler_core.ir import GraphError, validate
-from compiler_core.plugins import get_plugin_manager
 from compiler_core.registry import get_commands, get_registry
 
 
@@ -27,14 +26,15 @@ def test_validator_uses_the_op_signature(hello_plugin):
         validate(no_factor, get_registry().ops)
 
 
-def test_torch_kernel_through_lower_layer(hello_plugin):
+def test_torch_kernel_through_register_lowerings(hello_plugin):
     graph = hello_plugin.hello_graph(-1.5)
-    kernel = get_plugin_manager().hook.lower_layer(node=graph.nodes[0], graph=graph, backend="torch", context=None)
+    table = get_registry().lowerings
+    kernel = table.lowering("hello_scale", "torch").fn(graph.nodes[0], None)
     x = torch.randn(2, 5)
     assert torch.equal(kernel(None, x), x * -1.5)
-    # Other backends are not this plugin's business: it must answer None, not raise.
-    other = hello_plugin.lower_layer(node=graph.nodes[0], graph=graph, backend="onnx", context=None)
-    assert other is None
+    assert get_registry().provided_by[("lowerings", "torch:hello_scale")] == "hello"
+    # Other backends are not this plugin's business: they have no lowering of the op.
+    assert table.lowering("hello_scale", "onnx") is None
 
 
 def test_executor_runs_the_op(hello_plugin):
