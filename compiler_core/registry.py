@@ -201,8 +201,11 @@ class Registry:
             def register(entry: Any, _owner: str = owner) -> None:
                 try:
                     kind, name = registration_key(entry)
-                except TypeError as exc:
-                    raise ModelcError(f"plugin {_owner!r}: register_lowerings was given {exc}") from None
+                except TypeError:
+                    raise ModelcError(
+                        f"plugin {_owner!r}: register_lowerings was given {type(entry).__name__}, "
+                        "not a Lowering, Decomposition or FusedPattern"
+                    ) from None
                 _claim(self.provided_by, kind, _NOUNS[kind], name, _owner)
                 table.add(entry)
 

@@ -48,10 +48,12 @@ def _codes(ctx: OnnxLowering, node: Node) -> torch.Tensor:
     return unpack_int4(stored) if node.attrs["dtype"] == "int4" else stored
 
 
-def _axis_attrs(node: Node, rank: int, transpose: bool = False) -> dict[str, int]:
+def _axis_attrs(node: Node, rank: int | None = None, transpose: bool = False) -> dict[str, int]:
+    """DequantizeLinear's ``axis`` / ``block_size``; ``rank`` (known for a stored weight) makes the
+    axis non-negative, ``transpose`` swaps it for a 2-D weight stored transposed."""
     if "axis" not in node.attrs:
         return {}
-    axis = int(node.attrs["axis"]) % rank
+    axis = int(node.attrs["axis"]) if rank is None else int(node.attrs["axis"]) % rank
     attrs = {"axis": (1 - axis) if transpose else axis}
     if _is_blocked(node):
         attrs["block_size"] = int(node.attrs["block_size"])
@@ -71,7 +73,7 @@ def lower_dequantize(node: Node, ctx: OnnxLowering) -> list[str]:
     out_dtype = node.attrs.get("out_dtype")
     if node.inputs:
         (q,) = ctx.inputs(node)
-        return [emit_dequantize(ctx, q, _scale(ctx, node), **_axis_attrs(node, 2), out_dtype=out_dtype)]
+        return [emit_dequantize(ctx, q, _scale(ctx, node), **_axis_attrs(node), out_dtype=out_dtype)]
     codes = _codes(ctx, node)
     attrs = _axis_attrs(node, codes.dim())
     pad = _ragged_pad(node, codes)

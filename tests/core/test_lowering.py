@@ -61,7 +61,7 @@ def test_duplicate_decomposition_and_non_entry_are_refused_naming_the_plugin():
         ):
             get_registry()
     with plugin_registered(LoweringPlugin("not an entry"), "sloppy"):
-        with pytest.raises(ModelcError, match="plugin 'sloppy': register_lowerings was given str is not a Lowering"):
+        with pytest.raises(ModelcError, match="plugin 'sloppy': register_lowerings was given str, not a Lowering"):
             get_registry()
 
 
