@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from compiler_core.backends.torch.fused.int4 import dequantize_in_dtype, tinygemm_codes, tinygemm_matmul
 from modelc_plugins.quant_awq.int4 import (
     check_group_size,
     dequantize_codes,
@@ -14,7 +16,6 @@ from modelc_plugins.quant_awq.int4 import (
     quantize_groups,
     unpack_int4,
 )
-from modelc_plugins.quant_awq.lowering import dequantize_in_dtype, tinygemm_codes, tinygemm_matmul
 from modelc_plugins.quant_awq.search import _group_gram, candidate_scales, group_output_mse, search_clip, search_scale
 
 
