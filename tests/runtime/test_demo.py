@@ -47,12 +47,15 @@ def test_demo_runs_end_to_end(tmp_path, tmp_path_factory):
     for qformat in ("fp8", "int4_awq"):
         quantized = json.loads((demo / f"summarize-{qformat}.json").read_text())
         assert quantized["engine"]["rouge1"] > 5.0, qformat
-        # Agreement with full precision: greedy summaries drift apart after the first differing
-        # token, so this is far from 100, but a broken quantization scores near 0.
-        assert quantized["engine_vs_hf"]["rouge1"] > 30.0, (qformat, quantized["engine_vs_hf"])
+        # Agreement with full precision: greedy summaries drift apart after their first differing
+        # token, so this is far from 100; two unrelated summaries of this model score ROUGE-2 ~6
+        # (measured), gibberish ~0. fp8 scores ~39 and int4_awq ~14 here.
+        floor = {"fp8": 20.0, "int4_awq": 9.0}[qformat]
+        assert quantized["engine_vs_hf"]["rouge2"] > floor, (qformat, quantized["engine_vs_hf"])
         assert qformat in proc.stdout.split("7/8")[1]
     serve_reply = demo / "serve.json"
     if serve_reply.exists():
-        assert json.loads(serve_reply.read_text())["choices"][0]["text"]
+        # The same prompt, greedy, as step 4's first: the server's text is `modelc run`'s.
+        assert json.loads(serve_reply.read_text())["choices"][0]["text"] == run["output_text"][0]
     else:
         assert "skipped: this modelc has no 'serve' command" in proc.stdout
