@@ -39,7 +39,7 @@ TRAINING_RECORD = "training.json"
 class TrainingRecipe:
     """Everything besides the variant and the library versions that decides the trained weights.
 
-    With two layers the defaults train in about 35 CPU seconds (one thread), to a loss near 1.6 on
+    With two layers the defaults train in about 30 s (one thread), to a loss near 1.5 on
     the 18k-token corpus: greedy text of real words and plausible phrases. The 2048-token vocabulary
     makes most words one token, which a model this small strings together far better than pieces.
     """
