@@ -139,6 +139,7 @@ class Scheduler:
         self.max_queue = max_queue
         self._rows: list[Sequence | None] = [None] * slots.rows
         self._cursor = 0
+        self._generated = 0
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._wake = threading.Condition()
         self._accepting = True
@@ -179,10 +180,15 @@ class Scheduler:
         """Wait for the engine thread, which ends once drained."""
         self._thread.join()
 
+    @property
+    def accepting(self) -> bool:
+        """False once draining (or failed): new requests are refused."""
+        return self._accepting
+
     def stats(self) -> dict[str, int]:
-        """Slots in use and sequences waiting (for /health)."""
+        """Slots in use, sequences waiting and tokens generated so far (for /health)."""
         busy = sum(seq is not None for seq in self._rows)
-        return {"slots": len(self._rows), "busy": busy, "waiting": len(self._waiting)}
+        return {"slots": len(self._rows), "busy": busy, "waiting": len(self._waiting), "generated": self._generated}
 
     # --- the engine thread -------------------------------------------------------------------
 
@@ -312,6 +318,7 @@ class Scheduler:
             out = Token(token, float(logprobs[token]), alternatives)
         seq.last_token = token
         seq.generated += 1
+        self._generated += 1
         seq.sink(out)
         if token in params.stop_ids:
             self._retire(seq, Finished("stop"))

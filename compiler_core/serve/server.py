@@ -1,0 +1,87 @@
+"""Running the app under uvicorn on a listening socket, with the shutdown that serving needs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+from collections.abc import Callable, Iterator
+
+import click
+import uvicorn
+
+from compiler_core.errors import ModelcError
+from compiler_core.serve.app import build_app
+from compiler_core.serve.protocol import ServedModel
+from compiler_core.serve.scheduler import Scheduler
+from compiler_core.serve.slots import SlotRunner
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server with SIGTERM/SIGINT handled by :meth:`stopping_on_signals`: the first signal
+    drains the scheduler (running requests finish, up to its timeout) and stops accepting, a
+    second aborts at once.
+
+    uvicorn's own handler would re-raise the signal after shutting down, which ends the process
+    with the signal's status instead of 0; and it is installed only once the loop runs, after the
+    ready line.
+    """
+
+    def __init__(self, config: uvicorn.Config, drain: Callable[[float | None], None]) -> None:
+        super().__init__(config)
+        self.drain = drain
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield  # see stopping_on_signals
+
+    @contextlib.contextmanager
+    def stopping_on_signals(self) -> Iterator[None]:
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _on_signal(self, sig: int, frame: object) -> None:
+        if self.should_exit:
+            self.force_exit = True
+            self.drain(0.0)
+        else:
+            self.drain(None)
+        self.should_exit = True
+
+
+def serve(
+    listener: socket.socket,
+    model: ServedModel,
+    slots: SlotRunner,
+    prefill_chunk: int,
+    max_queue: int,
+    api_key: str | None,
+    shutdown_timeout: float,
+) -> None:
+    """Serve ``model`` on ``listener`` until a signal; print one line once requests are accepted."""
+    scheduler = Scheduler(slots, model.max_seq_len, prefill_chunk, max_queue)
+    config = uvicorn.Config(
+        build_app(model, scheduler, api_key),
+        log_level="warning",
+        lifespan="off",
+        # uvicorn cancels what still runs shortly after the scheduler has aborted it.
+        timeout_graceful_shutdown=int(shutdown_timeout) + 2,
+    )
+    server = DrainingServer(config, lambda timeout: scheduler.drain(shutdown_timeout if timeout is None else timeout))
+    scheduler.start()
+    host, port = listener.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    try:
+        with server.stopping_on_signals():
+            click.echo(f"modelc: serving {model.name} on http://{shown}:{port} ({slots.rows} slots)")
+            asyncio.run(server.serve(sockets=[listener]))
+    finally:
+        scheduler.drain(0.0)
+        scheduler.join()
+    if scheduler.failure is not None:
+        raise ModelcError(f"the engine failed: {type(scheduler.failure).__name__}: {scheduler.failure}")
