@@ -32,21 +32,23 @@ def hf_dir(tmp_path_factory, tokenizer) -> Callable[[str], Path]:
 
 @pytest.fixture(scope="session")
 def engine(tmp_path_factory, hf_dir) -> Callable[..., Path]:
-    """(variant, tp=1, pp=1) -> an fp32 torch engine with :data:`LIMITS` (built once per session)."""
+    """(variant, tp=1, pp=1, max_seq_len=64) -> an fp32 torch engine with :data:`LIMITS` (built once per session)."""
     from compiler_core.build.engine import build_engine, choose_backend
     from compiler_core.convert.from_hf import convert
     from compiler_core.mapping import Mapping
 
     root, made = tmp_path_factory.mktemp("serve-engines"), {}
 
-    def get(variant: str, tp: int = 1, pp: int = 1) -> Path:
-        key = (variant, tp, pp)
+    def get(variant: str, tp: int = 1, pp: int = 1, max_seq_len: int = LIMITS["max_seq_len"]) -> Path:
+        key = (variant, tp, pp, max_seq_len)
         if key not in made:
-            ckpt = root / f"{variant}-tp{tp}pp{pp}-ckpt"
+            name = f"{variant}-tp{tp}pp{pp}-seq{max_seq_len}"
+            ckpt = root / f"{name}-ckpt"
             convert(hf_dir(variant), ckpt, dtype="float32", mapping=Mapping.create(tp, pp), show_progress=False)
             backend, _ = choose_backend("torch")
-            build_engine(ckpt, root / f"{variant}-tp{tp}pp{pp}", backend, dict(LIMITS), show_progress=False)
-            made[key] = root / f"{variant}-tp{tp}pp{pp}"
+            limits = {**LIMITS, "max_seq_len": max_seq_len}
+            build_engine(ckpt, root / name, backend, limits, show_progress=False)
+            made[key] = root / name
         return made[key]
 
     return get
