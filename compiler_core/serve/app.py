@@ -245,12 +245,12 @@ def build_app(model: ServedModel, scheduler: Scheduler, api_key: str | None = No
 
 
 async def _stream(run: _Generation) -> AsyncIterator[str]:
+    # One event per generated token (its text may be empty while a character or a possible stop
+    # string is held back), so clients can time every token.
     started: set[int] = set()
     async for index, text, logprobs in run.deltas():
-        finished = run.choices[index].finish is not None
-        if text or logprobs or finished or (run.chat and index not in started):
-            yield _sse(run.chunk(index, text, logprobs, first=index not in started))
-            started.add(index)
+        yield _sse(run.chunk(index, text, logprobs, first=index not in started))
+        started.add(index)
     if run.request.include_usage:
         yield _sse(run.usage_chunk())
     yield _sse("[DONE]")
