@@ -103,11 +103,16 @@ class KVCache:
         """Rows of the cache (0 for a graph without attention)."""
         return next((slot.k.shape[0] for slot in self.slots.values()), 0)
 
-    def row(self, index: int) -> KVCache:
-        """Cache row ``index`` alone, as a batch of one that shares this cache's storage: a forward
-        pass given it reads and writes that row only (in-flight batching fills one slot at a time)."""
+    def rows(self, rows: range) -> KVCache:
+        """Cache rows ``rows`` (consecutive) alone, as a smaller batch sharing this cache's storage: a
+        forward pass given it reads and writes those rows only (in-flight batching fills a few slots
+        while the others wait for their next decode step)."""
+        if rows.step != 1:
+            raise ValueError(f"cache rows must be consecutive, got {rows}")
         slots = {
-            name: CacheSlot(slot.k.narrow(0, index, 1), slot.v.narrow(0, index, 1), slot.scale)
+            name: CacheSlot(
+                slot.k.narrow(0, rows.start, len(rows)), slot.v.narrow(0, rows.start, len(rows)), slot.scale
+            )
             for name, slot in self.slots.items()
         }
         return KVCache(slots, self.max_len)

@@ -85,8 +85,8 @@ class DistributedRunner(ModelRunner):
     def supports_rows(self) -> bool:
         return self.session.supports_rows
 
-    def row_logits(self, row, ids, positions, attention_mask, start):
-        return self._forward(ids, positions, attention_mask, start, row=row)[0, -1]
+    def row_logits(self, rows, ids, positions, attention_mask, start):
+        return self._forward(ids, positions, attention_mask, start, rows=rows)[:, -1]
 
     def shift_cache(self, offset: int) -> None:
         self.session.shift_cache(offset)

@@ -53,14 +53,15 @@ class ModelRunner(ABC):
         return False
 
     def row_logits(
-        self, row: int, ids: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor, start: int
+        self, rows: range, ids: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor, start: int
     ) -> torch.Tensor:
-        """Logits [vocab] of the last of ``ids`` [1, seq], run against cache row ``row`` alone.
+        """Logits [len(rows), vocab] of the last of ``ids`` [len(rows), seq], run against the consecutive
+        cache rows ``rows`` alone.
 
-        The other rows' caches are left as they are, so a newcomer's prompt fills its own slot
+        The other rows' caches are left as they are, so newcomers' prompts fill their own slots
         between two decode steps of the rest of the batch (in-flight batching).
         """
-        raise NotImplementedError(f"{type(self).__name__} cannot run one cache row at a time")
+        raise NotImplementedError(f"{type(self).__name__} cannot run some cache rows alone")
 
     def shift_cache(self, offset: int) -> None:
         """Move every cache row's entries ``offset`` columns (see :meth:`KVCache.shift`)."""
@@ -131,8 +132,8 @@ class LocalRunner(ModelRunner):
     def supports_rows(self) -> bool:
         return all(s.supports_rows for s in self.sessions)
 
-    def row_logits(self, row, ids, positions, attention_mask, start):
-        return self._forward(ids, positions, attention_mask, start, self._last_only(), row=row)[0, -1]
+    def row_logits(self, rows, ids, positions, attention_mask, start):
+        return self._forward(ids, positions, attention_mask, start, self._last_only(), rows=rows)[:, -1]
 
     def shift_cache(self, offset: int) -> None:
         for s in self.sessions:
@@ -148,14 +149,16 @@ class LocalRunner(ModelRunner):
         last_stage = [self.sessions[r] for r in self.mapping.tp_group(self.mapping.world_size - 1)]
         return all(s.supports_last_only for s in last_stage)
 
-    def _forward(self, ids, positions, attention_mask, start, last_only: bool, row: int | None = None) -> torch.Tensor:
+    def _forward(
+        self, ids, positions, attention_mask, start, last_only: bool, rows: range | None = None
+    ) -> torch.Tensor:
         x = ids
         for stage in range(self.mapping.pp_size):
             ranks = [self.mapping.rank(tp, stage) for tp in range(self.mapping.tp_size)]
             # Only the last stage may drop positions: earlier stages feed every position onwards.
             kw = {"last_only": True} if last_only and stage == self.mapping.pp_size - 1 else {}
-            if row is not None:
-                kw["row"] = row
+            if rows is not None:
+                kw["rows"] = rows
             outs = self._run_stage(ranks, x, positions, attention_mask, start, kw)
             x = outs[0]
         return x

@@ -36,9 +36,9 @@ class RankSession(ABC):
     def reorder_cache(self, index: torch.Tensor) -> None:
         """Keep cache rows ``index`` (beam search)."""
 
-    #: True when ``forward`` accepts ``row=r`` (run a batch of one against cache row ``r`` alone,
-    #: leaving the other rows' caches as they are) and ``shift_cache`` works: what in-flight
-    #: batching needs to fill one slot while the others keep decoding.
+    #: True when ``forward`` accepts ``rows=range(a, b)`` (run a batch of ``b - a`` against those cache
+    #: rows alone, leaving the other rows' caches as they are) and ``shift_cache`` works: what
+    #: in-flight batching needs to fill some slots while the others keep decoding.
     supports_rows: bool = False
 
     def shift_cache(self, offset: int) -> None:
@@ -92,17 +92,17 @@ class TorchSession(RankSession):
         self._step = None  # a captured step refers to the previous cache's storage
 
     @torch.inference_mode()
-    def forward(self, x, positions, attention_mask, start, last_only: bool = False, row: int | None = None):
+    def forward(self, x, positions, attention_mask, start, last_only: bool = False, rows: range | None = None):
         x = x.to(self.device)
         capturable = self.comm is None or self.comm.graph_capturable
         static = self.decode_mode != "dynamic" and x.shape[1] == 1 and capturable
-        if static and row is None and self.cache is not None:
+        if static and rows is None and self.cache is not None:
             return self._static_forward(x, positions, attention_mask, start)
         ctx = ForwardContext(
             positions=positions.to(self.device),
             attention_mask=attention_mask.to(self.device),
             start=start,
-            cache=self.cache if row is None or self.cache is None else self.cache.row(row),
+            cache=self.cache if rows is None or self.cache is None else self.cache.rows(rows),
             comm=self.comm,
         )
         (out,) = self.executor.run({self.graph.inputs[0]: x}, ctx, last_only=last_only).values()

@@ -37,9 +37,9 @@ class LeaderSlots(SlotRunner):
     def _announce(self, *call: Any) -> None:
         dist.broadcast_object_list([call], src=0, group=self.group)
 
-    def prefill(self, row: int, ids: list[int], region_start: int, start: int) -> torch.Tensor:
-        self._announce("prefill", row, ids, region_start, start)
-        return super().prefill(row, ids, region_start, start)
+    def prefill(self, rows: range, ids: list[list[int]], region_start: int, start: int) -> torch.Tensor:
+        self._announce("prefill", rows, ids, region_start, start)
+        return super().prefill(rows, ids, region_start, start)
 
     def decode(self, tokens: list[int | None], region_starts: list[int | None], cursor: int) -> torch.Tensor:
         self._announce("decode", tokens, region_starts, cursor)

@@ -101,6 +101,8 @@ class Sequence:
     region_start: int = 0
     chunks: list[int] = field(default_factory=list)
     filled: int = 0
+    #: The sequences admitted with this one into consecutive rows, prefilled together.
+    group: list[Sequence] = field(default_factory=list)
     last_token: int = 0
     generator: torch.Generator | None = None
 
@@ -231,39 +233,69 @@ class Scheduler:
             if seq is not None and seq.cancelled:
                 self._retire(seq, Finished("cancelled"))
         self._admit()
-        ran = False
-        for seq in [s for s in self._rows if s is not None and s.state is _State.PREFILL]:
-            self._prefill_chunk(seq)
-            ran = True
+        groups = self._prefill_groups()
+        for group in groups:
+            self._prefill_chunk(group)
         decoding = [s for s in self._rows if s is not None and s.state is _State.DECODE]
         if decoding:
             self._decode(decoding)
-            ran = True
-        if ran:
+        if groups or decoding:
             self._cursor += 1
 
+    def _prefill_groups(self) -> list[list[Sequence]]:
+        groups = {id(s.group): s.group for s in self._rows if s is not None and s.state is _State.PREFILL}
+        return list(groups.values())
+
     def _admit(self) -> None:
-        free = [row for row, seq in enumerate(self._rows) if seq is None]
-        in_prefill = [s for s in self._rows if s is not None and s.state is _State.PREFILL]
-        budget_used = sum(max(s.chunks) for s in in_prefill)
-        while free:
+        """Move waiting sequences into free slots. Consecutive sequences with prompts of one length go
+        into consecutive rows as one group, prefilled by one forward pass; while others are decoding,
+        only as many as the per-step prefill budget allows (none of it is needed when nobody waits
+        on a decode step)."""
+        decoding = any(s is not None and s.state is _State.DECODE for s in self._rows)
+        used = sum(len(g) * max(g[0].chunks) for g in self._prefill_groups())
+        while True:
             with self._wake:
                 while self._waiting and self._waiting[0].cancelled:
                     self._retire(self._waiting.popleft(), Finished("cancelled"))
-                if not self._waiting:
+                first_row, free = self._free_run()
+                if not self._waiting or not free:
                     return
-                chunks = chunk_sizes(len(self._waiting[0].prompt), self.prefill_chunk)
-                if budget_used and budget_used + max(chunks) > self.prefill_chunk:
-                    return
-                seq = self._waiting.popleft()
-            budget_used += max(chunks)
-            self._place(seq, free.pop(0), chunks)
+                length = len(self._waiting[0].prompt)
+                chunks = chunk_sizes(length, self.prefill_chunk)
+                take = free
+                if decoding:
+                    take = min(free, (self.prefill_chunk - used) // max(chunks))
+                    if used == 0:
+                        take = max(take, 1)  # a prompt whose chunks outgrow the budget still gets in
+                group: list[Sequence] = []
+                while self._waiting and len(group) < take:
+                    head = self._waiting[0]
+                    if head.cancelled or len(head.prompt) != length:
+                        break
+                    group.append(self._waiting.popleft())
+            if not group:
+                return
+            used += len(group) * max(chunks)
+            self._place(group, first_row, chunks)
 
-    def _place(self, seq: Sequence, row: int, chunks: list[int]) -> None:
+    def _free_run(self) -> tuple[int, int]:
+        """(first row, length) of the longest run of consecutive free rows ((0, 0) when none is free)."""
+        best, run_start = (0, 0), None
+        for row, seq in enumerate([*self._rows, object()]):
+            if seq is None:
+                run_start = row if run_start is None else run_start
+            elif run_start is not None:
+                best = max(best, (run_start, row - run_start), key=lambda r: r[1])
+                run_start = None
+        return best
+
+    def _place(self, group: list[Sequence], first_row: int, chunks: list[int]) -> None:
         active = [s for s in self._rows if s is not None]
-        seq.row, seq.chunks, seq.state = row, chunks, _State.PREFILL
-        seq.region_start = self._cursor + len(chunks) - 1 - len(seq.prompt)
-        placed = [*active, seq]
+        region_start = self._cursor + len(chunks) - 1 - len(group[0].prompt)
+        for i, seq in enumerate(group):
+            seq.row, seq.chunks, seq.state, seq.group = first_row + i, list(chunks), _State.PREFILL, group
+            seq.region_start = region_start
+        placed = [*active, *group]
         if min(s.region_start for s in placed) < 0 or max(s.end for s in placed) > self.slots.width:
             offset = -min(s.region_start for s in placed)
             if active:
@@ -272,22 +304,33 @@ class Scheduler:
             for s in placed:
                 s.region_start += offset
         if min(s.region_start for s in placed) < 0 or max(s.end for s in placed) > self.slots.width:
-            raise RuntimeError(f"cannot place a sequence of {len(seq.prompt)} + {seq.params.max_tokens} tokens")
-        if not seq.params.greedy:
-            seq.generator = torch.Generator(device=self.slots.device)
-            seq.generator.manual_seed(
-                random.SystemRandom().getrandbits(63) if seq.params.seed is None else seq.params.seed
-            )
-        self._rows[row] = seq
+            raise RuntimeError(f"cannot place sequences of {len(group[0].prompt)} prompt tokens")
+        for seq in group:
+            if not seq.params.greedy:
+                seq.generator = torch.Generator(device=self.slots.device)
+                seed = seq.params.seed
+                seq.generator.manual_seed(random.SystemRandom().getrandbits(63) if seed is None else seed)
+            self._rows[seq.row] = seq
 
-    def _prefill_chunk(self, seq: Sequence) -> None:
-        size = seq.chunks.pop(0)
-        ids = seq.prompt[seq.filled : seq.filled + size]
-        logits = self.slots.prefill(seq.row, ids, seq.region_start, seq.region_start + seq.filled)
-        seq.filled += size
-        if not seq.chunks:
-            seq.state = _State.DECODE
-            self._emit(seq, logits, None)
+    def _prefill_chunk(self, group: list[Sequence]) -> None:
+        """The next chunk of every sequence of ``group`` (one forward per run of consecutive rows)."""
+        size, filled, region_start = group[0].chunks[0], group[0].filled, group[0].region_start
+        runs: list[list[Sequence]] = []
+        for seq in group:  # a member cancelled mid-prefill leaves a gap
+            if runs and runs[-1][-1].row + 1 == seq.row:
+                runs[-1].append(seq)
+            else:
+                runs.append([seq])
+        for run in runs:
+            ids = [s.prompt[filled : filled + size] for s in run]
+            rows = range(run[0].row, run[-1].row + 1)
+            logits = self.slots.prefill(rows, ids, region_start, region_start + filled)
+            for i, seq in enumerate(run):
+                seq.chunks.pop(0)
+                seq.filled += size
+                if not seq.chunks:
+                    seq.state = _State.DECODE
+                    self._emit(seq, logits[i], None)
 
     def _decode(self, decoding: list[Sequence]) -> None:
         tokens: list[int | None] = [None] * len(self._rows)
@@ -328,6 +371,8 @@ class Scheduler:
     def _retire(self, seq: Sequence, finished: Finished) -> None:
         if seq.state is _State.DONE:
             return
+        if seq.state is _State.PREFILL:
+            seq.group.remove(seq)
         if seq.state in (_State.PREFILL, _State.DECODE):
             self._rows[seq.row] = None
         seq.state = _State.DONE

@@ -28,14 +28,15 @@ class SlotRunner:
         self._columns = torch.arange(width, device=self.device)
 
     @torch.inference_mode()
-    def prefill(self, row: int, ids: list[int], region_start: int, start: int) -> torch.Tensor:
-        """Write ``ids`` at columns ``[start, start + len(ids))`` of ``row``, whose sequence begins at
-        column ``region_start``; return the float32 logits [vocab] after the last of them."""
-        end = start + len(ids)
-        tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
-        mask = (self._columns[:end] >= region_start).long()[None]
+    def prefill(self, rows: range, ids: list[list[int]], region_start: int, start: int) -> torch.Tensor:
+        """Write ``ids[i]`` at columns ``[start, start + len)`` of row ``rows[i]`` (the rows consecutive, the
+        chunks of one length), each row's sequence beginning at column ``region_start``; return the
+        float32 logits [len(rows), vocab] after the last of them."""
+        end = start + len(ids[0])
+        tokens = torch.tensor(ids, dtype=torch.long, device=self.device)
+        mask = (self._columns[:end] >= region_start).long()[None].expand(len(rows), -1)
         positions = torch.arange(start - region_start, end - region_start, device=self.device)[None]
-        return self.runner.row_logits(row, tokens, positions, mask, start).float()
+        return self.runner.row_logits(rows, tokens, positions.expand(len(rows), -1), mask, start).float()
 
     @torch.inference_mode()
     def decode(self, tokens: list[int | None], region_starts: list[int | None], cursor: int) -> torch.Tensor:

@@ -18,14 +18,16 @@ class CountingSlots(SlotRunner):
 
     shifts = 0
     chunks = 0
+    rows_at_once = 0
 
     def shift(self, offset):
         self.shifts += 1
         super().shift(offset)
 
-    def prefill(self, row, ids, region_start, start):
+    def prefill(self, rows, ids, region_start, start):
         self.chunks += 1
-        return super().prefill(row, ids, region_start, start)
+        self.rows_at_once = max(self.rows_at_once, len(rows))
+        return super().prefill(rows, ids, region_start, start)
 
 
 def alone(engine_dir, prompt: list[int], max_tokens: int, end_id: int) -> list[int]:
@@ -84,3 +86,36 @@ def test_chunks_cover_the_prompt_and_last_chunk_outlasts_the_steps():
             assert sum(sizes) == length and min(sizes) >= 1
             assert sizes[-1] >= len(sizes) - 1
             assert max(sizes) <= max(chunk, int(length**0.5) + 1)
+
+
+def test_prompts_of_one_length_prefill_together_and_survive_a_cancelled_member(engine):
+    engine_dir = engine("7b")
+    runner, config = open_runner(engine_dir, "cpu")
+    end_id, pad_id = special_ids(config)
+    rng = random.Random(2)
+    prompts = [[rng.randrange(config["checkpoint"]["vocab_size"]) for _ in range(20)] for _ in range(5)]
+    slots = CountingSlots(runner, rows=4, width=128, pad_id=pad_id)
+    scheduler = Scheduler(slots, max_seq_len=64, prefill_chunk=8, max_queue=16)
+    outputs: list[list[int]] = [[] for _ in prompts]
+    finished: list[str | None] = [None] * len(prompts)
+
+    def sink(i):
+        def receive(event):
+            if isinstance(event, Token):
+                outputs[i].append(event.id)
+            else:
+                finished[i] = event.reason
+
+        return receive
+
+    params = SamplingParams(max_tokens=12, temperature=0, stop_ids=frozenset({end_id}))
+    sequences = [Sequence(p, params, sink(i)) for i, p in enumerate(prompts)]
+    scheduler.submit(sequences)
+    scheduler.step()  # four rows take the first chunk of four prompts in one forward
+    assert slots.rows_at_once == 4
+    scheduler.cancel([sequences[1]])  # mid-prefill: rows 0 and 2..3 go on as two runs
+    while None in finished:
+        scheduler.step()
+    assert finished[1] == "cancelled" and outputs[1] == []
+    for i in (0, 2, 3, 4):
+        assert outputs[i] == alone(engine_dir, prompts[i], 12, end_id), f"prompt {i}"
