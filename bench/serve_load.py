@@ -12,6 +12,7 @@ event per token, so the client sees every token's arrival.
     aggregate tok/s   output tokens of all requests / wall time of the load phase
     TTFT              request sent -> first token event (p50, p99)
     ITL               gap between consecutive token events of one request (p50, p99)
+    scheduler tok/s   the server's scheduler on the same prompts, in this process, without HTTP
     offline tok/s     clients x output_len / time of one generate() call at batch = clients
 
 Loopback only, bounded in requests and time. ``--json F`` writes the numbers.
@@ -75,6 +76,28 @@ def offline(engine: Path, device: str, prompts: list[list[int]], output_len: int
     config = GenerationConfig(max_new_tokens=output_len, temperature=0)  # no end id: every row runs to the end
     generate(runner, prompts, GenerationConfig(max_new_tokens=2, temperature=0))  # warm-up (and graph capture)
     best = min(timed(lambda: generate(runner, prompts, config), device)[0] for _ in range(repeat))
+    return len(prompts) * output_len / best
+
+
+def scheduled(engine: Path, device: str, prompts: list[list[int]], output_len: int, repeat: int) -> float:
+    """Output tokens/s of the server's scheduler on the same prompts in this process, without HTTP:
+    how much of the gap to offline is in-flight batching and how much is serving."""
+    from compiler_core.runtime.open import open_runner
+    from compiler_core.serve.scheduler import SamplingParams, Scheduler, Sequence
+    from compiler_core.serve.slots import SlotRunner
+
+    runner, _ = open_runner(engine, device)
+    max_seq_len = len(prompts[0]) + output_len
+    scheduler = Scheduler(SlotRunner(runner, len(prompts), 2 * max_seq_len, 0), max_seq_len, 128, len(prompts))
+    params = SamplingParams(max_tokens=output_len, temperature=0)
+
+    def run() -> None:
+        scheduler.submit([Sequence(p, params, lambda event: None) for p in prompts])
+        while scheduler.stats()["busy"] or scheduler.stats()["waiting"]:
+            scheduler.step()
+
+    run()  # warm-up
+    best = min(timed(run, device)[0] for _ in range(repeat))
     return len(prompts) * output_len / best
 
 
@@ -178,6 +201,7 @@ def main() -> None:
     vocab = SHAPES[args.shape]["vocab_size"]
     prompts = torch.randint(100, vocab, (args.clients, args.prompt_len), generator=torch.Generator().manual_seed(0))
     offline_tps = offline(engine, args.device, prompts.tolist(), args.output_len, args.repeat)
+    scheduled_tps = scheduled(engine, args.device, prompts.tolist(), args.output_len, args.repeat)
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()  # the offline runner is gone: leave the GPU to the server
 
@@ -198,6 +222,7 @@ def main() -> None:
         "prompt_len": args.prompt_len,
         "output_len": args.output_len,
         "offline_tps": offline_tps,
+        "scheduler_tps": scheduled_tps,
         **served,
         "served_vs_offline": served["aggregate_tps"] / offline_tps,
     }
@@ -209,6 +234,7 @@ def main() -> None:
         f"{'modelc serve':24}{served['aggregate_tps']:>10.1f}{ttft['p50']:>10.1f}{ttft['p99']:>10.1f}"
         f"{itl['p50']:>10.2f}{itl['p99']:>10.2f}"
     )
+    print(f"{'scheduler, no HTTP':24}{scheduled_tps:>10.1f}")
     print(f"{f'offline generate b={args.clients}':24}{offline_tps:>10.1f}")
     counts = f"{served['requests']} requests, {len(served['errors'])} errors"
     print(f"served / offline: {result['served_vs_offline']:.2f}  ({counts})")

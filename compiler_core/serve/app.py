@@ -9,8 +9,11 @@ slots at the scheduler's next iteration.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
+import functools
 import json
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +40,32 @@ from compiler_core.serve.scheduler import Finished, NotAccepting, QueueFull, Sch
 from compiler_core.serve.text import TextStream
 
 
+class _Mailbox:
+    """Hands events from the engine thread to the event loop's queues, waking the loop once per batch
+    of events (a decode step emits one per running sequence) instead of once per event."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._pending: collections.deque[tuple[asyncio.Queue, Any]] = collections.deque()
+        self._lock = threading.Lock()
+        self._wakeup_pending = False
+
+    def post(self, queue: asyncio.Queue, item: Any) -> None:
+        with self._lock:
+            self._pending.append((queue, item))
+            if self._wakeup_pending:
+                return
+            self._wakeup_pending = True
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            self._wakeup_pending = False
+            items, self._pending = self._pending, collections.deque()
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
 @dataclass
 class _Choice:
     """One sequence's answer as it builds up."""
@@ -50,12 +79,13 @@ class _Choice:
 class _Generation:
     """The sequences of one request, their events, and the OpenAI documents built from them."""
 
-    def __init__(self, request: GenerationRequest, model: ServedModel, scheduler: Scheduler, chat: bool) -> None:
+    def __init__(
+        self, request: GenerationRequest, model: ServedModel, scheduler: Scheduler, mailbox: _Mailbox, chat: bool
+    ) -> None:
         self.request, self.model, self.scheduler, self.chat = request, model, scheduler, chat
         self.id = new_id("chatcmpl" if chat else "cmpl")
         self.created = now()
         self.events: asyncio.Queue[tuple[int, Token | Finished]] = asyncio.Queue()
-        loop = asyncio.get_running_loop()
         self.sequences: list[Sequence] = []
         self.choices: list[_Choice] = []
         for prompt in request.prompts:
@@ -64,13 +94,13 @@ class _Generation:
                 params = request.params
                 if params.seed is not None and j:  # n samples of one seeded request differ, reproducibly
                     params = dataclasses.replace(params, seed=params.seed + j)
-                sink = self._sink(loop, index)
+                sink = functools.partial(self._receive, mailbox, index)
                 self.sequences.append(Sequence(prompt, params, sink))
                 logprobs = None if params.logprobs is None else {k: [] for k in _LOGPROB_KEYS}
                 self.choices.append(_Choice(TextStream(model.tokenizer, request.stop_strings), logprobs=logprobs))
 
-    def _sink(self, loop: asyncio.AbstractEventLoop, index: int) -> Callable[[Token | Finished], None]:
-        return lambda event: loop.call_soon_threadsafe(self.events.put_nowait, (index, event))
+    def _receive(self, mailbox: _Mailbox, index: int, event: Token | Finished) -> None:
+        mailbox.post(self.events, (index, event))  # on the engine thread
 
     def cancel(self) -> None:
         """Free the slots of every sequence still running (the client went away)."""
@@ -213,10 +243,14 @@ def build_app(model: ServedModel, scheduler: Scheduler, api_key: str | None = No
         }
         return JSONResponse({"object": "list", "data": [card]})
 
+    mailboxes: dict[asyncio.AbstractEventLoop, _Mailbox] = {}
+
     def generation_route(parse: Callable[[dict, ServedModel], GenerationRequest], chat: bool):
         async def handler(request: Request) -> Response:
             parsed = parse(parse_json(await request.body()), model)
-            run = _Generation(parsed, model, scheduler, chat)
+            loop = asyncio.get_running_loop()
+            mailbox = mailboxes.setdefault(loop, _Mailbox(loop))
+            run = _Generation(parsed, model, scheduler, mailbox, chat)
             try:
                 scheduler.submit(run.sequences)
             except QueueFull as exc:
