@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import signal
 import socket
+import sys
 from collections.abc import Callable, Iterator
 
 import click
@@ -16,6 +17,9 @@ from compiler_core.serve.app import build_app
 from compiler_core.serve.protocol import ServedModel
 from compiler_core.serve.scheduler import Scheduler
 from compiler_core.serve.slots import SlotRunner
+
+#: How often (s) a thread holding the GIL hands it over to another that waits for it.
+GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 class DrainingServer(uvicorn.Server):
@@ -64,6 +68,10 @@ def serve(
     shutdown_timeout: float,
 ) -> None:
     """Serve ``model`` on ``listener`` until a signal; print one line once requests are accepted."""
+    # The engine thread and the event loop share the GIL. At Python's default 5 ms switch interval a
+    # decode step's tokens wait for the engine thread's time slice to run out before the loop can
+    # send them; 0.5 ms cut the inter-token latency by a third on the CPU benchmark.
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     scheduler = Scheduler(slots, model.max_seq_len, prefill_chunk, max_queue)
     config = uvicorn.Config(
         build_app(model, scheduler, api_key),
