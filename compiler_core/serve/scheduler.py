@@ -195,6 +195,9 @@ class Scheduler:
     # --- the engine thread -------------------------------------------------------------------
 
     def _run(self) -> None:
+        if self.slots.device.type == "cuda":
+            # A new thread starts on GPU 0; CUDA graph capture works on the current device's streams.
+            torch.cuda.set_device(self.slots.device)
         try:
             while self._wait_for_work():
                 self.step()

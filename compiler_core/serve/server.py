@@ -7,7 +7,7 @@ import contextlib
 import signal
 import socket
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import click
 import uvicorn
@@ -23,18 +23,19 @@ GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn's server with SIGTERM/SIGINT handled by :meth:`stopping_on_signals`: the first signal
-    drains the scheduler (running requests finish, up to its timeout) and stops accepting, a
-    second aborts at once.
+    """uvicorn's server over a scheduler, stopped by SIGTERM/SIGINT (see :meth:`stopping_on_signals`)
+    or by the engine failing.
 
-    uvicorn's own handler would re-raise the signal after shutting down, which ends the process
-    with the signal's status instead of 0; and it is installed only once the loop runs, after the
-    ready line.
+    The first signal drains the scheduler (running requests finish within ``shutdown_timeout``)
+    and stops accepting; a second aborts at once. uvicorn's own handler would re-raise the
+    signal after shutting down, which ends the process with the signal's status instead of 0; and
+    it is installed only once the loop runs, after the ready line.
     """
 
-    def __init__(self, config: uvicorn.Config, drain: Callable[[float | None], None]) -> None:
+    def __init__(self, config: uvicorn.Config, scheduler: Scheduler, shutdown_timeout: float) -> None:
         super().__init__(config)
-        self.drain = drain
+        self.scheduler = scheduler
+        self.shutdown_timeout = shutdown_timeout
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -52,10 +53,13 @@ class DrainingServer(uvicorn.Server):
     def _on_signal(self, sig: int, frame: object) -> None:
         if self.should_exit:
             self.force_exit = True
-            self.drain(0.0)
+            self.scheduler.drain(0.0)
         else:
-            self.drain(None)
+            self.scheduler.drain(self.shutdown_timeout)
         self.should_exit = True
+
+    async def on_tick(self, counter: int) -> bool:
+        return await super().on_tick(counter) or self.scheduler.failure is not None
 
 
 def serve(
@@ -80,7 +84,7 @@ def serve(
         # uvicorn cancels what still runs shortly after the scheduler has aborted it.
         timeout_graceful_shutdown=int(shutdown_timeout) + 2,
     )
-    server = DrainingServer(config, lambda timeout: scheduler.drain(shutdown_timeout if timeout is None else timeout))
+    server = DrainingServer(config, scheduler, shutdown_timeout)
     scheduler.start()
     host, port = listener.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
