@@ -67,6 +67,15 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(long_engine, tmp_pa
         assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] >= 1
 
 
+def test_a_client_that_gives_up_on_a_whole_answer_frees_its_slot(long_engine, tmp_path):
+    with serving(long_engine, "--max_batch_size", "1", log_dir=tmp_path) as server:
+        body = {"prompt": "Light", "max_tokens": LONG, "temperature": 0, "ignore_eos": True}
+        with pytest.raises(httpx.ReadTimeout):  # the client hangs up after half a second
+            httpx.post(server.url + "/v1/completions", json=body, timeout=httpx.Timeout(60, read=0.5))
+        wait_for(lambda: health(server.url)["busy"] == 0, "the slot to be freed")
+        assert health(server.url)["generated"] < LONG, "the request ran on after its client left"
+
+
 def test_a_full_queue_answers_429(long_engine, tmp_path):
     with serving(long_engine, "--max_batch_size", "1", "--max_queue", "1", log_dir=tmp_path) as server:
         client, _ = start_stream(server.url)  # holds the only slot
