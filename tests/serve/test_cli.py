@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import socket
 
+import pytest
+
 from compiler_core.testing import error_lines, run_modelc
 
 
@@ -32,3 +34,15 @@ def test_limits_past_the_engines_and_a_taken_port(engine):
         taken.listen()
         port = taken.getsockname()[1]
         assert f"--port {port}" in refused("--engine_dir", engine_dir, "--port", str(port))
+
+
+def test_an_engine_whose_backend_cannot_run_single_rows_is_refused(hf_dir, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from compiler_core.build.engine import build_engine, choose_backend
+    from compiler_core.convert.from_hf import convert
+
+    convert(hf_dir("7b"), tmp_path / "ckpt", dtype="float32", show_progress=False)
+    backend, _ = choose_backend("onnx")
+    build_engine(tmp_path / "ckpt", tmp_path / "onnx", backend, {}, show_progress=False)
+    line = refused("--engine_dir", str(tmp_path / "onnx"))
+    assert "onnx backend" in line and "--backend torch" in line
