@@ -175,7 +175,8 @@ class Scheduler:
         """Take no new sequences; finish the queued and running ones, aborting what is left after ``timeout`` s."""
         with self._wake:
             self._accepting = False
-            self._deadline = time.monotonic() + timeout
+            deadline = time.monotonic() + timeout
+            self._deadline = deadline if self._deadline is None else min(self._deadline, deadline)
             self._wake.notify()
 
     def join(self) -> None:
