@@ -36,10 +36,16 @@ def alone(engine_dir, prompt: list[int], max_tokens: int, end_id: int) -> list[i
     return generate(runner, [prompt], config)[0][0]
 
 
-@pytest.mark.parametrize("variant", ["7b", "rw", "40b"])
-def test_greedy_tokens_equal_each_prompt_alone(engine, variant):
+@pytest.mark.parametrize(
+    ("variant", "decode_mode"),
+    [("7b", "dynamic"), ("rw", "dynamic"), ("40b", "dynamic"), ("7b", "static"), ("rw", "static")],
+)
+def test_greedy_tokens_equal_each_prompt_alone(engine, variant, decode_mode):
+    """``static`` decode steps are the fixed-shape steps that CUDA captures as a graph (run eagerly here)."""
     engine_dir = engine(variant)
     runner, config = open_runner(engine_dir, "cpu")
+    for session in runner.sessions:
+        session.decode_mode = decode_mode
     end_id, pad_id = special_ids(config)
     vocab = config["checkpoint"]["vocab_size"]
     rng = random.Random(0)
@@ -77,6 +83,7 @@ def test_greedy_tokens_equal_each_prompt_alone(engine, variant):
     for i, prompt in enumerate(prompts):
         assert outputs[i] == alone(engine_dir, prompt, budgets[i], end_id), f"prompt {i} (length {len(prompt)})"
         assert finished[i] == ("stop" if outputs[i][-1] == end_id else "length")
+    assert (runner.sessions[0]._step is not None) == (decode_mode == "static")
 
 
 def test_chunks_cover_the_prompt_and_last_chunk_outlasts_the_steps():
