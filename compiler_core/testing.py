@@ -8,11 +8,13 @@ plugin chooses its own scopes. ``pytest`` is imported only by the helpers that s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import site
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 

@@ -10,6 +10,7 @@ import click
 
 from compiler_core.cli.options import option
 from compiler_core.errors import UsageError
+from compiler_core.host import Host
 
 INSTALL_HINT = "pip install 'modelc[serve]'"
 
@@ -62,7 +63,9 @@ INSTALL_HINT = "pip install 'modelc[serve]'"
     type=float,
     help="On SIGTERM/SIGINT, seconds to let running requests finish before aborting them.",
 )
+@click.pass_obj
 def serve_command(
+    modelc_host: Host,
     engine_dir: Path,
     host: str,
     port: int,
@@ -89,7 +92,7 @@ def serve_command(
     except ImportError as exc:
         raise UsageError(f"modelc serve needs uvicorn and starlette ({exc.name} is missing): {INSTALL_HINT}") from None
     from compiler_core.build.engine import read_engine_config
-    from compiler_core.runtime.open import load_tokenizer, mpi_rank, open_runner, special_ids
+    from compiler_core.runtime.open import load_tokenizer, mpi_rank, open_runner, special_ids, stop_ids
     from compiler_core.serve.protocol import ServedModel
     from compiler_core.serve.server import serve
 
@@ -105,7 +108,7 @@ def serve_command(
     max_batch_size = _within(max_batch_size, build["max_batch_size"], "--max_batch_size")
     max_seq_len = _within(max_seq_len, build["max_seq_len"], "--max_seq_len")
     tokenizer = load_tokenizer(engine_dir, tokenizer_dir)
-    end_id, pad_id = special_ids(engine_config, tokenizer)
+    _, pad_id = special_ids(engine_config, tokenizer)
     model = ServedModel(
         name=served_model_name or Path(engine_dir).resolve().name,
         tokenizer=tokenizer,
@@ -113,10 +116,10 @@ def serve_command(
         max_input_len=min(int(build["max_input_len"]), max_seq_len),
         max_seq_len=max_seq_len,
         max_batch_size=max_batch_size,
-        end_id=end_id,
+        end_ids=stop_ids(engine_config, tokenizer),
     )
     listener = _listen(host, port) if mpi_rank() == 0 else None
-    runner, _ = open_runner(Path(engine_dir), device)
+    runner, _ = open_runner(Path(engine_dir), device, modelc_host.registry)
     if not runner.supports_rows:
         raise UsageError(
             f"{engine_dir}: the {engine_config.get('backend', '?')} backend cannot run one cache row at a time, "

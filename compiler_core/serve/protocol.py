@@ -76,7 +76,8 @@ class ServedModel:
     max_input_len: int
     max_seq_len: int
     max_batch_size: int
-    end_id: int | None
+    #: The model's stop tokens (one or several; Llama 3 has three), unless a request says ignore_eos.
+    end_ids: tuple[int, ...]
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of ``messages`` through the tokenizer's chat template, else :data:`DEFAULT_CHAT_TEMPLATE`."""
@@ -257,8 +258,8 @@ def _stop(body: dict[str, Any], model: ServedModel) -> tuple[tuple[str, ...], fr
     if not isinstance(ids, list):
         raise RequestError("'stop_token_ids' must be a list of token ids", "stop_token_ids")
     stop_ids = set(_token_ids(ids, model, "stop_token_ids"))
-    if model.end_id is not None and not _bool(body, "ignore_eos"):
-        stop_ids.add(model.end_id)
+    if not _bool(body, "ignore_eos"):
+        stop_ids.update(model.end_ids)
     return tuple(strings), frozenset(stop_ids)
 
 

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from modelc_plugins.falcon.testing import single_torch_thread
-from modelc_plugins.falcon.tiny import EOS_TOKEN, corpus_text, tiny_config, train_tokenizer
+from modelc_plugins.falcon.tiny import EOS_TOKEN, TINY_FALCON_OUTPUT, corpus_text, tiny_config, train_tokenizer
 
 from compiler_core.backends.torch.native import cache_dir
 from compiler_core.formats.fileio import atomic_output_dir, read_json, write_json
@@ -76,7 +76,7 @@ def make_trained_tiny_falcon(
 ) -> TrainedFalcon:
     """Write the trained tiny Falcon of ``variant`` to ``out_dir``, training it only when the cache lacks it."""
     cached = cached_trained_falcon(variant, recipe, dtype=dtype, cache_root=cache_root, show_progress=show_progress)
-    with atomic_output_dir(Path(out_dir)) as tmp:
+    with atomic_output_dir(Path(out_dir), TINY_FALCON_OUTPUT) as tmp:
         shutil.copytree(cached.path, tmp, dirs_exist_ok=True)
     return replace(cached, path=Path(out_dir))
 
@@ -162,6 +162,8 @@ def train_tiny_falcon(
         torch.manual_seed(recipe.seed)
         model = FalconForCausalLM(config)
         final_loss = fit(model, ids, recipe, show_progress)
+    # Marked as modelc's own output, so that a later tiny-falcon run may replace it (and nothing else).
+    setattr(model.config, TINY_FALCON_OUTPUT.field, TINY_FALCON_OUTPUT.marker)
     model.to(getattr(torch, dtype)).save_pretrained(out_dir, max_shard_size="1MB")
     tokenizer.save_pretrained(out_dir)
     write_json(

@@ -10,7 +10,7 @@ from compiler_core.serve.text import TextStream
 
 @pytest.fixture(scope="module")
 def model(tokenizer) -> ServedModel:
-    return ServedModel("m", tokenizer, len(tokenizer), max_input_len=40, max_seq_len=64, max_batch_size=4, end_id=0)
+    return ServedModel("m", tokenizer, len(tokenizer), max_input_len=40, max_seq_len=64, max_batch_size=4, end_ids=(0,))
 
 
 def test_defaults_follow_openai_and_the_engine(model):

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from modelc_plugins.falcon.testing import STEPS
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from modelc_plugins.quant_awq.testing import CALIB, GROUP_SIZE, add_outlier_channels
 
 

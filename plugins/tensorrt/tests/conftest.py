@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import pytest
-
 from modelc_plugins.onnx.testing import TinyFalcons
 
 
