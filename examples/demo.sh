@@ -81,9 +81,7 @@ echo "(Greedy summaries drift apart after their first differing token, so agreem
 echo " two unrelated summaries of this model agree at about ROUGE-1 28, ROUGE-2 6.)"
 
 title "8/8 Serve the engine over an OpenAI-compatible HTTP API and send it one request"
-if ! "$MODELC" serve --help >/dev/null 2>&1; then
-  echo "skipped: this modelc has no 'serve' command"
-elif ! command -v curl >/dev/null; then
+if ! command -v curl >/dev/null; then
   echo "skipped: curl is not installed"
 else
   PORT=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
