@@ -85,7 +85,11 @@ def test_llama_plugin_from_pip_runs_under_mpirun_at_tp2_like_transformers(tmp_pa
     venv.install_copy(EXAMPLE, tmp_path / "llama-src")
     listed = {p["name"]: p for p in json.loads(check_ok(venv.modelc("plugins", "--json")).stdout)}
     assert listed["llama"]["package"] == "modelc-llama"
-    assert listed["llama"]["provides"] == {"architectures": ["llama"], "ops": ["llama_concat"]}
+    assert listed["llama"]["provides"] == {
+        "architectures": ["llama"],
+        "lowerings": ["torch:llama_concat"],
+        "ops": ["llama_concat"],
+    }
     ckpt, engine, out = tmp_path / "ckpt", tmp_path / "engine", tmp_path / "out.json"
     check_ok(venv.modelc("convert", "--model_dir", str(hf_dir), "--output_dir", str(ckpt), "--tp_size", "2"))
     assert json.loads((ckpt / "config.json").read_text())["architecture"] == "llama"

@@ -47,7 +47,7 @@ def test_a_tokenizers_chat_template_is_used_when_it_has_one(model, tokenizer):
     # A copy, so that the session's tokenizer keeps no template.
     copy = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer, eos_token=tokenizer.eos_token)
     copy.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
-    with_template = ServedModel("m", copy, len(copy), 40, 64, 4, 0)
+    with_template = ServedModel("m", copy, len(copy), 40, 64, 4, (0,))
     request = parse_chat({"messages": [{"role": "user", "content": "Hi"}]}, with_template)
     assert request.prompts[0] == copy("<user>Hi<assistant>", add_special_tokens=False)["input_ids"]
 
