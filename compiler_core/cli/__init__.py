@@ -9,7 +9,7 @@ import warnings
 
 import click
 
-from compiler_core.errors import ModelcError
+from compiler_core.errors import ModelcError, error_line, unexpected
 
 
 class ModelcGroup(click.Group):
@@ -28,12 +28,16 @@ class ModelcGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except ModelcError as exc:
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            if not exc.quiet:
-                click.echo(f"modelc: error: {exc}", err=True)
-            ctx.exit(exc.exit_code)
+            # The last resort: whatever no validation anticipated is still one line, never a traceback.
+            error = exc if isinstance(exc, ModelcError) else unexpected(exc)
+            if not error.quiet:
+                click.echo(error_line(error), err=True)
+            ctx.exit(error.exit_code)
 
 
 @click.group(cls=ModelcGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -65,9 +69,10 @@ def main(argv: list[str] | None = None) -> None:
     warnings.showwarning = _show_warning
     try:
         cli.main(args=argv, prog_name="modelc", standalone_mode=True)
-    except ModelcError as exc:  # raised outside a command's invoke (e.g. while collecting commands)
+    except Exception as exc:  # raised outside a command's invoke (e.g. while collecting commands)
         if debug:
             traceback.print_exc()
-        if not exc.quiet:
-            click.echo(f"modelc: error: {exc}", err=True)
-        sys.exit(exc.exit_code)
+        error = exc if isinstance(exc, ModelcError) else unexpected(exc)
+        if not error.quiet:
+            click.echo(error_line(error), err=True)
+        sys.exit(error.exit_code)

@@ -37,9 +37,11 @@ from typing import Any
 import torch
 
 from compiler_core.backends.torch.kernels import torch_dtype
-from compiler_core.errors import ModelcError, UsageError
+from compiler_core.errors import ConfigError, ModelcError, UsageError
 from compiler_core.formats.checkpoint import TOKENIZER_DIR, make_config, rank_file, save_rank_weights, write_config
 from compiler_core.formats.fileio import atomic_output_dir, read_json
+from compiler_core.formats.hf_index import weight_files
+from compiler_core.formats.safetensors_header import SAFETENSORS_DTYPES, open_weights, read_header
 from compiler_core.ir import Graph
 from compiler_core.mapping import Mapping
 from compiler_core.model import rank_graph
@@ -57,24 +59,6 @@ TOKENIZER_FILES = (
     "tokenizer.model",
 )
 
-#: safetensors dtype names <-> torch dtypes.
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "U16": torch.uint16,
-    "U32": torch.uint32,
-    "U64": torch.uint64,
-    "BOOL": torch.bool,
-}
 _SAFETENSORS_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 #: Linux moves at most this many bytes per read/write/copy_file_range call.
 _IO_CHUNK = 1 << 30
@@ -127,19 +111,8 @@ def model_config_from_hf(model_dir: Path, dtype: str, mapping: Mapping) -> dict[
         fields = arch.config_from_hf(hf)
         arch.check_mapping(fields, mapping)
     except ValueError as exc:
-        raise UsageError(f"{source}: {exc}") from None
+        raise ConfigError(f"{source}: {exc}") from None
     return make_config(fields, resolve_dtype(dtype, hf, source), mapping)
-
-
-def source_files(model_dir: Path) -> list[Path]:
-    """The checkpoint's weight files: safetensors shards, else PyTorch .bin shards."""
-    model_dir = Path(model_dir)
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        files = sorted(p for p in model_dir.glob("*.bin") if p.name != "training_args.bin")
-    if not files:
-        raise UsageError(f"{model_dir}: no *.safetensors or *.bin weight files")
-    return files
 
 
 # --- reading --------------------------------------------------------------------------------
@@ -155,23 +128,9 @@ class SourceFile:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.fd = os.open(self.path, os.O_RDONLY)
+        self.fd = open_weights(self.path)
         try:
-            size = os.fstat(self.fd).st_size
-            head = os.pread(self.fd, 8, 0)
-            n = int.from_bytes(head, "little") if len(head) == 8 else -1
-            if n < 2 or 8 + n > size:
-                raise UsageError(f"{self.path}: not a safetensors file (bad header length)")
-            try:
-                header = json.loads(os.pread(self.fd, n, 8))
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise UsageError(f"{self.path}: not a safetensors file ({exc})") from None
-            self.header = {k: v for k, v in header.items() if k != "__metadata__"}
-            self.data_start = 8 + n
-            for name, info in self.header.items():
-                begin, end = info["data_offsets"]
-                if info["dtype"] not in SAFETENSORS_DTYPES or not 0 <= begin <= end <= size - self.data_start:
-                    raise UsageError(f"{self.path}: tensor {name!r} has a bad dtype or data range")
+            self.header, self.data_start = read_header(self.fd, str(self.path))
             self._map = mmap.mmap(self.fd, 0, access=mmap.ACCESS_COPY)
             self._bytes = torch.frombuffer(self._map, dtype=torch.uint8)
         except BaseException:
@@ -185,18 +144,15 @@ class SourceFile:
 
     def tensor(self, name: str) -> torch.Tensor:
         """``name`` as a view of the mapping (a copy only if the file misaligns it)."""
-        info = self.header[name]
-        dtype = SAFETENSORS_DTYPES[info["dtype"]]
-        begin, end = (self.data_start + o for o in info["data_offsets"])
-        shape = list(info["shape"])
-        if math.prod(shape) * dtype.itemsize != end - begin:
-            raise UsageError(f"{self.path}: tensor {name!r}: shape {shape} does not match its data range")
+        entry = self.header[name]
+        dtype = entry.torch_dtype
+        begin, end = self.data_start + entry.begin, self.data_start + entry.end
         if begin == end:
-            return torch.empty(shape, dtype=dtype)
+            return torch.empty(entry.shape, dtype=dtype)
         raw = self._bytes[begin:end]
         if begin % dtype.itemsize:
             raw = raw.clone()
-        return raw.view(dtype).reshape(shape)
+        return raw.view(dtype).reshape(entry.shape)
 
     def locate(self, t: torch.Tensor) -> int | None:
         """File offset of ``t``'s bytes when ``t`` is a contiguous view of this file, else None."""
@@ -301,7 +257,7 @@ def load_full_model(model_dir: Path, dtype: str, show_progress: bool = True) -> 
     """Read every source tensor once and map it to IR names (tp=1, pp=1)."""
     config = model_config_from_hf(model_dir, dtype, Mapping())
     weights: dict[str, torch.Tensor] = {}
-    for path in progress(source_files(model_dir), desc="load", unit="shard", enable=show_progress):
+    for path in progress(weight_files(model_dir), desc="load", unit="shard", enable=show_progress):
         weights.update(map_tensors(config, read_source_file(path), str(path)))
     return LoadedModel(config, weights, Path(model_dir))
 
@@ -485,7 +441,7 @@ def stream_rank(job: _Job) -> Iterator[str]:
         return layer is None or layers is None or layer in layers
 
     with writer:
-        for path in source_files(job.model_dir):
+        for path in weight_files(job.model_dir):
             sources = SourceSet()
             try:
                 tensors = ((n, t) for n, t in sources.open(path) if wanted(n))
@@ -511,7 +467,7 @@ def write_rank_from(job: _Job, weights: dict[str, torch.Tensor], sources: Source
 
 def _load_mapped(model_dir: Path, config: dict[str, Any], sources: SourceSet) -> Iterator[dict[str, torch.Tensor]]:
     """Map every source file (one dict of IR tensors per file), keeping the files open."""
-    for path in source_files(model_dir):
+    for path in weight_files(model_dir):
         yield dict(map_tensors(config, sources.open(path), str(path)))
 
 
@@ -562,7 +518,7 @@ def convert(
     if workers < 1:
         raise UsageError(f"--workers must be at least 1, got {workers}")
     graphs = [rank_graph(config, rank) for rank in mapping.ranks()]
-    files = source_files(model_dir)
+    files = weight_files(model_dir)
     with atomic_output_dir(output_dir) as tmp:
         jobs = [_Job(model_dir, config, rank, tmp) for rank in mapping.ranks()]
         if workers > 1 and mapping.world_size > 1:

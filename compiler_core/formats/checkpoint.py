@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import mmap
+import os
 from collections.abc import Callable, Iterator
 from collections.abc import Mapping as AbcMapping
 from pathlib import Path
@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from compiler_core.errors import UsageError
 from compiler_core.formats.fileio import read_json, write_json
+from compiler_core.formats.safetensors_header import open_weights, read_header
 from compiler_core.mapping import Mapping
 
 FORMAT = "modelc-checkpoint"
@@ -54,6 +55,11 @@ def load_rank_weights(
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: rank weights not found")
+    fd = open_weights(path)
+    try:
+        read_header(fd, str(path))  # the same checks, and messages, whichever way the tensors are then read
+    finally:
+        os.close(fd)
     try:
         if each is None:
             return load_file(str(path))
@@ -62,44 +68,26 @@ def load_rank_weights(
         raise UsageError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
-#: safetensors dtype codes of the tensors modelc writes.
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
 def _read_one_by_one(path: Path, each: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, ``each(tensor)``) for every tensor of a safetensors file, one tensor resident at a time.
 
     ``load_file`` returns views of one memory map of the whole file, and every page a view has
     touched stays resident while any view lives. Here each tensor is mapped, handed to ``each``,
     copied out if ``each`` kept the view, and its pages are dropped before the next is read."""
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as mapped:
-        header_len = int.from_bytes(mapped[:8], "little")
-        header = json.loads(mapped[8 : 8 + header_len])
-        base = 8 + header_len
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            start, end = (base + offset for offset in info["data_offsets"])
-            if end > len(mapped):
-                raise ValueError(f"tensor {name!r} runs past the end of the file")
-            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+    fd = open_weights(path)
+    try:
+        header, base = read_header(fd, str(path))
+        mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+    finally:
+        os.close(fd)
+    with mapped:
+        for name, entry in header.items():
+            start, end = base + entry.begin, base + entry.end
             if end == start:
-                yield name, each(torch.empty(info["shape"], dtype=dtype))
+                yield name, each(torch.empty(entry.shape, dtype=entry.torch_dtype))
                 continue
             view = torch.frombuffer(mapped, dtype=torch.uint8, count=end - start, offset=start)
-            held = each(view.view(dtype).reshape(info["shape"]))
+            held = each(view.view(entry.torch_dtype).reshape(entry.shape))
             if held.untyped_storage().data_ptr() == view.untyped_storage().data_ptr():
                 held = held.clone()
             del view
