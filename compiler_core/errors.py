@@ -109,8 +109,8 @@ class TokenizerError(UsageError):
 
     Cause: the model (or engine) directory holds no tokenizer files, or they cannot be loaded.
 
-    What to do: pass ``--tokenizer_dir`` with a Hugging Face tokenizer directory, or give prompts
-    and calibration data as token ids (``--input_ids``; a .jsonl calibration file with ``input_ids``).
+    What to do: pass ``--tokenizer_dir`` with the model's Hugging Face tokenizer directory (``modelc
+    quantize``, ``run``, ``summarize``), or give ``modelc run`` its prompts as token ids (``--input_ids``).
     """
 
 

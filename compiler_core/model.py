@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from compiler_core.errors import UsageError
+from compiler_core.errors import ConfigError, UsageError
 from compiler_core.ir import Graph, validate
 from compiler_core.mapping import Mapping
 from compiler_core.registry import get_registry
@@ -19,7 +19,13 @@ def rank_graph(config: dict[str, Any], rank: int, source: str = "config.json") -
         arch.check_mapping(config, mapping)
     except ValueError as exc:
         raise UsageError(f"{source}: {exc}") from None
-    graph = arch.build_graph(config, mapping, rank, config["dtype"])
-    for scheme in registry.quant_schemes.values():
-        graph = scheme.transform_graph(graph, config)
-    return validate(graph, registry.ops)
+    # The config is input (a hand-edited checkpoint or engine config reaches here): fields of the wrong
+    # type or range surface inside the plugin's graph builder, and are reported as the config's fault.
+    try:
+        graph = arch.build_graph(config, mapping, rank, config["dtype"])
+        for scheme in registry.quant_schemes.values():
+            graph = scheme.transform_graph(graph, config)
+        return validate(graph, registry.ops)
+    except (ValueError, TypeError, KeyError, IndexError, ZeroDivisionError) as exc:
+        detail = f"field {exc.args[0]!r} is missing" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+        raise ConfigError(f"{source}: rank {rank}: not a buildable {arch.name} model ({detail})") from None

@@ -9,7 +9,7 @@ import warnings
 
 import click
 
-from compiler_core.errors import ModelcError, error_line, unexpected
+from compiler_core.errors import ModelcError, OptionError, UsageError, error_line, unexpected
 
 
 class ModelcGroup(click.Group):
@@ -28,16 +28,28 @@ class ModelcGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+        except (click.exceptions.Exit, click.exceptions.Abort):
             raise
         except Exception as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            # The last resort: whatever no validation anticipated is still one line, never a traceback.
-            error = exc if isinstance(exc, ModelcError) else unexpected(exc)
+            error = as_modelc_error(exc)
             if not error.quiet:
                 click.echo(error_line(error), err=True)
             ctx.exit(error.exit_code)
+
+
+def as_modelc_error(exc: Exception) -> ModelcError:
+    """``exc`` as the ModelcError that reports it: click's own usage errors become one line with exit
+    2, and as the last resort whatever no validation anticipated becomes an InternalError (exit 1)."""
+    if isinstance(exc, ModelcError):
+        return exc
+    if isinstance(exc, click.UsageError):
+        hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+        return OptionError(exc.format_message() + hint)
+    if isinstance(exc, click.ClickException):
+        return UsageError(exc.format_message())
+    return unexpected(exc)
 
 
 @click.group(cls=ModelcGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -72,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # raised outside a command's invoke (e.g. while collecting commands)
         if debug:
             traceback.print_exc()
-        error = exc if isinstance(exc, ModelcError) else unexpected(exc)
+        error = as_modelc_error(exc)
         if not error.quiet:
             click.echo(error_line(error), err=True)
         sys.exit(error.exit_code)

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from compiler_core.backends.torch.kernels import torch_dtype
-from compiler_core.errors import ConfigError, ModelcError, UsageError
+from compiler_core.errors import ConfigError, ModelcError, UsageError, WeightFileError
 from compiler_core.formats.checkpoint import TOKENIZER_DIR, make_config, rank_file, save_rank_weights, write_config
 from compiler_core.formats.fileio import atomic_output_dir, read_json
 from compiler_core.formats.hf_index import weight_files
@@ -242,15 +242,30 @@ def read_source_file(path: Path, want: Callable[[str], bool] | None = None) -> I
 def map_tensors(
     config: dict[str, Any], tensors: Iterable[tuple[str, torch.Tensor]], source: str
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Apply the ``map_weight`` hook and cast float tensors to the checkpoint dtype."""
+    """Apply the ``map_weight`` hook and cast float tensors to the checkpoint dtype; each result is
+    checked against the shape and dtype that the config implies, so weights that disagree with
+    config.json are refused naming the file and tensor."""
     hook = get_plugin_manager().hook.map_weight
     dtype = torch_dtype(config["dtype"])
+    expected = rank_graph({**config, "mapping": Mapping().to_json()}, 0).params
     for name, tensor in tensors:
-        mapped = hook(config=config, name=name, tensor=tensor)
+        try:
+            mapped = hook(config=config, name=name, tensor=tensor)
+        except (RuntimeError, ValueError, IndexError) as exc:  # a layout op on a tensor of the wrong shape
+            raise WeightFileError(
+                f"{source}: tensor {name!r} {list(tensor.shape)} does not fit the model config.json describes ({exc})"
+            ) from None
         if mapped is None:
             raise UsageError(f"{source}: tensor {name!r} is not mapped by any plugin")
         for ir_name, t in mapped.items():
-            yield ir_name, t.to(dtype) if t.is_floating_point() else t
+            t = t.to(dtype) if t.is_floating_point() else t
+            want = expected.get(ir_name)
+            if want is not None and (tuple(t.shape) != want.shape or t.dtype != torch_dtype(want.dtype)):
+                raise WeightFileError(
+                    f"{source}: tensor {name!r} gives {ir_name} as {t.dtype} {list(t.shape)}, but config.json "
+                    f"implies {want.dtype} {list(want.shape)}"
+                )
+            yield ir_name, t
 
 
 def load_full_model(model_dir: Path, dtype: str, show_progress: bool = True) -> LoadedModel:
@@ -291,7 +306,7 @@ def rank_weights(model: LoadedModel, rank: int) -> dict[str, torch.Tensor]:
     out = {}
     for name in graph.params:
         if name not in model.weights:
-            raise ModelcError(f"parameter {name} is not in the source checkpoint")
+            raise WeightFileError(f"{model.source_dir}: parameter {name} is not in the source checkpoint")
         out[name] = shard_for_rank(graph, config, mapping, rank, name, model.weights[name])
     return out
 
@@ -333,8 +348,10 @@ class RankFileWriter:
     that pending tensors hold.
     """
 
-    def __init__(self, path: Path, graph: Graph, rank: int, threads: int | None = None) -> None:
-        self.path, self.rank = Path(path), rank
+    def __init__(
+        self, path: Path, graph: Graph, rank: int, threads: int | None = None, source: str = "the source model"
+    ) -> None:
+        self.path, self.rank, self.source = Path(path), rank, source
         self.layout: dict[str, tuple[int, int, torch.dtype, tuple[int, ...]]] = {}
         header: dict[str, Any] = {}
         offset = 0
@@ -398,7 +415,7 @@ class RankFileWriter:
         finally:
             self._finish()
         if self.pending:
-            raise ModelcError(f"rank {self.rank}: parameter {sorted(self.pending)[0]} is not in the source checkpoint")
+            raise WeightFileError(f"{self.source}: parameter {sorted(self.pending)[0]} is not in the source checkpoint")
 
     def __enter__(self) -> RankFileWriter:
         return self
@@ -424,7 +441,7 @@ class _Job:
 
     def setup(self) -> tuple[Graph, Mapping, RankFileWriter]:
         graph = rank_graph(self.config, self.rank)
-        writer = RankFileWriter(rank_file(self.out_dir, self.rank), graph, self.rank)
+        writer = RankFileWriter(rank_file(self.out_dir, self.rank), graph, self.rank, source=str(self.model_dir))
         return graph, Mapping.from_json(self.config["mapping"]), writer
 
 
@@ -460,7 +477,7 @@ def write_rank_from(job: _Job, weights: dict[str, torch.Tensor], sources: Source
     with writer:
         for name in graph.params:
             if name not in weights:
-                raise ModelcError(f"rank {job.rank}: parameter {name} is not in the source checkpoint")
+                raise WeightFileError(f"{job.model_dir}: parameter {name} is not in the source checkpoint")
             writer.write(name, shard_for_rank(graph, job.config, mapping, job.rank, name, weights[name]), sources)
             yield name
 

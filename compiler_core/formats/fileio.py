@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from compiler_core.errors import UsageError
+from compiler_core.errors import ConfigError, UsageError
 
 #: A directory whose contents may be replaced: empty, or holding a model/checkpoint/engine config.
 REPLACEABLE_MARKER = "config.json"
@@ -80,10 +80,12 @@ def read_json(path: Path, what: str = "file") -> dict[str, Any]:
         raise UsageError(f"{path}: {what} not found")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{path}: not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: {what} cannot be read ({exc.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(data, dict):
-        raise UsageError(f"{path}: expected a JSON object")
+        raise ConfigError(f"{path}: expected a JSON object")
     return data
 
 

@@ -53,7 +53,7 @@ import torch
 
 from compiler_core.backends.torch.kernels import TORCH_DTYPES
 from compiler_core.convert.from_hf import LoadedModel, load_full_model, model_config_from_hf, write_model
-from compiler_core.errors import ModelcError, UsageError
+from compiler_core.errors import ModelcError, OptionError, UsageError
 from compiler_core.ir import Graph, Node, Param, validate
 from compiler_core.mapping import Mapping as ParallelMapping
 from compiler_core.model import rank_graph
@@ -203,18 +203,26 @@ def quantize(
     seed: int = DEFAULT_SEED,
     device: str = "auto",
     show_progress: bool = True,
+    tokenizer_dir: Path | None = None,
     **scheme_options: Any,
 ) -> tuple[dict[str, Any], CalibrationSet]:
     """Quantize a Hugging Face checkpoint into a sharded modelc checkpoint; return its config and
     the calibration set used. ``scheme_options`` reach the schemes' ``options`` unchanged."""
     mapping = mapping or ParallelMapping()
+    if group_size is not None and group_size < 1:
+        raise OptionError(f"--group_size {group_size}: must be at least 1")
     weight_scheme, kv_scheme = resolve_schemes(qformat, kv_cache_dtype)
     device = resolve_device(device)
     config = model_config_from_hf(model_dir, dtype, mapping)
     for rank in mapping.ranks():
         rank_graph(config, rank)  # fail on a bad split before loading and calibrating
     calibration = load_calibration_set(
-        model_dir, calib_dataset, num_samples=calib_size, max_seq_length=calib_max_seq_length, batch_size=batch_size
+        model_dir,
+        calib_dataset,
+        num_samples=calib_size,
+        max_seq_length=calib_max_seq_length,
+        batch_size=batch_size,
+        tokenizer_dir=tokenizer_dir,
     )
     model = load_full_model(model_dir, config["dtype"], show_progress)
     options: dict[str, Any] = {
