@@ -26,7 +26,7 @@ class ModelcError(Exception):
 
 
 class UsageError(ModelcError):
-    """Bad input: a file, field, flag or value. Exit code 2.
+    """Bad input: a file, field, flag or value.
 
     Cause: a command-line value or an input that modelc refuses; the message names it.
 
@@ -39,8 +39,8 @@ class UsageError(ModelcError):
 class OptionError(UsageError):
     """A command-line value is out of range, not finite, or of the wrong kind.
 
-    Cause: for example ``--temperature nan``, ``--pad_id -1``, ``--group_size 0``, ``--tp_size 0``,
-    or an ``--output_json`` that names a directory.
+    Cause: for example ``--temperature nan``, ``--top_p 1.5``, ``--pad_id -1``, ``--group_size 0``,
+    ``--tp_size 0``, or a flag that click itself refuses (missing, unknown, not a number).
 
     What to do: give the flag a value in the range the message states (``modelc COMMAND --help``
     lists every flag).

@@ -99,6 +99,10 @@ def map_weight(config: Mapping[str, Any], name: str, tensor: torch.Tensor) -> di
     Return a dict of IR parameter name to tensor (several when one source tensor feeds several
     parameters, an empty dict to drop the tensor on purpose), or None when the tensor is not
     this plugin's to map. A tensor that no plugin maps is an error naming it.
+
+    Before any weight is read, the core calls this with ``meta`` tensors (shape and dtype, no
+    data) to check a safetensors checkpoint against its config: use only operations on shapes,
+    layouts and dtypes, never the values.
     """
 
 

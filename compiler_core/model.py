@@ -19,6 +19,8 @@ def rank_graph(config: dict[str, Any], rank: int, source: str = "config.json") -
         arch.check_mapping(config, mapping)
     except ValueError as exc:
         raise UsageError(f"{source}: {exc}") from None
+    except (TypeError, KeyError, ZeroDivisionError) as exc:
+        raise _not_buildable(source, arch.name, exc) from None
     # The config is input (a hand-edited checkpoint or engine config reaches here): fields of the wrong
     # type or range surface inside the plugin's graph builder, and are reported as the config's fault.
     try:
@@ -27,5 +29,9 @@ def rank_graph(config: dict[str, Any], rank: int, source: str = "config.json") -
             graph = scheme.transform_graph(graph, config)
         return validate(graph, registry.ops)
     except (ValueError, TypeError, KeyError, IndexError, ZeroDivisionError) as exc:
-        detail = f"field {exc.args[0]!r} is missing" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
-        raise ConfigError(f"{source}: rank {rank}: not a buildable {arch.name} model ({detail})") from None
+        raise _not_buildable(source, arch.name, exc) from None
+
+
+def _not_buildable(source: str, architecture: str, exc: Exception) -> ConfigError:
+    detail = f"field {exc.args[0]!r} is missing" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+    return ConfigError(f"{source}: not a buildable {architecture} model ({detail})")

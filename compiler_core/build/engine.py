@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from compiler_core.errors import ConfigError, UsageError
-from compiler_core.formats.checkpoint import TOKENIZER_DIR, check_config, load_rank_weights, rank_file, read_config
+from compiler_core.formats.checkpoint import (
+    TOKENIZER_DIR,
+    check_config,
+    check_rank_file,
+    load_rank_weights,
+    rank_file,
+    read_config,
+)
 from compiler_core.formats.fields import int_field, is_int
 from compiler_core.formats.fileio import atomic_output_dir, read_json, write_json
 from compiler_core.ir import Graph, format_graph, validate
@@ -90,6 +97,8 @@ def build_engine(
     if workers < 1:
         raise UsageError(f"--workers must be at least 1, got {workers}")
     graphs = [rank_graph(config, r, str(checkpoint_dir / "config.json")) for r in mapping.ranks()]
+    for rank, graph in enumerate(graphs):
+        check_rank_file(rank_file(checkpoint_dir, rank), graph.params)
     desc = f"build ({backend.name})"
     with atomic_output_dir(output_dir) as tmp:
         if workers > 1 and mapping.world_size > 1:

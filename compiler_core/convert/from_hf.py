@@ -261,16 +261,40 @@ def map_tensors(
             t = t.to(dtype) if t.is_floating_point() else t
             want = expected.get(ir_name)
             if want is not None and (tuple(t.shape) != want.shape or t.dtype != torch_dtype(want.dtype)):
+                got = str(t.dtype).removeprefix("torch.")
                 raise WeightFileError(
-                    f"{source}: tensor {name!r} gives {ir_name} as {t.dtype} {list(t.shape)}, but config.json "
+                    f"{source}: tensor {name!r} gives {ir_name} as {got} {list(t.shape)}, but config.json "
                     f"implies {want.dtype} {list(want.shape)}"
                 )
             yield ir_name, t
 
 
+def check_source_weights(model_dir: Path, config: dict[str, Any], files: list[Path]) -> None:
+    """Check safetensors shards against ``config`` from their headers alone, before any weight is read:
+    every tensor maps (through the ``map_weight`` hook, on meta tensors) to the shape and dtype the
+    config implies, and every parameter the model needs is there. ``.bin`` shards are checked as
+    they load, since their shapes are known only then."""
+    if any(path.suffix != ".safetensors" for path in files):
+        return
+    found: set[str] = set()
+    for path in files:
+        fd = open_weights(path)
+        try:
+            header, _ = read_header(fd, str(path))
+        finally:
+            os.close(fd)
+        metas = ((n, torch.empty(e.shape, dtype=e.torch_dtype, device="meta")) for n, e in header.items())
+        found.update(name for name, _ in map_tensors(config, metas, str(path)))
+    needed = rank_graph({**config, "mapping": Mapping().to_json()}, 0).params
+    missing = sorted(set(needed) - found)
+    if missing:
+        raise WeightFileError(f"{model_dir}: parameter {missing[0]} is not in the source checkpoint")
+
+
 def load_full_model(model_dir: Path, dtype: str, show_progress: bool = True) -> LoadedModel:
     """Read every source tensor once and map it to IR names (tp=1, pp=1)."""
     config = model_config_from_hf(model_dir, dtype, Mapping())
+    check_source_weights(model_dir, config, weight_files(model_dir))
     weights: dict[str, torch.Tensor] = {}
     for path in progress(weight_files(model_dir), desc="load", unit="shard", enable=show_progress):
         weights.update(map_tensors(config, read_source_file(path), str(path)))
@@ -536,6 +560,7 @@ def convert(
         raise UsageError(f"--workers must be at least 1, got {workers}")
     graphs = [rank_graph(config, rank) for rank in mapping.ranks()]
     files = weight_files(model_dir)
+    check_source_weights(model_dir, config, files)
     with atomic_output_dir(output_dir) as tmp:
         jobs = [_Job(model_dir, config, rank, tmp) for rank in mapping.ranks()]
         if workers > 1 and mapping.world_size > 1:

@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from compiler_core.errors import ConfigError, UsageError
+from compiler_core.errors import ConfigError, UsageError, WeightFileError
 from compiler_core.formats.fields import int_field, is_int
 from compiler_core.formats.fileio import read_json, write_json
 from compiler_core.formats.safetensors_header import open_weights, read_header
@@ -96,6 +96,28 @@ def _read_one_by_one(path: Path, each: Callable[[torch.Tensor], torch.Tensor]) -
             first = start // page * page
             mapped.madvise(mmap.MADV_DONTNEED, first, end - first)
             yield name, held
+
+
+def check_rank_file(path: Path, params: AbcMapping[str, Any]) -> None:
+    """Check a rank file's header against the graph's parameters (name -> IR ``Param``), before it is read."""
+    from compiler_core.backends.torch.kernels import torch_dtype
+
+    if not Path(path).is_file():
+        raise WeightFileError(f"{path}: rank weights not found")
+    fd = open_weights(path)
+    try:
+        header, _ = read_header(fd, str(path))
+    finally:
+        os.close(fd)
+    for name, param in params.items():
+        entry = header.get(name)
+        if entry is None:
+            raise WeightFileError(f"{path}: tensor {name!r} is missing (the rank's graph reads it)")
+        if entry.shape != tuple(param.shape) or entry.torch_dtype != torch_dtype(param.dtype):
+            raise WeightFileError(
+                f"{path}: tensor {name!r} is {entry.dtype} {list(entry.shape)}, the rank's graph wants "
+                f"{param.dtype} {list(param.shape)}"
+            )
 
 
 def make_config(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -106,8 +108,12 @@ def test_unmapped_tensor_is_an_error_naming_it(tiny_falcon, tmp_path):
     hf = tmp_path / "hf"
     hf.mkdir()
     for f in tiny_falcon.iterdir():
-        (hf / f.name).symlink_to(f)
+        if f.name != "model.safetensors.index.json":
+            os.link(f, hf / f.name)  # a shard symlinked out of its model dir is refused
     save_file({"transformer.mystery.weight": torch.zeros(2)}, str(hf / "zz-extra.safetensors"))
+    index = json.loads((tiny_falcon / "model.safetensors.index.json").read_text())
+    index["weight_map"]["transformer.mystery.weight"] = "zz-extra.safetensors"  # the index decides what is read
+    (hf / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(UsageError, match=r"zz-extra\.safetensors: tensor 'transformer\.mystery\.weight' is not mapped"):
         convert(hf, tmp_path / "out", show_progress=False)
     assert not (tmp_path / "out").exists()
