@@ -260,7 +260,12 @@ def map_tensors(
         for ir_name, t in mapped.items():
             t = t.to(dtype) if t.is_floating_point() else t
             want = expected.get(ir_name)
-            if want is not None and (tuple(t.shape) != want.shape or t.dtype != torch_dtype(want.dtype)):
+            if want is None:
+                raise WeightFileError(
+                    f"{source}: tensor {name!r} maps to {ir_name}, which the model that config.json describes "
+                    "does not have (check num_hidden_layers and the other sizes)"
+                )
+            if tuple(t.shape) != want.shape or t.dtype != torch_dtype(want.dtype):
                 got = str(t.dtype).removeprefix("torch.")
                 raise WeightFileError(
                     f"{source}: tensor {name!r} gives {ir_name} as {got} {list(t.shape)}, but config.json "

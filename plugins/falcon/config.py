@@ -65,17 +65,18 @@ def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
 def config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     """Return the normalised Falcon fields; raise ValueError naming the offending field.
 
-    The sizes (vocab, hidden, heads, layers) are required: every config.json that transformers
-    saves names them. Other missing fields take transformers' FalconConfig defaults, or for the legacy remote-code
-    configs (model_type RefinedWebModel / RefinedWeb) their RWConfig defaults: multi_query and
-    parallel_attn false, and RefinedWeb (the 40B code) always the new decoder architecture.
+    ``vocab_size`` is required. Other missing fields take transformers' FalconConfig defaults, or
+    for the legacy remote-code configs (model_type RefinedWebModel / RefinedWeb) their RWConfig
+    defaults: multi_query and parallel_attn false, and RefinedWeb (the 40B code) always the new
+    decoder architecture. Fields of the wrong JSON type or range are refused, never coerced.
     """
     model_type = hf.get("model_type")
     legacy = isinstance(model_type, str) and model_type in _LEGACY_MODEL_TYPES
-    # A config.json that transformers saved names every size; one without them is not a model.
-    hidden = int_field(hf, "hidden_size", "n_embed", minimum=1)
-    heads = int_field(hf, "num_attention_heads", "n_head", minimum=1)
-    layers = int_field(hf, "num_hidden_layers", "n_layer", minimum=1)
+    hidden = int_field(hf, "hidden_size", "n_embed", default=4544, minimum=1)
+    heads = int_field(hf, "num_attention_heads", "n_head", default=71, minimum=1)
+    layers = int_field(hf, "num_hidden_layers", "n_layer", default=32, minimum=1)
+    # Required although FalconConfig has a default: 65024 is right only for Falcon's own tokenizer,
+    # and every config.json that transformers saves names it.
     vocab = int_field(hf, "vocab_size", minimum=1)
     if hidden % heads:
         raise ValueError(f"hidden_size {hidden} is not a multiple of num_attention_heads {heads}")

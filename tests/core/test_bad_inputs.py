@@ -88,6 +88,16 @@ def _set_config(**fields) -> Callable[[Path], str]:
     return prepare
 
 
+def _layers(count: int, culprit: Callable[[Path], str]) -> Callable[[Path], str]:
+    """num_hidden_layers that disagrees with the layers the shards hold."""
+
+    def prepare(model: Path) -> str:
+        edit_json(model / "config.json", lambda c: c.update(num_hidden_layers=count))
+        return culprit(model)
+
+    return prepare
+
+
 def _del_config(field: str) -> Callable[[Path], str]:
     def prepare(model: Path) -> str:
         edit_json(model / "config.json", lambda c: c.pop(field))
@@ -198,6 +208,8 @@ CONVERT_CASES = [
     ("no-vocab-size", _del_config("vocab_size"), "'vocab_size' is missing"),
     ("zero-heads", _set_config(num_attention_heads=0), "'num_attention_heads' must be an integer >= 1"),
     ("negative-hidden", _set_config(hidden_size=-64), "'hidden_size' must be an integer >= 1"),
+    ("fewer-layers", _layers(1, lambda m: "tensor 'transformer.h.1."), "does not have (check num_hidden_layers"),
+    ("more-layers", _layers(3, str), "parameter layers.2."),
     ("list-for-int", _set_config(num_hidden_layers=[2]), "'num_hidden_layers' must be an integer"),
     ("float-for-int", _set_config(num_hidden_layers=2.0), "'num_hidden_layers' must be an integer"),
     ("string-for-bool", _set_config(parallel_attn="yes"), "'parallel_attn' must be true or false"),
@@ -316,11 +328,9 @@ def test_click_usage_errors_are_one_line_too():
 # --- checkpoints and engines -----------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def engine_dir(tmp_path_factory, tiny_falcon_7b) -> Path:
-    from compiler_core.testing import build_engine_dir
-
-    return build_engine_dir(tiny_falcon_7b, tmp_path_factory.mktemp("engine") / "e")
+@pytest.fixture
+def engine_dir(tiny_engine_7b) -> Path:
+    return tiny_engine_7b
 
 
 ENGINE_CASES = [
