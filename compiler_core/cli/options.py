@@ -59,13 +59,19 @@ class FiniteFloat(click.ParamType):
         try:
             number = float(value)
         except (TypeError, ValueError):
-            raise OptionError(f"{_flag(param)} {value!r}: not a number") from None
+            raise OptionError(f"{_flag(param)} must be a number, got {value!r}") from None
         if not math.isfinite(number):
-            raise OptionError(f"{_flag(param)} {value}: must be a finite number")
-        if (self.minimum is not None and number < self.minimum) or (self.maximum is not None and number > self.maximum):
-            low = "" if self.minimum is None else f">= {self.minimum}"
-            high = "" if self.maximum is None else f"<= {self.maximum}"
-            raise OptionError(f"{_flag(param)} {value}: must be {' and '.join(b for b in (low, high) if b)}")
+            raise OptionError(f"{_flag(param)} must be a finite number, got {value}")
+        low, high = self.minimum, self.maximum
+        if (low is not None and number < low) or (high is not None and number > high):
+            bound = (
+                f"in [{low}, {high}]"
+                if low is not None and high is not None
+                else f">= {low}"
+                if low is not None
+                else f"<= {high}"
+            )
+            raise OptionError(f"{_flag(param)} must be {bound}, got {value}")
         return number
 
 
@@ -84,9 +90,9 @@ class IntAtLeast(click.ParamType):
             try:
                 number = int(str(value).strip(), 10)
             except ValueError:
-                raise OptionError(f"{_flag(param)} {value!r}: not an integer") from None
+                raise OptionError(f"{_flag(param)} must be an integer, got {value!r}") from None
         if number < self.minimum:
-            raise OptionError(f"{_flag(param)} {number}: must be at least {self.minimum}")
+            raise OptionError(f"{_flag(param)} must be at least {self.minimum}, got {number}")
         return number
 
 

@@ -15,7 +15,7 @@ import os
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from compiler_core.errors import IndexFileError, UnsafePathError, WeightFileError
+from compiler_core.errors import ConfigError, IndexFileError, UnsafePathError, WeightFileError
 from compiler_core.formats.fileio import read_json
 from compiler_core.formats.safetensors_header import open_weights, read_header
 
@@ -44,7 +44,10 @@ def check_inside(path: Path, model_dir: Path) -> Path:
 
 def read_index(index_path: Path) -> dict[str, str]:
     """The ``weight_map`` (tensor name -> shard file name) of a shard index, checked for shape and safe names."""
-    index = read_json(index_path, "shard index")
+    try:
+        index = read_json(index_path, "shard index")
+    except ConfigError as exc:
+        raise IndexFileError(str(exc)) from None
     weight_map: Any = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise IndexFileError(f"{index_path}: field 'weight_map' must be a non-empty object of tensor name -> shard")

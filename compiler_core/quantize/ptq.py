@@ -210,7 +210,7 @@ def quantize(
     the calibration set used. ``scheme_options`` reach the schemes' ``options`` unchanged."""
     mapping = mapping or ParallelMapping()
     if group_size is not None and group_size < 1:
-        raise OptionError(f"--group_size {group_size}: must be at least 1")
+        raise OptionError(f"--group_size must be at least 1, got {group_size}")
     weight_scheme, kv_scheme = resolve_schemes(qformat, kv_cache_dtype)
     device = resolve_device(device)
     config = model_config_from_hf(model_dir, dtype, mapping)

@@ -272,20 +272,20 @@ def test_unreadable_shard_is_one_line(tiny_falcon_7b, tmp_path):
 # --- flags -----------------------------------------------------------------------------------
 
 FLAG_CASES = [
-    ("convert", ["--tp_size", "0"], "--tp_size 0: must be at least 1"),
-    ("convert", ["--workers", "-2"], "--workers -2: must be at least 1"),
-    ("convert", ["--pp_size", "two"], "--pp_size 'two': not an integer"),
-    ("build", ["--max_batch_size", "0"], "--max_batch_size 0: must be at least 1"),
-    ("quantize", ["--group_size", "0"], "--group_size 0: must be at least 1"),
-    ("quantize", ["--calib_size", "-1"], "--calib_size -1: must be at least 1"),
-    ("run", ["--temperature", "nan"], "--temperature nan: must be a finite number"),
-    ("run", ["--temperature", "inf"], "--temperature inf: must be a finite number"),
-    ("run", ["--top_p", "1.5"], "--top_p 1.5: must be >= 0 and <= 1"),
-    ("run", ["--pad_id", "-1"], "--pad_id -1: must be at least 0"),
-    ("run", ["--length_penalty", "-inf"], "--length_penalty -inf: must be a finite number"),
-    ("summarize", ["--temperature", "NaN"], "--temperature NaN: must be a finite number"),
-    ("summarize", ["--max_ite", "0"], "--max_ite 0: must be at least 1"),
-    ("verify", ["--tolerance", "nan"], "--tolerance nan: must be a finite number"),
+    ("convert", ["--tp_size", "0"], "--tp_size must be at least 1, got 0"),
+    ("convert", ["--workers", "-2"], "--workers must be at least 1, got -2"),
+    ("convert", ["--pp_size", "two"], "--pp_size must be an integer, got 'two'"),
+    ("build", ["--max_batch_size", "0"], "--max_batch_size must be at least 1, got 0"),
+    ("quantize", ["--group_size", "0"], "--group_size must be at least 1, got 0"),
+    ("quantize", ["--calib_size", "-1"], "--calib_size must be at least 1, got -1"),
+    ("run", ["--temperature", "nan"], "--temperature must be a finite number, got nan"),
+    ("run", ["--temperature", "inf"], "--temperature must be a finite number, got inf"),
+    ("run", ["--top_p", "1.5"], "--top_p must be in [0, 1], got 1.5"),
+    ("run", ["--pad_id", "-1"], "--pad_id must be at least 0, got -1"),
+    ("run", ["--length_penalty", "-inf"], "--length_penalty must be a finite number, got -inf"),
+    ("summarize", ["--temperature", "NaN"], "--temperature must be a finite number, got NaN"),
+    ("summarize", ["--max_ite", "0"], "--max_ite must be at least 1, got 0"),
+    ("verify", ["--tolerance", "nan"], "--tolerance must be a finite number, got nan"),
 ]
 
 _REQUIRED = {
@@ -342,6 +342,7 @@ ENGINE_CASES = [
     ("checkpoint-dtype", lambda c: c["checkpoint"].update(dtype=["float32"]), "field 'dtype' is ['float32']"),
     ("backend-number", lambda c: c.update(backend=3), "field 'backend' must be a string"),
     ("unknown-backend", lambda c: c.update(backend="other"), "unknown backend 'other'"),
+    ("another-backend", lambda c: c.update(backend="onnx"), "rank 0 has no ONNX plan"),
 ]
 
 
@@ -365,6 +366,14 @@ def _drop_rank_tensor(checkpoint: Path, name: str) -> None:
     tensors = load_file(checkpoint / "rank0.safetensors")
     del tensors[name]
     save_file(tensors, checkpoint / "rank0.safetensors")
+
+
+def test_run_refuses_an_engine_rank_file_without_a_tensor(engine_dir, tmp_path):
+    engine = tmp_path / "engine"
+    shutil.copytree(engine_dir, engine)
+    _drop_rank_tensor(engine, "ln_f.weight")
+    code, err = invoke("run", "--engine_dir", engine, "--input_ids", "1,2", "--max_output_len", "2", "--device", "cpu")
+    assert_one_error_line(code, err, 2, str(engine / "rank0.safetensors"), "tensor 'ln_f.weight' is missing")
 
 
 CHECKPOINT_CASES = [
@@ -444,7 +453,7 @@ def test_bad_inputs_in_real_processes(tiny_falcon_7b, engine_dir, tmp_path):
 
     done = run_modelc("run", "--engine_dir", str(engine_dir), "--input_ids", "1", "--max_output_len", "1",
                       "--temperature", "nan", env=FALCON_ONLY)  # fmt: skip
-    assert_one_error_line(done.returncode, done.stderr, 2, "--temperature nan")
+    assert_one_error_line(done.returncode, done.stderr, 2, "--temperature must be a finite number, got nan")
 
     engine = tmp_path / "engine"
     shutil.copytree(engine_dir, engine)

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from compiler_core.formats.checkpoint import rank_file, save_rank_weights
+from compiler_core.formats.checkpoint import check_rank_file, rank_file, save_rank_weights
 from compiler_core.ir import Graph
 from compiler_core.registry import Backend
 
@@ -31,4 +31,5 @@ class TorchBackend(Backend):
         from compiler_core.runtime.session import TorchSession
 
         graph = engine_graph(engine_config, rank)
+        check_rank_file(rank_file(engine_dir, rank), graph.params)  # a missing or mistyped tensor is bad input
         return TorchSession(graph, load_weights_for(rank_file(engine_dir, rank), device), device)

@@ -272,7 +272,7 @@ def test_cli_convert_load_by_shard_and_world_size(tiny, tmp_path, converted):
     "args,message",
     [
         (["--tp_size", 2, "--world_size", 3], "world_size 3"),
-        (["--workers", 0], "--workers 0: must be at least 1"),
+        (["--workers", 0], "--workers must be at least 1"),
         (["--pp_size", 4], "pp_size 4 exceeds num_hidden_layers 3"),
         (["--ammo_quant_ckpt_path", "x"], "modelc quantize"),
     ],
