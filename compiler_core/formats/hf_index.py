@@ -17,7 +17,7 @@ from typing import Any
 
 from compiler_core.errors import ConfigError, IndexFileError, UnsafePathError, WeightFileError
 from compiler_core.formats.fileio import read_json
-from compiler_core.formats.safetensors_header import open_weights, read_header
+from compiler_core.formats.safetensors_header import TensorEntry, open_weights, read_header
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -68,20 +68,25 @@ def _indexed_files(model_dir: Path, index_path: Path) -> list[Path]:
     files = []
     for shard, names in by_shard.items():
         path = model_dir / shard
-        if not path.is_file():
+        if not path.exists():
             raise IndexFileError(f"{index_path}: shard {shard!r} (holding {names[0]!r}) is not in {model_dir}")
-        check_inside(path, model_dir)
-        if path.suffix == ".safetensors":
-            fd = open_weights(path)
-            try:
-                header, _ = read_header(fd, str(path))
-            finally:
-                os.close(fd)
-            missing = [n for n in names if n not in header]
-            if missing:
-                raise IndexFileError(f"{index_path}: tensor {missing[0]!r} is not in its shard {shard}")
+        header = _checked(path, model_dir)
+        missing = [n for n in names if header is not None and n not in header]
+        if missing:
+            raise IndexFileError(f"{index_path}: tensor {missing[0]!r} is not in its shard {shard}")
         files.append(path)
     return sorted(files)
+
+
+def _checked(path: Path, model_dir: Path) -> dict[str, TensorEntry] | None:
+    """Check that weight file ``path`` stays inside the model directory and is a readable regular
+    file; return its tensors when it is a safetensors file (its header validated)."""
+    check_inside(path, model_dir)
+    fd = open_weights(path)
+    try:
+        return read_header(fd, str(path))[0] if path.suffix == ".safetensors" else None
+    finally:
+        os.close(fd)
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -95,4 +100,6 @@ def weight_files(model_dir: Path) -> list[Path]:
         files = sorted(p for p in model_dir.glob("*.bin") if p.name not in _NOT_WEIGHTS)
     if not files:
         raise WeightFileError(f"{model_dir}: no *.safetensors or *.bin weight files")
-    return [check_inside(p, model_dir) for p in files]
+    for path in files:
+        _checked(path, model_dir)
+    return files

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,8 +146,15 @@ def read_header(fd: int, source: str) -> tuple[dict[str, TensorEntry], int]:
 
 
 def open_weights(path: os.PathLike | str) -> int:
-    """A read-only descriptor of weight file ``path``; a file that cannot be opened is a WeightFileError."""
+    """A read-only descriptor of the regular file ``path``; anything else is a WeightFileError.
+
+    Opened non-blocking so that a FIFO or device in place of a shard is refused instead of
+    waiting forever for a writer (the flag changes nothing for a regular file)."""
     try:
-        return os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as exc:
         raise WeightFileError(f"{path}: cannot be read ({exc.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise WeightFileError(f"{path}: not a regular file")
+    return fd

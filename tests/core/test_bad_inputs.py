@@ -178,6 +178,14 @@ def _symlink_outside(model: Path) -> str:
     return "outside the model directory"
 
 
+def _fifo_shard(model: Path) -> str:
+    """A named pipe in place of a shard: reading it would wait for a writer forever."""
+    shard = _shards(model)[0]
+    shard.unlink()
+    os.mkfifo(shard)
+    return str(shard)
+
+
 def _vocab_mismatch(model: Path) -> str:
     edit_json(model / "config.json", lambda c: c.update(vocab_size=999))
     return "tensor 'transformer.word_embeddings.weight'"
@@ -228,6 +236,7 @@ CONVERT_CASES = [
     ("index-missing-shard", _index_names_missing_shard, "is not in"),
     ("index-missing-tensor", _index_names_missing_tensor, "is not in its shard"),
     ("symlink-outside", _symlink_outside, "resolves to"),
+    ("fifo-shard", _fifo_shard, "not a regular file"),
     ("wrong-dtype", _retype_tensor, "as int32 [390, 64], but config.json implies float32"),
     ("missing-tensor", _drop_tensor, "parameter ln_f.weight"),
 ]
