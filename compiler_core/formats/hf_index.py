@@ -34,12 +34,11 @@ def allowed_roots(model_dir: Path) -> list[Path]:
     return roots
 
 
-def check_inside(path: Path, model_dir: Path) -> Path:
-    """``path`` when it resolves inside the model directory (or its cache repository), else UnsafePathError."""
+def check_inside(path: Path, model_dir: Path) -> None:
+    """Refuse ``path`` (UnsafePathError) unless it resolves inside the model directory or its cache repository."""
     target = Path(path).resolve()
     if not any(target.is_relative_to(root) for root in allowed_roots(model_dir)):
         raise UnsafePathError(f"{path}: resolves to {target}, outside the model directory {model_dir}")
-    return Path(path)
 
 
 def read_index(index_path: Path) -> dict[str, str]:
@@ -62,14 +61,15 @@ def read_index(index_path: Path) -> dict[str, str]:
 
 def _indexed_files(model_dir: Path, index_path: Path) -> list[Path]:
     weight_map = read_index(index_path)
-    by_shard: dict[str, list[str]] = {}
+    # Keyed by the normalised path, so that "one.safetensors" and "./one.safetensors" are one shard, read once.
+    by_shard: dict[Path, list[str]] = {}
     for name, shard in weight_map.items():
-        by_shard.setdefault(shard, []).append(name)
+        by_shard.setdefault(model_dir / PurePosixPath(shard), []).append(name)
     files = []
-    for shard, names in by_shard.items():
-        path = model_dir / shard
+    for path, names in by_shard.items():
+        shard = path.relative_to(model_dir)
         if not path.exists():
-            raise IndexFileError(f"{index_path}: shard {shard!r} (holding {names[0]!r}) is not in {model_dir}")
+            raise IndexFileError(f"{index_path}: shard '{shard}' (holding {names[0]!r}) is not in {model_dir}")
         header = _checked(path, model_dir)
         missing = [n for n in names if header is not None and n not in header]
         if missing:
