@@ -45,24 +45,27 @@ def loaded_model(hf, dtype: torch.dtype):
     """The HF model's weights as a modelc LoadedModel (IR names, tp1)."""
     from compiler_core.convert.from_hf import LoadedModel, map_tensors
     from compiler_core.formats.checkpoint import make_config
+    from compiler_core.host import load_registry
     from compiler_core.mapping import Mapping
-    from compiler_core.registry import get_registry
 
     hf_dict = hf.config.to_dict()
-    arch = get_registry().architecture_for_hf(hf_dict, "bench")
+    arch = load_registry().architecture_for_hf(hf_dict, "bench")
     config = make_config(arch.config_from_hf(hf_dict), str(dtype).removeprefix("torch."), Mapping())
     state = {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}  # tied to the embedding
-    return LoadedModel(config, dict(map_tensors(config, state.items(), "bench")))
+    return LoadedModel(config, dict(map_tensors(arch, config, state.items(), "bench")))
 
 
 def runner_of(model, device: str):
     from compiler_core.convert.from_hf import rank_weights
+    from compiler_core.host import load_registry
     from compiler_core.mapping import Mapping
     from compiler_core.model import rank_graph
     from compiler_core.runtime.runner import LocalRunner
     from compiler_core.runtime.session import TorchSession
 
-    session = TorchSession(rank_graph(model.config, 0), rank_weights(model, 0), device)
+    registry = load_registry()
+    graph = rank_graph(registry, model.config, 0)
+    session = TorchSession(registry, graph, rank_weights(registry, model, 0), device)
     weight_bytes = sum(w.numel() * w.element_size() for w in session.executor.weights.values())
     return LocalRunner([session], Mapping()), weight_bytes
 
@@ -72,6 +75,7 @@ def quantize_awq(model, args) -> tuple[Any, float]:
     from modelc_plugins.quant_awq.scheme import Int4AwqScheme
 
     from compiler_core.convert.from_hf import LoadedModel
+    from compiler_core.host import load_registry
     from compiler_core.quantize.calibration import CalibrationBatch, CalibrationSet
 
     gen = torch.Generator().manual_seed(1)
@@ -85,6 +89,7 @@ def quantize_awq(model, args) -> tuple[Any, float]:
         "awq_max_tokens": args.awq_max_tokens,
         "device": args.device,
         "show_progress": False,
+        "registry": load_registry(),
     }
     sync(args.device)
     start = time.perf_counter()

@@ -74,13 +74,15 @@ def rw_tensors(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
-def build_source(model_dir: Path, shard_bytes: int, layers: int) -> None:
-    """Write config.json + HF-named bf16 safetensors shards (+ index) of random weights."""
+def write_hf_source(model_dir: Path, cfg: dict, tensors: list[tuple[str, tuple[int, ...]]], shard_bytes: int) -> None:
+    """Write ``cfg`` as config.json + HF-named bf16 safetensors shards (+ index) of random weights.
+
+    Shard by shard, so building it needs about one shard of memory; built beside the target and
+    renamed into place, so an interrupted build leaves no half-written source.
+    """
     import torch
     from safetensors.torch import save_file
 
-    cfg = {**RW_1B, "num_hidden_layers": layers}
-    tensors = rw_tensors(cfg)
     shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
     size = 0
     for name, shape in tensors:
@@ -111,27 +113,35 @@ def build_source(model_dir: Path, shard_bytes: int, layers: int) -> None:
     tmp.rename(model_dir)
 
 
+def build_source(model_dir: Path, shard_bytes: int, layers: int) -> None:
+    """A falcon-rw-1b-shaped source with ``layers`` decoder layers."""
+    cfg = {**RW_1B, "num_hidden_layers": layers}
+    write_hf_source(model_dir, cfg, rw_tensors(cfg), shard_bytes)
+
+
 def dir_bytes(d: Path, pattern: str = "*") -> list[int]:
     return [p.stat().st_size for p in Path(d).glob(pattern) if p.is_file()]
 
 
 def measure(cmd: list[str]) -> dict:
-    """Run ``cmd`` to completion; wall time, own max RSS (wait4) and sampled process-tree RSS peak."""
+    """Run ``cmd`` to completion: wall time, own max RSS (wait4, which folds in waited-for children),
+    and, sampled every 20 ms, the peak RSS summed over the process tree and of its largest process."""
     import psutil
 
     subprocess.run(["sync"], check=True)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    peak_tree = 0
+    peak_tree = peak_one = 0
     done = threading.Event()
 
     def poll() -> None:
-        nonlocal peak_tree
+        nonlocal peak_tree, peak_one
         while not done.is_set():
             try:
                 root = psutil.Process(proc.pid)
-                procs = [root, *root.children(recursive=True)]
-                peak_tree = max(peak_tree, sum(p.memory_info().rss for p in procs))
+                rss = [p.memory_info().rss for p in (root, *root.children(recursive=True))]
+                peak_tree = max(peak_tree, sum(rss))
+                peak_one = max(peak_one, *rss)
             except psutil.Error:
                 pass
             time.sleep(0.02)
@@ -146,7 +156,13 @@ def measure(cmd: list[str]) -> dict:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{stderr.decode(errors='replace')[-2000:]}")
-    return {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "rss": usage.ru_maxrss * 1024, "tree": peak_tree}
+    return {
+        "wall": wall,
+        "cpu": usage.ru_utime + usage.ru_stime,
+        "rss": usage.ru_maxrss * 1024,
+        "tree": peak_tree,
+        "one_process": peak_one,
+    }
 
 
 def main() -> None:

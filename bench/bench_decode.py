@@ -44,9 +44,9 @@ def make_models(shape: str, dtype: torch.dtype, device: str, bf16_valued: bool =
     """(HF model, our runner) over the same random weights, both on ``device``."""
     from compiler_core.convert.from_hf import LoadedModel, map_tensors, rank_weights
     from compiler_core.formats.checkpoint import make_config
+    from compiler_core.host import load_registry
     from compiler_core.mapping import Mapping
     from compiler_core.model import rank_graph
-    from compiler_core.registry import get_registry
     from compiler_core.runtime.runner import LocalRunner
     from compiler_core.runtime.session import TorchSession
 
@@ -57,11 +57,12 @@ def make_models(shape: str, dtype: torch.dtype, device: str, bf16_valued: bool =
                 p.copy_(p.to(torch.bfloat16))
 
     hf_dict = hf_config.to_dict()
-    arch = get_registry().architecture_for_hf(hf_dict, "bench")
+    registry = load_registry()
+    arch = registry.architecture_for_hf(hf_dict, "bench")
     config = make_config(arch.config_from_hf(hf_dict), str(dtype).removeprefix("torch."), Mapping())
     state = {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}  # tied to the embedding
-    model = LoadedModel(config, dict(map_tensors(config, state.items(), "bench")))
-    session = TorchSession(rank_graph(config, 0), rank_weights(model, 0), device)
+    model = LoadedModel(config, dict(map_tensors(arch, config, state.items(), "bench")))
+    session = TorchSession(registry, rank_graph(registry, config, 0), rank_weights(registry, model, 0), device)
     return hf, LocalRunner([session], Mapping()), hf_config
 
 

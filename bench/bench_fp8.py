@@ -56,24 +56,25 @@ SHAPES = shapes("small", "7b")
 def falcon_config(shape: str, dtype: str) -> dict[str, Any]:
     """The modelc checkpoint config of a falcon-7b-style model (tp1)."""
     from compiler_core.formats.checkpoint import make_config
+    from compiler_core.host import load_registry
     from compiler_core.mapping import Mapping
-    from compiler_core.registry import get_registry
 
     hf = falcon_hf_config(shape).to_dict()
-    arch = get_registry().architecture_for_hf(hf, "bench")
+    arch = load_registry().architecture_for_hf(hf, "bench")
     return make_config(arch.config_from_hf(hf), dtype, Mapping())
 
 
 def random_model(config: dict[str, Any], device: str):
     """A LoadedModel with random weights made on ``device`` (matrices N(0, 0.02), norms 1, biases 0)."""
-    from compiler_core.backends.torch.kernels import torch_dtype
     from compiler_core.convert.from_hf import LoadedModel
+    from compiler_core.dtypes import torch_dtype
+    from compiler_core.host import load_registry
     from compiler_core.quantize.calibration import model_graph
 
     dtype = torch_dtype(config["dtype"])
     model = LoadedModel(config, {})
     gen = torch.Generator(device=device).manual_seed(0)
-    for name, param in model_graph(model).params.items():
+    for name, param in model_graph(load_registry(), model).params.items():
         if len(param.shape) > 1:
             w = torch.empty(param.shape, dtype=dtype, device=device).normal_(0.0, 0.02, generator=gen)
         else:
@@ -85,13 +86,20 @@ def random_model(config: dict[str, Any], device: str):
 def quantize_fp8(model, kv: bool, device: str, vocab: int):
     """The fp8 scheme applied to a copy of ``model`` (calibrated on 4 x 128 random tokens)."""
     from compiler_core.convert.from_hf import LoadedModel
+    from compiler_core.host import load_registry
     from compiler_core.quantize.calibration import CalibrationBatch, CalibrationSet
-    from compiler_core.registry import get_registry
 
     ids = torch.randint(0, vocab, (4, 128), generator=torch.Generator().manual_seed(1))
     calibration = CalibrationSet((CalibrationBatch(ids, torch.ones_like(ids)),), "random tokens")
-    options = {"device": device, "show_progress": False, "exclude_modules": None, "kv_cache_dtype": "fp8"}
-    scheme = get_registry().quant_schemes["fp8"]
+    registry = load_registry()
+    options = {
+        "device": device,
+        "show_progress": False,
+        "exclude_modules": None,
+        "kv_cache_dtype": "fp8",
+        "registry": registry,
+    }
+    scheme = registry.quant_schemes["fp8"]
     quantized = scheme.quantize(LoadedModel(dict(model.config), dict(model.weights)), calibration, options)
     if kv:
         quantized = scheme.quantize_kv_cache(quantized, calibration, options)
@@ -99,12 +107,14 @@ def quantize_fp8(model, kv: bool, device: str, vocab: int):
 
 
 def runner_of(model, device: str):
+    from compiler_core.host import load_registry
     from compiler_core.mapping import Mapping
     from compiler_core.quantize.calibration import model_graph
     from compiler_core.runtime.runner import LocalRunner
     from compiler_core.runtime.session import TorchSession
 
-    return LocalRunner([TorchSession(model_graph(model), model.weights, device)], Mapping())
+    registry = load_registry()
+    return LocalRunner([TorchSession(registry, model_graph(registry, model), model.weights, device)], Mapping())
 
 
 def weight_bytes(model) -> int:
@@ -248,8 +258,8 @@ def accuracy(args) -> None:
     from compiler_core.build.engine import build_engine
     from compiler_core.convert.from_hf import convert
     from compiler_core.evaluate.summarize import summarize
+    from compiler_core.host import load_registry
     from compiler_core.quantize.ptq import quantize
-    from compiler_core.registry import get_registry
     from compiler_core.runtime.context import positions_from_mask
     from compiler_core.runtime.loading import checkpoint_runner
 
@@ -290,7 +300,7 @@ def accuracy(args) -> None:
                 got = runner.logits(ids, positions_from_mask(mask), mask, 0).float()
             err = (got - ref).abs()
             engine = root / f"{variant}-{len(name)}-engine"
-            build_engine(ckpt, engine, get_registry().backend("torch", "bench"), {}, show_progress=False)
+            build_engine(ckpt, engine, load_registry().backend("torch", "bench"), {}, show_progress=False)
             report = summarize(
                 engine, hf_model_dir=hf_dir, test_hf=True, max_ite=ids.shape[0], output_len=args.acc_output_len,
                 max_input_length=512 - args.acc_output_len, device="cpu", show_progress=False,

@@ -31,6 +31,7 @@ SHAPES = shapes("overhead", "small", "7b")
 CHILD = """
 import gc, json, sys
 from compiler_core.build.engine import engine_mapping, load_rank_session, read_engine_config
+from compiler_core.host import load_registry
 from compiler_core.runtime.generation import GenerationConfig, generate
 from compiler_core.runtime.runner import LocalRunner
 
@@ -40,7 +41,7 @@ def mib():
 
 engine, new_tokens = sys.argv[1], int(sys.argv[2])
 config = read_engine_config(engine)
-session = load_rank_session(engine, 0, "cpu", config)
+session = load_rank_session(load_registry(), engine, 0, "cpu", config)
 gc.collect()
 loaded = mib()
 generate(LocalRunner([session], engine_mapping(config)), [list(range(11, 75))], GenerationConfig(new_tokens))

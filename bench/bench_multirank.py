@@ -13,11 +13,16 @@ against the 1x1 split's (greedy, so they must be equal).
 
     python bench/bench_multirank.py [--device cpu|cuda] [--splits 1x1,2x1,1x2] [--batch 1,8]
 
-On a GPU host, give --device cuda (each rank takes cuda:local_rank; NCCL between them), e.g. a
-40b-shaped slice (falcon-7b's 71 heads admit no tensor-parallel split):
+On a GPU host, give --device cuda (each rank takes cuda:local_rank; NCCL between them), e.g.
+falcon-40b's layout at full width (falcon-7b's 71 heads admit no tensor-parallel split), in bf16
+and then FP8 (``--qformat fp8`` quantizes each split with ``modelc quantize`` instead of converting):
 
     python bench/bench_multirank.py --device cuda --variant 40b --hidden 8192 --heads 128 --kv_heads 8 \
-        --layers 8 --splits 2x1,1x2 --batch 1,8
+        --layers 12 --dtype bfloat16 --splits 2x1,4x1,8x1,2x2,4x2 --batch 1,8,32 [--qformat fp8]
+
+Every rank's environment has NVLink multicast off (NCCL_NVLS_ENABLE=0 and its PyTorch and
+NVSHMEM twins): on a shared host a program that uses it can take the GPUs out of service.
+``--json F`` also writes the rows as JSON.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from compiler_core.testing import NO_NVLINK_MULTICAST
 
 
 def parse_splits(text: str) -> list[tuple[int, int]]:
@@ -68,10 +75,16 @@ def prepare(args: argparse.Namespace) -> dict[tuple[int, int], Path]:
         make_tiny_falcon(hf, args.variant, dtype=args.dtype, num_layers=args.layers, max_shard_size="2GB", **shape)
     engines = {}
     for tp, pp in parse_splits(args.splits):
-        engine = root / f"tp{tp}pp{pp}"
+        engine = root / f"tp{tp}pp{pp}-{args.qformat or 'full'}"
         if not (engine / "config.json").is_file():
-            ckpt = root / f"tp{tp}pp{pp}-ckpt"
-            convert(hf, ckpt, dtype=args.dtype, mapping=Mapping.create(tp, pp), show_progress=False)
+            ckpt = root / f"tp{tp}pp{pp}-{args.qformat or 'full'}-ckpt"
+            if args.qformat:
+                quantize = [sys.executable, "-m", "compiler_core", "quantize", "--model_dir", str(hf)]
+                quantize += ["--output_dir", str(ckpt), "--qformat", args.qformat, "--dtype", args.dtype]
+                quantize += ["--tp_size", str(tp), "--pp_size", str(pp), "--device", args.device]
+                subprocess.run(quantize, check=True)
+            else:
+                convert(hf, ckpt, dtype=args.dtype, mapping=Mapping.create(tp, pp), show_progress=False)
             build_engine(ckpt, engine, choose_backend("torch")[0], {}, show_progress=False)
         engines[(tp, pp)] = engine
     return engines
@@ -112,9 +125,11 @@ def launch(args: argparse.Namespace, engine: Path, ranks: int, batch: int, resul
     command = [sys.executable, __file__, "--worker", "--engine_dir", str(engine), "--result", str(result)]
     command += ["--device", args.device, "--batch_size", str(batch), "--prompt_len", str(args.prompt_len)]
     command += ["--new_tokens", str(args.new_tokens), "--repeat", str(args.repeat)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads_per_rank)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads_per_rank), **NO_NVLINK_MULTICAST}
     if ranks > 1:
-        prefix = [mpirun, "-n", str(ranks), "--oversubscribe", "-x", "OMP_NUM_THREADS"]
+        prefix = [mpirun, "-n", str(ranks), "--oversubscribe"]
+        for name in ("OMP_NUM_THREADS", *NO_NVLINK_MULTICAST):
+            prefix += ["-x", name]
         if os.geteuid() == 0:
             prefix.append("--allow-run-as-root")
         command = prefix + command
@@ -137,6 +152,8 @@ def main() -> None:
     parser.add_argument("--prompt_len", type=int, default=64)
     parser.add_argument("--new_tokens", type=int, default=32)
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--qformat", default=None, help="quantize each split with modelc quantize (e.g. fp8)")
+    parser.add_argument("--json", default=None, help="also write the rows as JSON here")
     parser.add_argument("--threads_per_rank", type=int, default=1, help="OMP_NUM_THREADS of each rank (CPU)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--engine_dir", help=argparse.SUPPRESS)
@@ -159,9 +176,11 @@ def main() -> None:
         f"# model: falcon {args.variant} layout, hidden {args.hidden}, {args.layers} layers, {args.heads} heads, "
         f"kv heads {args.kv_heads or 'as the variant'}; "
         f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, best of {args.repeat}, "
-        f"{args.threads_per_rank} thread(s) per rank"
+        f"{args.threads_per_rank} thread(s) per rank; weights {args.qformat or args.dtype}"
     )
-    print(f"{'split':>6} {'ranks':>5} {'batch':>5} {'prefill ms':>11} {'decode tok/s':>13} {'vs 1x1':>7}  tokens")
+    header = f"{'split':>6} {'ranks':>5} {'batch':>5} {'prefill ms':>11} {'decode tok/s':>13} {'vs 1x1':>7}"
+    print(f"{header} {'efficiency':>10}  tokens")
+    rows = []
     for batch in (int(b) for b in args.batch.split(",")):
         base = None
         for (tp, pp), engine in engines.items():
@@ -169,10 +188,16 @@ def main() -> None:
             base = base or res
             same = agreement(res["tokens"], base["tokens"])
             ratio = res["decode_tok_s"] / base["decode_tok_s"]
+            # Tensor parallelism should scale decode with the ranks; pipeline stages add capacity, not speed.
+            efficiency = ratio / tp
             print(
                 f"{tp}x{pp:<4} {tp * pp:>5} {batch:>5} {res['prefill_ms']:>11.1f} "
-                f"{res['decode_tok_s']:>13.1f} {ratio:>6.2f}x  {same}"
+                f"{res['decode_tok_s']:>13.1f} {ratio:>6.2f}x {efficiency:>9.0%}  {same}"
             )
+            rows.append({"tp": tp, "pp": pp, "batch": batch, **{k: res[k] for k in ("prefill_ms", "decode_tok_s")}})
+            rows[-1].update(speedup=ratio, tp_efficiency=efficiency, tokens_vs_1x1=same)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1), encoding="utf-8")
 
 
 if __name__ == "__main__":

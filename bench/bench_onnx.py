@@ -70,7 +70,7 @@ def measure(fn, batch: int, args) -> dict[str, Any]:
 
 def available_backends(device: str) -> tuple[list[str], list[str]]:
     """(backends to run, notes on the ones left out) for ``device``."""
-    from compiler_core.registry import get_registry
+    from compiler_core.host import load_registry
 
     names, notes = ["torch", "onnx"], []
     if device.startswith("cuda"):
@@ -79,7 +79,7 @@ def available_backends(device: str) -> tuple[list[str], list[str]]:
         if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
             names.remove("onnx")
             notes.append("onnx left out: this onnxruntime has no CUDAExecutionProvider (pip install onnxruntime-gpu)")
-        tensorrt = get_registry().backends.get("tensorrt")
+        tensorrt = load_registry().backends.get("tensorrt")
         if tensorrt is not None and tensorrt.preference() >= 0:
             names.append("tensorrt")
         elif tensorrt is not None:

@@ -123,6 +123,17 @@ class MissingDependencyError(UsageError):
     """
 
 
+class ConcurrentWriteError(ModelcError):
+    """Another run finished into the same output directory first.
+
+    Cause: two runs wrote the same ``--output_dir`` at the same moment; the one that finished
+    first keeps its complete output and the other stops with this error.
+
+    What to do: nothing is lost; rerun if you meant this run's output to be the one kept, or give
+    concurrent runs different output directories.
+    """
+
+
 class InternalError(ModelcError):
     """An unexpected exception inside modelc or a plugin (a bug, not your input).
 

@@ -3,11 +3,16 @@
 Plugins implement these with ``@compiler_core.hookimpl`` and register through the
 ``compiler_core`` entry-point group. Two shapes exist:
 
-* ``register_*`` hooks run once per process. They receive a ``register`` callback; the core
-  owns the resulting registry and refuses duplicate names, naming both plugins.
-* Per-layer dispatch hooks are ``firstresult``: every implementation is asked in turn (plugins
-  before the core's own defaults, which are ``trylast``) and the first non-None answer wins.
-  Returning None means "not mine, ask the next implementation".
+* ``register_*`` hooks run once per :class:`compiler_core.host.Host`. They receive a ``register``
+  callback; the host owns the resulting registry and refuses duplicate names, naming both plugins.
+* ``lower_layer`` is a broadcast: every implementation is asked in turn (plugins before the
+  core's own, which is ``trylast``) and the first non-None answer wins. Returning None means
+  "not mine, ask the next implementation".
+
+Behaviour that belongs to one registered object is a method of it, not a hook: weight mapping,
+sharding, pipeline stages and AWQ scale groups are methods of the
+:class:`compiler_core.api.Architecture` a checkpoint names, and quantizing a layer is a method of
+the :class:`compiler_core.api.QuantScheme` being applied (core defaults in those base classes).
 
 Implementations may accept fewer arguments than a spec lists, so specs can grow.
 """
@@ -19,14 +24,12 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Callable
 
     import click
-    import torch
 
+    from compiler_core.api import Architecture, Backend, QuantScheme
     from compiler_core.ir import Graph, Node, OpSpec
-    from compiler_core.mapping import Mapping as ParallelMapping
-    from compiler_core.registry import Architecture, Backend, QuantScheme, ScaleGroup
 
 hookspec = pluggy.HookspecMarker("compiler_core")
 hookimpl = pluggy.HookimplMarker("compiler_core")
@@ -50,7 +53,7 @@ def register_ops(register: Callable[[OpSpec], None]) -> None:
 def register_architectures(register: Callable[[Architecture], None]) -> None:
     """Declare model families.
 
-    Call ``register(arch)`` with an :class:`compiler_core.registry.Architecture`. The core
+    Call ``register(arch)`` with an :class:`compiler_core.api.Architecture`. The core
     picks the architecture whose ``detect(hf_config)`` is true for a Hugging Face config, and
     the one named in a checkpoint's ``config.json`` when reading it back. Returns nothing
     (the return value is ignored).
@@ -61,7 +64,7 @@ def register_architectures(register: Callable[[Architecture], None]) -> None:
 def register_quant_schemes(register: Callable[[QuantScheme], None]) -> None:
     """Declare quantization schemes.
 
-    Call ``register(scheme)`` with a :class:`compiler_core.registry.QuantScheme`; its ``name``
+    Call ``register(scheme)`` with a :class:`compiler_core.api.QuantScheme`; its ``name``
     is the ``--qformat`` users pass to ``modelc quantize``. Returns nothing (the return value
     is ignored).
     """
@@ -71,7 +74,7 @@ def register_quant_schemes(register: Callable[[QuantScheme], None]) -> None:
 def register_backends(register: Callable[[Backend], None]) -> None:
     """Declare execution backends.
 
-    Call ``register(backend)`` with a :class:`compiler_core.registry.Backend`; its ``name`` is
+    Call ``register(backend)`` with a :class:`compiler_core.api.Backend`; its ``name`` is
     what ``modelc build --backend`` accepts. Returns nothing (the return value is ignored).
     """
 
@@ -84,97 +87,6 @@ def register_commands(cli: click.Group) -> None:
     Each plugin's commands are collected separately, so a command name two plugins add is an
     error naming both. The core's own commands arrive through this same hook. Returns nothing
     (the return value is ignored).
-    """
-
-
-# --- weights -------------------------------------------------------------------------------
-
-
-@hookspec(firstresult=True)
-def map_weight(config: Mapping[str, Any], name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor] | None:
-    """Translate one source-checkpoint tensor into IR parameters.
-
-    ``config`` is the normalised model config (its ``architecture`` key says whose model it
-    is); ``name`` and ``tensor`` come from the Hugging Face checkpoint, in its own dtype.
-    Return a dict of IR parameter name to tensor (several when one source tensor feeds several
-    parameters, an empty dict to drop the tensor on purpose), or None when the tensor is not
-    this plugin's to map. A tensor that no plugin maps is an error naming it.
-
-    Before any weight is read, the core calls this with ``meta`` tensors (shape and dtype, no
-    data) to check a safetensors checkpoint against its config: use only operations on shapes,
-    layouts and dtypes, never the values.
-    """
-
-
-# --- sharding ------------------------------------------------------------------------------
-
-
-@hookspec(firstresult=True)
-def pipeline_layer_ranges(config: Mapping[str, Any], pp_size: int) -> list[range] | None:
-    """Split the decoder layers of the model ``config`` describes into ``pp_size`` contiguous stages.
-
-    ``config`` is the normalised checkpoint config (``architecture`` says whose model it is).
-    Return one ``range`` of global layer indices per stage (uneven splits allowed, every
-    layer in exactly one stage), or None to accept the core's default, which gives the first
-    ``num_layers % pp_size`` stages one extra layer.
-    """
-
-
-@hookspec(firstresult=True)
-def shard_param(
-    name: str,
-    tensor: torch.Tensor,
-    graph: Graph,
-    config: Mapping[str, Any],
-    mapping: ParallelMapping,
-    rank: int,
-) -> torch.Tensor | None:
-    """Return rank ``rank``'s slice of the full parameter ``tensor``.
-
-    ``name`` is the IR parameter name; ``graph`` is the rank's graph, whose ``params[name]``
-    gives the shape the slice must have; ``config`` is the checkpoint config and ``mapping``
-    the :class:`compiler_core.mapping.Mapping` (tp/pp sizes, ``mapping.tp_rank(rank)``).
-    Implement this for layouts that a plain split cannot express (fused QKV reordered per
-    rank, KV heads duplicated when tp_size exceeds them, a quantized weight with its scales).
-    Return None to leave the parameter to later implementations; the core's default (last)
-    is shape-driven: it replicates a parameter whose rank shape equals the full shape,
-    otherwise splits the one axis that differs into tp_size chunks, zero-padding the tail
-    (a padded vocabulary), and raises ValueError when no single axis explains the shapes.
-    """
-
-
-# --- quantization --------------------------------------------------------------------------
-
-
-@hookspec(firstresult=True)
-def quantize_layer(
-    node: Node,
-    graph: Graph,
-    weights: Mapping[str, torch.Tensor],
-    scheme: QuantScheme,
-    stats: Mapping[str, Any],
-) -> tuple[list[Node], dict[str, torch.Tensor]] | None:
-    """Quantize one node of a full-precision graph.
-
-    ``graph`` is the full-precision single-rank graph holding ``node``; ``weights`` maps its
-    parameter names to full-precision tensors; ``scheme`` is the registered
-    :class:`compiler_core.registry.QuantScheme` being applied. ``stats`` holds what
-    calibration recorded for this node (e.g. input and weight amax,
-    AWQ scales). Return the replacement nodes and the new parameter tensors (which replace
-    any of the node's old ones by name), or None when this implementation does not quantize
-    this node for ``scheme``; a node nobody quantizes stays as it is.
-    """
-
-
-@hookspec(firstresult=True)
-def scale_groups(graph: Graph, config: Mapping[str, Any]) -> list[ScaleGroup] | None:
-    """Name the linears that read the same activation, for activation-aware schemes (AWQ).
-
-    ``graph`` is a full-precision single-rank graph of the model ``config`` describes.
-    Return a list of :class:`compiler_core.registry.ScaleGroup`: each has the node whose
-    output is the shared input (a norm, an activation or a linear) and the linear nodes that
-    read it, so one per-channel scale can be folded into that producer. Return None when this
-    plugin does not know ``config``'s architecture.
     """
 
 

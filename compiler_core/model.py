@@ -5,14 +5,20 @@ from __future__ import annotations
 from typing import Any
 
 from compiler_core.errors import ConfigError, UsageError
+from compiler_core.graph_attrs import complete_graph_attrs
 from compiler_core.ir import Graph, validate
 from compiler_core.mapping import Mapping
-from compiler_core.registry import get_registry
+from compiler_core.registry import Registry
+from compiler_core.rope import check_rope
 
 
-def rank_graph(config: dict[str, Any], rank: int, source: str = "config.json") -> Graph:
-    """Build and validate rank ``rank``'s graph, quantized as ``config["quantization"]`` says."""
-    registry = get_registry()
+def rank_graph(registry: Registry, config: dict[str, Any], rank: int, source: str = "config.json") -> Graph:
+    """Build and validate rank ``rank``'s graph, quantized as ``config["quantization"]`` says.
+
+    The runtime attributes (:mod:`compiler_core.graph_attrs`) are filled in or checked, and the
+    rotary settings checked against what the kernels implement (:mod:`compiler_core.rope`),
+    before any quantization scheme rewrites the graph.
+    """
     arch = registry.architecture(config["architecture"], source)
     mapping = Mapping.from_json(config["mapping"], source)
     try:
@@ -24,7 +30,11 @@ def rank_graph(config: dict[str, Any], rank: int, source: str = "config.json") -
     # The config is input (a hand-edited checkpoint or engine config reaches here): fields of the wrong
     # type or range surface inside the plugin's graph builder, and are reported as the config's fault.
     try:
-        graph = arch.build_graph(config, mapping, rank, config["dtype"])
+        stages = arch.pipeline_layer_ranges(config, mapping.pp_size)
+        layers = stages[mapping.pp_rank(rank)]
+        graph = arch.build_graph(config, mapping, rank, config["dtype"], layers)
+        graph = complete_graph_attrs(graph, config, mapping, rank, layers, source)
+        check_rope(graph, source)
         for scheme in registry.quant_schemes.values():
             graph = scheme.transform_graph(graph, config)
         return validate(graph, registry.ops)

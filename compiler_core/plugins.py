@@ -1,4 +1,4 @@
-"""The plugin manager: loads entry-point plugins lazily, once, and reports the broken ones.
+"""Plugin loading: a plugin manager with modelc's hookspecs, filled from entry points, broken ones reported.
 
 Plugins are found through the ``compiler_core`` entry-point group, the built-in ones
 included: the core never names a plugin. A plugin that raises while importing, implements a
@@ -48,18 +48,6 @@ class PluginFailure:
     version: str | None = None
 
 
-_pm: pluggy.PluginManager | None = None
-failures: list[PluginFailure] = []
-
-
-def get_plugin_manager() -> pluggy.PluginManager:
-    """Return the process-wide plugin manager, loading plugins on the first call."""
-    global _pm
-    if _pm is None:
-        _pm = _load()
-    return _pm
-
-
 def entry_points() -> Iterable[Any]:
     """The installed ``compiler_core`` entry points (one per plugin, deduplicated by package)."""
     return importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
@@ -74,7 +62,7 @@ def allowed_plugins() -> set[str] | None:
 def new_plugin_manager() -> pluggy.PluginManager:
     """A plugin manager with modelc's hookspecs and the core's own plugin, and nothing else.
 
-    This is how the process-wide manager starts before entry points are added; tests use it to
+    :class:`compiler_core.host.Host` starts from it before entry points are added; tests use it to
     check a plugin object in isolation (``pm.register(obj); pm.check_pending()``).
     """
     pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
@@ -121,23 +109,26 @@ def _with_hint(message: str, pm: pluggy.PluginManager) -> str:
     return f"{message} (did you mean {close[0]!r}?)" if close else message
 
 
-def _dist_facts(ep: Any) -> tuple[str | None, str | None]:
+def dist_facts(ep: Any) -> tuple[str | None, str | None]:
     dist = getattr(ep, "dist", None)
     return (dist.metadata["Name"], dist.version) if dist is not None else (None, None)
 
 
-def _load() -> pluggy.PluginManager:
-    pm = new_plugin_manager()
+def load_entry_points(pm: pluggy.PluginManager) -> list[PluginFailure]:
+    """Register every installed plugin ``MODELC_PLUGINS`` allows into ``pm``; return the ones left out.
+
+    Each failure is also reported with a :class:`PluginLoadWarning`.
+    """
+    failures: list[PluginFailure] = []
     allowed = allowed_plugins()
-    failures.clear()
     seen: dict[str, str | None] = {}
     for ep in entry_points():
         if allowed is not None and ep.name not in allowed:
             continue
-        package, version = _dist_facts(ep)
+        package, version = dist_facts(ep)
         if ep.name in seen or ep.name == CORE_PLUGIN[0]:
             owner = "the core" if ep.name == CORE_PLUGIN[0] else f"package {seen[ep.name] or ep.name!r}"
-            _fail(PluginFailure(ep.name, ep.value, f"the name is already taken by {owner}", package, version))
+            _fail(failures, PluginFailure(ep.name, ep.value, f"the name is already taken by {owner}", package, version))
             continue
         seen[ep.name] = package
         try:
@@ -145,81 +136,20 @@ def _load() -> pluggy.PluginManager:
         except (Exception, SystemExit) as exc:  # a broken plugin must not take the CLI down with it
             # One line: pluggy's signature errors span several.
             error = " ".join(f"{type(exc).__name__}: {exc}".split())
-            _fail(PluginFailure(ep.name, ep.value, error, package, version))
+            _fail(failures, PluginFailure(ep.name, ep.value, error, package, version))
     for name in sorted((allowed or set()) - set(seen) - {CORE_PLUGIN[0]}):
         warnings.warn(
             f"{PLUGINS_ENV} names {name!r}, but no installed plugin has that name", PluginLoadWarning, stacklevel=3
         )
-    return pm
+    return failures
 
 
-def _fail(failure: PluginFailure) -> None:
+def _fail(failures: list[PluginFailure], failure: PluginFailure) -> None:
     failures.append(failure)
     warnings.warn(f"modelc plugin {failure.name!r} failed to load: {failure.error}", PluginLoadWarning, stacklevel=4)
 
 
-def reset_plugin_manager() -> None:
-    """Forget the loaded plugins; the next call loads them again (for tests)."""
-    global _pm
-    _pm = None
-    failures.clear()
-    from compiler_core.registry import reset_registry
-
-    reset_registry()
-
-
-def plugin_info() -> list[dict[str, Any]]:
-    """One dict per plugin: name, version, package, module, hooks, provides and status.
-
-    ``provides`` maps a kind ("architectures", "backends", "commands", "ops",
-    "quant_schemes") to the names the plugin registered; ``status`` is "loaded" or "failed"
-    (then ``error`` says why).
-    """
-    from compiler_core.registry import get_commands, get_registry
-
-    pm = get_plugin_manager()
-    owners = {**get_registry().provided_by, **get_commands().provided_by}
-    dists = {ep.name: _dist_facts(ep) for ep in entry_points()}
-    provides: dict[str, dict[str, list[str]]] = {}
-    for (kind, name), owner in owners.items():
-        provides.setdefault(owner, {}).setdefault(kind, []).append(name)
-    info = []
-    for name, plugin in pm.list_name_plugin():
-        if plugin is None:  # a blocked name
-            continue
-        if name == CORE_PLUGIN[0]:
-            package, version = "modelc", _core_version()
-        else:
-            package, version = dists.get(name, (None, None))
-            version = version or getattr(plugin, "__version__", None)
-        info.append(
-            {
-                "name": name,
-                "version": version,
-                "package": package,
-                "module": getattr(plugin, "__name__", type(plugin).__name__),
-                "hooks": sorted(h.name for h in pm.get_hookcallers(plugin) or []),
-                "provides": {k: sorted(v) for k, v in sorted(provides.get(name, {}).items())},
-                "status": "loaded",
-            }
-        )
-    for failure in failures:
-        info.append(
-            {
-                "name": failure.name,
-                "version": failure.version,
-                "package": failure.package,
-                "module": failure.value,
-                "hooks": [],
-                "provides": {},
-                "status": "failed",
-                "error": failure.error,
-            }
-        )
-    return info
-
-
-def _core_version() -> str:
+def core_version() -> str:
     try:
         return importlib.metadata.version("modelc")
     except importlib.metadata.PackageNotFoundError:

@@ -8,38 +8,20 @@ plugin chooses its own scopes. ``pytest`` is imported only by the helpers that s
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
+import site
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from compiler_core.plugins import get_plugin_manager, register_checked
-from compiler_core.registry import reset_registry
+# --- the CLI ---------------------------------------------------------------------------------
 
-# --- plugins and the CLI ----------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def plugin_registered(plugin: object, name: str) -> Iterator[None]:
-    """Register ``plugin`` into the process-wide manager for the duration of a ``with`` block.
-
-    The registry is rebuilt on entry and exit, so what the plugin registers is visible only
-    inside the block.
-    """
-    pm = get_plugin_manager()
-    register_checked(pm, plugin, name)
-    reset_registry()
-    try:
-        yield
-    finally:
-        pm.unregister(plugin, name=name)
-        reset_registry()
+# A test that needs a throwaway plugin builds its own host, ``Host.load(extra={"name": plugin})``
+# (compiler_core.host), and passes ``host.registry`` to the API or ``obj=host`` to click's runner.
 
 
 def run_modelc(
@@ -62,6 +44,79 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("modelc: error:")]
 
 
+# --- third-party plugins in real virtual environments ------------------------------------------
+
+#: What a plugin venv must import from this environment (it installs nothing but modelc and the plugin).
+VENV_NEEDS = ("torch", "click", "pluggy", "safetensors", "pip", "pytest")
+
+
+def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This environment minus what would leak into a venv's modelc (plugin selection, paths), plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MODELC_PLUGINS", "PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1")
+    return {**env, **(extra or {})}
+
+
+def run_clean(
+    args: list[str | Path], cwd: Path, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run ``args`` in :func:`clean_env`, capturing text output."""
+    return subprocess.run(
+        [str(a) for a in args], cwd=cwd, env=clean_env(env), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def check_ok(done: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """Assert a command succeeded, showing its output when it did not."""
+    assert done.returncode == 0, f"{done.args}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    return done
+
+
+class Venv:
+    """A fresh virtual environment with modelc installed (editable) from ``modelc_source``.
+
+    It sees this environment's packages (torch, click, ...) through ``--system-site-packages``;
+    when the running Python is itself a venv, whose "system" site is the base interpreter's, a
+    ``.pth`` file points the new venv at this environment's site-packages instead. Nothing is
+    downloaded (``--no-deps --no-build-isolation --no-index``) unless the environment has no
+    setuptools to build with (Python >= 3.12 venvs), when pip may fetch it.
+    """
+
+    def __init__(self, root: Path, modelc_source: Path) -> None:
+        self.root = root
+        self.bin = root / ("Scripts" if os.name == "nt" else "bin")
+        self.python = self.bin / "python"
+        check_ok(
+            run_clean([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", root], root.parent)
+        )
+        probe = f"import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in {VENV_NEEDS!r}))"
+        if run_clean([self.python, "-c", probe], root.parent).returncode != 0:
+            purelib = check_ok(
+                run_clean([self.python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], root.parent)
+            ).stdout.strip()
+            parents = [p for p in site.getsitepackages() if Path(p).is_dir()]
+            (Path(purelib) / "_modelc_test_parent_env.pth").write_text("\n".join(parents) + "\n")
+            check_ok(run_clean([self.python, "-c", probe], root.parent))
+        has_setuptools = run_clean([self.python, "-c", "import setuptools"], root.parent).returncode == 0
+        self.pip_options = ["--no-build-isolation", "--no-index"] if has_setuptools else []
+        self.pip_install("-e", modelc_source)
+
+    def pip_install(self, *args: str | Path) -> None:
+        """``pip install --no-deps`` into this venv (offline when it can build so)."""
+        command = [self.python, "-m", "pip", "install", "-q", "--no-deps", *self.pip_options, *args]
+        check_ok(run_clean(command, self.root))
+
+    def install_copy(self, project: Path, into: Path) -> Path:
+        """Install a copy of the package at ``project`` (so the source gets no build/ or *.egg-info)."""
+        source = shutil.copytree(project, into, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        self.pip_install(source)
+        return source
+
+    def modelc(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        """This venv's own ``modelc`` console script."""
+        return run_clean([self.bin / "modelc", *args], self.root, timeout=timeout)
+
+
 # --- real mpirun ranks ------------------------------------------------------------------------
 
 
@@ -79,22 +134,33 @@ def require_mpirun() -> Path:
     return Path(on_path)
 
 
+#: NVLink multicast (NVLS) off for NCCL, PyTorch's symmetric memory and NVSHMEM: on a shared
+#: multi-GPU host a program that uses it can take the host's GPUs out of service.
+NO_NVLINK_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
 def mpi_env() -> dict[str, str]:
-    """The environment for ``mpirun``: one thread per rank, and root allowed where tests run as root."""
+    """The environment for ``mpirun``: one thread per rank, no NVLink multicast, and root allowed
+    where tests run as root."""
     # The ranks share the machine's cores. Open MPI refuses root without the two ALLOW variables
     # (the flag alone would do; the variables keep the command line TensorRT-LLM's).
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **NO_NVLINK_MULTICAST}
     if os.geteuid() == 0:
         env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     return env
 
 
-def run_mpi(ranks: int, *modelc_args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    """``mpirun -n RANKS --oversubscribe python -m compiler_core ARGS`` (more ranks than cores is fine)."""
+def run_mpi(
+    ranks: int, *modelc_args: str, timeout: float = 240, python: str | Path | None = None
+) -> subprocess.CompletedProcess:
+    """``mpirun -n RANKS --oversubscribe python -m compiler_core ARGS`` (more ranks than cores is fine);
+    ``python`` is the interpreter the ranks run (default: this one; a :class:`Venv`'s for its plugins)."""
     command = [str(require_mpirun()), "-n", str(ranks), "--oversubscribe"]
     if os.geteuid() == 0:
         command.append("--allow-run-as-root")
-    command += ["-x", "OMP_NUM_THREADS", sys.executable, "-m", "compiler_core", *modelc_args]
+    for name in ("OMP_NUM_THREADS", *NO_NVLINK_MULTICAST):
+        command += ["-x", name]
+    command += [str(python or sys.executable), "-m", "compiler_core", *modelc_args]
     return subprocess.run(command, env=mpi_env(), capture_output=True, text=True, timeout=timeout)
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import concurrent.futures
-import multiprocessing
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,21 +16,27 @@ from compiler_core.formats.checkpoint import (
     read_config,
 )
 from compiler_core.formats.fields import int_field, is_int
-from compiler_core.formats.fileio import atomic_output_dir, read_json, write_json
+from compiler_core.formats.fileio import OutputKind, atomic_output_dir, read_json, write_json
 from compiler_core.ir import Graph, format_graph, validate
 from compiler_core.mapping import Mapping
 from compiler_core.model import rank_graph
 from compiler_core.progress import progress
-from compiler_core.registry import Backend, get_registry
+from compiler_core.api import Backend
+from compiler_core.host import load_registry
+from compiler_core.registry import Registry
+from compiler_core.workers import map_in_processes
 
 ENGINE_FORMAT = "modelc-engine"
 ENGINE_FORMAT_VERSION = 1
+#: What build writes; only an earlier engine (or an empty directory) is replaced.
+ENGINE_OUTPUT = OutputKind("modelc engine", ENGINE_FORMAT)
 DEFAULT_SETTINGS = {"max_batch_size": 8, "max_input_len": 1024, "max_seq_len": 2048}
 
 
-def choose_backend(requested: str | None) -> tuple[Backend, str]:
-    """The backend to build with and a one-line reason for the choice."""
-    registry = get_registry()
+def choose_backend(requested: str | None, registry: Registry | None = None) -> tuple[Backend, str]:
+    """The backend to build with and a one-line reason for the choice, among ``registry``'s
+    (default: the installed plugins', loaded for this call)."""
+    registry = registry or load_registry()
     if requested is not None:
         backend = registry.backend(requested, "--backend")
         reason = backend.unavailable_reason()
@@ -52,23 +56,38 @@ def choose_backend(requested: str | None) -> tuple[Backend, str]:
     return best, f"default: highest preference usable here{why}; others: {others or 'none'}"
 
 
-def _build_rank(backend: Backend, graph: Graph, checkpoint_dir: Path, out_dir: Path, rank: int, settings):
+def _build_rank(
+    registry: Registry, backend: Backend, graph: Graph, checkpoint_dir: Path, out_dir: Path, rank: int, settings
+):
     weights = load_rank_weights(rank_file(checkpoint_dir, rank))
-    return backend.build_rank(graph, weights, out_dir, rank, settings) or {}
+    return backend.build_rank(graph, weights, out_dir, rank, settings, registry) or {}
 
 
 def _build_rank_worker(
     backend_name: str, graph_json: dict[str, Any], checkpoint_dir: str, out_dir: str, rank: int, settings
 ) -> dict[str, Any]:
-    """One rank in a worker process: the backend comes from that process's own plugin registry."""
-    backend = get_registry().backend(backend_name, "--backend")
+    """One rank in a spawned worker process, which loads the installed plugins for itself."""
+    registry = load_registry()
+    backend = registry.backend(backend_name, "--backend")
     graph = Graph.from_json(graph_json)
-    return _build_rank(backend, graph, Path(checkpoint_dir), Path(out_dir), rank, settings)
+    return _build_rank(registry, backend, graph, Path(checkpoint_dir), Path(out_dir), rank, settings)
 
 
-def build_settings(settings: dict[str, Any]) -> dict[str, Any]:
-    """Defaults filled in and checked: max_batch_size, max_input_len, max_seq_len (all >= 1)."""
-    settings = {**DEFAULT_SETTINGS, **{k: v for k, v in settings.items() if v is not None}}
+def build_settings(settings: dict[str, Any], model_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Defaults filled in and checked: max_batch_size, max_input_len, max_seq_len (all >= 1).
+
+    ``max_seq_len`` defaults to the model's ``max_position_embeddings`` when its config has one
+    (the longest sequence it was trained for), and ``max_input_len`` to at most that.
+    """
+    defaults = dict(DEFAULT_SETTINGS)
+    trained = (model_config or {}).get("max_position_embeddings")
+    if isinstance(trained, int) and not isinstance(trained, bool) and trained >= 1:
+        defaults["max_seq_len"] = trained
+        defaults["max_input_len"] = min(defaults["max_input_len"], trained)
+    given = {k: v for k, v in settings.items() if v is not None}
+    if "max_seq_len" in given and "max_input_len" not in given:
+        defaults["max_input_len"] = min(defaults["max_input_len"], given["max_seq_len"])
+    settings = {**defaults, **given}
     for key in DEFAULT_SETTINGS:
         if not isinstance(settings[key], int) or settings[key] < 1:
             raise UsageError(f"--{key} must be a positive integer, got {settings[key]!r}")
@@ -84,45 +103,36 @@ def build_engine(
     settings: dict[str, Any],
     show_progress: bool = True,
     workers: int = 1,
+    registry: Registry | None = None,
 ) -> dict[str, Any]:
     """Build every rank of a checkpoint with ``backend`` into ``output_dir`` (atomically).
 
     ``workers`` > 1 builds ranks in that many spawned processes (each loads only its own
-    rank's weights); the result is the same engine as a sequential build.
+    rank's weights); the result is the same engine as a sequential build. ``registry`` holds
+    the plugins to use (default: the installed ones, loaded for this call).
     """
+    registry = registry or load_registry()
     checkpoint_dir = Path(checkpoint_dir)
     config = read_config(checkpoint_dir)
     mapping = Mapping.from_json(config["mapping"])
-    settings = build_settings(settings)
+    settings = build_settings(settings, config)
     if workers < 1:
         raise UsageError(f"--workers must be at least 1, got {workers}")
-    graphs = [rank_graph(config, r, str(checkpoint_dir / "config.json")) for r in mapping.ranks()]
+    graphs = [rank_graph(registry, config, r, str(checkpoint_dir / "config.json")) for r in mapping.ranks()]
     for rank, graph in enumerate(graphs):
         check_rank_file(rank_file(checkpoint_dir, rank), graph.params)
     desc = f"build ({backend.name})"
-    with atomic_output_dir(output_dir) as tmp:
+    with atomic_output_dir(output_dir, ENGINE_OUTPUT, inputs=[checkpoint_dir]) as tmp:
         if workers > 1 and mapping.world_size > 1:
-            ctx = multiprocessing.get_context("spawn")  # fork is unsafe once torch has started its threads
-            with concurrent.futures.ProcessPoolExecutor(min(workers, mapping.world_size), mp_context=ctx) as pool:
-                futures = [
-                    pool.submit(
-                        _build_rank_worker,
-                        backend.name,
-                        graphs[r].to_json(),
-                        str(checkpoint_dir),
-                        str(tmp),
-                        r,
-                        settings,
-                    )
-                    for r in mapping.ranks()
-                ]
-                done = concurrent.futures.as_completed(futures)
-                for future in progress(done, total=len(futures), desc=desc, unit="rank", enable=show_progress):
-                    future.result()
-                facts = [f.result() for f in futures]
+            jobs = [
+                (backend.name, graphs[r].to_json(), str(checkpoint_dir), str(tmp), r, settings) for r in mapping.ranks()
+            ]
+            facts = map_in_processes(
+                _build_rank_worker, jobs, workers, desc=desc, unit="rank", show_progress=show_progress
+            )
         else:
             facts = [
-                _build_rank(backend, graphs[rank], checkpoint_dir, tmp, rank, settings)
+                _build_rank(registry, backend, graphs[rank], checkpoint_dir, tmp, rank, settings)
                 for rank in progress(mapping.ranks(), desc=desc, unit="rank", enable=show_progress)
             ]
         tokenizer = checkpoint_dir / TOKENIZER_DIR
@@ -188,22 +198,24 @@ def engine_mapping(engine_config: dict[str, Any]) -> Mapping:
     return Mapping.from_json(engine_config["checkpoint"]["mapping"])
 
 
-def engine_graph(engine_config: dict[str, Any], rank: int) -> Graph:
+def engine_graph(registry: Registry, engine_config: dict[str, Any], rank: int) -> Graph:
     """Rank ``rank``'s IR as stored at build time, validated against the loaded ops."""
     try:
-        return validate(Graph.from_json(engine_config["graphs"][rank]), get_registry().ops)
+        return validate(Graph.from_json(engine_config["graphs"][rank]), registry.ops)
     except (KeyError, IndexError, ValueError, TypeError, AttributeError) as exc:
         raise ConfigError(f"engine config.json: graph of rank {rank} is unreadable ({exc})") from None
 
 
-def load_rank_session(engine_dir: Path, rank: int, device: str, engine_config: dict[str, Any] | None = None):
+def load_rank_session(
+    registry: Registry, engine_dir: Path, rank: int, device: str, engine_config: dict[str, Any] | None = None
+):
     """Load rank ``rank`` with the backend recorded in the engine."""
     engine_config = engine_config or read_engine_config(engine_dir)
-    backend = get_registry().backend(engine_config["backend"], str(Path(engine_dir) / "config.json"))
-    return backend.load_rank(Path(engine_dir), engine_config, rank, device)
+    backend = registry.backend(engine_config["backend"], str(Path(engine_dir) / "config.json"))
+    return backend.load_rank(Path(engine_dir), engine_config, rank, device, registry)
 
 
-def describe_engine(engine_dir: Path, raw: dict[str, Any], max_nodes: int | None) -> str:
+def describe_engine(registry: Registry, engine_dir: Path, raw: dict[str, Any], max_nodes: int | None) -> str:
     config = read_engine_config(engine_dir)
     ckpt = config["checkpoint"]
     mapping = engine_mapping(config)
@@ -213,12 +225,12 @@ def describe_engine(engine_dir: Path, raw: dict[str, Any], max_nodes: int | None
         f"mapping: tp={mapping.tp_size} pp={mapping.pp_size}  build: {config['build']}",
         f"  quantization: {ckpt['quantization']}",
     ]
-    backend = get_registry().backends.get(config["backend"])
+    backend = registry.backends.get(config["backend"])
     for rank in mapping.ranks():
         extra = backend.describe_rank(Path(engine_dir), config, rank) if backend is not None else ""
         if extra:
             lines.append(f"  rank {rank} artefacts:\n{extra}")
         elif config.get("ranks") and config["ranks"][rank]:
             lines.append(f"  rank {rank} artefacts: {config['ranks'][rank]}")
-        lines.append(format_graph(engine_graph(config, rank), max_nodes=max_nodes))
+        lines.append(format_graph(engine_graph(registry, config, rank), max_nodes=max_nodes))
     return "\n".join(lines)

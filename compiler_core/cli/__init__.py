@@ -1,5 +1,9 @@
 """The ``modelc`` command group. Every subcommand, the core's included, arrives through the
-``register_commands`` hook."""
+``register_commands`` hook.
+
+The group's context object (``ctx.obj``) is the :class:`~compiler_core.host.Host` of the run:
+:func:`main` loads it once, and commands take it with ``@click.pass_obj`` and pass its registry down.
+"""
 
 from __future__ import annotations
 
@@ -10,20 +14,27 @@ import warnings
 import click
 
 from compiler_core.errors import ModelcError, OptionError, UsageError, error_line, unexpected
+from compiler_core.host import Host
+from compiler_core.interrupts import Interrupted, interrupts_raised
+from compiler_core.plugins import PluginLoadWarning
+
+
+def context_host(ctx: click.Context) -> Host:
+    """The host on ``ctx``; a group invoked without one (click's test runner) loads the installed plugins."""
+    root = ctx.find_root()
+    if root.obj is None:
+        root.obj = Host.load()
+    return root.obj
 
 
 class ModelcGroup(click.Group):
-    """Takes its subcommands from the plugins on first use and turns errors into one line plus an exit code."""
+    """Takes its subcommands from the host's plugins and turns errors into one line plus an exit code."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        from compiler_core.registry import get_commands
-
-        return sorted({*super().list_commands(ctx), *get_commands().commands})
+        return sorted({*super().list_commands(ctx), *context_host(ctx).commands.commands})
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        from compiler_core.registry import get_commands
-
-        return super().get_command(ctx, name) or get_commands().commands.get(name)
+        return super().get_command(ctx, name) or context_host(ctx).commands.commands.get(name)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -31,7 +42,7 @@ class ModelcGroup(click.Group):
         except (click.exceptions.Exit, click.exceptions.Abort):
             raise
         except Exception as exc:
-            if ctx.obj and ctx.obj.get("debug"):
+            if ctx.params.get("debug"):
                 raise
             error = as_modelc_error(exc)
             if not error.quiet:
@@ -55,20 +66,15 @@ def as_modelc_error(exc: Exception) -> ModelcError:
 @click.group(cls=ModelcGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 @click.version_option(package_name="modelc", prog_name="modelc")
-@click.pass_context
-def cli(ctx: click.Context, debug: bool) -> None:
+def cli(debug: bool) -> None:
     """modelc: compile Hugging Face decoder-only LLMs into quantized, sharded engines.
 
     Workflow: convert (or quantize) -> build -> run / summarize.
     """
-    ctx.ensure_object(dict)
-    ctx.obj["debug"] = debug
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning) -> None:
     """Plugin-load warnings are one line naming the plugin; other warnings keep Python's format."""
-    from compiler_core.plugins import PluginLoadWarning
-
     if issubclass(category, PluginLoadWarning):
         click.echo(f"modelc: warning: {message}", err=True)
     else:
@@ -80,11 +86,17 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     warnings.showwarning = _show_warning
     try:
-        cli.main(args=argv, prog_name="modelc", standalone_mode=True)
-    except Exception as exc:  # raised outside a command's invoke (e.g. while collecting commands)
+        with interrupts_raised():  # SIGINT/SIGTERM unwind every `with`: temporary dirs go, workers stop
+            cli.main(args=argv, prog_name="modelc", standalone_mode=True, obj=Host.load())
+    except Exception as exc:  # raised outside a command's invoke (e.g. while loading plugins)
         if debug:
             traceback.print_exc()
         error = as_modelc_error(exc)
         if not error.quiet:
             click.echo(error_line(error), err=True)
         sys.exit(error.exit_code)
+    except Interrupted as exc:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"modelc: error: {exc}", err=True)
+        sys.exit(exc.exit_code)

@@ -9,6 +9,7 @@ import click
 from compiler_core.build.engine import DEFAULT_SETTINGS, build_engine, choose_backend
 from compiler_core.cli.options import OUTPUT_DIR, POSITIVE_INT, accepted_flag, option
 from compiler_core.errors import UsageError
+from compiler_core.host import Host
 
 #: trtllm-build flags that choose TensorRT-LLM plugins or kernels. Each is accepted (bare, as in
 #: older releases, or with a value, as in newer ones) so a copied command runs; the help says
@@ -85,7 +86,8 @@ def _trtllm_flags(command):
     "--max_seq_len",
     default=None,
     type=POSITIVE_INT,
-    help=f"Longest prompt + output in tokens, enforced at run time [default: {DEFAULT_SETTINGS['max_seq_len']}].",
+    help="Longest prompt + output in tokens, enforced at run time [default: the model's max_position_embeddings, "
+    f"else {DEFAULT_SETTINGS['max_seq_len']}].",
 )
 @option(
     "--max_output_len",
@@ -97,7 +99,9 @@ def _trtllm_flags(command):
     "--workers", default=1, show_default=True, type=POSITIVE_INT, help="Build ranks in this many parallel processes."
 )
 @_trtllm_flags
+@click.pass_obj
 def build_command(
+    host: Host,
     checkpoint_dir: Path,
     output_dir: Path,
     backend: str | None,
@@ -112,10 +116,12 @@ def build_command(
         if max_seq_len is not None:
             raise UsageError("--max_output_len: give either --max_seq_len or --max_output_len, not both")
         max_seq_len = (max_input_len or DEFAULT_SETTINGS["max_input_len"]) + max_output_len
-    chosen, reason = choose_backend(backend)
+    chosen, reason = choose_backend(backend, host.registry)
     click.echo(f"backend: {chosen.name} ({reason})")
     settings = {"max_batch_size": max_batch_size, "max_input_len": max_input_len, "max_seq_len": max_seq_len}
-    config = build_engine(Path(checkpoint_dir), Path(output_dir), chosen, settings, workers=workers)
+    config = build_engine(
+        Path(checkpoint_dir), Path(output_dir), chosen, settings, workers=workers, registry=host.registry
+    )
     mapping = config["checkpoint"]["mapping"]
     build = config["build"]
     click.echo(

@@ -9,6 +9,7 @@ import click
 from compiler_core.cli.options import OUTPUT_DIR, POSITIVE_INT, option
 from compiler_core.convert.from_hf import DTYPE_CHOICES, convert
 from compiler_core.errors import UsageError
+from compiler_core.host import Host
 from compiler_core.mapping import Mapping
 
 
@@ -33,8 +34,18 @@ from compiler_core.mapping import Mapping
 )
 @option("--workers", default=1, show_default=True, type=POSITIVE_INT, help="Convert ranks in parallel processes.")
 @option("--ammo_quant_ckpt_path", default=None, help="Not supported: use `modelc quantize` (one step).", hidden=True)
+@click.pass_obj
 def convert_command(
-    model_dir, output_dir, dtype, tp_size, pp_size, world_size, load_by_shard, workers, ammo_quant_ckpt_path
+    host: Host,
+    model_dir,
+    output_dir,
+    dtype,
+    tp_size,
+    pp_size,
+    world_size,
+    load_by_shard,
+    workers,
+    ammo_quant_ckpt_path,
 ):
     """Convert a Hugging Face checkpoint to config.json + rank{r}.safetensors.
 
@@ -49,7 +60,13 @@ def convert_command(
         )
     mapping = Mapping.create(tp_size, pp_size, world_size)
     config = convert(
-        Path(model_dir), Path(output_dir), dtype=dtype, mapping=mapping, load_by_shard=load_by_shard, workers=workers
+        Path(model_dir),
+        Path(output_dir),
+        dtype=dtype,
+        mapping=mapping,
+        load_by_shard=load_by_shard,
+        workers=workers,
+        registry=host.registry,
     )
     click.echo(
         f"converted {config['architecture']} ({config['dtype']}, tp={mapping.tp_size} pp={mapping.pp_size}) "

@@ -8,18 +8,20 @@ import os
 import click
 
 from compiler_core.cli.options import option
-from compiler_core.plugins import PLUGINS_ENV, plugin_info
+from compiler_core.host import Host
+from compiler_core.plugins import PLUGINS_ENV
 
 
 @click.command("plugins")
 @option("--json", "as_json", is_flag=True, help="Print JSON: name, version, package, module, hooks, provides, status.")
-def plugins_command(as_json: bool) -> None:
+@click.pass_obj
+def plugins_command(host: Host, as_json: bool) -> None:
     """List plugins with their versions and what they provide.
 
     A plugin that failed to load is listed with status "failed" and the reason. Set
     MODELC_PLUGINS=name,name to load only some of the installed plugins.
     """
-    info = plugin_info()
+    info = host.plugin_info()
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return

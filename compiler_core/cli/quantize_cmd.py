@@ -11,41 +11,37 @@ from pathlib import Path
 
 import click
 
+from compiler_core.cli import context_host
 from compiler_core.cli.options import NON_NEGATIVE_INT, OUTPUT_DIR, POSITIVE_INT, option
 from compiler_core.convert.from_hf import DTYPE_CHOICES
 from compiler_core.errors import UsageError
+from compiler_core.host import Host
 from compiler_core.mapping import Mapping
 from compiler_core.quantize.calibration import DEFAULT_CALIB_SIZE, DEFAULT_MAX_SEQ_LENGTH
+from compiler_core.quantize.ptq import kv_cache_dtype_choices, qformat_choices, quantize
+from compiler_core.registry import Registry
 
 
 class RegistryChoice(click.ParamType):
-    """A choice among names that plugins register, looked up only when needed (help or parsing)."""
+    """A choice among names that plugins register, looked up in the command's host only when needed
+    (help or parsing)."""
 
     name = "choice"
 
-    def __init__(self, choices: Callable[[], list[str]], flag: str, what: str) -> None:
+    def __init__(self, choices: Callable[[Registry], list[str]], flag: str, what: str) -> None:
         self.choices, self.flag, self.what = choices, flag, what
 
+    def _known(self, ctx: click.Context | None) -> list[str]:
+        return self.choices(context_host(ctx or click.get_current_context()).registry)
+
     def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
-        return "[" + "|".join(self.choices()) + "]"
+        return "[" + "|".join(self._known(ctx)) + "]"
 
     def convert(self, value, param, ctx):
-        known = self.choices()
+        known = self._known(ctx)
         if value not in known:
             raise UsageError(f"{self.flag} {value!r}: unknown {self.what} (known: {', '.join(known) or 'none'})")
         return value
-
-
-def _qformats() -> list[str]:
-    from compiler_core.quantize.ptq import qformat_choices
-
-    return qformat_choices()
-
-
-def _kv_dtypes() -> list[str]:
-    from compiler_core.quantize.ptq import kv_cache_dtype_choices
-
-    return kv_cache_dtype_choices()
 
 
 def _patterns(values: tuple[str, ...]) -> list[str] | None:
@@ -70,13 +66,13 @@ def _patterns(values: tuple[str, ...]) -> list[str] | None:
     "--qformat",
     default="full_prec",
     show_default=True,
-    type=RegistryChoice(_qformats, "--qformat", "quantization format"),
+    type=RegistryChoice(qformat_choices, "--qformat", "quantization format"),
     help="Quantization format from the loaded plugins; full_prec keeps the weights (use with --kv_cache_dtype).",
 )
 @option(
     "--kv_cache_dtype",
     default=None,
-    type=RegistryChoice(_kv_dtypes, "--kv_cache_dtype", "KV-cache dtype"),
+    type=RegistryChoice(kv_cache_dtype_choices, "--kv_cache_dtype", "KV-cache dtype"),
     help="Also store the KV cache quantized, with a calibrated scale per layer.",
 )
 @option(
@@ -138,7 +134,9 @@ def _patterns(values: tuple[str, ...]) -> list[str] | None:
     show_default=True,
     help="Where calibration runs: auto (cuda when available), cpu, cuda, cuda:N.",
 )
+@click.pass_obj
 def quantize_command(
+    host: Host,
     model_dir,
     output_dir,
     qformat,
@@ -160,8 +158,6 @@ def quantize_command(
 
     Example: modelc quantize --model_dir falcon-7b --output_dir ckpt --qformat fp8 --kv_cache_dtype fp8
     """
-    from compiler_core.quantize.ptq import quantize
-
     config, calibration = quantize(
         Path(model_dir),
         Path(output_dir),
@@ -178,6 +174,7 @@ def quantize_command(
         tokenizer_dir=tokenizer_dir,
         seed=seed,
         device=device,
+        registry=host.registry,
     )
     q = config["quantization"]
     click.echo(
@@ -186,3 +183,12 @@ def quantize_command(
         f"{calibration.num_samples} samples / {calibration.num_tokens} tokens of {calibration.source} "
         f"to {output_dir}"
     )
+    used = q.get("scale_groups")
+    if used:
+        groups = used["groups"]
+        how = "named by the architecture" if used["source"] == "architecture" else "derived from the graph"
+        shown = "; ".join(f"{p} -> {', '.join(linears)}" for p, linears in list(groups.items())[:3])
+        more = (
+            f"; ... ({len(groups)} in all, listed in config.json quantization.scale_groups)" if len(groups) > 3 else ""
+        )
+        click.echo(f"activation-aware scale groups {how}: {shown}{more}")

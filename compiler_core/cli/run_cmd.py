@@ -10,6 +10,7 @@ import click
 
 from compiler_core.cli.options import NON_NEGATIVE_INT, OUTPUT_FILE, POSITIVE_INT, FiniteFloat, accepted_flag, option
 from compiler_core.errors import UsageError
+from compiler_core.host import Host
 
 
 def parse_input_ids(values: tuple[str, ...], vocab_size: int | None) -> list[list[int]]:
@@ -78,7 +79,12 @@ def run_result(outputs: list[list[list[int]]], tokenizer) -> dict[str, Any]:
 @option("--top_p", default=1.0, show_default=True, type=FiniteFloat(0, 1), help="Nucleus sampling mass (0 or 1: off).")
 @option("--do_sample", is_flag=True, default=None, help="Sample even at temperature 1 with no top-k/top-p.")
 @option("--seed", default=None, type=NON_NEGATIVE_INT, help="Random seed for sampling [default: 0].")
-@option("--end_id", default=None, type=NON_NEGATIVE_INT, help="Stop token [default: the model's eos_token_id].")
+@option(
+    "--end_id",
+    multiple=True,
+    type=NON_NEGATIVE_INT,
+    help="Stop token; repeat for several [default: the model's eos_token_id, one or a list].",
+)
 @option("--pad_id", default=None, type=NON_NEGATIVE_INT, help="Padding token [default: the model's pad, else end id].")
 @option(
     "--length_penalty", default=1.0, show_default=True, type=FiniteFloat(), help="Beam score = logprob / length^this."
@@ -95,7 +101,9 @@ def run_result(outputs: list[list[list[int]]], tokenizer) -> dict[str, Any]:
 @option("--output_json", default=None, type=OUTPUT_FILE, help="Write output ids and text here.")
 @accepted_flag("--use_py_session", "TensorRT-LLM's Python session. Ignored: there is one runtime.")
 @accepted_flag("--log_level", "TensorRT-LLM log level. Ignored.", takes_value=True)
+@click.pass_obj
 def run_command(
+    host: Host,
     engine_dir: Path,
     input_text: tuple[str, ...],
     input_ids: tuple[str, ...],
@@ -107,7 +115,7 @@ def run_command(
     top_p: float,
     do_sample: bool | None,
     seed: int | None,
-    end_id: int | None,
+    end_id: tuple[int, ...],
     pad_id: int | None,
     length_penalty: float,
     early_stopping: str,
@@ -123,7 +131,7 @@ def run_command(
     """
     from compiler_core.build.engine import read_engine_config
     from compiler_core.runtime.generation import GenerationConfig, generate
-    from compiler_core.runtime.open import is_output_rank, load_tokenizer, open_runner, special_ids
+    from compiler_core.runtime.open import is_output_rank, load_tokenizer, open_runner, special_ids, stop_ids
 
     if bool(input_text) == bool(input_ids):
         raise UsageError("give the prompts with either --input_text or --input_ids (one or more times), not both")
@@ -145,11 +153,11 @@ def run_command(
         prompts = encode_texts(tokenizer, input_text, not no_add_special_tokens)
     else:
         prompts = parse_input_ids(input_ids, engine_config["checkpoint"].get("vocab_size"))
-    default_end, default_pad = special_ids(engine_config, tokenizer)
-    config.end_id = default_end if end_id is None else end_id
+    _, default_pad = special_ids(engine_config, tokenizer)
+    config.end_ids = end_id or stop_ids(engine_config, tokenizer)
     config.pad_id = default_pad if pad_id is None else pad_id
 
-    runner, _ = open_runner(Path(engine_dir), device)
+    runner, _ = open_runner(Path(engine_dir), device, host.registry)
     outputs = generate(runner, prompts, config)
     if not is_output_rank():
         return

@@ -16,6 +16,7 @@ from compiler_core.evaluate.summarize import (
     write_report,
 )
 from compiler_core.evaluate.summarize import check_accuracy as require_rouge1
+from compiler_core.host import Host
 
 _DIR = click.Path(file_okay=False, path_type=Path)
 
@@ -62,7 +63,9 @@ _DIR = click.Path(file_okay=False, path_type=Path)
 @accepted_flag("--eval_task", "TensorRT-LLM's task selector; only summarization is implemented.", takes_value=True)
 @accepted_flag("--log_level", "TensorRT-LLM's log level; modelc prints results and one-line errors.", takes_value=True)
 @accepted_flag("--use_py_session", "TensorRT-LLM's Python runtime switch; the engine's backend decides here.")
+@click.pass_obj
 def summarize_command(
+    host: Host,
     engine_dir: Path,
     hf_model_dir: Path | None,
     tokenizer_dir: Path | None,
@@ -105,6 +108,7 @@ def summarize_command(
         top_p=top_p,
         seed=random_seed,
         device=device,
+        registry=host.registry,
     )
     if report is None:  # not rank 0
         return

@@ -8,6 +8,7 @@ import click
 
 from compiler_core.cli.options import POSITIVE_INT, FiniteFloat, option
 from compiler_core.errors import ModelcError, UsageError
+from compiler_core.host import Host
 
 
 def parse_ids(values: tuple[str, ...]) -> list[list[int]]:
@@ -40,7 +41,9 @@ def parse_ids(values: tuple[str, ...]) -> list[list[int]]:
     help="Max abs logit difference accepted. Default: 1e-4 for float32, 2% (float16) or 8% (bfloat16) "
     "of the largest |logit|.",
 )
+@click.pass_obj
 def verify_command(
+    host: Host,
     model_dir: Path,
     checkpoint_dir: Path,
     device: str,
@@ -67,6 +70,7 @@ def verify_command(
         input_ids=parse_ids(input_ids) or None,
         steps=steps,
         tolerance=tolerance,
+        registry=host.registry,
     )
     mapping = config["mapping"]
     click.echo(

@@ -25,6 +25,7 @@ import torch
 from compiler_core.errors import MissingDependencyError, ModelcError, UsageError
 from compiler_core.formats.fileio import json_lines
 from compiler_core.progress import progress
+from compiler_core.registry import Registry
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 DEFAULT_MAX_INPUT_LENGTH = 923
@@ -207,10 +208,6 @@ def batches(prompts: list[list[int]], batch_size: int, max_ite: int) -> list[lis
     return [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)][:max_ite]
 
 
-def _trim(ids: list[int], end_id: int | None) -> list[int]:
-    return ids[: ids.index(end_id) + 1] if end_id is not None and end_id in ids else ids
-
-
 def _timed(
     work: Sequence[list[list[int]]],
     step: Callable[[list[list[int]]], list[list[int]]],
@@ -257,7 +254,10 @@ def run_hf(
     except (OSError, ValueError) as exc:
         raise UsageError(f"--hf_model_dir {model_dir}: cannot load the model ({exc})") from None
     model = model.to(device).eval()
-    pad_id = config.pad_id if config.pad_id is not None else config.end_id
+    from compiler_core.runtime.generation import trim_after_stop
+
+    stops = config.stop_ids
+    pad_id = config.pad_id if config.pad_id is not None else (stops[0] if stops else 0)
     sampling = (
         {"do_sample": True, "temperature": config.temperature, "top_k": config.top_k, "top_p": config.top_p or 1.0}
         if config.sampling
@@ -276,11 +276,11 @@ def run_hf(
                 attention_mask=mask,
                 max_new_tokens=config.max_new_tokens,
                 num_beams=config.num_beams,
-                eos_token_id=config.end_id,
+                eos_token_id=list(stops) or None,
                 pad_token_id=pad_id,
                 **sampling,
             )
-        return [_trim(row, config.end_id) for row in out[:, length:].tolist()]
+        return [trim_after_stop(row, stops) for row in out[:, length:].tolist()]
 
     return _timed(work, step, tokenizer, "summarize (hf)", show_progress)
 
@@ -344,16 +344,25 @@ def summarize(
     seed: int = 0,
     device: str = "auto",
     show_progress: bool = True,
+    registry: Registry | None = None,
 ) -> dict[str, dict[str, float]] | None:
     """Summarize the dataset with the engine and/or transformers and score both.
 
     Returns the report (``engine``, ``hf``, ``engine_vs_hf`` sections, whichever apply) on rank 0;
-    other ranks of an mpirun job generate alongside rank 0 and return None.
+    other ranks of an mpirun job generate alongside rank 0 and return None. ``registry`` holds
+    the plugins that run the engine (default: the installed ones, loaded for this call).
     """
-    from compiler_core.backends.torch.kernels import torch_dtype
     from compiler_core.build.engine import read_engine_config
+    from compiler_core.dtypes import torch_dtype
     from compiler_core.runtime.generation import GenerationConfig
-    from compiler_core.runtime.open import is_output_rank, load_tokenizer, open_runner, resolve_device, special_ids
+    from compiler_core.runtime.open import (
+        is_output_rank,
+        load_tokenizer,
+        open_runner,
+        resolve_device,
+        special_ids,
+        stop_ids,
+    )
 
     engine_dir = Path(engine_dir)
     engine_config = read_engine_config(engine_dir)
@@ -365,7 +374,7 @@ def summarize(
     tokenizer = load_tokenizer(engine_dir, tokenizer_dir, required=hf_model_dir is None)
     if tokenizer is None:
         tokenizer = load_tokenizer(engine_dir, hf_model_dir)
-    end_id, pad_id = special_ids(engine_config, tokenizer)
+    _, pad_id = special_ids(engine_config, tokenizer)
     articles = load_articles(dataset)[: max(batch_size, 1) * max(max_ite, 1)]
     work = batches([prompt_ids(tokenizer, a.article, max_input_length) for a in articles], batch_size, max_ite)
     config = GenerationConfig(
@@ -375,14 +384,14 @@ def summarize(
         top_k=top_k,
         top_p=top_p,
         seed=seed,
-        end_id=end_id,
+        end_ids=stop_ids(engine_config, tokenizer),
         pad_id=pad_id,
     )
     main = is_output_rank()
     report: dict[str, dict[str, float]] = {}
     engine, hf_device = None, None
     if test_engine:
-        runner, _ = open_runner(engine_dir, device)
+        runner, _ = open_runner(engine_dir, device, registry)
         main = getattr(runner, "rank", 0) == 0
         engine = run_engine(runner, work, config, tokenizer, show_progress and main)
         hf_device = runner.device

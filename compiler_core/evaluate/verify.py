@@ -21,9 +21,10 @@ from typing import Any
 
 import torch
 
-from compiler_core.backends.torch.kernels import torch_dtype
+from compiler_core.dtypes import torch_dtype
 from compiler_core.errors import ModelcError, UsageError
 from compiler_core.formats.checkpoint import TOKENIZER_DIR, read_config
+from compiler_core.registry import Registry
 from compiler_core.runtime.context import positions_from_mask
 from compiler_core.runtime.runner import ModelRunner
 
@@ -276,8 +277,12 @@ def verify(
     input_ids: list[list[int]] | None = None,
     steps: int = 32,
     tolerance: float | None = None,
+    registry: Registry | None = None,
 ) -> tuple[Report, Batch, dict[str, Any]]:
-    """Run the checkpoint and the Hugging Face model on the same batch and compare them."""
+    """Run the checkpoint and the Hugging Face model on the same batch and compare them.
+
+    ``registry`` holds the plugins to use (default: the installed ones, loaded for this call).
+    """
     from compiler_core.runtime.loading import checkpoint_runner
 
     if steps < 1:
@@ -291,7 +296,7 @@ def verify(
         )
     batch = make_batch(Path(model_dir), Path(checkpoint_dir), config, prompts, input_ids)
     reference = hf_trace(load_hf_model(Path(model_dir), config["dtype"], device), batch, steps)
-    got = runner_trace(checkpoint_runner(Path(checkpoint_dir), device), batch, steps)
+    got = runner_trace(checkpoint_runner(Path(checkpoint_dir), device, registry), batch, steps)
     if got.prompt_logits.shape != reference.prompt_logits.shape:
         raise ModelcError(
             f"logits shapes differ: checkpoint {list(got.prompt_logits.shape)}, "

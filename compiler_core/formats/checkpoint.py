@@ -2,26 +2,26 @@
 
 from __future__ import annotations
 
-import mmap
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from collections.abc import Mapping as AbcMapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
+from compiler_core.dtypes import MODEL_DTYPES, torch_dtype
 from compiler_core.errors import ConfigError, UsageError, WeightFileError
 from compiler_core.formats.fields import int_field, is_int
-from compiler_core.formats.fileio import read_json, write_json
+from compiler_core.formats.fileio import OutputKind, read_json, write_json
 from compiler_core.formats.safetensors_header import open_weights, read_header
+from compiler_core.formats.safetensors_io import SafetensorsReader, SafetensorsWriter
 from compiler_core.mapping import Mapping
 
 FORMAT = "modelc-checkpoint"
 FORMAT_VERSION = 1
-DTYPES = ("float32", "float16", "bfloat16")
+#: What convert and quantize write; only an earlier checkpoint (or an empty directory) is replaced.
+CHECKPOINT_OUTPUT = OutputKind("modelc checkpoint", FORMAT)
 TOKENIZER_DIR = "tokenizer"
 REQUIRED_FIELDS = ("architecture", "dtype", "mapping", "quantization", "format_version")
 
@@ -34,90 +34,39 @@ def rank_file(directory: Path, rank: int, suffix: str = "safetensors") -> Path:
 
 
 def save_rank_weights(path: Path, weights: AbcMapping[str, torch.Tensor]) -> None:
-    """Save one rank's tensors; tensors that share storage (tied weights) are stored separately."""
-    seen: set[int] = set()
-    out = {}
-    for name in sorted(weights):
-        t = weights[name].contiguous()
-        if t.untyped_storage().data_ptr() in seen:
-            t = t.clone()
-        seen.add(t.untyped_storage().data_ptr())
-        out[name] = t
-    save_file(out, str(path), metadata={"format": "pt"})
+    """Save one rank's tensors; tensors that share storage (tied weights) are each stored in full."""
+    layout = {name: (t.dtype, tuple(t.shape)) for name, t in weights.items()}
+    with SafetensorsWriter(path, layout, Path(path).name, threads=1) as writer:
+        for name, tensor in weights.items():
+            writer.write(name, tensor)
 
 
 def load_rank_weights(
     path: Path, each: Callable[[torch.Tensor], torch.Tensor] | None = None
 ) -> dict[str, torch.Tensor]:
-    """Load one rank's tensors; a missing or unreadable file is a UsageError naming it.
+    """Load one rank's tensors as views of a copy-on-write mapping of the file; a missing or unreadable
+    file is a UsageError naming it.
 
-    ``each`` maps every tensor as it is read (the runtime uses it to hold weights compactly), so
-    that only one tensor at a time is ever held in both forms."""
+    ``each`` maps every tensor as it is read (the runtime uses it to hold weights compactly); each
+    tensor's pages are dropped once it is mapped, so that only one tensor at a time is ever held in
+    both forms."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: rank weights not found")
-    fd = open_weights(path)
-    try:
-        read_header(fd, str(path))  # the same checks, and messages, whichever way the tensors are then read
-    finally:
-        os.close(fd)
+    reader = SafetensorsReader(path)
     try:
         if each is None:
-            return load_file(str(path))
-        return dict(_read_one_by_one(path, each))
-    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
-        raise UsageError(f"{path}: not a readable safetensors file ({exc})") from None
-
-
-def _read_one_by_one(path: Path, each: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, ``each(tensor)``) for every tensor of a safetensors file, one tensor resident at a time.
-
-    ``load_file`` returns views of one memory map of the whole file, and every page a view has
-    touched stays resident while any view lives. Here each tensor is mapped, handed to ``each``,
-    copied out if ``each`` kept the view, and its pages are dropped before the next is read."""
-    fd = open_weights(path)
-    try:
-        header, base = read_header(fd, str(path))
-        mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+            return {name: reader.tensor(name) for name in reader.names()}
+        out = {}
+        for name in reader.names():
+            held = each(reader.tensor(name))
+            if held.untyped_storage().data_ptr() == reader.base:
+                held = held.clone()  # ``each`` kept the view: copy it out before its pages go
+            reader.release(name)
+            out[name] = held
+        return out
     finally:
-        os.close(fd)
-    with mapped:
-        for name, entry in header.items():
-            start, end = base + entry.begin, base + entry.end
-            if end == start:
-                yield name, each(torch.empty(entry.shape, dtype=entry.torch_dtype))
-                continue
-            view = torch.frombuffer(mapped, dtype=torch.uint8, count=end - start, offset=start)
-            held = each(view.view(entry.torch_dtype).reshape(entry.shape))
-            if held.untyped_storage().data_ptr() == view.untyped_storage().data_ptr():
-                held = held.clone()
-            del view
-            page = mmap.PAGESIZE
-            first = start // page * page
-            mapped.madvise(mmap.MADV_DONTNEED, first, end - first)
-            yield name, held
-
-
-def check_rank_file(path: Path, params: AbcMapping[str, Any]) -> None:
-    """Check a rank file's header against the graph's parameters (name -> IR ``Param``), before it is read."""
-    from compiler_core.backends.torch.kernels import torch_dtype
-
-    if not Path(path).is_file():
-        raise WeightFileError(f"{path}: rank weights not found")
-    fd = open_weights(path)
-    try:
-        header, _ = read_header(fd, str(path))
-    finally:
-        os.close(fd)
-    for name, param in params.items():
-        entry = header.get(name)
-        if entry is None:
-            raise WeightFileError(f"{path}: tensor {name!r} is missing (the rank's graph reads it)")
-        if entry.shape != tuple(param.shape) or entry.torch_dtype != torch_dtype(param.dtype):
-            raise WeightFileError(
-                f"{path}: tensor {name!r} is {entry.dtype} {list(entry.shape)}, the rank's graph wants "
-                f"{param.dtype} {list(param.shape)}"
-            )
+        reader.close()
 
 
 def make_config(
@@ -153,8 +102,8 @@ def check_config(config: dict[str, Any], source: str) -> Mapping:
         raise ConfigError(f"{source}: format_version {version!r} is not {FORMAT_VERSION}")
     if not isinstance(config["architecture"], str):
         raise ConfigError(f"{source}: field 'architecture' must be a string, got {config['architecture']!r}")
-    if not isinstance(config["dtype"], str) or config["dtype"] not in DTYPES:
-        raise ConfigError(f"{source}: field 'dtype' is {config['dtype']!r}, expected one of {', '.join(DTYPES)}")
+    if not isinstance(config["dtype"], str) or config["dtype"] not in MODEL_DTYPES:
+        raise ConfigError(f"{source}: field 'dtype' is {config['dtype']!r}, expected one of {', '.join(MODEL_DTYPES)}")
     quantization = config["quantization"]
     if not isinstance(quantization, dict):
         raise ConfigError(f"{source}: field 'quantization' must be an object")
@@ -182,6 +131,26 @@ def read_config(directory: Path) -> dict[str, Any]:
             f"{directory}: rank{missing[0]}.safetensors is missing (mapping has world_size {mapping.world_size})"
         )
     return config
+
+
+def check_rank_file(path: Path, params: AbcMapping[str, Any]) -> None:
+    """Check a rank file's header against the graph's parameters (name -> IR ``Param``), before it is read."""
+    if not Path(path).is_file():
+        raise WeightFileError(f"{path}: rank weights not found")
+    fd = open_weights(path)
+    try:
+        header, _ = read_header(fd, str(path))
+    finally:
+        os.close(fd)
+    for name, param in params.items():
+        entry = header.get(name)
+        if entry is None:
+            raise WeightFileError(f"{path}: tensor {name!r} is missing (the rank's graph reads it)")
+        if entry.shape != tuple(param.shape) or entry.torch_dtype != torch_dtype(param.dtype):
+            raise WeightFileError(
+                f"{path}: tensor {name!r} is {entry.dtype} {list(entry.shape)}, the rank's graph wants "
+                f"{param.dtype} {list(param.shape)}"
+            )
 
 
 def mapping_of(config: dict[str, Any]) -> Mapping:

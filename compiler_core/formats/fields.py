@@ -86,13 +86,23 @@ def dict_field(data: dict[str, Any], *names: str) -> dict[str, Any] | None:
     return value
 
 
+def _is_token_id(value: Any) -> bool:
+    return is_int(value) and value >= 0
+
+
 def token_id_field(data: dict[str, Any], name: str, default: Any = None) -> int | None:
-    """A token id (integer >= 0) or None; a list of ids gives its first (transformers' multi-EOS configs)."""
+    """A token id (an integer >= 0) or None."""
     value = data.get(name, default)
-    if isinstance(value, list) and value:
-        value = value[0]
-    if value is None:
-        return None
-    if not is_int(value) or value < 0:
-        raise ValueError(f"field {name!r} must be a token id (an integer >= 0), got {data.get(name)!r}")
+    if value is not None and not _is_token_id(value):
+        raise ValueError(f"field {name!r} must be a token id (an integer >= 0), got {value!r}")
     return value
+
+
+def token_ids_field(data: dict[str, Any], name: str, default: Any = None) -> int | list[int] | None:
+    """A token id, a non-empty list of them (transformers' several stop tokens), or None."""
+    value = data.get(name, default)
+    if value is None or _is_token_id(value):
+        return value
+    if isinstance(value, list) and value and all(_is_token_id(v) for v in value):
+        return value
+    raise ValueError(f"field {name!r} must be a token id or a list of token ids (integers >= 0), got {value!r}")

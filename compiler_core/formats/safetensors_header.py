@@ -21,26 +21,9 @@ from typing import Any
 
 import torch
 
+from compiler_core.dtypes import ELEMENT_TYPES, from_safetensors_code
 from compiler_core.errors import WeightFileError
 
-#: safetensors dtype names <-> torch dtypes.
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "U16": torch.uint16,
-    "U32": torch.uint32,
-    "U64": torch.uint64,
-    "BOOL": torch.bool,
-}
 #: The safetensors library refuses longer headers; so does modelc, before reading them.
 MAX_HEADER_BYTES = 100_000_000
 _ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
@@ -58,7 +41,7 @@ class TensorEntry:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return SAFETENSORS_DTYPES[self.dtype]
+        return from_safetensors_code(self.dtype)
 
 
 def header_length(prefix: bytes, file_size: int, source: str) -> int:
@@ -94,14 +77,16 @@ def _entry(name: str, info: Any, source: str) -> TensorEntry:
     if set(info) != _ENTRY_KEYS:
         raise WeightFileError(f"{where}: header entry must have exactly the keys dtype, shape, data_offsets")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
-        raise WeightFileError(f"{where}: dtype {dtype!r} is not a safetensors dtype ({', '.join(SAFETENSORS_DTYPES)})")
+    torch_dtype = from_safetensors_code(dtype) if isinstance(dtype, str) else None
+    if torch_dtype is None:
+        codes = ", ".join(t.safetensors for t in ELEMENT_TYPES)
+        raise WeightFileError(f"{where}: dtype {dtype!r} is not a safetensors dtype ({codes})")
     if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
         raise WeightFileError(f"{where}: shape {shape!r} is not a list of non-negative integers")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
         raise WeightFileError(f"{where}: data_offsets {offsets!r} is not a pair of non-negative integers")
     begin, end = offsets
-    nbytes = math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize
+    nbytes = math.prod(shape) * torch_dtype.itemsize
     if end - begin != nbytes:
         raise WeightFileError(
             f"{where}: data_offsets {offsets} hold {end - begin} bytes, but {dtype} {shape} needs {nbytes}"

@@ -1,6 +1,7 @@
 """The typed layer-graph IR."""
 
-from compiler_core.ir.graph import DTYPES, IR_VERSION, Graph, GraphBuilder, Node, Param
+from compiler_core.dtypes import IR_DTYPES as DTYPES
+from compiler_core.ir.graph import IR_VERSION, Graph, GraphBuilder, Node, Param
 from compiler_core.ir.ops import CORE_OPS, OpSpec
 from compiler_core.ir.passes import run_passes
 from compiler_core.ir.printer import format_graph

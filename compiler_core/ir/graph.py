@@ -15,19 +15,6 @@ from typing import Any
 
 IR_VERSION = 1
 
-#: Element types a parameter may have. Quantized formats add theirs through params' dtype
-#: strings; the executor maps each to a torch dtype.
-DTYPES = (
-    "float32",
-    "float16",
-    "bfloat16",
-    "float8_e4m3fn",
-    "int8",
-    "uint8",
-    "int32",
-    "int64",
-)
-
 
 @dataclass(frozen=True)
 class Param:
@@ -127,6 +114,18 @@ class Graph:
     def users_of_param(self, param_name: str) -> list[tuple[Node, str]]:
         """Every (node, role) that reads ``param_name``."""
         return [(n, role) for n in self.nodes for role, p in n.params.items() if p == param_name]
+
+    def is_padded(self, param_name: str) -> bool:
+        """Whether ``param_name`` may be zero-padded past the model's size when it is split.
+
+        A graph declares such parameters (a vocabulary padded to a multiple of tp_size) in its
+        ``padded_params`` attribute. The other parameters of a node that reads a declared one
+        share its padding, so a quantized weight's scales are padded with the weight.
+        """
+        declared = set(self.attrs.get("padded_params") or ())
+        if param_name in declared:
+            return True
+        return any(declared & set(node.params.values()) for node, _ in self.users_of_param(param_name))
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (what engines store in config.json), tagged with the IR version."""

@@ -24,7 +24,8 @@ class OpSpec:
     attrs: tuple[str, ...] = ()
     optional_attrs: tuple[str, ...] = ()
     #: Sets of ops the core treats alike (e.g. every op in "linear" is a GEMM with a weight
-    #: [out, in]: quantizers, sharding rules and scale groups look for that tag).
+    #: [out, in]: quantizers, sharding rules and scale groups look for that tag; "norm" and
+    #: "activation" mark the other producers a derived scale group may start from).
     tags: frozenset[str] = field(default_factory=frozenset)
 
 
@@ -36,8 +37,11 @@ CORE_OPS: tuple[OpSpec, ...] = (
         params=("weight",),
         optional_params=("bias",),
         attrs=("eps",),
+        tags=frozenset({"norm"}),
     ),
-    OpSpec("rms_norm", "x / sqrt(mean(x^2) + eps) * weight.", params=("weight",), attrs=("eps",)),
+    OpSpec(
+        "rms_norm", "x / sqrt(mean(x^2) + eps) * weight.", params=("weight",), attrs=("eps",), tags=frozenset({"norm"})
+    ),
     OpSpec(
         "linear",
         "x @ weight.T (+ bias), weight [out, in]. attr `parallel` is 'column', 'row' or absent.",
@@ -51,13 +55,15 @@ CORE_OPS: tuple[OpSpec, ...] = (
         "attention",
         "Causal self-attention with a KV cache. Input: fused [Q(num_heads) | K(num_kv_heads) | V(num_kv_heads)]"
         " rows of head_dim each; output [b, s, num_heads*head_dim]. `position_embedding` is 'rope', 'alibi'"
-        " or 'none'; `cache_slot` names the layer's KV-cache slot.",
+        " or 'none'; `cache_slot` names the layer's KV-cache slot. Rotary settings: see compiler_core.rope"
+        " (`rope_inv_freq` passes precomputed frequencies; `rope_scaling` types other than linear are refused).",
         optional_params=("kv_cache_scaling_factor",),
         attrs=("num_heads", "num_kv_heads", "head_dim", "cache_slot", "position_embedding"),
         optional_attrs=(
             "rope_theta",
             "rotary_dim",
             "rope_scaling",
+            "rope_inv_freq",
             "alibi_num_heads",
             "alibi_head_offset",
             "alibi_scale",
@@ -66,9 +72,14 @@ CORE_OPS: tuple[OpSpec, ...] = (
             "kv_cache_dtype",
         ),
     ),
-    OpSpec("gelu", "GELU; attr `approximate` is 'none' (erf) or 'tanh'.", optional_attrs=("approximate",)),
-    OpSpec("relu", "max(x, 0)."),
-    OpSpec("silu", "x * sigmoid(x)."),
+    OpSpec(
+        "gelu",
+        "GELU; attr `approximate` is 'none' (erf) or 'tanh'.",
+        optional_attrs=("approximate",),
+        tags=frozenset({"activation"}),
+    ),
+    OpSpec("relu", "max(x, 0).", tags=frozenset({"activation"})),
+    OpSpec("silu", "x * sigmoid(x).", tags=frozenset({"activation"})),
     OpSpec("add", "Elementwise a + b.", num_inputs=(2, 2)),
     OpSpec("mul", "Elementwise a * b.", num_inputs=(2, 2)),
     OpSpec("all_reduce", "Sum across the tensor-parallel group.", optional_attrs=("group",)),

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from compiler_core.ir.graph import DTYPES, Graph
+from compiler_core.dtypes import IR_DTYPES
+from compiler_core.ir.graph import Graph
 from compiler_core.ir.ops import OpSpec
 
 
@@ -23,8 +24,8 @@ def validate(graph: Graph, ops: Mapping[str, OpSpec]) -> Graph:
     for pname, param in graph.params.items():
         if pname != param.name:
             raise GraphError(f"graph {graph.name}: parameter key {pname!r} holds parameter {param.name!r}")
-        if param.dtype not in DTYPES:
-            raise GraphError(f"parameter {pname}: dtype {param.dtype!r} is not one of {', '.join(DTYPES)}")
+        if param.dtype not in IR_DTYPES:
+            raise GraphError(f"parameter {pname}: dtype {param.dtype!r} is not one of {', '.join(IR_DTYPES)}")
         if any(not _is_int(d) or d <= 0 for d in param.shape):
             raise GraphError(f"parameter {pname}: shape {list(param.shape)} must be positive integers")
 

@@ -26,12 +26,12 @@ Two halves, both architecture- and scheme-agnostic:
   embedding) from ``ctx.cache.slots[node.attrs["cache_slot"]]``. Observers accumulate into
   whatever they close over (a running amax, a list of activations). Typical use::
 
-      graph = model_graph(model)
+      graph = model_graph(registry, model)
       amax: dict[str, float] = {}
       def record(node, inputs, output, ctx):
           x = real_tokens(inputs[0], ctx)
           amax[node.name] = max(amax.get(node.name, 0.0), x.abs().max().item())
-      collect_stats(graph, model.weights, calibration, {n.name: record for n in graph.nodes_of("linear")})
+      collect_stats(registry, graph, model.weights, calibration, {n.name: record for n in graph.nodes_of("linear")})
 
   Only the watched nodes' kernels are wrapped, in a subclass of the executor; the
   executor's own hot path is untouched.
@@ -52,7 +52,9 @@ from compiler_core.errors import MissingDependencyError, TokenizerError, UsageEr
 from compiler_core.formats.fileio import json_lines
 from compiler_core.ir import Graph, Node
 from compiler_core.mapping import Mapping as ParallelMapping
+from compiler_core.model import rank_graph
 from compiler_core.progress import progress
+from compiler_core.registry import Registry
 from compiler_core.runtime.context import ForwardContext
 
 #: Defaults of TensorRT-LLM's examples/quantization/quantize.py.
@@ -235,13 +237,11 @@ def load_calibration_set(
 # --- statistics ----------------------------------------------------------------------------
 
 
-def model_graph(model) -> Graph:
+def model_graph(registry: Registry, model) -> Graph:
     """The single-rank graph of a :class:`compiler_core.convert.from_hf.LoadedModel`, as its config describes it
     (full precision, or quantized as far as ``config["quantization"]`` already says)."""
-    from compiler_core.model import rank_graph
-
     config = {**model.config, "mapping": ParallelMapping().to_json()}
-    return rank_graph(config, 0, "model being quantized")
+    return rank_graph(registry, config, 0, "model being quantized")
 
 
 def token_mask(ctx: ForwardContext) -> torch.Tensor:
@@ -260,12 +260,13 @@ class ObservingExecutor(GraphExecutor):
 
     def __init__(
         self,
+        registry: Registry,
         graph: Graph,
         weights: Mapping[str, torch.Tensor],
         observers: Mapping[str, Observer],
         device: torch.device | str = "cpu",
     ) -> None:
-        super().__init__(graph, weights, device)
+        super().__init__(registry, graph, weights, device)
         unknown = sorted(set(observers) - {n.name for n in graph.nodes})
         if unknown:
             raise ValueError(f"graph {graph.name}: no node {unknown[0]!r} to observe")
@@ -284,6 +285,7 @@ def _observed(kernel: Callable[..., Any], node: Node, observer: Observer) -> Cal
 
 
 def collect_stats(
+    registry: Registry,
     graph: Graph,
     weights: Mapping[str, torch.Tensor],
     calibration: CalibrationSet,
@@ -298,7 +300,7 @@ def collect_stats(
     ``graph`` must be a whole single-rank model (ids in, logits out), e.g. :func:`model_graph`.
     Each batch gets a fresh KV cache so attention observers can read what was stored.
     """
-    executor = ObservingExecutor(graph, weights, observers, device)
+    executor = ObservingExecutor(registry, graph, weights, observers, device)
     (input_name,) = graph.inputs
     with torch.inference_mode():
         for batch in progress(calibration.batches, desc=desc, unit="batch", enable=show_progress):

@@ -1,17 +1,18 @@
 """The generic post-training quantization flow behind ``modelc quantize``.
 
-The core names no scheme: ``--qformat`` is any registered :class:`~compiler_core.registry.QuantScheme`
-(``get_registry().quant_schemes``) or ``full_prec`` (weights left as they are), and
+The core names no scheme: ``--qformat`` is any registered :class:`~compiler_core.api.QuantScheme`
+(``registry.quant_schemes``) or ``full_prec`` (weights left as they are), and
 ``--kv_cache_dtype`` is served by the scheme that lists it in ``kv_cache_dtypes``.
 
 Flow (:func:`quantize`)::
 
-    load_full_model(M, dtype)                       # LoadedModel: config + full tp1 weights
+    load_full_model(registry, M, dtype)             # LoadedModel: config + full tp1 weights
     load_calibration_set(M, dataset, ...)           # token batches (compiler_core.quantize.calibration)
     model = weight_scheme.quantize(model, calibration, options)          # unless full_prec
     model = kv_scheme.quantize_kv_cache(model, calibration, options)     # with --kv_cache_dtype
-    check_quantized(model)                          # weights agree with the rebuilt tp1 graph
-    write_model(model, O, Mapping.create(tp, pp))   # per-rank graphs via each transform_graph
+    check_quantized(registry, model)                # weights agree with the rebuilt tp1 graph
+    write_model(registry, model, tmp, mapping)      # per-rank graphs via each transform_graph, into
+                                                    # atomic_output_dir(O) (checked before calibrating)
 
 ``options`` (a plain dict, so it can grow) holds:
 
@@ -25,16 +26,13 @@ Flow (:func:`quantize`)::
     device           str          where calibration runs ("cpu", "cuda")
     seed             int          torch is seeded with it before each scheme runs
     show_progress    bool         show progress bars
-    mapping          Mapping      the split the checkpoint will be written with (for checks
-                                  such as whole quantization groups per rank)
-    group_size       int | None   --group_size / --awq_block_size for group-wise formats
-                                  (None: the scheme's default)
+    registry         Registry     the plugins in use (for graphs: ``model_graph(registry, model)``)
     ...                           any further keyword given to :func:`quantize`
 
-A scheme's ``quantize`` usually: builds ``calibration.model_graph(model)``, records what it
-needs with ``calibration.collect_stats``, then calls :func:`quantize_layers`, which asks the
-``quantize_layer`` hook for each node (so an architecture plugin may override a layer before
-the scheme's own implementation answers), swaps the returned tensors into ``model.weights``,
+A scheme's ``quantize`` usually: builds ``calibration.model_graph(registry, model)``, records what
+it needs with ``calibration.collect_stats``, then calls :func:`quantize_layers`, which asks the
+scheme's :meth:`~compiler_core.api.QuantScheme.quantize_layer` for each node, swaps the returned
+tensors into ``model.weights``,
 and finally fills ``model.config["quantization"]`` (``quant_algo``, ``exclude_modules``, ...).
 That section is all :func:`compiler_core.model.rank_graph` has to rebuild the quantized graph
 of any rank: every scheme's ``transform_graph`` rewrites the full-precision graph from it, so
@@ -51,13 +49,16 @@ from typing import Any
 
 import torch
 
-from compiler_core.backends.torch.kernels import TORCH_DTYPES
+from compiler_core.api import QuantScheme
 from compiler_core.convert.from_hf import LoadedModel, load_full_model, model_config_from_hf, write_model
+from compiler_core.dtypes import dtype_name
 from compiler_core.errors import ModelcError, OptionError, UsageError
+from compiler_core.formats.checkpoint import CHECKPOINT_OUTPUT
+from compiler_core.formats.fileio import atomic_output_dir, check_output_dir
+from compiler_core.host import load_registry
 from compiler_core.ir import Graph, Node, Param, validate
 from compiler_core.mapping import Mapping as ParallelMapping
 from compiler_core.model import rank_graph
-from compiler_core.plugins import get_plugin_manager
 from compiler_core.progress import progress
 from compiler_core.quantize.calibration import (
     DEFAULT_CALIB_SIZE,
@@ -66,34 +67,36 @@ from compiler_core.quantize.calibration import (
     load_calibration_set,
     model_graph,
 )
-from compiler_core.registry import QuantScheme, get_registry
+from compiler_core.registry import Registry
 
 #: ``--qformat`` value that leaves weights in full precision (e.g. to quantize only the KV cache).
 FULL_PRECISION = "full_prec"
 DEFAULT_SEED = 1234
 
-_IR_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
 
-
-def qformat_choices() -> list[str]:
+def qformat_choices(registry: Registry) -> list[str]:
     """Every ``--qformat`` value: the registered schemes, then ``full_prec``."""
-    return [*sorted(get_registry().quant_schemes), FULL_PRECISION]
+    return [*sorted(registry.quant_schemes), FULL_PRECISION]
 
 
-def kv_cache_dtype_choices() -> list[str]:
+def kv_cache_dtype_choices(registry: Registry) -> list[str]:
     """Every ``--kv_cache_dtype`` value some registered scheme implements."""
-    return sorted({d for s in get_registry().quant_schemes.values() for d in s.kv_cache_dtypes})
+    return sorted({d for s in registry.quant_schemes.values() for d in s.kv_cache_dtypes})
 
 
-def resolve_schemes(qformat: str, kv_cache_dtype: str | None) -> tuple[QuantScheme | None, QuantScheme | None]:
+def resolve_schemes(
+    registry: Registry, qformat: str, kv_cache_dtype: str | None
+) -> tuple[QuantScheme | None, QuantScheme | None]:
     """(weight scheme or None for full_prec, KV-cache scheme or None); UsageError for unknown names."""
-    schemes = get_registry().quant_schemes
+    schemes = registry.quant_schemes
     if qformat == FULL_PRECISION:
         weight_scheme = None
     elif qformat in schemes:
         weight_scheme = schemes[qformat]
     else:
-        raise UsageError(f"--qformat {qformat!r}: unknown quantization format (known: {', '.join(qformat_choices())})")
+        raise UsageError(
+            f"--qformat {qformat!r}: unknown quantization format (known: {', '.join(qformat_choices(registry))})"
+        )
     kv_scheme = None
     if kv_cache_dtype is not None:
         # Prefer the weight scheme when it also serves this KV type, so one plugin owns both.
@@ -101,7 +104,7 @@ def resolve_schemes(qformat: str, kv_cache_dtype: str | None) -> tuple[QuantSche
         candidates += [schemes[n] for n in sorted(schemes)]
         kv_scheme = next((s for s in candidates if kv_cache_dtype in s.kv_cache_dtypes), None)
         if kv_scheme is None:
-            known = ", ".join(kv_cache_dtype_choices()) or "none"
+            known = ", ".join(kv_cache_dtype_choices(registry)) or "none"
             raise UsageError(f"--kv_cache_dtype {kv_cache_dtype!r}: no loaded plugin provides it (known: {known})")
     if weight_scheme is None and kv_scheme is None:
         raise UsageError(
@@ -118,12 +121,13 @@ def excluded(node_name: str, patterns: Iterable[str]) -> bool:
 def ir_dtype(tensor: torch.Tensor) -> str:
     """The IR dtype name of a tensor's element type."""
     try:
-        return _IR_DTYPES[tensor.dtype]
+        return dtype_name(tensor.dtype)
     except KeyError:
         raise ModelcError(f"tensor dtype {tensor.dtype} has no IR dtype") from None
 
 
 def quantize_layers(
+    registry: Registry,
     model: LoadedModel,
     graph: Graph,
     scheme: QuantScheme,
@@ -131,15 +135,15 @@ def quantize_layers(
     *,
     show_progress: bool = True,
 ) -> Graph:
-    """Quantize the nodes named in ``stats`` through the ``quantize_layer`` hook.
+    """Quantize the nodes named in ``stats`` with ``scheme.quantize_layer``.
 
-    For each node (in graph order) the hook gets ``stats[node.name]``; its first answer
+    For each node (in graph order) the scheme gets ``stats[node.name]``; its answer
     ``(nodes, tensors)`` replaces the node in the returned graph, and ``tensors`` replace or
     join ``model.weights`` by name. Parameters the node used and its replacement no longer
-    reads are dropped. A node no implementation answers for stays as it is. Returns the
-    rewritten, validated graph (what ``transform_graph`` must reproduce from the config).
+    reads are dropped. A node the scheme answers None for stays as it is. Returns the
+    rewritten graph, validated against ``registry.ops`` (what ``transform_graph`` must
+    reproduce from the config).
     """
-    hook = get_plugin_manager().hook.quantize_layer
     unknown = sorted(set(stats) - {n.name for n in graph.nodes})
     if unknown:
         raise ModelcError(f"graph {graph.name}: no node {unknown[0]!r} to quantize")
@@ -147,7 +151,7 @@ def quantize_layers(
     replaced: dict[str, list[Node]] = {}
     todo = [n for n in graph.nodes if n.name in stats]
     for node in progress(todo, desc=f"quantize ({scheme.name})", unit="layer", enable=show_progress):
-        answer = hook(node=node, graph=graph, weights=model.weights, scheme=scheme, stats=stats[node.name])
+        answer = scheme.quantize_layer(node, graph, model.weights, stats[node.name])
         if answer is None:
             continue
         new_nodes, tensors = answer
@@ -160,12 +164,12 @@ def quantize_layers(
     for name in set(graph.params) - still_read:
         params.pop(name, None)
         model.weights.pop(name, None)
-    return validate(graph.replace(nodes=tuple(nodes), params=params), get_registry().ops)
+    return validate(graph.replace(nodes=tuple(nodes), params=params), registry.ops)
 
 
-def check_quantized(model: LoadedModel) -> Graph:
+def check_quantized(registry: Registry, model: LoadedModel) -> Graph:
     """Check that ``model.weights`` match the tp1 graph its config rebuilds; return that graph."""
-    graph = model_graph(model)
+    graph = model_graph(registry, model)
     for name, param in graph.params.items():
         tensor = model.weights.get(name)
         if tensor is None:
@@ -204,18 +208,24 @@ def quantize(
     device: str = "auto",
     show_progress: bool = True,
     tokenizer_dir: Path | None = None,
+    registry: Registry | None = None,
     **scheme_options: Any,
 ) -> tuple[dict[str, Any], CalibrationSet]:
     """Quantize a Hugging Face checkpoint into a sharded modelc checkpoint; return its config and
-    the calibration set used. ``scheme_options`` reach the schemes' ``options`` unchanged."""
+    the calibration set used. ``scheme_options`` reach the schemes' ``options`` unchanged;
+    ``registry`` holds the plugins to use (default: the installed ones, loaded for this call) and
+    reaches the schemes as ``options["registry"]``."""
+    registry = registry or load_registry()
     mapping = mapping or ParallelMapping()
     if group_size is not None and group_size < 1:
         raise OptionError(f"--group_size must be at least 1, got {group_size}")
-    weight_scheme, kv_scheme = resolve_schemes(qformat, kv_cache_dtype)
+    weight_scheme, kv_scheme = resolve_schemes(registry, qformat, kv_cache_dtype)
     device = resolve_device(device)
-    config = model_config_from_hf(model_dir, dtype, mapping)
+    config = model_config_from_hf(registry, model_dir, dtype, mapping)
     for rank in mapping.ranks():
-        rank_graph(config, rank)  # fail on a bad split before loading and calibrating
+        rank_graph(registry, config, rank)  # fail on a bad split before loading and calibrating
+    inputs = [Path(model_dir), *([Path(calib_dataset)] if calib_dataset is not None else [])]
+    check_output_dir(Path(output_dir), CHECKPOINT_OUTPUT, inputs)  # and on a refused output before calibrating
     calibration = load_calibration_set(
         model_dir,
         calib_dataset,
@@ -224,9 +234,10 @@ def quantize(
         batch_size=batch_size,
         tokenizer_dir=tokenizer_dir,
     )
-    model = load_full_model(model_dir, config["dtype"], show_progress)
+    model = load_full_model(registry, model_dir, config["dtype"], show_progress)
     options: dict[str, Any] = {
         **scheme_options,
+        "registry": registry,
         "kv_cache_dtype": kv_cache_dtype,
         "exclude_modules": exclude_modules,
         "group_size": group_size,
@@ -251,6 +262,7 @@ def quantize(
             "seed": seed,
         },
     }
-    check_quantized(model)
-    write_model(model, Path(output_dir), mapping, show_progress)
+    check_quantized(registry, model)
+    with atomic_output_dir(Path(output_dir), CHECKPOINT_OUTPUT, inputs) as tmp:
+        write_model(registry, model, tmp, mapping, show_progress)
     return model.config, calibration

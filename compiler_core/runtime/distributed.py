@@ -22,10 +22,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from compiler_core.backends.torch.kernels import torch_dtype
 from compiler_core.build.engine import engine_mapping, load_rank_session
+from compiler_core.dtypes import torch_dtype
 from compiler_core.errors import ModelcError, UsageError
 from compiler_core.mapping import Mapping
+from compiler_core.registry import Registry
 from compiler_core.runtime.runner import ModelRunner
 from compiler_core.runtime.session import RankSession
 
@@ -164,7 +165,9 @@ def _mpi_world() -> Any:
     return MPI.COMM_WORLD
 
 
-def open_distributed_runner(engine_dir: Path, engine_config: dict[str, Any], device: str) -> DistributedRunner:
+def open_distributed_runner(
+    registry: Registry, engine_dir: Path, engine_config: dict[str, Any], device: str
+) -> DistributedRunner:
     """Join the ``mpirun`` job, load this process's rank of the engine and return its runner.
 
     Raises ``UsageError`` when the number of ranks differs from the engine's world size (only
@@ -196,7 +199,7 @@ def open_distributed_runner(engine_dir: Path, engine_config: dict[str, Any], dev
             timeout=TIMEOUT,
         )
         atexit.register(dist.destroy_process_group)
-    session = load_rank_session(Path(engine_dir), rank, str(rank_device), engine_config)
+    session = load_rank_session(registry, Path(engine_dir), rank, str(rank_device), engine_config)
     if mapping.tp_size > 1:
         # new_group is collective: every rank creates every stage's group, in the same order.
         groups = [dist.new_group(mapping.tp_group(mapping.rank(0, stage))) for stage in range(mapping.pp_size)]

@@ -33,8 +33,9 @@ class GenerationConfig:
     ``do_sample=None`` samples when temperature, top-k or top-p change the distribution
     (temperature != 1, top_k > 1 or 0 < top_p < 1); temperature 0 is always greedy.
     ``top_p`` of 0 or 1 disables nucleus filtering (TensorRT-LLM passes 0 for "off").
-    ``end_id`` stops a sequence after it is generated; ``pad_id`` fills the left padding of
-    shorter prompts (default: ``end_id``, else 0). ``length_penalty`` and ``early_stopping``
+    ``end_id`` stops a sequence after it is generated, as does any of ``end_ids`` (a model with
+    several stop tokens, such as Llama 3's three); ``pad_id`` fills the left padding of shorter
+    prompts (default: the first stop token, else 0). ``length_penalty`` and ``early_stopping``
     have transformers' beam-search meaning.
     """
 
@@ -46,6 +47,7 @@ class GenerationConfig:
     seed: int | None = None
     end_id: int | None = None
     pad_id: int | None = None
+    end_ids: tuple[int, ...] = ()
     do_sample: bool | None = None
     length_penalty: float = 1.0
     early_stopping: bool | str = False
@@ -65,6 +67,12 @@ class GenerationConfig:
             raise UsageError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
         if self.num_beams > 1 and self.sampling:
             raise UsageError("--num_beams > 1 runs deterministic beam search; drop --temperature/--top_k/--top_p")
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Every token that ends a sequence: ``end_id`` first, then ``end_ids``, without repeats."""
+        first = () if self.end_id is None else (self.end_id,)
+        return tuple(dict.fromkeys((*first, *self.end_ids)))
 
     @property
     def sampling(self) -> bool:
@@ -107,7 +115,7 @@ def generate(
 ) -> list[list[list[int]]]:
     """Continue every prompt; return, per prompt and per beam (best first), the new token ids.
 
-    Returned sequences hold generated tokens only: a sequence that produced ``end_id`` ends
+    Returned sequences hold generated tokens only: a sequence that produced a stop token ends
     with it (nothing after), others have ``max_new_tokens`` tokens. ``max_seq_len`` caps
     prompt + new tokens (as do the runner's ``build_limits``, when it has them).
     """
@@ -159,7 +167,7 @@ class PromptBatch:
 def _pad_id(config: GenerationConfig) -> int:
     if config.pad_id is not None:
         return config.pad_id
-    return config.end_id if config.end_id is not None else 0
+    return config.stop_ids[0] if config.stop_ids else 0
 
 
 def _filter_logits(logits: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
@@ -178,10 +186,11 @@ def _filter_logits(logits: torch.Tensor, config: GenerationConfig) -> torch.Tens
     return logits
 
 
-def _trim(tokens: list[int], end_id: int | None) -> list[int]:
-    """Cut a sequence after its first end_id (kept)."""
-    if end_id is not None and end_id in tokens:
-        return tokens[: tokens.index(end_id) + 1]
+def trim_after_stop(tokens: list[int], stop_ids: tuple[int, ...]) -> list[int]:
+    """Cut a sequence after its first stop token (kept)."""
+    for i, token in enumerate(tokens):
+        if token in stop_ids:
+            return tokens[: i + 1]
     return tokens
 
 
@@ -189,8 +198,9 @@ def _trim(tokens: list[int], end_id: int | None) -> list[int]:
 
 
 def _greedy_or_sample(runner: ModelRunner, prompts: list[list[int]], config: GenerationConfig) -> list[list[int]]:
-    n_new, end_id, pad_id = config.max_new_tokens, config.end_id, _pad_id(config)
+    n_new, stop_ids, pad_id = config.max_new_tokens, config.stop_ids, _pad_id(config)
     device = runner.device
+    stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
     batch = PromptBatch(prompts, 1, max(len(p) for p in prompts) + n_new, pad_id, device)
     runner.allocate(len(prompts), batch.mask.shape[1])
     generator = None
@@ -211,13 +221,13 @@ def _greedy_or_sample(runner: ModelRunner, prompts: list[list[int]], config: Gen
         tokens = tokens.masked_fill(done, pad_id)
         out[:, t] = tokens
         steps = t + 1
-        if end_id is not None:
-            done |= tokens == end_id
+        if stop_ids:
+            done |= torch.isin(tokens, stop)
             if bool(done.all()):
                 break
         if t + 1 < n_new:
             logits = batch.step(runner, tokens, t)
-    return [_trim(row, end_id) for row in out[:, :steps].tolist()]
+    return [trim_after_stop(row, stop_ids) for row in out[:, :steps].tolist()]
 
 
 # --- beam search -----------------------------------------------------------------------------
@@ -233,19 +243,20 @@ def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def _beam_search(runner: ModelRunner, prompts: list[list[int]], config: GenerationConfig) -> list[list[list[int]]]:
     """transformers' vectorised beam search over generated tokens (the prompt is not tracked).
 
-    Each step keeps the top 2·B continuations of all beams; the best B that did not just end
-    continue running, while those among the top B that end (end_id, or the length limit) compete
+    Each step keeps the top max(2, 1 + stop tokens)·B continuations of all beams; the best B that did not just end
+    continue running, while those among the top B that end (a stop token, or the length limit) compete
     for the B finished slots with score ``sum(logprobs) / generated_len ** length_penalty``.
     """
-    n_beams, n_new, end_id = config.num_beams, config.max_new_tokens, config.end_id
+    n_beams, n_new, stop_ids = config.num_beams, config.max_new_tokens, config.stop_ids
     lp, early = config.length_penalty, config.early_stopping
     n_batch, device = len(prompts), runner.device
-    # Finished hypotheses end at end_id (the fill after it is trimmed) or are max_new_tokens long.
+    # Finished hypotheses end at a stop token (the fill after it is trimmed) or are max_new_tokens long.
     fill = _pad_id(config)
+    stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
     batch = PromptBatch(prompts, n_beams, max(len(p) for p in prompts) + n_new, fill, device)
     runner.allocate(n_batch * n_beams, batch.mask.shape[1])
 
-    keep = 2 * n_beams  # max(2, 1 + number of end ids) * beams, with at most one end id
+    keep = max(2, 1 + len(stop_ids)) * n_beams  # transformers' candidate count
     top_mask = torch.arange(keep, device=device) < n_beams
     running = torch.full((n_batch, n_beams, n_new), fill, dtype=torch.long, device=device)
     finished = running.clone()
@@ -265,8 +276,8 @@ def _beam_search(runner: ModelRunner, prompts: list[list[int]], config: Generati
         top_seqs = _gather(running, source_beam)
         top_seqs[:, :, t] = top_tokens
         ends = torch.full_like(top_tokens, t + 1 >= n_new, dtype=torch.bool)
-        if end_id is not None:
-            ends |= top_tokens == end_id
+        if stop_ids:
+            ends |= torch.isin(top_tokens, stop)
 
         # Beams that continue: the best `n_beams` candidates that did not just end.
         running_candidates = top_scores + ends.float() * _NEG
@@ -298,4 +309,4 @@ def _beam_search(runner: ModelRunner, prompts: list[list[int]], config: Generati
         runner.reorder_cache((running_source + batch_offset).view(-1))
         logits = batch.step(runner, running[:, :, t].reshape(-1), t)
 
-    return [[_trim(seq, end_id) for seq in beams] for beams in finished.tolist()]
+    return [[trim_after_stop(seq, stop_ids) for seq in beams] for beams in finished.tolist()]

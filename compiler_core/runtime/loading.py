@@ -8,20 +8,27 @@ import torch
 
 from compiler_core.backends.torch.cpu_linear import bf16_kernel, held_for_cpu
 from compiler_core.formats.checkpoint import load_rank_weights, rank_file, read_config
+from compiler_core.host import load_registry
 from compiler_core.mapping import Mapping
 from compiler_core.model import rank_graph
+from compiler_core.registry import Registry
 from compiler_core.runtime.runner import LocalRunner
 from compiler_core.runtime.session import TorchSession
 
 
-def checkpoint_runner(checkpoint_dir: Path, device: str = "cpu") -> LocalRunner:
-    """Every rank of a checkpoint in this process, combined as the parallel run combines them."""
+def checkpoint_runner(checkpoint_dir: Path, device: str = "cpu", registry: Registry | None = None) -> LocalRunner:
+    """Every rank of a checkpoint in this process, combined as the parallel run combines them.
+
+    ``registry`` holds the plugins to use (default: the installed ones, loaded for this call).
+    """
+    registry = registry or load_registry()
     checkpoint_dir = Path(checkpoint_dir)
     config = read_config(checkpoint_dir)
     mapping = Mapping.from_json(config["mapping"])
     sessions = [
         TorchSession(
-            rank_graph(config, rank, str(checkpoint_dir / "config.json")),
+            registry,
+            rank_graph(registry, config, rank, str(checkpoint_dir / "config.json")),
             load_weights_for(rank_file(checkpoint_dir, rank), device),
             device,
         )

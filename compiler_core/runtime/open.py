@@ -11,6 +11,9 @@ import torch
 from compiler_core.build.engine import engine_mapping, load_rank_session, read_engine_config
 from compiler_core.errors import MissingDependencyError, TokenizerError, UsageError
 from compiler_core.formats.checkpoint import TOKENIZER_DIR
+from compiler_core.graph_attrs import stop_token_ids
+from compiler_core.host import load_registry
+from compiler_core.registry import Registry
 from compiler_core.runtime.runner import LocalRunner, ModelRunner
 
 #: Environment variables in which MPI launchers (Open MPI, MPICH/Intel MPI/PMI, PMIx) publish rank and size.
@@ -59,13 +62,17 @@ def _job_error(message: str) -> UsageError:
     return error
 
 
-def open_runner(engine_dir: Path, device: str = "auto") -> tuple[ModelRunner, dict[str, Any]]:
+def open_runner(
+    engine_dir: Path, device: str = "auto", registry: Registry | None = None
+) -> tuple[ModelRunner, dict[str, Any]]:
     """A runner for every rank of the engine and the engine's config.
 
     A single-rank engine runs here; a multi-rank engine needs one MPI process per rank
     (``mpirun -n W``), each of which opens its own rank. The runner carries the engine's build
-    limits, which :func:`compiler_core.runtime.generation.generate` enforces.
+    limits, which :func:`compiler_core.runtime.generation.generate` enforces. ``registry`` holds
+    the plugins to use (default: the installed ones, loaded for this call).
     """
+    registry = registry or load_registry()
     engine_dir = Path(engine_dir)
     config = read_engine_config(engine_dir)
     mapping = engine_mapping(config)
@@ -74,7 +81,7 @@ def open_runner(engine_dir: Path, device: str = "auto") -> tuple[ModelRunner, di
     if mapping.world_size == 1:
         if size > 1:
             raise _job_error(f"{engine_dir}: engine has world_size 1; run it without mpirun (or with -n 1)")
-        runner: ModelRunner = LocalRunner([load_rank_session(engine_dir, 0, device, config)], mapping)
+        runner: ModelRunner = LocalRunner([load_rank_session(registry, engine_dir, 0, device, config)], mapping)
     else:
         if size != mapping.world_size:
             raise _job_error(
@@ -84,7 +91,7 @@ def open_runner(engine_dir: Path, device: str = "auto") -> tuple[ModelRunner, di
             )
         from compiler_core.runtime.distributed import open_distributed_runner
 
-        runner = open_distributed_runner(engine_dir, config, device)
+        runner = open_distributed_runner(registry, engine_dir, config, device)
     runner.build_limits = dict(config["build"])
     return runner, config
 
@@ -111,13 +118,20 @@ def load_tokenizer(engine_dir: Path, tokenizer_dir: Path | None = None, required
         raise TokenizerError(f"{source}: not a loadable tokenizer ({exc})") from None
 
 
+def stop_ids(engine_config: dict[str, Any], tokenizer=None) -> tuple[int, ...]:
+    """Every stop token: the model config's eos ids (one or several), else the tokenizer's eos."""
+    ids = stop_token_ids(engine_config["checkpoint"], "engine config.json")
+    if not ids and tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids = (tokenizer.eos_token_id,)
+    return ids
+
+
 def special_ids(engine_config: dict[str, Any], tokenizer=None) -> tuple[int | None, int | None]:
-    """(end_id, pad_id): the model config's eos/pad ids, else the tokenizer's; pad falls back to end."""
-    checkpoint = engine_config["checkpoint"]
-    end_id = checkpoint.get("eos_token_id")
-    if end_id is None and tokenizer is not None:
-        end_id = tokenizer.eos_token_id
-    pad_id = checkpoint.get("pad_token_id")
+    """(end_id, pad_id): the first stop id (:func:`stop_ids`), and the model config's pad id, else
+    the tokenizer's; pad falls back to end."""
+    stops = stop_ids(engine_config, tokenizer)
+    end_id = stops[0] if stops else None
+    pad_id = engine_config["checkpoint"].get("pad_token_id")
     if pad_id is None and tokenizer is not None:
         pad_id = tokenizer.pad_token_id
     return end_id, end_id if pad_id is None else pad_id

@@ -10,6 +10,7 @@ import torch
 
 from compiler_core.backends.torch.executor import GraphExecutor
 from compiler_core.ir import Graph
+from compiler_core.registry import Registry
 from compiler_core.runtime.context import Communicator, ForwardContext, KVCache
 
 
@@ -56,6 +57,7 @@ class TorchSession(RankSession):
 
     def __init__(
         self,
+        registry: Registry,
         graph: Graph,
         weights: dict[str, torch.Tensor],
         device: str | torch.device,
@@ -63,7 +65,7 @@ class TorchSession(RankSession):
     ):
         self.graph = graph
         self.device = torch.device(device)
-        self.executor = GraphExecutor(graph, weights, self.device)
+        self.executor = GraphExecutor(registry, graph, weights, self.device)
         self.comm = comm
         self.cache: KVCache | None = None
         graphs_on = os.environ.get("MODELC_CUDA_GRAPHS", "1") != "0"

@@ -15,6 +15,7 @@ from compiler_core.formats.fields import (
     int_field,
     str_field,
     token_id_field,
+    token_ids_field,
 )
 
 ARCHITECTURE = "falcon"
@@ -146,6 +147,6 @@ def config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
         "max_position_embeddings": int_field(hf, "max_position_embeddings", default=2048, minimum=1),
         "tie_word_embeddings": bool_field(hf, "tie_word_embeddings", default=True),
         "bos_token_id": token_id_field(hf, "bos_token_id", default=11),
-        "eos_token_id": token_id_field(hf, "eos_token_id", default=11),
+        "eos_token_id": token_ids_field(hf, "eos_token_id", default=11),
         "pad_token_id": token_id_field(hf, "pad_token_id"),
     }

@@ -145,9 +145,12 @@ def build_graph(config: dict[str, Any], mapping: Mapping, rank: int, dtype: str,
         y = bias_add(f"{p}.mlp.proj", bias_add(f"{p}.attention.dense", y))
         x = g.add("add", [x, y], name=f"{p}.residual")
 
+    padded_params = []
     if last:
         x = layer_norm("ln_f", x)
         lm_rows = padded_vocab(vocab, tp) // tp
+        if lm_rows * tp != vocab:
+            padded_params.append("lm_head.weight")
         w = g.param("lm_head.weight", [lm_rows, hidden], dtype)
         x = g.add("linear", [x], name="lm_head", params={"weight": w}, parallel="column")
         if tp > 1:
@@ -171,5 +174,6 @@ def build_graph(config: dict[str, Any], mapping: Mapping, rank: int, dtype: str,
             "hidden_size": hidden,
             "first_stage": first,
             "last_stage": last,
+            "padded_params": padded_params,
         },
     )

@@ -1,4 +1,5 @@
-"""Helpers for the tests' conftest fixtures: one torch thread, cached tiny HF Falcon checkpoints."""
+"""Helpers for the Falcon plugin's tests and others built on it: the splits and greedy steps every
+variant is checked under, one torch thread, cached tiny HF Falcon checkpoints."""
 
 from __future__ import annotations
 
@@ -6,6 +7,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+#: Greedy tokens compared with transformers' generate for every variant and split.
+STEPS = 32
+#: The tp/pp splits every variant is checked under: (tp_size, pp_size).
+SPLITS = [(1, 1), (2, 1), (4, 1), (1, 2), (2, 2)]
 
 
 @contextmanager

@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from compiler_core.cli.options import option
-from compiler_core.formats.fileio import atomic_output_dir
+from compiler_core.formats.fileio import OutputKind, atomic_output_dir
 
 #: Config overrides per variant; shapes are tiny but every structural flag is the real one's.
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -48,6 +48,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "rope_theta": 500000.0,
     },
 }
+
+#: What ``modelc tiny-falcon`` writes, marked in its config.json: only an earlier tiny Falcon is
+#: replaced, never a real model.
+TINY_FALCON_OUTPUT = OutputKind("tiny Falcon", "tiny-falcon", field="modelc_output")
 
 DEFAULT_VOCAB = 390
 EOS_TOKEN = "<|endoftext|>"
@@ -125,7 +129,8 @@ def make_tiny_falcon(
     model = FalconForCausalLM(config)
     randomize_norms_and_biases(model)
     model = model.to(getattr(torch, dtype)).eval()
-    with atomic_output_dir(Path(out_dir)) as tmp:
+    setattr(model.config, TINY_FALCON_OUTPUT.field, TINY_FALCON_OUTPUT.marker)
+    with atomic_output_dir(Path(out_dir), TINY_FALCON_OUTPUT) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
     return Path(out_dir)

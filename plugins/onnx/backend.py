@@ -8,9 +8,11 @@ from typing import Any
 
 import torch
 
+from compiler_core.api import Backend
+from compiler_core.build.engine import engine_graph
 from compiler_core.errors import ConfigError
 from compiler_core.ir import Graph
-from compiler_core.registry import Backend
+from compiler_core.registry import Registry
 
 
 def rank_plan(engine_config: dict[str, Any], rank: int, source: str = "engine config.json"):
@@ -42,22 +44,25 @@ class OnnxBackend(Backend):
         return "never the default: ask for it with --backend onnx"
 
     def build_rank(
-        self, graph: Graph, weights: dict[str, torch.Tensor], out_dir: Path, rank: int, settings: dict[str, Any]
+        self,
+        graph: Graph,
+        weights: dict[str, torch.Tensor],
+        out_dir: Path,
+        rank: int,
+        settings: dict[str, Any],
+        registry: Registry,
     ) -> dict[str, Any]:
         from modelc_plugins.onnx.export import export_rank
 
-        plan = export_rank(graph, weights, out_dir, rank)
+        plan = export_rank(registry, graph, weights, out_dir, rank)
         return {"onnx": plan.to_json()}
 
-    def load_rank(self, engine_dir: Path, engine_config: dict[str, Any], rank: int, device: str):
+    def load_rank(self, engine_dir: Path, engine_config: dict[str, Any], rank: int, device: str, registry: Registry):
         from modelc_plugins.onnx.session import OnnxSession
 
-        from compiler_core.build.engine import engine_graph
-
         source = str(Path(engine_dir) / "config.json")
-        return OnnxSession(
-            engine_dir, engine_graph(engine_config, rank), rank_plan(engine_config, rank, source), device
-        )
+        graph = engine_graph(registry, engine_config, rank)
+        return OnnxSession(engine_dir, graph, rank_plan(engine_config, rank, source), device)
 
     def describe_rank(self, engine_dir: Path, engine_config: dict[str, Any], rank: int) -> str:
         from modelc_plugins.onnx.summary import describe_plan

@@ -34,7 +34,7 @@ from onnx import TensorProto, helper
 
 from compiler_core.errors import ModelcError
 from compiler_core.ir import Graph, Node
-from compiler_core.plugins import get_plugin_manager
+from compiler_core.registry import Registry
 
 PLAN_VERSION = 1
 
@@ -147,14 +147,16 @@ def graph_input_types(graph: Graph) -> dict[str, ValueType]:
     return types
 
 
-def export_rank(graph: Graph, weights: Mapping[str, torch.Tensor], out_dir: Path, rank: int) -> RankPlan:
-    """Write rank ``rank`` of ``graph`` as ONNX into ``out_dir``; return its plan."""
+def export_rank(
+    registry: Registry, graph: Graph, weights: Mapping[str, torch.Tensor], out_dir: Path, rank: int
+) -> RankPlan:
+    """Write rank ``rank`` of ``graph`` as ONNX into ``out_dir``, each node lowered by the first of
+    ``registry``'s plugins that lowers it for onnx; return its plan."""
     out_dir = Path(out_dir)
     parts = split_at_collectives(graph)
     segments = sum(isinstance(p, list) for p in parts)
     known = graph_input_types(graph)
     later_uses = _later_uses(graph, parts)
-    hook = get_plugin_manager().hook.lower_layer
     tp_size = int(graph.attrs.get("mapping", {}).get("tp_size", 0)) or None
     steps: list[Step] = []
     cache: dict[str, CacheSpec] = {}
@@ -169,7 +171,7 @@ def export_rank(graph: Graph, weights: Mapping[str, torch.Tensor], out_dir: Path
             ctx = OnnxLowering(graph, weights, data, name.removesuffix(".onnx"), dict(known))
             for node in part:
                 ctx.begin(node)
-                lowered = hook(node=node, graph=graph, backend="onnx", context=ctx)
+                lowered = registry.lower_layer(node=node, graph=graph, backend="onnx", context=ctx)
                 if lowered is None:
                     raise ModelcError(f"node {node.name}: no plugin lowers op {node.op!r} for the onnx backend")
                 if len(lowered) != len(node.outputs):

@@ -94,7 +94,7 @@ def tensor_bytes(tensor: torch.Tensor | np.ndarray, dtype: str) -> bytes:
         if nibbles.numel() % 2:
             nibbles = torch.cat([nibbles, nibbles.new_zeros(1)])
         return (nibbles[0::2] | (nibbles[1::2] << 4)).numpy().tobytes()
-    from compiler_core.backends.torch.kernels import torch_dtype
+    from compiler_core.dtypes import torch_dtype
 
     want = torch.bool if dtype == "bool" else torch_dtype(dtype)
     if tensor.dtype != want:
@@ -421,16 +421,14 @@ class OnnxLowering:
 
 
 def _dtype_name(tensor: torch.Tensor | np.ndarray) -> str:
-    from compiler_core.backends.torch.kernels import TORCH_DTYPES
+    from compiler_core.dtypes import dtype_name
 
     if isinstance(tensor, np.ndarray):
         tensor = torch.from_numpy(np.ascontiguousarray(tensor))
-    if tensor.dtype == torch.bool:
-        return "bool"
-    for name, torch_type in TORCH_DTYPES.items():
-        if torch_type == tensor.dtype:
-            return name
-    raise ValueError(f"tensor dtype {tensor.dtype} has no ONNX element type")
+    try:
+        return dtype_name(tensor.dtype)
+    except KeyError:
+        raise ValueError(f"tensor dtype {tensor.dtype} has no ONNX element type") from None
 
 
 # --- helpers for quantization plugins ---------------------------------------------------------

@@ -15,7 +15,9 @@ import torch
 from modelc_plugins.onnx.lowering import CacheSpec, OnnxLowering, emit_matmul, onnx_type
 from onnx import TensorProto
 
-from compiler_core.backends.torch.kernels import alibi_slopes, torch_dtype
+from compiler_core import rope
+from compiler_core.backends.torch.kernels import alibi_slopes
+from compiler_core.dtypes import torch_dtype
 from compiler_core.ir import Node
 
 Lowering = Callable[[Node, OnnxLowering], list[str]]
@@ -91,15 +93,16 @@ def lower_narrow(node: Node, ctx: OnnxLowering) -> list[str]:
 # --- attention -----------------------------------------------------------------------------
 
 
-def rotary_tables(ctx: OnnxLowering, dim: int, theta: float, scaling: Mapping[str, Any] | None) -> tuple[str, str]:
-    """cos/sin [batch, seq, 1, dim] in the compute dtype from the position ids, computed in float32."""
+def rotary_tables(ctx: OnnxLowering, attrs: Mapping[str, Any]) -> tuple[str, str]:
+    """cos/sin [batch, seq, 1, dim] in the compute dtype from the position ids, computed in float32,
+    with the frequencies and position scaling the core defines (compiler_core.rope)."""
+    inv_freq = rope.inv_freq(attrs)
+    divisor = rope.position_divisor(attrs)
 
     def build() -> tuple[str, str]:
-        # The same float32 inverse frequencies as the reference's torch expression.
-        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
         pos = ctx.emit("Cast", [ctx.positions], {"to": TensorProto.FLOAT})
-        if scaling and scaling.get("rope_type", scaling.get("type")) == "linear":
-            pos = ctx.emit("Div", [pos, ctx.const(float(scaling["factor"]), "float32")])
+        if divisor is not None:
+            pos = ctx.emit("Div", [pos, ctx.const(divisor, "float32")])
         freqs = ctx.emit(
             "Mul", [ctx.emit("Unsqueeze", [pos, ctx.const([-1])]), ctx.initializer(ctx.fresh("inv_freq"), inv_freq)]
         )
@@ -108,7 +111,7 @@ def rotary_tables(ctx: OnnxLowering, dim: int, theta: float, scaling: Mapping[st
         sin = ctx.emit("Cast", [ctx.emit("Sin", [emb])], {"to": ctx.compute_type})
         return cos, sin
 
-    key = ("rope", dim, theta, repr(sorted((scaling or {}).items())))
+    key = ("rope", tuple(inv_freq.tolist()), divisor)
     return ctx.shared(key, build)
 
 
@@ -204,7 +207,7 @@ def lower_attention(node: Node, ctx: OnnxLowering) -> list[str]:
     kind = a["position_embedding"]
     if kind == "rope":
         dim = int(a.get("rotary_dim", hd))
-        cos, sin = rotary_tables(ctx, dim, float(a.get("rope_theta", 10000.0)), a.get("rope_scaling"))
+        cos, sin = rotary_tables(ctx, a)
         q, k = apply_rotary(ctx, q, cos, sin, dim, hd), apply_rotary(ctx, k, cos, sin, dim, hd)
     elif kind not in ("none", "alibi"):
         raise ValueError(f"node {node.name}: position_embedding {kind!r} has no ONNX lowering")

@@ -28,7 +28,7 @@ from modelc_plugins.onnx.lowering import (
     present_name,
 )
 
-from compiler_core.backends.torch.kernels import torch_dtype
+from compiler_core.dtypes import torch_dtype
 from compiler_core.errors import ModelcError, UsageError
 from compiler_core.ir import Graph
 from compiler_core.runtime.context import Communicator

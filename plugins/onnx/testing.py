@@ -12,7 +12,10 @@ from typing import Any
 
 import torch
 
+from compiler_core.host import load_registry
+from compiler_core.ir import Graph, GraphBuilder, validate
 from compiler_core.mapping import Mapping
+from compiler_core.registry import Registry
 
 PROMPTS = ("The weather in the valley was calm and", "Cooking rice")
 
@@ -67,14 +70,14 @@ class TinyFalcons:
     ) -> Path:
         """An engine directory built from :meth:`checkpoint` with ``backend`` and build ``settings``."""
         from compiler_core.build.engine import build_engine
-        from compiler_core.registry import get_registry
 
         tag = "".join(f"-{k}{v}" for k, v in sorted(settings.items()))
         path = self.root / "engine" / f"{variant}-L{layers}-{dtype}-tp{tp}pp{pp}-{backend}{tag}"
         if not path.is_dir():
-            chosen = get_registry().backend(backend, "test")
+            registry = load_registry()
+            chosen = registry.backend(backend, "test")
             ckpt = self.checkpoint(variant, dtype, tp, pp, layers)
-            build_engine(ckpt, path, chosen, dict(settings), show_progress=False)
+            build_engine(ckpt, path, chosen, dict(settings), show_progress=False, registry=registry)
         return path
 
 
@@ -83,9 +86,11 @@ def local_runner(engine_dir: Path, device: str = "cpu"):
     from compiler_core.build.engine import engine_mapping, load_rank_session, read_engine_config
     from compiler_core.runtime.runner import LocalRunner
 
+    registry = load_registry()
     config = read_engine_config(engine_dir)
     mapping = engine_mapping(config)
-    return LocalRunner([load_rank_session(engine_dir, r, device, config) for r in mapping.ranks()], mapping)
+    sessions = [load_rank_session(registry, engine_dir, r, device, config) for r in mapping.ranks()]
+    return LocalRunner(sessions, mapping)
 
 
 def left_padded(prompts: Sequence[Sequence[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,9 +104,9 @@ def left_padded(prompts: Sequence[Sequence[int]], pad: int = 0) -> tuple[torch.T
 def built_engine(checkpoint: Path, out: Path, backend: str) -> Path:
     """``out``, made an engine of ``checkpoint`` for ``backend`` in this process."""
     from compiler_core.build.engine import build_engine
-    from compiler_core.registry import get_registry
 
-    build_engine(checkpoint, out, get_registry().backend(backend, "test"), {}, show_progress=False)
+    registry = load_registry()
+    build_engine(checkpoint, out, registry.backend(backend, "test"), {}, show_progress=False, registry=registry)
     return out
 
 
@@ -132,3 +137,51 @@ def teacher_forced_logits(runner, prompts: Sequence[Sequence[int]], tokens: torc
         out = [batch.prefill(runner)]
         out += [batch.step(runner, tokens[:, t], t) for t in range(steps)]
     return torch.stack(out, dim=1)
+
+
+#: Dimensions of :func:`mixed_graph`.
+HIDDEN, VOCAB, HEADS, KV_HEADS, HEAD_DIM = 32, 50, 4, 2, 8
+#: The first attention's default rotary settings: partial, linearly scaled rope.
+LINEAR_ROPE = {"rotary_dim": HEAD_DIM // 2, "rope_theta": 500.0, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}
+
+
+def mixed_graph(
+    registry: Registry, kv_fp8: bool, rope: dict[str, Any] | None = None
+) -> tuple[Graph, dict[str, torch.Tensor]]:
+    """A graph of core ops outside Falcon's graphs and its random weights, validated against ``registry``'s ops:
+    embedding -> rms_norm -> two GQA attentions (rope with ``rope`` settings, default LINEAR_ROPE; ALiBi)
+    -> silu/relu/mul/narrow."""
+    g = GraphBuilder("ops")
+    p = lambda name, shape: g.param(name, shape, "float32")  # noqa: E731
+    x = g.add("embedding", ["input_ids"], name="embed", params={"weight": p("embed", [VOCAB, HIDDEN])})
+    x = g.add("rms_norm", [x], name="norm", params={"weight": p("norm", [HIDDEN])}, eps=1e-6)
+    qkv_rows = (HEADS + 2 * KV_HEADS) * HEAD_DIM
+    for i, position in enumerate(("rope", "alibi")):
+        qkv = g.add("linear", [x], name=f"qkv{i}", params={"weight": p(f"qkv{i}", [qkv_rows, HIDDEN])})
+        attrs = {"num_heads": HEADS, "num_kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "cache_slot": f"s{i}"}
+        params = {}
+        if position == "rope":
+            attrs.update(position_embedding="rope", **(LINEAR_ROPE if rope is None else rope))
+        else:
+            attrs.update(
+                position_embedding="alibi", alibi_num_heads=8, alibi_head_offset=4, alibi_scale=0.5,
+                alibi_compute_dtype="bfloat16", softmax_scale=0.3,
+            )  # fmt: skip
+        if kv_fp8:
+            attrs["kv_cache_dtype"] = "float8_e4m3fn"
+            params["kv_cache_scaling_factor"] = g.param(f"kv_scale{i}", [1], "float32")
+        a = g.add("attention", [qkv], name=f"attn{i}", params=params, **attrs)
+        a = g.add("linear", [a], name=f"out{i}", params={"weight": p(f"out{i}", [HIDDEN, HEADS * HEAD_DIM])})
+        x = g.add("add", [x, a], name=f"res{i}")
+    h = g.add("silu", [x], name="silu")
+    h = g.add("mul", [h, g.add("relu", [x], name="relu")], name="gate")
+    h = g.add("bias_add", [h], name="bias", params={"bias": p("bias", [HIDDEN])})
+    logits = g.add("linear", [h], name="head", params={"weight": p("head", [VOCAB + 6, HIDDEN])})
+    logits = g.add("narrow", [logits], name="unpad", axis=-1, start=0, length=VOCAB)
+    graph = g.build(["input_ids"], [logits], attrs={"dtype": "float32", "hidden_size": HIDDEN})
+    torch.manual_seed(0)
+    weights = {name: torch.randn(param.shape) * 0.3 for name, param in graph.params.items()}
+    for name in weights:
+        if name.startswith("kv_scale"):
+            weights[name] = torch.tensor([0.02])
+    return validate(graph, registry.ops), weights

@@ -2,14 +2,14 @@
 
 * :mod:`modelc_plugins.quant_awq.int4`: symmetric group quantization, int4 packing (pure functions).
 * :mod:`modelc_plugins.quant_awq.search`: AWQ scale and clip searches (pure functions).
-* :mod:`modelc_plugins.quant_awq.calibrate`: where scales go (the ``scale_groups`` hook), calibration.
+* :mod:`modelc_plugins.quant_awq.calibrate`: where scales go (the architecture's ``scale_groups``), calibration.
 * :mod:`modelc_plugins.quant_awq.transform`: the ``awq_linear`` op and the per-rank graph rewrite.
 * :mod:`modelc_plugins.quant_awq.lowering`: kernels for each backend.
 """
 
 from __future__ import annotations
 
-from modelc_plugins.quant_awq.transform import AWQ_LINEAR, OP, SCHEME_NAME
+from modelc_plugins.quant_awq.transform import AWQ_LINEAR, OP
 
 from compiler_core import hookimpl
 
@@ -26,15 +26,6 @@ def register_quant_schemes(register) -> None:
     from modelc_plugins.quant_awq.scheme import Int4AwqScheme
 
     register(Int4AwqScheme())
-
-
-@hookimpl
-def quantize_layer(node, graph, weights, scheme, stats):
-    if scheme.name != SCHEME_NAME or node.op != "linear":
-        return None
-    from modelc_plugins.quant_awq.calibrate import quantize_linear
-
-    return quantize_linear(node, graph, weights, stats)
 
 
 @hookimpl

@@ -1,10 +1,11 @@
 """AWQ calibration: what each linear's input looks like, where its scale goes, and the per-layer
-quantization that the ``quantize_layer`` hook performs.
+quantization that the scheme's ``quantize_layer`` performs.
 
 Design (one consistent rule for every architecture):
 
-* The architecture's ``scale_groups`` hook names, for each shared activation, the node that
-  produces it and the linears that read it.
+* The architecture's ``scale_groups`` method names, for each shared activation, the node that
+  produces it and the linears that read it; for an architecture that names none, the core
+  derives them from the graph (:mod:`compiler_core.quantize.scale_groups`).
 * When the producer is a norm (``layer_norm``/``rms_norm``) whose output only those linears read,
   the AWQ scale ``s`` is **folded**: the norm's weight and bias are divided by ``s`` and every
   reader's weight multiplied by ``s`` (excluded readers too, in full precision), so the
@@ -36,10 +37,11 @@ from modelc_plugins.quant_awq.int4 import pack_int4, quantize_groups
 from modelc_plugins.quant_awq.search import search_clip, search_scale
 from modelc_plugins.quant_awq.transform import quantized_node
 
+from compiler_core.api import ScaleGroup
 from compiler_core.errors import ModelcError
 from compiler_core.ir import Graph, Node
 from compiler_core.quantize.calibration import CalibrationSet, collect_stats, real_tokens
-from compiler_core.registry import ScaleGroup
+from compiler_core.registry import Registry
 
 NORM_OPS = ("layer_norm", "rms_norm")
 #: Tokens each search is scored on: enough to rank 20 candidate scales; cost grows linearly with it.
@@ -110,6 +112,7 @@ def plan_scales(graph: Graph, groups: list[ScaleGroup], quantized: set[str]) -> 
 
 
 def observe_inputs(
+    registry: Registry,
     graph: Graph,
     weights: dict[str, torch.Tensor],
     calibration: CalibrationSet,
@@ -143,6 +146,7 @@ def observe_inputs(
         st.samples.append(x[first::stride].to("cpu", copy=True))
 
     collect_stats(
+        registry,
         graph,
         weights,
         calibration,
@@ -171,7 +175,7 @@ def feeds_attention(graph: Graph, node: Node) -> bool:
 def quantize_linear(
     node: Node, graph: Graph, weights: dict[str, torch.Tensor], stats: dict[str, Any]
 ) -> tuple[list[Node], dict[str, torch.Tensor]]:
-    """One linear -> ``awq_linear`` plus its tensors (what the ``quantize_layer`` hook returns).
+    """One linear -> ``awq_linear`` plus its tensors (what :meth:`Int4AwqScheme.quantize_layer` returns).
 
     ``stats``: ``group_size``; ``scales``, the AWQ scale of the weight's input channels (or
     None); ``prequant``, keep ``1 / scales`` as the input multiply (else the producer absorbed

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from modelc_plugins.quant_awq import transform
 from modelc_plugins.quant_awq.calibrate import (
     DEFAULT_MAX_TOKENS,
     feeds_attention,
     observe_inputs,
     plan_scales,
+    quantize_linear,
     search_scales,
 )
 from modelc_plugins.quant_awq.transform import (
@@ -22,15 +24,17 @@ from modelc_plugins.quant_awq.transform import (
     quantization_section,
 )
 
+from compiler_core.api import QuantScheme
 from compiler_core.convert.from_hf import LoadedModel
 from compiler_core.errors import ModelcError, UsageError
+from compiler_core.ir import Graph, Node
 from compiler_core.mapping import Mapping
 from compiler_core.model import rank_graph
-from compiler_core.plugins import get_plugin_manager
 from compiler_core.progress import progress
 from compiler_core.quantize.calibration import CalibrationSet, model_graph
 from compiler_core.quantize.ptq import quantize_layers
-from compiler_core.registry import QuantScheme
+from compiler_core.quantize.scale_groups import describe_scale_groups, scale_groups_for
+from compiler_core.registry import Registry
 
 
 class Int4AwqScheme(QuantScheme):
@@ -48,6 +52,10 @@ class Int4AwqScheme(QuantScheme):
     def transform_graph(self, graph, config):
         return transform.transform_graph(graph, config)
 
+    def quantize_layer(self, node: Node, graph: Graph, weights: dict[str, torch.Tensor], stats: dict[str, Any]):
+        """A linear becomes ``awq_linear`` (stats: group size, AWQ scales, samples for clipping)."""
+        return quantize_linear(node, graph, weights, stats) if node.op == "linear" else None
+
     def quantize(self, model: LoadedModel, calibration: CalibrationSet, options: dict[str, Any]) -> LoadedModel:
         group_size = int(options.get("group_size") or DEFAULT_GROUP_SIZE)
         if group_size <= 0 or group_size % 2:
@@ -55,20 +63,29 @@ class Int4AwqScheme(QuantScheme):
         max_tokens = int(options.get("awq_max_tokens") or DEFAULT_MAX_TOKENS)
         device = options.get("device") or "cpu"
         show = bool(options.get("show_progress", True))
+        registry: Registry = options["registry"]
+        arch = registry.architecture(model.config["architecture"], "config.json")
 
-        graph = model_graph(model)
+        graph = model_graph(registry, model)
         exclude = options.get("exclude_modules")
         exclude = output_heads(graph) if exclude is None else list(exclude)
         linears = quantizable_linears(graph, exclude)
         if not linears:
             raise UsageError(f"exclude_modules {exclude}: no linear layer is left to quantize")
-        self._check_split(model, linears, group_size, exclude, options.get("mapping"))
+        self._check_split(registry, model, linears, group_size, exclude, options.get("mapping"))
         quantized = {n.name for n in linears}
 
-        groups = get_plugin_manager().hook.scale_groups(graph=graph, config=model.config) or []
+        groups, source = scale_groups_for(arch, graph, model.config, registry.ops)
         plans = plan_scales(graph, groups, quantized)
         stats = observe_inputs(
-            graph, model.weights, calibration, linears, max_tokens=max_tokens, device=device, show_progress=show
+            registry,
+            graph,
+            model.weights,
+            calibration,
+            linears,
+            max_tokens=max_tokens,
+            device=device,
+            show_progress=show,
         )
         scales = search_scales(
             plans,
@@ -94,15 +111,18 @@ class Int4AwqScheme(QuantScheme):
         model.config["quantization"] = {
             **model.config["quantization"],
             **quantization_section(group_size, exclude, prequant),
+            "scale_groups": describe_scale_groups(groups, source),
         }
-        quantized_graph = quantize_layers(model, graph, self, layer_stats, show_progress=show)
+        quantized_graph = quantize_layers(registry, model, graph, self, layer_stats, show_progress=show)
         expected = transform.transform_graph(graph, model.config)
         if quantized_graph.nodes != expected.nodes:
             raise ModelcError("int4_awq: the quantize_layer results disagree with transform_graph")
         return model
 
     @staticmethod
-    def _check_split(model: LoadedModel, linears, group_size: int, exclude: list[str], mapping: Mapping | None) -> None:
+    def _check_split(
+        registry: Registry, model: LoadedModel, linears, group_size: int, exclude: list[str], mapping: Mapping | None
+    ) -> None:
         """Fail before calibrating when a linear has an odd input dim or a rank would not hold whole groups."""
         for node in linears:
             in_features = model.weights[node.params["weight"]].shape[1]
@@ -115,4 +135,4 @@ class Int4AwqScheme(QuantScheme):
             "quantization": {**model.config["quantization"], **quantization_section(group_size, exclude, ())},
         }
         for rank in mapping.ranks():
-            rank_graph(preview, rank)
+            rank_graph(registry, preview, rank)

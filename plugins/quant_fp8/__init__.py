@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from modelc_plugins.quant_fp8.scheme import FP8_LINEAR, FP8Scheme, quantize_attention, quantize_linear
+from modelc_plugins.quant_fp8.scheme import FP8_LINEAR, FP8Scheme
 
 from compiler_core import hookimpl
 
@@ -28,17 +28,6 @@ def register_ops(register) -> None:
 @hookimpl
 def register_quant_schemes(register) -> None:
     register(FP8Scheme())
-
-
-@hookimpl
-def quantize_layer(node, graph, weights, scheme, stats):
-    if not isinstance(scheme, FP8Scheme):
-        return None
-    if node.op == "linear" and "input_amax" in stats:
-        return quantize_linear(node, weights, stats)
-    if node.op == "attention" and "kv_amax" in stats:
-        return quantize_attention(node, stats)
-    return None
 
 
 @hookimpl

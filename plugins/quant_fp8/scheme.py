@@ -12,7 +12,7 @@ Checkpoint layout (TensorRT-LLM / ModelOpt FP8 export)::
 ``<linear>`` is the weight's name without ``.weight`` (``layers.0.attention.qkv``), so a fused
 QKV linear has one weight and one activation scale; ``<attention>`` is the attention node's
 name (``layers.0.attention.core``). The same functions rewrite nodes for :meth:`transform_graph`
-(any rank, from the config) and for the ``quantize_layer`` hook (tp1, with tensors), so the two
+(any rank, from the config) and for :meth:`FP8Scheme.quantize_layer` (tp1, with tensors), so the two
 cannot drift apart.
 """
 
@@ -24,11 +24,11 @@ from typing import Any
 import torch
 from modelc_plugins.quant_fp8 import numerics
 
+from compiler_core.api import QuantScheme
 from compiler_core.errors import ModelcError
 from compiler_core.ir import Graph, Node, OpSpec, Param
 from compiler_core.quantize.calibration import collect_stats, model_graph, real_tokens, token_mask
 from compiler_core.quantize.ptq import excluded, quantize_layers
-from compiler_core.registry import QuantScheme
 
 QUANT_ALGO = "FP8"
 KV_CACHE_QUANT_ALGO = "FP8"
@@ -157,11 +157,21 @@ class FP8Scheme(QuantScheme):
     def transform_graph(self, graph: Graph, config: dict[str, Any]) -> Graph:
         return rewrite_graph(graph, config.get("quantization") or {})
 
+    def quantize_layer(self, node: Node, graph: Graph, weights, stats):
+        """A linear with ``input_amax`` stats becomes ``fp8_linear``; an attention node with ``kv_amax``
+        stats gets an FP8 KV cache."""
+        if node.op == "linear" and "input_amax" in stats:
+            return quantize_linear(node, weights, stats)
+        if node.op == "attention" and "kv_amax" in stats:
+            return quantize_attention(node, stats)
+        return None
+
     def quantize(self, model, calibration, options: dict[str, Any]):
         """Record each linear's input amax over the calibration set, then quantize every linear
-        outside ``exclude_modules`` (default: lm_head) through the ``quantize_layer`` hook."""
+        outside ``exclude_modules`` (default: lm_head) with :meth:`quantize_layer`."""
+        registry = options["registry"]
         skip = list(DEFAULT_EXCLUDE if options.get("exclude_modules") is None else options["exclude_modules"])
-        graph = model_graph(model)
+        graph = model_graph(registry, model)
         targets = [n for n in graph.nodes if n.op == "linear" and not excluded(n.name, skip)]
         amax = _Amax()
 
@@ -169,6 +179,7 @@ class FP8Scheme(QuantScheme):
             amax.update(node.name, real_tokens(inputs[0], ctx))
 
         collect_stats(
+            registry,
             graph,
             model.weights,
             calibration,
@@ -184,7 +195,7 @@ class FP8Scheme(QuantScheme):
             }
             for n in targets
         }
-        quantize_layers(model, graph, self, stats, show_progress=options.get("show_progress", True))
+        quantize_layers(registry, model, graph, self, stats, show_progress=options.get("show_progress", True))
         model.config["quantization"] = {
             **model.config["quantization"],
             "quant_algo": QUANT_ALGO,
@@ -195,7 +206,8 @@ class FP8Scheme(QuantScheme):
     def quantize_kv_cache(self, model, calibration, options: dict[str, Any]):
         """Record the amax of the keys and values each attention layer caches (after rotary
         embedding, through whatever weight quantization already applies); one scale per layer."""
-        graph = model_graph(model)
+        registry = options["registry"]
+        graph = model_graph(registry, model)
         amax = _Amax()
 
         def record(node: Node, inputs, output, ctx) -> None:
@@ -207,6 +219,7 @@ class FP8Scheme(QuantScheme):
 
         attention = list(graph.nodes_of("attention"))
         collect_stats(
+            registry,
             graph,
             model.weights,
             calibration,
@@ -216,6 +229,6 @@ class FP8Scheme(QuantScheme):
             desc="calibrate (fp8 kv cache)",
         )
         stats = {n.name: {"kv_amax": amax.get(n.name)} for n in attention}
-        quantize_layers(model, graph, self, stats, show_progress=options.get("show_progress", True))
+        quantize_layers(registry, model, graph, self, stats, show_progress=options.get("show_progress", True))
         model.config["quantization"] = {**model.config["quantization"], "kv_cache_quant_algo": KV_CACHE_QUANT_ALGO}
         return model

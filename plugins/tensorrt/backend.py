@@ -16,9 +16,11 @@ from modelc_plugins.tensorrt.package import (
     import_tensorrt,
 )
 
+from compiler_core.api import Backend
+from compiler_core.build.engine import engine_graph
 from compiler_core.errors import ConfigError
 from compiler_core.ir import Graph
-from compiler_core.registry import Backend
+from compiler_core.registry import Registry
 
 #: Preference when a TensorRT package imports and a GPU that runs its engines is present
 #: (above torch's 0); otherwise -1, never the default.
@@ -61,13 +63,19 @@ class TensorRTBackend(Backend):
         return f"{describe_package(trt)} imports but {reason}"
 
     def build_rank(
-        self, graph: Graph, weights: dict[str, torch.Tensor], out_dir: Path, rank: int, settings: dict[str, Any]
+        self,
+        graph: Graph,
+        weights: dict[str, torch.Tensor],
+        out_dir: Path,
+        rank: int,
+        settings: dict[str, Any],
+        registry: Registry,
     ) -> dict[str, Any]:
         from modelc_plugins.onnx.export import export_rank
         from modelc_plugins.tensorrt.builder import build_serialized
 
         with tempfile.TemporaryDirectory(prefix=f"rank{rank}.onnx.", dir=out_dir) as tmp:
-            plan = export_rank(graph, weights, Path(tmp), rank)
+            plan = export_rank(registry, graph, weights, Path(tmp), rank)
             for step in plan.steps:
                 if step.file is None:
                     continue
@@ -78,13 +86,12 @@ class TensorRTBackend(Backend):
         plan.data_file, plan.data_bytes = "", 0
         return {"tensorrt": {"package": describe_package(import_tensorrt()), "plan": plan.to_json()}}
 
-    def load_rank(self, engine_dir: Path, engine_config: dict[str, Any], rank: int, device: str):
+    def load_rank(self, engine_dir: Path, engine_config: dict[str, Any], rank: int, device: str, registry: Registry):
         from modelc_plugins.tensorrt.session import TensorRTSession
 
-        from compiler_core.build.engine import engine_graph
-
         plan = self._plan(engine_dir, engine_config, rank)
-        return TensorRTSession(engine_dir, engine_graph(engine_config, rank), plan, engine_config["build"], device)
+        graph = engine_graph(registry, engine_config, rank)
+        return TensorRTSession(engine_dir, graph, plan, engine_config["build"], device)
 
     def describe_rank(self, engine_dir: Path, engine_config: dict[str, Any], rank: int) -> str:
         plan = self._plan(engine_dir, engine_config, rank)

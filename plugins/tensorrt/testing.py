@@ -24,6 +24,7 @@ import pytest
 import torch
 from modelc_plugins.tensorrt.package import INSTALL_HINT, gpu_reason, import_tensorrt
 
+from compiler_core.host import load_registry
 from compiler_core.ir import Graph
 
 #: Small limits keep test builds fast; engines accept any shape inside them.
@@ -53,10 +54,12 @@ def build_checkpoint(checkpoint_dir: Path, out_dir: Path, **settings: Any) -> di
     Raises ModelcError naming the ONNX file and TensorRT's first parser/builder error.
     """
     from compiler_core.build.engine import build_engine
-    from compiler_core.registry import get_registry
 
-    backend = get_registry().backend("tensorrt", "test")
-    return build_engine(checkpoint_dir, out_dir, backend, {**TEST_SETTINGS, **settings}, show_progress=False)
+    registry = load_registry()
+    backend = registry.backend("tensorrt", "test")
+    return build_engine(
+        checkpoint_dir, out_dir, backend, {**TEST_SETTINGS, **settings}, show_progress=False, registry=registry
+    )
 
 
 def build_graph(
@@ -70,4 +73,5 @@ def build_graph(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return TensorRTBackend().build_rank(graph, dict(weights), out_dir, rank, {**TEST_SETTINGS, **settings})
+    settings = {**TEST_SETTINGS, **settings}
+    return TensorRTBackend().build_rank(graph, dict(weights), out_dir, rank, settings, load_registry())

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from modelc_plugins.falcon import Falcon
 
 from compiler_core import hookimpl
 from compiler_core.convert.from_hf import convert
@@ -21,9 +22,10 @@ from compiler_core.formats.checkpoint import (
     save_rank_weights,
     write_config,
 )
-from compiler_core.formats.fileio import atomic_output_dir
+from compiler_core.formats.fileio import OutputKind, atomic_output_dir
+from compiler_core.host import Host
 from compiler_core.mapping import Mapping
-from compiler_core.testing import plugin_registered
+from compiler_core.registry import Registry
 
 # --- mapping ---------------------------------------------------------------------------------
 
@@ -160,18 +162,28 @@ def siblings(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.parent.iterdir())
 
 
-class FailOnRank1:
-    """A plugin whose shard_param gives up on rank 1, after rank 0 has been sharded (and written)."""
+class FailOnRank1(Falcon):
+    """A Falcon whose shard_param gives up on rank 1, after rank 0 has been sharded (and written)."""
 
     def __init__(self) -> None:
         self.ranks: list[int] = []
 
-    @hookimpl
     def shard_param(self, name, tensor, graph, config, mapping, rank):
         self.ranks.append(rank)
         if rank == 1:
             raise RuntimeError("disk full while writing rank 1")
-        return None
+        return super().shard_param(name, tensor, graph, config, mapping, rank)
+
+
+def only(arch: Falcon) -> Registry:
+    """The registry of a host with the core and ``arch`` as its only architecture."""
+
+    class Registers:
+        @hookimpl
+        def register_architectures(self, register):
+            register(arch)
+
+    return Host.with_plugins({"fail_on_rank1": Registers()}).registry
 
 
 def test_failed_conversion_leaves_existing_output_intact(tiny_falcon, tmp_path):
@@ -181,16 +193,19 @@ def test_failed_conversion_leaves_existing_output_intact(tiny_falcon, tmp_path):
     assert {"config.json", "rank0.safetensors", "rank1.safetensors"} <= set(before)
 
     failing = FailOnRank1()
-    with plugin_registered(failing, "fail_on_rank1"), pytest.raises(RuntimeError, match="disk full"):
-        convert(tiny_falcon, out, dtype="float16", mapping=Mapping.create(2, 1), show_progress=False)
+    with pytest.raises(RuntimeError, match="disk full"):
+        convert(
+            tiny_falcon, out, dtype="float16", mapping=Mapping.create(2, 1), show_progress=False, registry=only(failing)
+        )
     assert 0 in failing.ranks and 1 in failing.ranks  # it really got midway
     assert snapshot(out) == before
     assert siblings(out) == ["out"], "no temporary directory may be left behind"
 
 
 def test_failed_first_conversion_leaves_nothing(tiny_falcon, tmp_path):
-    with plugin_registered(FailOnRank1(), "fail_on_rank1"), pytest.raises(RuntimeError):
-        convert(tiny_falcon, tmp_path / "out", mapping=Mapping.create(2, 1), show_progress=False)
+    registry = only(FailOnRank1())
+    with pytest.raises(RuntimeError):
+        convert(tiny_falcon, tmp_path / "out", mapping=Mapping.create(2, 1), show_progress=False, registry=registry)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -205,8 +220,11 @@ def test_successful_conversion_replaces_the_old_output(tiny_falcon, tmp_path):
     assert siblings(out) == ["out"]
 
 
+KIND = OutputKind("test output", "test-output")
+
+
 def test_output_directory_gets_normal_permissions(tmp_path):
-    with atomic_output_dir(tmp_path / "made") as tmp:
+    with atomic_output_dir(tmp_path / "made", KIND) as tmp:
         (tmp / "config.json").write_text("{}")
     (tmp_path / "plain").mkdir()
     assert (tmp_path / "made").stat().st_mode == (tmp_path / "plain").stat().st_mode
@@ -216,20 +234,20 @@ def test_refuses_to_replace_a_directory_that_is_not_a_previous_output(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     (home / "thesis.tex").write_text("precious")
-    with pytest.raises(UsageError, match=r"holds no config\.json; refusing to replace it"):
-        with atomic_output_dir(home) as tmp:
+    with pytest.raises(UsageError, match=r"home: is not empty and is not an earlier test output; refusing to replace"):
+        with atomic_output_dir(home, KIND) as tmp:
             (tmp / "config.json").write_text("{}")
     assert (home / "thesis.tex").read_text() == "precious"
     assert siblings(home) == ["home"]
     (tmp_path / "file").write_text("x")
     with pytest.raises(UsageError, match="exists and is not a directory"):
-        with atomic_output_dir(tmp_path / "file"):
+        with atomic_output_dir(tmp_path / "file", KIND):
             pass
 
 
 def test_empty_existing_directory_is_replaced(tmp_path):
     (tmp_path / "empty").mkdir()
-    with atomic_output_dir(tmp_path / "empty") as tmp:
+    with atomic_output_dir(tmp_path / "empty", KIND) as tmp:
         (tmp / "a").write_text("1")
     assert (tmp_path / "empty" / "a").read_text() == "1"
 
@@ -237,7 +255,7 @@ def test_empty_existing_directory_is_replaced(tmp_path):
 def test_old_output_is_restored_when_the_final_rename_fails(tmp_path, monkeypatch):
     target = tmp_path / "out"
     target.mkdir()
-    (target / "config.json").write_text('{"old": true}')
+    (target / "config.json").write_text('{"format": "test-output", "old": true}')
     before = snapshot(target)
     real_rename = Path.rename
 
@@ -248,7 +266,7 @@ def test_old_output_is_restored_when_the_final_rename_fails(tmp_path, monkeypatc
 
     monkeypatch.setattr(Path, "rename", rename)
     with pytest.raises(OSError, match="rename refused"):
-        with atomic_output_dir(target) as tmp:
+        with atomic_output_dir(target, KIND) as tmp:
             (tmp / "config.json").write_text('{"new": true}')
     assert snapshot(target) == before
     assert siblings(target) == ["out"]
@@ -256,10 +274,19 @@ def test_old_output_is_restored_when_the_final_rename_fails(tmp_path, monkeypatc
 
 def test_exception_inside_the_block_removes_the_temporary_dir(tmp_path):
     with pytest.raises(KeyboardInterrupt):
-        with atomic_output_dir(tmp_path / "new") as tmp:
+        with atomic_output_dir(tmp_path / "new", KIND) as tmp:
             (tmp / "partial").write_bytes(os.urandom(16))
             raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_run_removes_the_parents_it_created(tmp_path):
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(RuntimeError):
+        with atomic_output_dir(tmp_path / "kept" / "a" / "b" / "out", KIND):
+            raise RuntimeError("failed")
+    assert list(tmp_path.iterdir()) == [tmp_path / "kept"]
+    assert list((tmp_path / "kept").iterdir()) == []
 
 
 def test_converted_checkpoint_is_complete(falcon_checkpoint_tp2, tiny_falcon):

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from compiler_core.cli import cli
-from compiler_core.registry import get_commands
+from compiler_core.host import Host
 from compiler_core.testing import run_modelc
 
 CORE_COMMANDS = ("convert", "quantize", "build", "run", "summarize", "verify", "inspect", "plugins")
@@ -40,7 +40,7 @@ def test_each_core_command_has_help(name):
     result = CliRunner().invoke(cli, [name, "--help"])
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith(f"Usage: cli {name}") or result.stdout.startswith(f"Usage: modelc {name}")
-    help_line = get_commands().commands[name].get_short_help_str(limit=200)
+    help_line = Host.load().commands.commands[name].get_short_help_str(limit=200)
     assert help_line, f"{name} has no help text"
 
 
@@ -53,7 +53,7 @@ def _all_commands() -> list[tuple[str, click.Command]]:
             for name, sub in command.commands.items():
                 walk(f"{prefix} {name}", sub)
 
-    for name, command in get_commands().commands.items():
+    for name, command in Host.load().commands.commands.items():
         walk(name, command)
     return out
 
@@ -226,7 +226,7 @@ def test_inspect_of_a_plain_directory_is_a_usage_error(tmp_path):
 
 def test_core_commands_come_through_the_commands_hook():
     """The core's subcommands are registered by the plugin named 'core', like any plugin's."""
-    owners = get_commands().provided_by
+    owners = Host.load().commands.provided_by
     for name in CORE_COMMANDS:
         assert owners[("commands", name)] == "core"
     assert owners[("commands", "tiny-falcon")] == "falcon"
@@ -235,8 +235,9 @@ def test_core_commands_come_through_the_commands_hook():
 
 def test_placeholder_free_or_explicit(tmp_path: Path):
     """A command owned by a later issue may exist only if it says what is not built; never a silent no-op."""
+    commands = Host.load().commands.commands
     for name in CORE_COMMANDS:
-        command = get_commands().commands[name]
+        command = commands[name]
         doc = (command.help or "").lower()
         if "not built" in doc:
             result = CliRunner().invoke(cli, [name])

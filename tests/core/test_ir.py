@@ -175,33 +175,32 @@ def test_json_refuses_other_ir_versions_and_missing_fields():
         Graph.from_json(broken)
 
 
-def _falcon_config(hf_dir, tp: int, pp: int) -> dict:
+def _falcon_config(registry, hf_dir, tp: int, pp: int) -> dict:
     from compiler_core.convert.from_hf import model_config_from_hf
     from compiler_core.mapping import Mapping
 
-    return model_config_from_hf(hf_dir, "float32", Mapping.create(tp, pp))
+    return model_config_from_hf(registry, hf_dir, "float32", Mapping.create(tp, pp))
 
 
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)])
-def test_json_round_trip_of_real_falcon_rank_graphs(tiny_falcon_7b, tp, pp):
+def test_json_round_trip_of_real_falcon_rank_graphs(registry, tiny_falcon_7b, tp, pp):
     """Every rank graph the Falcon plugin builds survives JSON exactly and validates after reading."""
     from compiler_core.model import rank_graph
-    from compiler_core.registry import get_registry
 
-    config = _falcon_config(tiny_falcon_7b, tp, pp)
+    config = _falcon_config(registry, tiny_falcon_7b, tp, pp)
     for rank in range(tp * pp):
-        graph = rank_graph(config, rank)
+        graph = rank_graph(registry, config, rank)
         back = Graph.from_json(json.loads(json.dumps(graph.to_json())))
         assert back == graph
-        validate(back, get_registry().ops)
+        validate(back, registry.ops)
         assert back.attrs["rank"] == rank
     assert any(n.op == "all_reduce" for n in graph.nodes) == (tp > 1)
 
 
-def test_printer_lists_ops_params_and_values(tiny_falcon):
+def test_printer_lists_ops_params_and_values(registry, tiny_falcon):
     from compiler_core.model import rank_graph
 
-    graph = rank_graph(_falcon_config(tiny_falcon, 1, 1), 0)
+    graph = rank_graph(registry, _falcon_config(registry, tiny_falcon, 1, 1), 0)
     text = format_graph(graph)
     first = text.splitlines()[0]
     assert first.startswith(f"graph {graph.name}: {len(graph.nodes)} nodes, {len(graph.params)} params")

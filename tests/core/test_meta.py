@@ -27,8 +27,9 @@ def hookspec_functions() -> dict[str, object]:
 
 def test_hookspecs_are_found():
     names = set(hookspec_functions())
-    assert {"register_ops", "register_architectures", "map_weight", "lower_layer", "shard_param"} <= names
-    assert len(names) >= 11
+    registration = {"register_ops", "register_architectures", "register_quant_schemes", "register_backends"}
+    # Per-family and per-scheme behaviour are methods of the registered objects, not hooks.
+    assert names == {*registration, "register_commands", "lower_layer"}
 
 
 @pytest.mark.parametrize("name", sorted(hookspec_functions()))

@@ -1,11 +1,11 @@
 """A new model family is a plugin, not a core change.
 
 This file defines a Llama-style architecture from scratch (RMSNorm, rotary GQA attention,
-SwiGLU MLP, untied LM head) as a throwaway plugin object: its architecture, its weight
-mapping and one op of its own (``concat``, with a torch kernel through ``lower_layer``). The
-core then converts a real Hugging Face ``LlamaForCausalLM`` checkpoint with it, shards it for
-tensor and pipeline parallelism with its default rules, and the reference executor's logits
-match transformers' with a KV cache.
+SwiGLU MLP, untied LM head) as a throwaway plugin object: its architecture (with its weight
+mapping as a method) and one op of its own (``concat``, with a torch kernel through
+``lower_layer``), loaded into a host of its own. The core then converts a real Hugging Face
+``LlamaForCausalLM`` checkpoint with it, shards it for tensor and pipeline parallelism with the
+base class's default rules, and the reference executor's logits match transformers' with a KV cache.
 """
 
 from __future__ import annotations
@@ -17,15 +17,15 @@ import pytest
 import torch
 
 from compiler_core import hookimpl
+from compiler_core.api import Architecture
 from compiler_core.convert.from_hf import convert
+from compiler_core.host import Host
 from compiler_core.ir import Graph, GraphBuilder, OpSpec
 from compiler_core.mapping import Mapping
 from compiler_core.model import rank_graph
-from compiler_core.plugins import get_plugin_manager
-from compiler_core.registry import Architecture
+from compiler_core.registry import Registry
 from compiler_core.runtime.context import positions_from_mask
 from compiler_core.runtime.loading import checkpoint_runner
-from compiler_core.testing import plugin_registered
 
 ARCH = "toy_llama"
 
@@ -55,9 +55,10 @@ class ToyLlama(Architecture):
         if config["num_key_value_heads"] % mapping.tp_size:
             raise ValueError(f"tp_size {mapping.tp_size} must divide num_key_value_heads")
 
-    def build_graph(self, config: dict[str, Any], mapping: Mapping, rank: int, dtype: str) -> Graph:
-        stages = get_plugin_manager().hook.pipeline_layer_ranges(config=config, pp_size=mapping.pp_size)
-        layers = stages[mapping.pp_rank(rank)]
+    def map_weight(self, config: dict[str, Any], name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name.removeprefix("model."): tensor}
+
+    def build_graph(self, config: dict[str, Any], mapping: Mapping, rank: int, dtype: str, layers: range) -> Graph:
         tp = mapping.tp_size
         hidden, hd, eps = config["hidden_size"], config["head_dim"], config["rms_norm_eps"]
         nh, nkv = config["num_attention_heads"] // tp, config["num_key_value_heads"] // tp
@@ -134,12 +135,6 @@ class ToyLlamaPlugin:
         axis = int(node.attrs["axis"])
         return lambda ctx, *xs: torch.cat(xs, dim=axis)
 
-    @hookimpl
-    def map_weight(self, config, name, tensor):
-        if config.get("architecture") != ARCH:
-            return None
-        return {name.removeprefix("model."): tensor}
-
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory) -> Path:
@@ -168,24 +163,26 @@ def llama_dir(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture
-def llama_plugin():
-    with plugin_registered(ToyLlamaPlugin(), "toy_llama"):
-        yield
+@pytest.fixture(scope="module")
+def llama_registry() -> Registry:
+    """The installed plugins plus this file's family."""
+    return Host.load(extra={"toy_llama": ToyLlamaPlugin()}).registry
 
 
 @pytest.mark.parametrize(
     "tp,pp,by_shard", [(1, 1, False), (2, 1, False), (1, 2, True), (2, 2, False)], ids=lambda v: str(v)
 )
-def test_llama_family_as_a_plugin_matches_transformers(llama_dir, llama_plugin, tmp_path, tp, pp, by_shard):
+def test_llama_family_as_a_plugin_matches_transformers(llama_registry, llama_dir, tmp_path, tp, pp, by_shard):
     from transformers import LlamaForCausalLM
 
     out = tmp_path / "ckpt"
+    mapping = Mapping.create(tp, pp)
     config = convert(
-        llama_dir, out, dtype="float32", mapping=Mapping.create(tp, pp), load_by_shard=by_shard, show_progress=False
-    )
+        llama_dir, out, dtype="float32", mapping=mapping, load_by_shard=by_shard, show_progress=False,
+        registry=llama_registry,
+    )  # fmt: skip
     assert config["architecture"] == ARCH
-    graph = rank_graph(config, 0)
+    graph = rank_graph(llama_registry, config, 0)
     assert {"concat", "rms_norm", "silu", "mul"} <= {n.op for n in graph.nodes}
 
     ids = torch.tensor([[0, 0, 5, 17, 42, 7, 3], [11, 12, 13, 14, 15, 16, 18]])
@@ -194,7 +191,7 @@ def test_llama_family_as_a_plugin_matches_transformers(llama_dir, llama_plugin, 
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=mask).logits
 
-    runner = checkpoint_runner(out)
+    runner = checkpoint_runner(out, registry=llama_registry)
     runner.allocate(2, 16)
     # Prompt minus its last token, then the last token alone through the KV cache.
     prompt = runner.logits(ids[:, :-1], positions_from_mask(mask)[:, :-1], mask[:, :-1], 0)
@@ -213,3 +210,48 @@ def test_family_disappears_with_its_plugin(llama_dir, tmp_path):
     with pytest.raises(UsageError, match=r"config\.json: no loaded plugin supports model_type 'llama'"):
         convert(llama_dir, tmp_path / "x", show_progress=False)
     assert not (tmp_path / "x").exists()
+
+
+def test_awq_derives_scale_groups_for_a_family_that_names_none(llama_dir, llama_registry):
+    """The family does not override scale_groups: AWQ still scales, with the groups the graph
+    implies, and the checkpoint says which ones it used."""
+    from compiler_core.convert.from_hf import load_full_model
+    from compiler_core.quantize.calibration import CalibrationBatch, CalibrationSet
+
+    model = load_full_model(llama_registry, llama_dir, "float32", show_progress=False)
+    norm_before = model.weights["layers.0.input_layernorm.weight"].clone()
+    torch.manual_seed(0)
+    ids = torch.randint(0, 96, (4, 32))
+    calibration = CalibrationSet((CalibrationBatch(ids, torch.ones_like(ids)),), "random ids")
+    scheme = llama_registry.quant_scheme("int4_awq", "--qformat")
+    options = {"group_size": 16, "device": "cpu", "show_progress": False, "registry": llama_registry}
+    quantized = scheme.quantize(model, calibration, options)
+    used = quantized.config["quantization"]["scale_groups"]
+    assert used["source"] == "graph"
+    attn = "layers.0.self_attn"
+    assert used["groups"]["layers.0.input_layernorm"] == [f"{attn}.q_proj", f"{attn}.k_proj", f"{attn}.v_proj"]
+    assert used["groups"]["layers.0.post_attention_layernorm"] == ["layers.0.mlp.gate_proj", "layers.0.mlp.up_proj"]
+    assert not any(f"{attn}.o_proj" in linears for linears in used["groups"].values())  # reads attention
+    # The searched scale was folded into the norm that feeds the group.
+    assert not torch.equal(quantized.weights["layers.0.input_layernorm.weight"], norm_before)
+
+
+def test_cli_commands_use_the_host_on_the_click_context(llama_dir, tmp_path):
+    """``modelc convert`` and ``modelc inspect`` run with the host they are given (``ctx.obj``), so
+    a family only that host knows converts and lists; without it the same command refuses."""
+    from click.testing import CliRunner
+
+    from compiler_core.cli import cli
+
+    host = Host.load(extra={"toy_llama": ToyLlamaPlugin()})
+    out = tmp_path / "ckpt"
+    args = ["convert", "--model_dir", str(llama_dir), "--output_dir", str(out), "--tp_size", "2"]
+    converted = CliRunner().invoke(cli, args, obj=host)
+    assert converted.exit_code == 0, converted.output
+    assert f"converted {ARCH} (float32, tp=2 pp=1)" in converted.stdout
+    listed = CliRunner().invoke(cli, ["inspect", str(out), "--nodes", "0"], obj=host)
+    assert listed.exit_code == 0, listed.output
+    assert f"architecture: {ARCH}" in listed.stdout
+    refused = CliRunner().invoke(cli, [*args[:-4], "--output_dir", str(tmp_path / "other")])
+    assert refused.exit_code == 2
+    assert "no loaded plugin supports model_type 'llama'" in refused.stderr

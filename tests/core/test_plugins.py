@@ -1,4 +1,5 @@
-"""The plugin manager: lazy single load, MODELC_PLUGINS, misspelt hooks, duplicates, broken plugins."""
+"""Plugin loading into a host: nothing at import, each host its own, MODELC_PLUGINS, misspelt hooks,
+duplicates, broken plugins."""
 
 from __future__ import annotations
 
@@ -19,17 +20,10 @@ from click.testing import CliRunner
 from compiler_core import hookimpl, plugins
 from compiler_core.cli import cli
 from compiler_core.errors import ModelcError
+from compiler_core.host import Host
 from compiler_core.ir import OpSpec
-from compiler_core.plugins import (
-    PluginLoadWarning,
-    get_plugin_manager,
-    new_plugin_manager,
-    plugin_info,
-    register_checked,
-    reset_plugin_manager,
-)
-from compiler_core.registry import get_commands, get_registry
-from compiler_core.testing import plugin_registered, run_modelc
+from compiler_core.plugins import PluginLoadWarning, new_plugin_manager, register_checked
+from compiler_core.testing import run_modelc
 
 
 @dataclass
@@ -68,9 +62,7 @@ def fake_eps(monkeypatch, tmp_path):
     monkeypatch.setattr(plugins, "entry_points", lambda: list(eps.points))
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delenv(plugins.PLUGINS_ENV, raising=False)
-    reset_plugin_manager()
     yield eps
-    reset_plugin_manager()
     for ep in eps.points:
         sys.modules.pop(ep.value, None)
 
@@ -94,7 +86,7 @@ MISSPELT = """
     from compiler_core import hookimpl
 
     @hookimpl
-    def map_weights(config, name, tensor):
+    def lower_layers(node, graph, backend, context):
         return None
 """
 
@@ -102,7 +94,7 @@ BAD_SIGNATURE = """
     from compiler_core import hookimpl
 
     @hookimpl
-    def map_weight(config, name, tensor, device):
+    def lower_layer(node, graph, backend, context, device):
         return None
 """
 
@@ -111,20 +103,22 @@ def names(info: list[dict]) -> dict[str, str]:
     return {p["name"]: p["status"] for p in info}
 
 
-# --- lazy, once ------------------------------------------------------------------------------
+# --- loaded by a host, nothing at import ------------------------------------------------------
 
 
-def test_plugins_load_lazily_on_first_use():
-    """Importing the CLI or the plugin module loads nothing; the first get_plugin_manager() does."""
+def test_plugins_load_when_a_host_is_built_not_at_import():
+    """Importing the CLI, the host or the plugin modules loads no plugin; Host.load() does, and two
+    hosts are two separate sets of plugins."""
     code = textwrap.dedent(
         """
         import sys
-        import compiler_core.cli, compiler_core.plugins as p, compiler_core.registry
-        assert p._pm is None, "loaded at import"
+        import compiler_core.cli, compiler_core.host, compiler_core.plugins, compiler_core.registry
         assert "modelc_plugins.falcon" not in sys.modules, "falcon imported at import time"
-        pm = p.get_plugin_manager()
+        host = compiler_core.host.Host.load()
         assert "modelc_plugins.falcon" in sys.modules
-        assert p.get_plugin_manager() is pm
+        other = compiler_core.host.Host.load()
+        assert other.pm is not host.pm and other.registry is not host.registry
+        assert host.registry is host.registry
         print("ok")
         """
     )
@@ -135,23 +129,20 @@ def test_plugins_load_lazily_on_first_use():
     assert done.stdout.strip() == "ok"
 
 
-def test_entry_points_are_loaded_once(fake_eps):
+def test_a_host_loads_each_entry_point_once(fake_eps):
     ep = fake_eps.add("good", GOOD.format(op="good_op"))
     assert ep.loads == 0
-    pm = get_plugin_manager()
-    assert get_plugin_manager() is pm
-    get_registry()
-    plugin_info()
+    host = Host.load()
+    assert host.registry.ops and host.plugin_info()
     assert ep.loads == 1
-    assert pm.has_plugin("good")
-    assert get_registry().provided_by[("ops", "good_op")] == "good"
+    assert host.pm.has_plugin("good")
+    assert host.registry.provided_by[("ops", "good_op")] == "good"
 
 
-def test_reset_loads_again(fake_eps):
+def test_each_host_loads_the_entry_points_again(fake_eps):
     ep = fake_eps.add("good", GOOD.format(op="good_op"))
-    first = get_plugin_manager()
-    reset_plugin_manager()
-    assert get_plugin_manager() is not first
+    first = Host.load()
+    assert Host.load().pm is not first.pm
     assert ep.loads == 2
 
 
@@ -162,23 +153,24 @@ def test_env_restricts_which_entry_points_load(fake_eps, monkeypatch):
     wanted = fake_eps.add("wanted", GOOD.format(op="wanted_op"))
     skipped = fake_eps.add("skipped", GOOD.format(op="skipped_op"))
     monkeypatch.setenv(plugins.PLUGINS_ENV, " wanted , ")
-    assert names(plugin_info()) == {"core": "loaded", "wanted": "loaded"}
+    host = Host.load()
+    assert names(host.plugin_info()) == {"core": "loaded", "wanted": "loaded"}
     assert skipped.loads == 0, "a filtered plugin must not even be imported"
     assert wanted.loads == 1
-    assert "skipped_op" not in get_registry().ops
+    assert "skipped_op" not in host.registry.ops
 
 
 def test_env_empty_loads_only_the_core(fake_eps, monkeypatch):
     fake_eps.add("wanted", GOOD.format(op="wanted_op"))
     monkeypatch.setenv(plugins.PLUGINS_ENV, "")
-    assert names(plugin_info()) == {"core": "loaded"}
+    assert names(Host.load().plugin_info()) == {"core": "loaded"}
 
 
 def test_env_naming_an_unknown_plugin_warns(fake_eps, monkeypatch):
     fake_eps.add("wanted", GOOD.format(op="wanted_op"))
     monkeypatch.setenv(plugins.PLUGINS_ENV, "wanted,wnated")
     with pytest.warns(PluginLoadWarning, match="MODELC_PLUGINS names 'wnated'"):
-        get_plugin_manager()
+        Host.load()
 
 
 def test_env_restricts_modelc_plugins_json_in_a_subprocess():
@@ -195,21 +187,21 @@ def test_env_restricts_modelc_plugins_json_in_a_subprocess():
 
 class Misspelt:
     @hookimpl
-    def map_weights(self, config, name, tensor):  # the spec is map_weight
+    def lower_layers(self, node, graph, backend, context):  # the spec is lower_layer
         return None
 
 
 def test_check_pending_catches_a_misspelt_hookimpl():
     pm = new_plugin_manager()
     pm.register(Misspelt(), name="misspelt")
-    with pytest.raises(pluggy.PluginValidationError, match="unknown hook 'map_weights'"):
+    with pytest.raises(pluggy.PluginValidationError, match="unknown hook 'lower_layers'"):
         pm.check_pending()
 
 
 def test_register_checked_rejects_misspelt_hook_and_leaves_manager_clean():
     pm = new_plugin_manager()
     before = {name for name in vars(pm.hook) if not name.startswith("_")}
-    with pytest.raises(pluggy.PluginValidationError, match=r"'map_weights'.*did you mean 'map_weight'"):
+    with pytest.raises(pluggy.PluginValidationError, match=r"'lower_layers'.*did you mean 'lower_layer'"):
         register_checked(pm, Misspelt(), "misspelt")
     assert not pm.has_plugin("misspelt")
     pm.check_pending()  # nothing of the rejected plugin is left behind
@@ -219,19 +211,19 @@ def test_register_checked_rejects_misspelt_hook_and_leaves_manager_clean():
 def test_misspelt_entry_point_plugin_is_reported_and_others_load(fake_eps):
     fake_eps.add("typo", MISSPELT)
     fake_eps.add("good", GOOD.format(op="good_op"))
-    with pytest.warns(PluginLoadWarning, match=r"'typo' failed to load: PluginValidationError: .*'map_weights'"):
-        pm = get_plugin_manager()
-    status = names(plugin_info())
+    with pytest.warns(PluginLoadWarning, match=r"'typo' failed to load: PluginValidationError: .*'lower_layers'"):
+        host = Host.load()
+    status = names(host.plugin_info())
     assert status == {"core": "loaded", "good": "loaded", "typo": "failed"}
-    assert not pm.has_plugin("typo")
-    assert [i.plugin_name for i in pm.hook.map_weight.get_hookimpls()] == []
+    assert not host.pm.has_plugin("typo")
+    assert [i.plugin_name for i in host.pm.hook.lower_layer.get_hookimpls()] == ["core"]
 
 
 def test_hook_with_wrong_signature_is_reported(fake_eps):
     fake_eps.add("sig", BAD_SIGNATURE)
     with pytest.warns(PluginLoadWarning, match=r"'sig' failed to load: PluginValidationError: .*device"):
-        get_plugin_manager()
-    failed = [p for p in plugin_info() if p["status"] == "failed"]
+        host = Host.load()
+    failed = [p for p in host.plugin_info() if p["status"] == "failed"]
     assert [p["name"] for p in failed] == ["sig"]
 
 
@@ -248,17 +240,17 @@ class OpPlugin:
 
 
 def test_duplicate_op_names_both_plugins():
-    with plugin_registered(OpPlugin("twice"), "first_plugin"), plugin_registered(OpPlugin("twice"), "second_plugin"):
-        with pytest.raises(ModelcError) as info:
-            get_registry()
+    host = Host.load(extra={"first_plugin": OpPlugin("twice"), "second_plugin": OpPlugin("twice")})
+    with pytest.raises(ModelcError) as info:
+        _ = host.registry
     message = str(info.value)
     assert "op 'twice' is registered twice" in message
     assert "'first_plugin'" in message and "'second_plugin'" in message
 
 
 def test_duplicate_of_a_core_op_names_core():
-    with plugin_registered(OpPlugin("linear"), "shadow"), pytest.raises(ModelcError) as info:
-        get_registry()
+    with pytest.raises(ModelcError) as info:
+        _ = Host.load(extra={"shadow": OpPlugin("linear")}).registry
     assert "by plugin 'core' and by plugin 'shadow'" in str(info.value)
 
 
@@ -271,14 +263,14 @@ class CommandPlugin:
 
 
 def test_duplicate_command_names_both_plugins_and_cli_says_so_in_one_line():
-    with plugin_registered(CommandPlugin(), "copycat"):
-        with pytest.raises(
-            ModelcError, match="command 'convert' is registered twice: by plugin 'core' and by plugin 'copycat'"
-        ):
-            get_commands()
-        result = CliRunner().invoke(cli, ["--help"])
-        assert isinstance(result.exception, ModelcError)
-    assert "convert" in get_commands().commands  # gone with the plugin
+    host = Host.load(extra={"copycat": CommandPlugin()})
+    with pytest.raises(
+        ModelcError, match="command 'convert' is registered twice: by plugin 'core' and by plugin 'copycat'"
+    ):
+        _ = host.commands
+    result = CliRunner().invoke(cli, ["--help"], obj=host)
+    assert isinstance(result.exception, ModelcError)
+    assert "convert" in Host.load().commands.commands  # another host does not have the plugin
 
 
 def test_duplicate_entry_point_name_is_reported(fake_eps):
@@ -286,12 +278,12 @@ def test_duplicate_entry_point_name_is_reported(fake_eps):
     fake_eps.add("dup", GOOD.format(op="two_op"), module="modelc_test_dup_b")
     fake_eps.add("core", GOOD.format(op="three_op"), module="modelc_test_dup_c")
     with pytest.warns(PluginLoadWarning):
-        get_plugin_manager()
-    failed = {p["module"]: p["error"] for p in plugin_info() if p["status"] == "failed"}
+        host = Host.load()
+    failed = {p["module"]: p["error"] for p in host.plugin_info() if p["status"] == "failed"}
     assert set(failed) == {"modelc_test_dup_b", "modelc_test_dup_c"}
     assert "already taken" in failed["modelc_test_dup_b"]
     assert "already taken by the core" in failed["modelc_test_dup_c"]
-    assert "one_op" in get_registry().ops and "two_op" not in get_registry().ops
+    assert "one_op" in host.registry.ops and "two_op" not in host.registry.ops
 
 
 # --- registration errors name the plugin ------------------------------------------------------
@@ -310,14 +302,14 @@ class Raises:
 
 
 def test_registering_the_wrong_type_names_the_plugin():
-    with plugin_registered(WrongType(), "wrongtype"), pytest.raises(ModelcError) as info:
-        get_registry()
+    with pytest.raises(ModelcError) as info:
+        _ = Host.load(extra={"wrongtype": WrongType()}).registry
     assert "plugin 'wrongtype': register_architectures was given OpSpec, not a Architecture" in str(info.value)
 
 
 def test_a_raising_registration_hook_names_the_plugin():
-    with plugin_registered(Raises(), "exploder"), pytest.raises(ModelcError) as info:
-        get_registry()
+    with pytest.raises(ModelcError) as info:
+        _ = Host.load(extra={"exploder": Raises()}).registry
     assert "plugin 'exploder': register_backends failed: RuntimeError: backend probe exploded" in str(info.value)
 
 
@@ -327,23 +319,23 @@ def test_a_raising_registration_hook_names_the_plugin():
 def test_plugin_calling_sys_exit_at_import_is_reported(fake_eps):
     fake_eps.add("quitter", "import sys\nsys.exit('quitter: missing CUDA')\n")
     with pytest.warns(PluginLoadWarning, match="'quitter' failed to load: SystemExit: quitter: missing CUDA"):
-        get_plugin_manager()
-    assert names(plugin_info())["quitter"] == "failed"
+        host = Host.load()
+    assert names(host.plugin_info())["quitter"] == "failed"
 
 
 def test_broken_plugin_is_reported_by_name_and_the_cli_keeps_working(fake_eps):
     fake_eps.add("broken", BROKEN)
     fake_eps.add("good", GOOD.format(op="good_op"))
     with pytest.warns(PluginLoadWarning, match="modelc plugin 'broken' failed to load: ImportError: .*libfoo"):
-        get_plugin_manager()
+        host = Host.load()
     runner = CliRunner()
-    help_result = runner.invoke(cli, ["--help"])
+    help_result = runner.invoke(cli, ["--help"], obj=host)
     assert help_result.exit_code == 0, help_result.output
     for command in ("convert", "plugins", "inspect"):
         assert command in help_result.stdout
-    assert runner.invoke(cli, ["convert", "--help"]).exit_code == 0
+    assert runner.invoke(cli, ["convert", "--help"], obj=host).exit_code == 0
 
-    listed = runner.invoke(cli, ["plugins", "--json"])
+    listed = runner.invoke(cli, ["plugins", "--json"], obj=host)
     assert listed.exit_code == 0, listed.output
     by_name = {p["name"]: p for p in json.loads(listed.stdout)}
     assert by_name["broken"]["status"] == "failed"
@@ -351,7 +343,7 @@ def test_broken_plugin_is_reported_by_name_and_the_cli_keeps_working(fake_eps):
     assert by_name["good"]["status"] == "loaded"
     assert by_name["good"]["provides"] == {"ops": ["good_op"]}
 
-    text = runner.invoke(cli, ["plugins"])
+    text = runner.invoke(cli, ["plugins"], obj=host)
     assert text.exit_code == 0
     assert "broken (unknown version)  FAILED: ImportError: this plugin needs libfoo" in text.stdout
 
@@ -359,8 +351,8 @@ def test_broken_plugin_is_reported_by_name_and_the_cli_keeps_working(fake_eps):
 # --- modelc plugins ----------------------------------------------------------------------------
 
 
-def test_plugin_info_fields_for_the_installed_plugins():
-    info = {p["name"]: p for p in plugin_info()}
+def test_plugin_info_fields_for_the_installed_plugins(host):
+    info = {p["name"]: p for p in host.plugin_info()}
     version = importlib.metadata.version("modelc")
     for name in ("core", "falcon"):
         entry = info[name]
@@ -370,19 +362,19 @@ def test_plugin_info_fields_for_the_installed_plugins():
         assert entry["package"] == "modelc"
     assert info["falcon"]["provides"]["architectures"] == ["falcon"]
     assert "tiny-falcon" in info["falcon"]["provides"]["commands"]
-    assert {"map_weight", "register_architectures"} <= set(info["falcon"]["hooks"])
+    assert {"register_architectures", "register_commands"} <= set(info["falcon"]["hooks"])
     core = info["core"]["provides"]
     assert {"convert", "quantize", "build", "run", "summarize", "verify", "inspect", "plugins"} <= set(core["commands"])
     assert "torch" in core["backends"]
     assert {"linear", "attention", "rms_norm"} <= set(core["ops"])
 
 
-def test_every_plugin_modelc_ships_loads_with_its_version():
+def test_every_plugin_modelc_ships_loads_with_its_version(host):
     """The built-in plugins (falcon, quant_fp8, quant_awq, ...) come in through modelc's own entry points."""
     dist = importlib.metadata.distribution("modelc")
     shipped = {ep.name for ep in dist.entry_points if ep.group == plugins.ENTRY_POINT_GROUP}
     assert {"falcon", "quant_fp8", "quant_awq"} <= shipped
-    info = {p["name"]: p for p in plugin_info()}
+    info = {p["name"]: p for p in host.plugin_info()}
     for name in shipped:
         assert info[name]["status"] == "loaded", info[name].get("error")
         assert (info[name]["version"], info[name]["package"]) == (dist.version, "modelc")
@@ -392,19 +384,18 @@ def test_every_plugin_modelc_ships_loads_with_its_version():
 def test_version_comes_from_the_distribution(fake_eps):
     dist = SimpleNamespace(metadata={"Name": "modelc-fancy"}, version="7.0.1")
     fake_eps.add("fancy", GOOD.format(op="fancy_op"), dist=dist)
-    entry = next(p for p in plugin_info() if p["name"] == "fancy")
+    entry = next(p for p in Host.load().plugin_info() if p["name"] == "fancy")
     assert (entry["version"], entry["package"]) == ("7.0.1", "modelc-fancy")
     fake_eps.add("nodist", GOOD.format(op="nodist_op"))
-    reset_plugin_manager()
-    entry = next(p for p in plugin_info() if p["name"] == "nodist")
+    entry = next(p for p in Host.load().plugin_info() if p["name"] == "nodist")
     assert (entry["version"], entry["package"]) == ("3.1.4", None)  # falls back to __version__
 
 
-def test_plugins_text_lists_each_plugin_version_and_provides():
-    result = CliRunner().invoke(cli, ["plugins"])
+def test_plugins_text_lists_each_plugin_version_and_provides(host):
+    result = CliRunner().invoke(cli, ["plugins"], obj=host)
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    for p in plugin_info():
+    for p in host.plugin_info():
         head = next(i for i, line in enumerate(lines) if line.startswith(f"{p['name']} "))
         assert p["version"] in lines[head]
         for kind, provided in p["provides"].items():

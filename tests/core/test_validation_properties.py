@@ -26,9 +26,10 @@ from safetensors.torch import save as safetensors_save
 from safetensors.torch import save_file
 
 from compiler_core.build.engine import engine_graph, read_engine_config
-from compiler_core.convert.from_hf import SourceFile, model_config_from_hf
+from compiler_core.convert.from_hf import model_config_from_hf
 from compiler_core.errors import ModelcError
 from compiler_core.formats.hf_index import SAFETENSORS_INDEX, weight_files
+from compiler_core.formats.safetensors_io import SafetensorsReader
 from compiler_core.mapping import Mapping
 from compiler_core.model import rank_graph
 
@@ -121,7 +122,7 @@ def mutated_header_files(draw) -> bytes:
 
 
 def _read_with_modelc(path: Path) -> dict[str, torch.Tensor]:
-    source = SourceFile(path)
+    source = SafetensorsReader(path)
     try:
         return {name: source.tensor(name).clone() for name in source.names()}
     finally:
@@ -169,7 +170,7 @@ def falcon_config() -> dict[str, Any]:
 
 @BOUNDED
 @given(data=st.data())
-def test_a_mutated_hf_config_is_refused_cleanly_or_gives_a_buildable_model(falcon_config, data):
+def test_a_mutated_hf_config_is_refused_cleanly_or_gives_a_buildable_model(registry, falcon_config, data):
     config = copy.deepcopy(falcon_config)
     for _ in range(data.draw(st.integers(1, 3))):
         key = data.draw(st.one_of(st.sampled_from(sorted(config)), st.text(max_size=6)))
@@ -181,8 +182,8 @@ def test_a_mutated_hf_config_is_refused_cleanly_or_gives_a_buildable_model(falco
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "config.json").write_text(json.dumps(config))
         try:
-            fields = model_config_from_hf(Path(tmp), "auto", Mapping())
-            graph = rank_graph(fields, 0)
+            fields = model_config_from_hf(registry, Path(tmp), "auto", Mapping())
+            graph = rank_graph(registry, fields, 0)
         except ModelcError:
             return
     for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_kv_heads"):
@@ -270,7 +271,7 @@ def engine_config_text(tiny_engine_7b) -> str:
 
 @BOUNDED
 @given(data=st.data())
-def test_a_mutated_engine_config_is_refused_cleanly_or_reads_every_rank(engine_config_text, data):
+def test_a_mutated_engine_config_is_refused_cleanly_or_reads_every_rank(registry, engine_config_text, data):
     config = json.loads(engine_config_text)
     for _ in range(data.draw(st.integers(1, 2))):
         path = data.draw(st.sampled_from(_paths(config)))
@@ -291,7 +292,7 @@ def test_a_mutated_engine_config_is_refused_cleanly_or_reads_every_rank(engine_c
         try:
             loaded = read_engine_config(Path(tmp))
             world = loaded["checkpoint"]["mapping"]["world_size"]
-            graphs = [engine_graph(loaded, rank) for rank in range(world)]
+            graphs = [engine_graph(registry, loaded, rank) for rank in range(world)]
         except ModelcError:
             return
     assert len(graphs) == world == len(loaded["graphs"])

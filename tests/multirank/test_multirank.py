@@ -32,17 +32,17 @@ def single_rank_run(engine_dir, prompts, out, *extra: str) -> list[list[int]]:
     ("variant", "sequential"), [("rw", True), ("7b", False), ("40b", False), ("180b", False), ("falcon2", False)]
 )
 @pytest.mark.parametrize(("tp", "pp"), [(2, 1), (4, 1), (2, 2)])
-def test_all_reduces_per_layer(variant, sequential, tp, pp, hf_dir):
+def test_all_reduces_per_layer(registry, variant, sequential, tp, pp, hf_dir):
     """Sequential blocks reduce after attention and after the MLP; parallel blocks sum both, then reduce once."""
     mapping = Mapping.create(tp, pp)
-    config = model_config_from_hf(hf_dir(variant), "float32", mapping)
+    config = model_config_from_hf(registry, hf_dir(variant), "float32", mapping)
     for rank in mapping.ranks():
-        graph = rank_graph(config, rank)
+        graph = rank_graph(registry, config, rank)
         layers = range(*graph.attrs["layers"])
         reduces = [n.name for n in graph.nodes if n.op == "all_reduce"]
         assert len(reduces) == (2 if sequential else 1) * len(layers), reduces
         assert all(any(name.startswith(f"layers.{i}.") for i in layers) for name in reduces)
-    single = rank_graph(model_config_from_hf(hf_dir(variant), "float32", Mapping()), 0)
+    single = rank_graph(registry, model_config_from_hf(registry, hf_dir(variant), "float32", Mapping()), 0)
     assert not any(n.op == "all_reduce" for n in single.nodes)
 
 
@@ -137,7 +137,7 @@ def test_multirank_engine_without_mpirun_is_one_line(engine):
 
 
 @pytest.mark.mpi
-def test_distributed_runner_checks_the_rank_count_itself(engine):
+def test_distributed_runner_checks_the_rank_count_itself(registry, engine):
     """The runner's own check (for launchers that publish no rank variables): this process is one rank."""
     from compiler_core.build.engine import read_engine_config
     from compiler_core.errors import UsageError
@@ -147,4 +147,4 @@ def test_distributed_runner_checks_the_rank_count_itself(engine):
     with pytest.raises(
         UsageError, match="engine has world_size 2 but mpirun started 1 rank; start it with: mpirun -n 2"
     ):
-        open_distributed_runner(engine_dir, read_engine_config(engine_dir), "cpu")
+        open_distributed_runner(registry, engine_dir, read_engine_config(engine_dir), "cpu")

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from compiler_core.backends.torch import cpu_linear as cpu_linear_module
 from compiler_core.backends.torch.cpu_linear import (
     MAX_BF16_KERNEL_ROWS,
     bf16_kernel,
@@ -14,7 +15,6 @@ from compiler_core.backends.torch.cpu_linear import (
     bf16_valued,
 )
 from compiler_core.backends.torch.native import unavailable_reason
-from compiler_core.backends.torch import cpu_linear as cpu_linear_module
 from compiler_core.runtime.generation import GenerationConfig, generate
 from compiler_core.runtime.open import special_ids
 from compiler_core.testing import hf_generate, strip_padding
@@ -124,7 +124,7 @@ def bf16_checkpoints(tmp_path_factory, tokenizer):
 
 @pytest.mark.parametrize(("variant", "tp"), [("rw", 1), ("7b", 1), ("40b", 1), ("40b", 2)])
 def test_float32_engine_of_a_bf16_checkpoint_matches_transformers(
-    variant, tp, bf16_checkpoints, tmp_path, monkeypatch, prompt_ids
+    registry, variant, tp, bf16_checkpoints, tmp_path, monkeypatch, prompt_ids
 ):
     """A float32 build of a bfloat16 checkpoint: every linear and the embedding are held as
     bfloat16 (half the bytes), every decode step runs the kernel, and the greedy tokens equal
@@ -156,7 +156,9 @@ def test_float32_engine_of_a_bf16_checkpoint_matches_transformers(
     monkeypatch.setattr(cpu_linear_module, "bf16_kernel", lambda: counted)
     config = read_engine_config(tmp_path / "engine")
     mapping = engine_mapping(config)
-    runner = LocalRunner([load_rank_session(tmp_path / "engine", r, "cpu", config) for r in mapping.ranks()], mapping)
+    runner = LocalRunner(
+        [load_rank_session(registry, tmp_path / "engine", r, "cpu", config) for r in mapping.ranks()], mapping
+    )
     for session in runner.sessions:
         executor = session.executor
         for node in [*executor.graph.nodes_of("linear"), *executor.graph.nodes_of("embedding")]:

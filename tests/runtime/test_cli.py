@@ -152,6 +152,28 @@ def test_run_with_input_ids_and_sampling(tmp_path, engine_dir):
     assert all(isinstance(text, str) for text in outs[0]["output_text"])  # the engine's own tokenizer decodes
 
 
+def test_run_stops_on_any_repeated_end_id(tmp_path, engine_dir):
+    engine = engine_dir("7b")
+    prompts = ["--input_ids", "1,2,3", "--input_ids", "7, 8"]
+    free = tmp_path / "free.json"
+    done = invoke("run", "--engine_dir", str(engine), *prompts, "--max_output_len", "12", "--output_json", str(free))
+    assert done.exit_code == 0, done.output
+    rows = json.loads(free.read_text())["output_ids"]
+    stops = [str(rows[0][4]), str(rows[1][6])]  # one token from each row's free run
+    out = tmp_path / "out.json"
+    ends = ["--end_id", stops[0], "--end_id", stops[1]]
+    result = invoke(
+        "run", "--engine_dir", str(engine), *prompts, *ends, "--max_output_len", "12", "--output_json", str(out)
+    )
+    assert result.exit_code == 0, result.output
+    runner, _ = open_runner(engine, "cpu")
+    end_ids = tuple(int(s) for s in stops)
+    expected = generate(runner, [[1, 2, 3], [7, 8]], GenerationConfig(12, end_ids=end_ids, pad_id=end_ids[0]))
+    got = json.loads(out.read_text())["output_ids"]
+    assert got == [beams[0] for beams in expected]
+    assert [len(row) for row in got] == [min(row.index(int(s)) for s in stops if int(s) in row) + 1 for row in rows]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -221,3 +243,16 @@ def test_multi_rank_engine_needs_mpirun(engine_dir, monkeypatch):
         open_runner(engine_dir("40b", tp=2), "cpu")
     with pytest.raises(UsageError, match="engine has world_size 1"):
         open_runner(engine_dir("rw"), "cpu")
+
+
+def test_default_max_seq_len_follows_max_position_embeddings():
+    from compiler_core.build.engine import DEFAULT_SETTINGS, build_settings
+
+    assert build_settings({}, {"max_position_embeddings": 512}) == {
+        "max_batch_size": 8,
+        "max_input_len": 512,
+        "max_seq_len": 512,
+    }
+    assert build_settings({}, {"max_position_embeddings": 8192})["max_seq_len"] == 8192
+    assert build_settings({"max_seq_len": 64}, {"max_position_embeddings": 8192})["max_input_len"] == 64
+    assert build_settings({}, {}) == DEFAULT_SETTINGS

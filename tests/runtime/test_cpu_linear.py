@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import profile
 
-from compiler_core.backends.torch.cpu_linear import MAX_ONEDNN_ROWS, cpu_linear, onednn_linear_supported
 from compiler_core.backends.torch import cpu_linear as cpu_linear_module
+from compiler_core.backends.torch.cpu_linear import MAX_ONEDNN_ROWS, cpu_linear, onednn_linear_supported
 from compiler_core.runtime.generation import GenerationConfig, generate
 from compiler_core.runtime.open import special_ids
 from compiler_core.testing import hf_generate, strip_padding
@@ -72,7 +72,9 @@ def test_environment_turns_the_fast_path_off(monkeypatch):
 
 
 @pytest.mark.parametrize(("variant", "tp"), [("rw", 1), ("7b", 1), ("40b", 1), ("40b", 2)])
-def test_greedy_matches_transformers_with_onednn_everywhere(variant, tp, monkeypatch, engine_dir, hf_model, prompt_ids):
+def test_greedy_matches_transformers_with_onednn_everywhere(
+    registry, variant, tp, monkeypatch, engine_dir, hf_model, prompt_ids
+):
     """The tiny test models' weights are below the size threshold; lowering them all to oneDNN
     checks the fast path end to end (bias, ALiBi, MQA, GQA, tensor-parallel ranks as threads)
     against transformers."""
@@ -92,7 +94,7 @@ def test_greedy_matches_transformers_with_onednn_everywhere(variant, tp, monkeyp
     path = engine_dir(variant, tp)
     config = read_engine_config(path)
     mapping = engine_mapping(config)
-    runner = LocalRunner([load_rank_session(path, r, "cpu", config) for r in mapping.ranks()], mapping)
+    runner = LocalRunner([load_rank_session(registry, path, r, "cpu", config) for r in mapping.ranks()], mapping)
     end_id, _ = special_ids(config)
     settings = GenerationConfig(16, end_id=end_id, pad_id=0)
     ours = [beams[0] for beams in generate(runner, prompt_ids, settings)]

@@ -85,6 +85,40 @@ def test_greedy_stops_each_sequence_at_end_id(engine_dir, hf_model, prompt_ids):
     assert any(len(seq) != len(ours[0]) for seq in ours), "sequences should end at different steps"
 
 
+def two_stop_tokens(runner, prompt_ids, beams: int) -> tuple[int, int]:
+    """Two stop tokens, the second of which changes what the first alone would give."""
+    free = generate(runner, prompt_ids, GenerationConfig(NEW_TOKENS, num_beams=beams))
+    tokens = [t for per_prompt in free for seq in per_prompt for t in seq[1:]]
+    first = Counter(tokens).most_common(1)[0][0]
+    alone = generate(runner, prompt_ids, GenerationConfig(NEW_TOKENS, num_beams=beams, end_id=first, pad_id=PAD))
+    for second in dict.fromkeys(tokens):
+        config = GenerationConfig(NEW_TOKENS, num_beams=beams, end_ids=(first, second), pad_id=PAD)
+        if second != first and generate(runner, prompt_ids, config) != alone:
+            return first, second
+    pytest.fail("no second stop token changes the output")
+
+
+@pytest.mark.parametrize("beams", [1, 2])
+def test_several_stop_tokens_end_sequences_as_transformers_does(beams, engine_dir, hf_model, prompt_ids):
+    runner, _ = open_runner(engine_dir("7b"), "cpu")
+    stops = two_stop_tokens(runner, prompt_ids, beams)
+    ours = generate(runner, prompt_ids, GenerationConfig(NEW_TOKENS, num_beams=beams, end_ids=stops, pad_id=PAD))
+    ref = hf_generate(
+        hf_model("7b"),
+        prompt_ids,
+        PAD,
+        max_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        num_beams=beams,
+        num_return_sequences=beams,
+        eos_token_id=list(stops),
+    )
+    flat = [seq for per_prompt in ours for seq in per_prompt]
+    assert [strip_padding(row, len(seq), {PAD, *stops}) for row, seq in zip(ref, flat, strict=True)] == flat
+    assert all(seq[-1] in stops for seq in flat if len(seq) < NEW_TOKENS)
+    assert all(not set(seq[:-1]) & set(stops) for seq in flat)
+
+
 @pytest.mark.parametrize("variant", ["rw", "7b"])
 @pytest.mark.parametrize(
     "options",
@@ -117,7 +151,7 @@ def test_sampling_is_reproducible_per_seed(engine_dir, prompt_ids):
     assert top1 == greedy
 
 
-def test_tensor_parallel_engine_generates_the_same_tokens(engine_dir, prompt_ids):
+def test_tensor_parallel_engine_generates_the_same_tokens(registry, engine_dir, prompt_ids):
     """A tp=2 engine run in one process (ranks as threads) gives the single-rank tokens."""
     from compiler_core.build.engine import engine_mapping, load_rank_session, read_engine_config
     from compiler_core.runtime.runner import LocalRunner
@@ -126,7 +160,7 @@ def test_tensor_parallel_engine_generates_the_same_tokens(engine_dir, prompt_ids
     path = engine_dir("40b", tp=2)
     config = read_engine_config(path)
     mapping = engine_mapping(config)
-    runner = LocalRunner([load_rank_session(path, r, "cpu", config) for r in mapping.ranks()], mapping)
+    runner = LocalRunner([load_rank_session(registry, path, r, "cpu", config) for r in mapping.ranks()], mapping)
     for config in (GenerationConfig(NEW_TOKENS), GenerationConfig(NEW_TOKENS, num_beams=2)):
         assert generate(runner, prompt_ids, config) == generate(single, prompt_ids, config)
 
@@ -163,7 +197,7 @@ def test_bad_generation_settings_name_the_flag(options, field):
 
 
 @pytest.mark.parametrize(("variant", "tp"), [("rw", 1), ("7b", 1), ("40b", 2)])
-def test_last_logits_skips_the_tail_without_changing_results(variant, tp, engine_dir, prompt_ids):
+def test_last_logits_skips_the_tail_without_changing_results(registry, variant, tp, engine_dir, prompt_ids):
     """The prompt pass computes the output layers for the last position only, with the same values."""
     import torch
 
@@ -175,7 +209,7 @@ def test_last_logits_skips_the_tail_without_changing_results(variant, tp, engine
     path = engine_dir(variant, tp)
     config = read_engine_config(path)
     mapping = engine_mapping(config)
-    runner = LocalRunner([load_rank_session(path, r, "cpu", config) for r in mapping.ranks()], mapping)
+    runner = LocalRunner([load_rank_session(registry, path, r, "cpu", config) for r in mapping.ranks()], mapping)
     ids, mask = left_padded(prompt_ids, PAD)
     runner.allocate(len(prompt_ids), ids.shape[1])
     full = runner.logits(ids, positions_from_mask(mask), mask, 0)

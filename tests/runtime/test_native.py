@@ -9,8 +9,8 @@ import shutil
 import pytest
 import torch
 
-from compiler_core.backends.torch.native import load_kernel_library, unavailable_reason
 from compiler_core.backends.torch import native
+from compiler_core.backends.torch.native import load_kernel_library, unavailable_reason
 
 TWICE = "int twice(int x) { return 2 * x; }\n"
 

@@ -8,9 +8,11 @@ from typing import Any
 import torch
 
 from compiler_core.backends.torch.cpu_linear import held_for_cpu
-from compiler_core.backends.torch.kernels import TorchLowering, torch_dtype
+from compiler_core.backends.torch.kernels import TorchLowering
+from compiler_core.dtypes import torch_dtype
 from compiler_core.errors import ModelcError
-from compiler_core.ir import Graph
+from compiler_core.ir import Graph, Node, OpSpec
+from compiler_core.registry import Registry
 from compiler_core.runtime.context import ForwardContext, KVCache
 
 #: Core ops that treat every position on its own (no mixing along the sequence axis).
@@ -24,15 +26,19 @@ POSITIONWISE_TAGS = frozenset({"linear", "quantized_linear", "positionwise"})
 class GraphExecutor:
     """The torch reference executor for one rank's graph.
 
-    Kernels come from the ``lower_layer`` hook with ``backend="torch"``, so a plugin's op (a
+    Kernels come from ``registry.lower_layer`` with ``backend="torch"``, so a plugin's op (a
     quantized linear, say) runs here exactly like a core op. Intermediate values are dropped
     after their last use. ``weights`` are the rank's weights as held in memory: on CPU, a float32
     weight whose values are all bfloat16 numbers may be held as bfloat16 (see ``held_for_cpu``).
     """
 
-    def __init__(self, graph: Graph, weights: Mapping[str, torch.Tensor], device: torch.device | str = "cpu"):
-        from compiler_core.plugins import get_plugin_manager
-
+    def __init__(
+        self,
+        registry: Registry,
+        graph: Graph,
+        weights: Mapping[str, torch.Tensor],
+        device: torch.device | str = "cpu",
+    ):
         self.graph = graph
         self.device = torch.device(device)
         self.dtype = torch_dtype(graph.attrs.get("dtype", "float32"))
@@ -41,10 +47,9 @@ class GraphExecutor:
             raise ModelcError(f"graph {graph.name}: no weight for parameter {missing[0]!r}")
         self.weights = _held_weights(weights, graph.params, self.device)
         lowering = TorchLowering(self.weights, self.device, graph)
-        hook = get_plugin_manager().hook.lower_layer
         self.kernels = []
         for node in graph.nodes:
-            kernel = hook(node=node, graph=graph, backend="torch", context=lowering)
+            kernel = registry.lower_layer(node=node, graph=graph, backend="torch", context=lowering)
             if kernel is None:
                 raise ModelcError(f"node {node.name}: no plugin lowers op {node.op!r} for the torch backend")
             self.kernels.append(kernel)
@@ -60,7 +65,7 @@ class GraphExecutor:
         # when only the last position's output is wanted, the live values are cut to it there.
         self._tail_start = 0
         for i, node in enumerate(graph.nodes):
-            if not _positionwise(node):
+            if not _positionwise(node, registry.ops):
                 self._tail_start = i + 1
 
     def cache_specs(self) -> dict[str, dict[str, Any]]:
@@ -119,14 +124,12 @@ def _held_weights(
     return held
 
 
-def _positionwise(node) -> bool:
+def _positionwise(node: Node, ops: Mapping[str, OpSpec]) -> bool:
     """True when ``node`` computes each sequence position independently of the others."""
-    from compiler_core.registry import get_registry
-
     if node.op in POSITIONWISE_OPS:
         return True
     if node.op in ("all_gather", "narrow"):
         axis = int(node.attrs["axis"])
         return axis == -1 or axis >= 2
-    spec = get_registry().ops.get(node.op)
+    spec = ops.get(node.op)
     return spec is not None and bool(spec.tags & POSITIONWISE_TAGS)

@@ -9,31 +9,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from compiler_core import rope
 from compiler_core.backends.torch.cpu_linear import bf16_linear, bf16_storage, cpu_linear
+from compiler_core.dtypes import IR_DTYPES, torch_dtype
 from compiler_core.ir import Graph, Node
 from compiler_core.runtime.context import ForwardContext
 
 Kernel = Callable[..., torch.Tensor]
-
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float8_e4m3fn": torch.float8_e4m3fn,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "int32": torch.int32,
-    "int64": torch.int64,
-}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    return TORCH_DTYPES[name]
 
 
 @dataclass
@@ -67,7 +53,7 @@ class TorchLowering:
     def declared_dtype(self, name: str) -> torch.dtype | None:
         """The dtype the graph declares for weight ``name`` (None when it names no torch dtype)."""
         param = self.graph.params.get(name)
-        return None if param is None else TORCH_DTYPES.get(param.dtype)
+        return None if param is None or param.dtype not in IR_DTYPES else torch_dtype(param.dtype)
 
     def bf16_param(self, node: Node, role: str) -> torch.Tensor | None:
         """The weight if it is held as bfloat16 and the CPU kernel can multiply it, else None."""
@@ -167,14 +153,13 @@ def alibi_slopes(total_heads: int) -> torch.Tensor:
 
 
 def rotary_tables(
-    positions: torch.Tensor, dim: int, theta: float, scaling: Mapping[str, Any] | None, dtype: torch.dtype
+    positions: torch.Tensor, inv_freq: torch.Tensor, divisor: float | None, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [b, 1, s, dim] for GPT-NeoX style (rotate-half) rotary embeddings."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim))
+    """cos/sin [b, 1, s, dim] for GPT-NeoX style (rotate-half) rotary embeddings (see compiler_core.rope)."""
     pos = positions.float()
-    if scaling and scaling.get("rope_type", scaling.get("type")) == "linear":
-        pos = pos / float(scaling["factor"])
-    freqs = pos[..., None] * inv_freq
+    if divisor is not None:
+        pos = pos / divisor
+    freqs = pos[..., None] * inv_freq.to(positions.device)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 
@@ -221,9 +206,10 @@ def lower_attention(node: Node, low: TorchLowering) -> Kernel:
     nh, nkv, hd = int(a["num_heads"]), int(a["num_kv_heads"]), int(a["head_dim"])
     slot, kind = a["cache_slot"], a["position_embedding"]
     scale = float(a.get("softmax_scale", 1.0 / math.sqrt(hd)))
-    rotary_dim = int(a.get("rotary_dim", hd))
-    theta = float(a.get("rope_theta", 10000.0))
-    rope_scaling = a.get("rope_scaling")
+    frequencies = rope.inv_freq(a).to(low.device) if kind == "rope" else None
+    divisor = rope.position_divisor(a)
+    # Layers with the same rotation share one table per forward pass.
+    rope_key = ("rope", tuple(frequencies.tolist()), divisor) if kind == "rope" else None
     alibi, alibi_key = None, None
     if kind == "alibi":
         offset = int(a.get("alibi_head_offset", 0))
@@ -236,9 +222,9 @@ def lower_attention(node: Node, low: TorchLowering) -> Kernel:
     def attention(ctx: ForwardContext, qkv: torch.Tensor) -> torch.Tensor:
         b, s, _ = qkv.shape
         if kind == "rope":
-            key = ("rope", rotary_dim, theta, qkv.dtype)
+            key = (*rope_key, qkv.dtype)
             if key not in ctx.memo:
-                ctx.memo[key] = rotary_tables(ctx.positions, rotary_dim, theta, rope_scaling, qkv.dtype)
+                ctx.memo[key] = rotary_tables(ctx.positions, frequencies, divisor, qkv.dtype)
             cos, sin = ctx.memo[key]
             # Q and K heads are adjacent in the fused projection: rotate them in one pass.
             qk = apply_rotary(qkv[..., : (nh + nkv) * hd].view(b, s, nh + nkv, hd).transpose(1, 2), cos, sin)

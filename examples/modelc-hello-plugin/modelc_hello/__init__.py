@@ -1,7 +1,8 @@
 """modelc-hello-plugin: the smallest useful modelc plugin.
 
 It uses only modelc's public surface: ``compiler_core.hookimpl``, the IR (``OpSpec``,
-``GraphBuilder``, ``validate``), the registry and the reference executor. It provides
+``GraphBuilder``, ``validate``), the registry the CLI passes its commands (on the click context's
+host) and the reference executor. It provides
 
 * an IR op, ``hello_scale`` (``y = x * factor``), declared through ``register_ops``;
 * that op's torch kernel, through ``lower_layer`` (so the reference executor and the torch
@@ -18,7 +19,9 @@ import click
 
 from compiler_core import hookimpl
 from compiler_core.cli.options import option
+from compiler_core.host import Host
 from compiler_core.ir import Graph, GraphBuilder, Node, OpSpec
+from compiler_core.registry import Registry
 
 __version__ = "0.3.0"
 
@@ -50,17 +53,17 @@ def hello_graph(factor: float) -> Graph:
     return g.build(["x"], [y], attrs={"dtype": "float32"})
 
 
-def run_hello(values: list[float], factor: float) -> list[float]:
-    """Validate the hello graph against every loaded plugin's ops and run it with modelc's executor."""
+def run_hello(registry: Registry, values: list[float], factor: float) -> list[float]:
+    """Validate the hello graph against ``registry``'s ops (every loaded plugin's) and run it with
+    modelc's executor, which lowers it through the same plugins."""
     import torch
 
     from compiler_core.backends.torch.executor import GraphExecutor
     from compiler_core.ir import validate
-    from compiler_core.registry import get_registry
     from compiler_core.runtime.context import ForwardContext
 
-    graph = validate(hello_graph(factor), get_registry().ops)
-    executor = GraphExecutor(graph, weights={})
+    graph = validate(hello_graph(factor), registry.ops)
+    executor = GraphExecutor(registry, graph, weights={})
     x = torch.tensor([values], dtype=torch.float32)
     ctx = ForwardContext.for_prompt(torch.ones(x.shape, dtype=torch.long))
     (y,) = executor.run({"x": x}, ctx).values()
@@ -70,10 +73,11 @@ def run_hello(values: list[float], factor: float) -> list[float]:
 @click.command("hello")
 @option("--name", default="modelc", show_default=True, help="Who to greet.")
 @option("--scale_factor", default=2.0, show_default=True, type=float, help="The hello_scale op's factor.")
-def hello_command(name: str, scale_factor: float) -> None:
+@click.pass_obj
+def hello_command(host: Host, name: str, scale_factor: float) -> None:
     """Greet, then run a one-op graph of this plugin through modelc's reference executor."""
     values = [1.0, 2.0, 3.0]
-    result = run_hello(values, scale_factor)
+    result = run_hello(host.registry, values, scale_factor)
     click.echo(f"hello, {name}!")
     click.echo(f"hello_scale({values}, factor={scale_factor}) = {result}  (validated and run by modelc)")
 

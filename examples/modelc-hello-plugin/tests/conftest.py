@@ -1,8 +1,8 @@
 """Make the plugin importable and registered whether or not it is pip-installed.
 
-Installed (``pip install -e .``), modelc loads it through its entry point and this does
-nothing; run from a source checkout without installing, the module is put on ``sys.path``
-and registered by hand, exactly as the entry point would.
+Installed (``pip install -e .``), modelc loads it through its entry point; run from a source
+checkout without installing, the module is put on ``sys.path`` and registered by hand into a host
+of its own, exactly as the entry point would.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from compiler_core.host import Host
+
 if importlib.util.find_spec("modelc_hello") is None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -21,15 +23,13 @@ if importlib.util.find_spec("modelc_hello") is None:
 def hello_plugin():
     import modelc_hello
 
-    from compiler_core.plugins import get_plugin_manager, register_checked
-    from compiler_core.registry import reset_registry
+    return modelc_hello
 
-    pm = get_plugin_manager()
-    registered_here = not pm.has_plugin("hello")
-    if registered_here:
-        register_checked(pm, modelc_hello, "hello")
-        reset_registry()
-    yield modelc_hello
-    if registered_here:
-        pm.unregister(modelc_hello, name="hello")
-        reset_registry()
+
+@pytest.fixture
+def host(hello_plugin) -> Host:
+    """The installed plugins, this one included (registered by hand when it is not installed)."""
+    host = Host.load()
+    if not host.pm.has_plugin("hello"):
+        host = Host.load(extra={"hello": hello_plugin})
+    return host

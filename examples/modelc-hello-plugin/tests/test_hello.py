@@ -8,28 +8,26 @@ from click.testing import CliRunner
 
 from compiler_core.cli import cli
 from compiler_core.ir import GraphError, validate
-from compiler_core.plugins import get_plugin_manager
-from compiler_core.registry import get_commands, get_registry
 
 
-def test_op_is_registered_by_this_plugin(hello_plugin):
-    registry = get_registry()
+def test_op_is_registered_by_this_plugin(hello_plugin, host):
+    registry = host.registry
     assert registry.ops["hello_scale"] is hello_plugin.HELLO_SCALE
     assert registry.provided_by[("ops", "hello_scale")] == "hello"
-    assert get_commands().provided_by[("commands", "hello")] == "hello"
+    assert host.commands.provided_by[("commands", "hello")] == "hello"
 
 
-def test_validator_uses_the_op_signature(hello_plugin):
+def test_validator_uses_the_op_signature(hello_plugin, host):
     graph = hello_plugin.hello_graph(2.0)
-    validate(graph, get_registry().ops)
+    validate(graph, host.registry.ops)
     no_factor = graph.replace(nodes=(graph.nodes[0].replace(attrs={}),))
     with pytest.raises(GraphError, match=r"node scale .*missing attribute 'factor'"):
-        validate(no_factor, get_registry().ops)
+        validate(no_factor, host.registry.ops)
 
 
-def test_torch_kernel_through_lower_layer(hello_plugin):
+def test_torch_kernel_through_lower_layer(hello_plugin, host):
     graph = hello_plugin.hello_graph(-1.5)
-    kernel = get_plugin_manager().hook.lower_layer(node=graph.nodes[0], graph=graph, backend="torch", context=None)
+    kernel = host.pm.hook.lower_layer(node=graph.nodes[0], graph=graph, backend="torch", context=None)
     x = torch.randn(2, 5)
     assert torch.equal(kernel(None, x), x * -1.5)
     # Other backends are not this plugin's business: it must answer None, not raise.
@@ -37,13 +35,13 @@ def test_torch_kernel_through_lower_layer(hello_plugin):
     assert other is None
 
 
-def test_executor_runs_the_op(hello_plugin):
-    assert hello_plugin.run_hello([1.0, -2.0, 0.5], 4.0) == [4.0, -8.0, 2.0]
+def test_executor_runs_the_op(hello_plugin, host):
+    assert hello_plugin.run_hello(host.registry, [1.0, -2.0, 0.5], 4.0) == [4.0, -8.0, 2.0]
 
 
 @pytest.mark.parametrize("flag", ["--scale_factor", "--scale-factor"])
-def test_hello_command(hello_plugin, flag):
-    result = CliRunner().invoke(cli, ["hello", "--name", "Ada", flag, "3"])
+def test_hello_command(host, flag):
+    result = CliRunner().invoke(cli, ["hello", "--name", "Ada", flag, "3"], obj=host)
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines() == [
         "hello, Ada!",

@@ -8,11 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-#: Greedy tokens compared with transformers' generate for every variant and split.
-STEPS = 32
-#: The tp/pp splits every variant is checked under: (tp_size, pp_size).
-SPLITS = [(1, 1), (2, 1), (4, 1), (1, 2), (2, 2)]
+from modelc_plugins.falcon.testing import STEPS
 
 
 @pytest.fixture(scope="package", autouse=True)

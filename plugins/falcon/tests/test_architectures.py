@@ -79,7 +79,7 @@ UNSUPPORTED = [
 
 
 @pytest.mark.parametrize("variant,change,message", UNSUPPORTED, ids=[m.split()[0] for _, _, m in UNSUPPORTED])
-def test_unsupported_configs_name_the_field(variant, change, message, tmp_path):
+def test_unsupported_configs_name_the_field(registry, variant, change, message, tmp_path):
     hf = {**_base(variant), **change}
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         config_from_hf(hf)
@@ -89,7 +89,7 @@ def test_unsupported_configs_name_the_field(variant, change, message, tmp_path):
 
     (tmp_path / "config.json").write_text(json.dumps(hf))
     with pytest.raises(UsageError, match=re.escape("config.json: ")):
-        model_config_from_hf(tmp_path, "float32", Mapping())
+        model_config_from_hf(registry, tmp_path, "float32", Mapping())
 
 
 @pytest.mark.parametrize(

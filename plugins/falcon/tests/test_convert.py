@@ -174,13 +174,13 @@ def test_load_by_shard_and_workers_write_identical_rank_files(variant, tiny, con
     assert rank_bytes(converted(model_dir, 2, 2, **workers)) == plain
 
 
-def test_rank_files_hold_exactly_the_graph_params(tiny, converted):
+def test_rank_files_hold_exactly_the_graph_params(registry, tiny, converted):
     from compiler_core.model import rank_graph
 
     ckpt = converted(tiny("180b"), 2, 2)
     config = read_config(ckpt)
     for rank in range(4):
-        graph = rank_graph(config, rank)
+        graph = rank_graph(registry, config, rank)
         weights = load_file(str(rank_file(ckpt, rank)))
         assert set(weights) == set(graph.params)
         for name, p in graph.params.items():

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from modelc_plugins.falcon.tests.conftest import SPLITS, STEPS
+from modelc_plugins.falcon.testing import SPLITS, STEPS
 from modelc_plugins.falcon.tiny import VARIANTS
 from safetensors import safe_open
 

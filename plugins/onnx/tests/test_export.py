@@ -48,14 +48,14 @@ def test_rank_file_is_valid_onnx_with_external_weights(falcons):
             assert int(info["offset"]) + int(info["length"]) <= size
 
 
-def test_large_tensors_are_page_aligned(tmp_path):
+def test_large_tensors_are_page_aligned(registry, tmp_path):
     g = GraphBuilder("big")
     w = g.param("w", [4096, 96], "float32")  # 1.5 MiB: above the alignment threshold
     x = g.add("embedding", ["input_ids"], name="embed", params={"weight": g.param("e", [10, 96], "float32")})
     y = g.add("linear", [x], name="fc", params={"weight": w})
     graph = g.build(["input_ids"], [y], attrs={"dtype": "float32"})
     weights = {"w": torch.randn(4096, 96), "e": torch.randn(10, 96)}
-    export_rank(graph, weights, tmp_path, 0)
+    export_rank(registry, graph, weights, tmp_path, 0)
     model = onnx.load(str(tmp_path / "rank0.onnx"), load_external_data=False)
     offsets = {
         t.name: int({e.key: e.value for e in t.external_data}["offset"])
@@ -68,8 +68,8 @@ def test_large_tensors_are_page_aligned(tmp_path):
     assert torch.equal(torch.from_numpy(onnx.numpy_helper.to_array(w_t).copy()), weights["w"].t())
 
 
-def test_inspect_shows_each_segment(falcons):
-    text = describe(falcons.engine("rw", "onnx", tp=2), max_nodes=0)
+def test_inspect_shows_each_segment(registry, falcons):
+    text = describe(registry, falcons.engine("rw", "onnx", tp=2), max_nodes=0)
     assert "backend onnx" in text
     assert f"onnx: opset {OPSET}, 7 segment(s), external data rank1.onnx.data" in text
     assert "rank1.seg6.onnx:" in text and "all_gather(lm_head.out) -> lm_head.all_gather.out axis=-1" in text

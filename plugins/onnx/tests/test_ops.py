@@ -10,55 +10,11 @@ import torch
 from modelc_plugins.onnx.export import export_rank
 from modelc_plugins.onnx.lowering import ExternalData, OnnxLowering, emit_dequantize, emit_quantize, tensor_bytes
 from modelc_plugins.onnx.session import OnnxSession
-from modelc_plugins.onnx.testing import left_padded
+from modelc_plugins.onnx.testing import HEAD_DIM, left_padded, mixed_graph
 
-from compiler_core.ir import GraphBuilder, validate
-from compiler_core.registry import ops_table
+from compiler_core.host import load_registry
 from compiler_core.runtime.context import positions_from_mask
 from compiler_core.runtime.session import TorchSession
-
-HIDDEN, VOCAB, HEADS, KV_HEADS, HEAD_DIM = 32, 50, 4, 2, 8
-
-
-def mixed_graph(kv_fp8: bool):
-    """embedding -> rms_norm -> two GQA attentions (partial linearly scaled rope; ALiBi) -> silu/relu/mul/narrow."""
-    g = GraphBuilder("ops")
-    p = lambda name, shape: g.param(name, shape, "float32")  # noqa: E731
-    x = g.add("embedding", ["input_ids"], name="embed", params={"weight": p("embed", [VOCAB, HIDDEN])})
-    x = g.add("rms_norm", [x], name="norm", params={"weight": p("norm", [HIDDEN])}, eps=1e-6)
-    qkv_rows = (HEADS + 2 * KV_HEADS) * HEAD_DIM
-    for i, position in enumerate(("rope", "alibi")):
-        qkv = g.add("linear", [x], name=f"qkv{i}", params={"weight": p(f"qkv{i}", [qkv_rows, HIDDEN])})
-        attrs = {"num_heads": HEADS, "num_kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "cache_slot": f"s{i}"}
-        params = {}
-        if position == "rope":
-            attrs.update(
-                position_embedding="rope", rotary_dim=HEAD_DIM // 2, rope_theta=500.0,
-                rope_scaling={"rope_type": "linear", "factor": 2.0},
-            )  # fmt: skip
-        else:
-            attrs.update(
-                position_embedding="alibi", alibi_num_heads=8, alibi_head_offset=4, alibi_scale=0.5,
-                alibi_compute_dtype="bfloat16", softmax_scale=0.3,
-            )  # fmt: skip
-        if kv_fp8:
-            attrs["kv_cache_dtype"] = "float8_e4m3fn"
-            params["kv_cache_scaling_factor"] = g.param(f"kv_scale{i}", [1], "float32")
-        a = g.add("attention", [qkv], name=f"attn{i}", params=params, **attrs)
-        a = g.add("linear", [a], name=f"out{i}", params={"weight": p(f"out{i}", [HIDDEN, HEADS * HEAD_DIM])})
-        x = g.add("add", [x, a], name=f"res{i}")
-    h = g.add("silu", [x], name="silu")
-    h = g.add("mul", [h, g.add("relu", [x], name="relu")], name="gate")
-    h = g.add("bias_add", [h], name="bias", params={"bias": p("bias", [HIDDEN])})
-    logits = g.add("linear", [h], name="head", params={"weight": p("head", [VOCAB + 6, HIDDEN])})
-    logits = g.add("narrow", [logits], name="unpad", axis=-1, start=0, length=VOCAB)
-    graph = g.build(["input_ids"], [logits], attrs={"dtype": "float32", "hidden_size": HIDDEN})
-    torch.manual_seed(0)
-    weights = {name: torch.randn(param.shape) * 0.3 for name, param in graph.params.items()}
-    for name in weights:
-        if name.startswith("kv_scale"):
-            weights[name] = torch.tensor([0.02])
-    return validate(graph, ops_table()), weights
 
 
 def run_steps(session, prompts, steps: int = 3) -> list[torch.Tensor]:
@@ -76,13 +32,13 @@ def run_steps(session, prompts, steps: int = 3) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("kv_fp8", [False, True], ids=["kv-fp32", "kv-fp8"])
-def test_mixed_ops_match_reference(tmp_path, kv_fp8):
-    graph, weights = mixed_graph(kv_fp8)
-    plan = export_rank(graph, weights, tmp_path, 0)
+def test_mixed_ops_match_reference(registry, tmp_path, kv_fp8):
+    graph, weights = mixed_graph(registry, kv_fp8)
+    plan = export_rank(registry, graph, weights, tmp_path, 0)
     for file in plan.files:
         onnx.checker.check_model(str(tmp_path / file), full_check=True)
     prompts = [[3, 7, 11, 2, 9, 4], [5, 1, 8]]
-    want = run_steps(TorchSession(graph, weights, "cpu"), prompts)
+    want = run_steps(TorchSession(registry, graph, weights, "cpu"), prompts)
     got = run_steps(OnnxSession(tmp_path, graph, plan), prompts)
     assert [tuple(w.shape) for w in want] == [tuple(g.shape) for g in got]
     for w, g in zip(want, got, strict=True):
@@ -93,10 +49,27 @@ def test_mixed_ops_match_reference(tmp_path, kv_fp8):
         assert plan.cache["s0"].dtype == "float8_e4m3fn"
 
 
-def test_cache_is_truncated_to_start(tmp_path):
+def test_rope_as_data_matches_reference(registry, tmp_path):
+    """Precomputed frequencies (``rope_inv_freq``, as an architecture passes Llama 3's) drive both
+    backends, and they really are what rotates: other frequencies give other logits."""
+    freqs = [1.0, 0.05]  # rotary_dim 4: two frequencies, neither the default one of any theta here
+    graph, weights = mixed_graph(registry, False, {"rotary_dim": HEAD_DIM // 2, "rope_inv_freq": freqs})
+    plan = export_rank(registry, graph, weights, tmp_path, 0)
+    prompts = [[3, 7, 11, 2, 9, 4], [5, 1, 8]]
+    want = run_steps(TorchSession(registry, graph, weights, "cpu"), prompts)
+    got = run_steps(OnnxSession(tmp_path, graph, plan), prompts)
+    for w, g in zip(want, got, strict=True):
+        real = slice(None) if w.shape[1] == 1 else (slice(None), slice(-3, None))
+        assert (w[real] - g[real]).abs().max().item() < 2e-4
+    other, _ = mixed_graph(registry, False, {"rotary_dim": HEAD_DIM // 2, "rope_inv_freq": [1.0, 0.5]})
+    changed = run_steps(TorchSession(registry, other, weights, "cpu"), prompts)
+    assert (changed[0][:, -3:] - want[0][:, -3:]).abs().max().item() > 1e-3
+
+
+def test_cache_is_truncated_to_start(registry, tmp_path):
     """A step at an earlier offset overwrites the cache from there, as the reference does."""
-    graph, weights = mixed_graph(False)
-    session = OnnxSession(tmp_path, graph, export_rank(graph, weights, tmp_path, 0))
+    graph, weights = mixed_graph(registry, False)
+    session = OnnxSession(tmp_path, graph, export_rank(registry, graph, weights, tmp_path, 0))
     ids, mask = left_padded([[3, 7, 11, 2]])
     first = session.forward(ids, positions_from_mask(mask), mask, 0)
     session.forward(ids[:, :1], torch.tensor([[4]]), torch.ones(1, 5, dtype=torch.long), 4)
@@ -108,7 +81,7 @@ def _ctx_model(tmp_path, build) -> ort.InferenceSession:
     """Build a one-output model with ``build(ctx) -> value`` and load it with onnxruntime."""
     from onnx import helper
 
-    graph, _ = mixed_graph(False)
+    graph, _ = mixed_graph(load_registry(), False)
     with ExternalData(tmp_path / "q.onnx.data") as data:
         ctx = OnnxLowering(graph, {}, data, "q", {})
         out = ctx.emit("Identity", [build(ctx)], outputs=["y"])

@@ -15,26 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-GROUP_SIZE = 16
-#: Calibration: 8 blocks of 64 tokens of the shipped corpus (its beginning).
-CALIB = {"calib_size": 8, "calib_max_seq_length": 64}
-OUTLIER_CHANNELS = (3, 17, 40)
-OUTLIER_FACTOR = 8.0
-
-
-def add_outlier_channels(src: Path, dst: Path, tokenizer) -> Path:
-    """Copy a Hugging Face Falcon with ``OUTLIER_CHANNELS`` of each decoder layer norm scaled up."""
-    from transformers import FalconForCausalLM
-
-    model = FalconForCausalLM.from_pretrained(src)
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if isinstance(module, torch.nn.LayerNorm) and ".h." in f".{name}":
-                module.weight[list(OUTLIER_CHANNELS)] *= OUTLIER_FACTOR
-    model.save_pretrained(dst, max_shard_size="64KB")
-    tokenizer.save_pretrained(dst)
-    return dst
+from modelc_plugins.quant_awq.testing import CALIB, GROUP_SIZE, add_outlier_channels
 
 
 @pytest.fixture(scope="session")

@@ -5,13 +5,13 @@ from __future__ import annotations
 import onnx
 import pytest
 import torch
-from modelc_plugins.quant_awq.tests.conftest import GROUP_SIZE
+from modelc_plugins.quant_awq.testing import GROUP_SIZE
 
 from compiler_core.build.engine import read_engine_config
-from compiler_core.registry import get_registry
+from compiler_core.host import Host
 
 pytest.importorskip("onnxruntime")
-if "onnx" not in get_registry().backends:
+if "onnx" not in Host.load().registry.backends:
     pytest.skip("the onnx backend plugin is not loaded", allow_module_level=True)
 
 from modelc_plugins.onnx.testing import built_engine, prompt_logits

@@ -15,8 +15,9 @@ import pytest
 import torch
 from modelc_plugins.falcon.convert import grouped_to_planar, ir_name
 from modelc_plugins.quant_awq.int4 import dequantize_packed, fake_quantize
-from modelc_plugins.quant_awq.tests.conftest import CALIB, add_outlier_channels
-from modelc_plugins.quant_awq.tests.test_awq_falcon import (
+from modelc_plugins.quant_awq.testing import (
+    CALIB,
+    add_outlier_channels,
     dequantized_hf,
     hf_logits,
     hf_model,
@@ -27,7 +28,6 @@ from modelc_plugins.quant_awq.tests.test_awq_falcon import (
 )
 
 from compiler_core.formats.checkpoint import load_rank_weights, rank_file, read_config
-from compiler_core.registry import get_registry
 
 HIDDEN, GROUP, FFN = 96, 64, 384
 HEADS, KV_HEADS, HEAD_DIM = 4, 1, 24
@@ -140,10 +140,10 @@ def test_accuracy_against_unquantized_and_rtn(ragged_hf, ragged_ckpt, eval_ids) 
     assert err_awq < 0.9 * err_rtn, f"AWQ {err_awq:.4f} vs RTN {err_rtn:.4f}"
 
 
-def test_onnxruntime_engine_equals_torch_engine(ragged_ckpt, tmp_path) -> None:
+def test_onnxruntime_engine_equals_torch_engine(registry, ragged_ckpt, tmp_path) -> None:
     """``modelc build`` for torch and onnx, then ``modelc run``: same logits, same greedy tokens."""
     pytest.importorskip("onnxruntime")
-    if "onnx" not in get_registry().backends:
+    if "onnx" not in registry.backends:
         pytest.skip("the onnx backend plugin is not loaded")
     import onnx
     from modelc_plugins.onnx.testing import left_padded, local_runner, prefill_logits

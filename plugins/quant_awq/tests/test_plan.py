@@ -6,9 +6,9 @@ import pytest
 from modelc_plugins.quant_awq.calibrate import feeds_attention, plan_scales
 from modelc_plugins.quant_awq.transform import output_heads
 
+from compiler_core.api import ScaleGroup
 from compiler_core.errors import ModelcError
 from compiler_core.ir import GraphBuilder
-from compiler_core.registry import ScaleGroup
 
 
 def small_graph():

@@ -15,10 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from modelc_plugins.quant_fp8.testing import CALIB, VARIANTS
 
-VARIANTS = ("rw", "7b", "40b", "180b", "falcon2")
-#: Calibration: 16 blocks of 128 tokens of the shipped corpus.
-CALIB = {"calib_size": 16, "calib_max_seq_length": 128, "batch_size": 4}
 TRAIN_STEPS, TRAIN_BATCH, TRAIN_SEQ, TRAIN_LR = 80, 8, 64, 1e-2
 EVAL_LEN = 192
 
@@ -132,15 +130,3 @@ def fp8_dir(tmp_path_factory, hf_dir) -> Callable[..., Path]:
         return made[key]
 
     return get
-
-
-def checkpoint_logits(checkpoint: Path, ids: torch.Tensor) -> torch.Tensor:
-    """Prefill logits of ``ids`` through every rank of a checkpoint, with a KV cache allocated (so an
-    FP8 cache is written and read back)."""
-    from compiler_core.runtime.context import positions_from_mask
-    from compiler_core.runtime.loading import checkpoint_runner
-
-    runner = checkpoint_runner(checkpoint)
-    runner.allocate(ids.shape[0], ids.shape[1])
-    mask = torch.ones_like(ids)
-    return runner.logits(ids, positions_from_mask(mask), mask, 0).float()

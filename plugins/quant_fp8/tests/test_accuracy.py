@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from modelc_plugins.quant_fp8.tests.conftest import VARIANTS, checkpoint_logits
+from modelc_plugins.quant_fp8.testing import VARIANTS, checkpoint_logits
 
 MIN_TOP1 = 0.95
 MAX_ERR = 0.06

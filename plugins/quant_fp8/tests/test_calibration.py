@@ -81,14 +81,14 @@ def test_default_calibration_set_uses_the_model_tokenizer(hf_dir):
     assert all(bool(b.attention_mask.all()) for b in cal.batches)
 
 
-def test_collect_stats_observes_what_the_nodes_saw(hf_dir, tokenizer):
+def test_collect_stats_observes_what_the_nodes_saw(registry, hf_dir, tokenizer):
     """Observers get each watched node's real inputs/outputs and can read the batch's KV cache."""
     from compiler_core.backends.torch.executor import GraphExecutor
     from compiler_core.convert.from_hf import load_full_model
     from compiler_core.runtime.context import ForwardContext
 
-    model = load_full_model(hf_dir("7b"), "float32", show_progress=False)
-    graph = model_graph(model)
+    model = load_full_model(registry, hf_dir("7b"), "float32", show_progress=False)
+    graph = model_graph(registry, model)
     cal = make_calibration_set(["the river rose after the rain " * 8], tokenizer, num_samples=2, max_seq_length=8)
     seen: dict[str, list] = {}
 
@@ -100,15 +100,15 @@ def test_collect_stats_observes_what_the_nodes_saw(hf_dir, tokenizer):
         seen.setdefault(node.name, []).append(entry)
 
     watched = ["layers.0.mlp.fc", "layers.1.attention.core"]
-    collect_stats(graph, model.weights, cal, dict.fromkeys(watched, record), show_progress=False)
+    collect_stats(registry, graph, model.weights, cal, dict.fromkeys(watched, record), show_progress=False)
     assert [len(seen[n]) for n in watched] == [2, 2]
     x, y = seen["layers.0.mlp.fc"][1]
     w = model.weights["layers.0.mlp.fc.weight"]
     torch.testing.assert_close(y.reshape(-1, y.shape[-1]), x @ w.T)
     # The same graph run plainly gives the same values: observing changes nothing.
-    plain = GraphExecutor(graph, model.weights)
+    plain = GraphExecutor(registry, graph, model.weights)
     ids = cal.batches[1].input_ids
     out = plain.run({"input_ids": ids}, ForwardContext.for_prompt(torch.ones_like(ids)))
     assert out and seen["layers.1.attention.core"][1][2].shape[2] == ids.shape[1]
     with pytest.raises(ValueError, match="no node 'nope' to observe"):
-        collect_stats(graph, model.weights, cal, {"nope": record}, show_progress=False)
+        collect_stats(registry, graph, model.weights, cal, {"nope": record}, show_progress=False)

@@ -8,16 +8,16 @@ import pytest
 import torch
 from modelc_plugins.falcon.convert import rank_qkv
 from modelc_plugins.quant_fp8 import numerics
-from modelc_plugins.quant_fp8.tests.conftest import CALIB, checkpoint_logits
+from modelc_plugins.quant_fp8.scheme import FP8Scheme, quantize_linear
+from modelc_plugins.quant_fp8.testing import CALIB, checkpoint_logits
 from safetensors import safe_open
 
 from compiler_core import hookimpl
 from compiler_core.errors import ModelcError
 from compiler_core.formats.checkpoint import load_rank_weights
+from compiler_core.host import Host
 from compiler_core.mapping import Mapping
-from compiler_core.plugins import get_plugin_manager
 from compiler_core.quantize.ptq import quantize
-from compiler_core.registry import reset_registry
 
 LINEARS = ("attention.qkv", "attention.dense", "mlp.fc", "mlp.proj")
 
@@ -50,10 +50,10 @@ def test_config_and_rank_file_layout(fp8_dir):
     assert len(scaled) == 2 * (2 * len(LINEARS) + 1)
 
 
-def test_scales_are_amax_over_448_of_the_source_weights(fp8_dir, hf_dir):
+def test_scales_are_amax_over_448_of_the_source_weights(registry, fp8_dir, hf_dir):
     from compiler_core.convert.from_hf import load_full_model
 
-    full = load_full_model(hf_dir("40b"), "float32", show_progress=False).weights
+    full = load_full_model(registry, hf_dir("40b"), "float32", show_progress=False).weights
     got = load_rank_weights(fp8_dir("40b") / "rank0.safetensors")
     for name in ("layers.0.attention.qkv", "layers.1.mlp.proj"):
         w = full[f"{name}.weight"]
@@ -110,39 +110,45 @@ def test_exclude_modules(hf_dir, tmp_path):
     assert not any(k.endswith("kv_cache_scaling_factor") for k in tensors)
 
 
-class OverrideOneLayer:
-    """An architecture plugin taking over one layer: its answer comes before the FP8 plugin's."""
+class OverrideOneLayer(FP8Scheme):
+    """A scheme derived from FP8 that quantizes one layer its own way (``--qformat fp8_override``).
+
+    Its checkpoints say quant_algo FP8, so the FP8 scheme's own ``transform_graph`` rebuilds them;
+    this one leaves graphs alone rather than rewriting them a second time.
+    """
+
+    name = "fp8_override"
 
     def __init__(self, answer) -> None:
         self.answer = answer
 
-    @hookimpl(tryfirst=True)
-    def quantize_layer(self, node, graph, weights, scheme, stats):
-        return self.answer(node, weights, stats) if node.name == "layers.1.mlp.fc" else None
+    def transform_graph(self, graph, config):
+        return graph
+
+    def quantize_layer(self, node, graph, weights, stats):
+        if node.name == "layers.1.mlp.fc":
+            return self.answer(node, weights, stats)
+        return super().quantize_layer(node, graph, weights, stats)
 
 
-def _with_plugin(plugin, fn):
-    pm = get_plugin_manager()
-    pm.register(plugin, name="override_one_layer")
-    reset_registry()
-    try:
-        return fn()
-    finally:
-        pm.unregister(plugin, name="override_one_layer")
-        reset_registry()
+def _quantize_with(scheme: OverrideOneLayer, model_dir, out) -> None:
+    """``quantize --qformat fp8_override`` with ``scheme`` registered by a throwaway plugin."""
+
+    class Registers:
+        @hookimpl
+        def register_quant_schemes(self, register):
+            register(scheme)
+
+    registry = Host.load(extra={"override_one_layer": Registers()}).registry
+    quantize(model_dir, out, qformat=scheme.name, device="cpu", show_progress=False, registry=registry, **CALIB)
 
 
-def test_quantize_layer_hook_lets_a_plugin_override_a_layer(hf_dir, tmp_path):
-    from modelc_plugins.quant_fp8.scheme import quantize_linear
-
+def test_a_derived_scheme_can_quantize_a_layer_its_own_way(hf_dir, tmp_path):
     def doubled_activation_range(node, weights, stats):
         return quantize_linear(node, weights, {**stats, "input_amax": 2 * stats["input_amax"]})
 
     out = tmp_path / "ckpt"
-    _with_plugin(
-        OverrideOneLayer(doubled_activation_range),
-        lambda: quantize(hf_dir("7b"), out, qformat="fp8", device="cpu", show_progress=False, **CALIB),
-    )
+    _quantize_with(OverrideOneLayer(doubled_activation_range), hf_dir("7b"), out)
     got = load_rank_weights(out / "rank0.safetensors")
     other = load_rank_weights(_default_7b(hf_dir, tmp_path) / "rank0.safetensors")
     name = "layers.1.mlp.fc.activation_scaling_factor"
@@ -165,10 +171,7 @@ def test_a_layer_that_disagrees_with_the_graph_rewrite_is_refused(hf_dir, tmp_pa
         return [node], {}
 
     with pytest.raises(ModelcError, match=r"layers\.1\.mlp\.fc\.weight is float32.*wants float8_e4m3fn"):
-        _with_plugin(
-            OverrideOneLayer(left_in_full_precision),
-            lambda: quantize(hf_dir("7b"), tmp_path / "bad", qformat="fp8", device="cpu", show_progress=False, **CALIB),
-        )
+        _quantize_with(OverrideOneLayer(left_in_full_precision), hf_dir("7b"), tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
 
 
@@ -193,11 +196,9 @@ def test_bfloat16_checkpoint(hf_dir, tmp_path, eval_ids, hf_logits):
     assert (logits.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.95
 
 
-def test_fp8_kv_cache_on_top_of_another_weight_format(hf_dir, tmp_path, eval_ids, hf_logits):
+def test_fp8_kv_cache_on_top_of_another_weight_format(registry, hf_dir, tmp_path, eval_ids, hf_logits):
     """--kv_cache_dtype fp8 is served by this plugin whatever --qformat is (here the AWQ plugin's)."""
-    from compiler_core.registry import get_registry
-
-    if "int4_awq" not in get_registry().quant_schemes:
+    if "int4_awq" not in registry.quant_schemes:
         pytest.skip("the quant_awq plugin is not loaded")
     out = tmp_path / "awq_kv"
     config, _ = quantize(

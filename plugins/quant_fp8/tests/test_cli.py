@@ -75,13 +75,13 @@ def test_bad_input_is_one_line_and_exit_2(hf_dir, tmp_path, args, message):
     assert not (tmp_path / "o").exists()
 
 
-def test_unknown_qformat_lists_every_known_one(hf_dir, tmp_path):
+def test_unknown_qformat_lists_every_known_one(registry, hf_dir, tmp_path):
     from compiler_core.quantize.ptq import qformat_choices
 
     result = modelc("quantize", "--model_dir", str(hf_dir("7b")), "--output_dir", str(tmp_path / "o"), "--qformat", "x")
     assert result.exit_code == 2
-    assert f"(known: {', '.join(qformat_choices())})" in result.output
-    assert "fp8" in qformat_choices() and "full_prec" in qformat_choices()
+    assert f"(known: {', '.join(qformat_choices(registry))})" in result.output
+    assert "fp8" in qformat_choices(registry) and "full_prec" in qformat_choices(registry)
 
 
 def test_dataset_without_a_text_field(hf_dir, tmp_path):

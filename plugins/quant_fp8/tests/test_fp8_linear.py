@@ -7,12 +7,11 @@ import pytest
 import torch
 from modelc_plugins.quant_fp8 import numerics, torch_lowering
 from modelc_plugins.quant_fp8.scheme import rewrite_graph
-from modelc_plugins.quant_fp8.tests.test_numerics import e4m3_table
+from modelc_plugins.quant_fp8.testing import e4m3_table
 
 from compiler_core.backends.torch.executor import GraphExecutor
 from compiler_core.backends.torch.kernels import TorchLowering
 from compiler_core.ir import GraphBuilder, validate
-from compiler_core.registry import get_registry
 from compiler_core.runtime.context import ForwardContext
 
 
@@ -46,9 +45,9 @@ def numpy_fp8_linear(x: torch.Tensor, weights) -> np.ndarray:
     return (table[x_codes] @ table[w_codes].T) * (a_scale * w_scale) + weights["fc.bias"].double().numpy()
 
 
-def test_rewrite_turns_linears_into_fp8_linear_with_scales():
+def test_rewrite_turns_linears_into_fp8_linear_with_scales(registry):
     graph = rewrite_graph(linear_graph("float32"), {"quant_algo": "FP8", "exclude_modules": []})
-    validate(graph, get_registry().ops)
+    validate(graph, registry.ops)
     (node,) = graph.nodes
     assert node.op == "fp8_linear" and node.attrs == {"parallel": "column"}
     assert graph.params["fc.weight"].dtype == "float8_e4m3fn"
@@ -65,21 +64,21 @@ def test_rewrite_turns_linears_into_fp8_linear_with_scales():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-def test_torch_kernel_is_the_fp8_gemm(dtype):
+def test_torch_kernel_is_the_fp8_gemm(registry, dtype):
     torch_dtype = getattr(torch, dtype)
     graph = rewrite_graph(linear_graph(dtype), {"quant_algo": "FP8", "exclude_modules": []})
     weights = quantized_weights(torch_dtype)
     x = (torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(1)) * 2).to(torch_dtype)
     x[0, 0, 0] = 50.0  # beyond the calibrated range: saturates at 448 * scale
     ctx = ForwardContext.for_prompt(torch.ones(2, 5, dtype=torch.long))
-    (y,) = GraphExecutor(graph, weights).run({"x": x}, ctx).values()
+    (y,) = GraphExecutor(registry, graph, weights).run({"x": x}, ctx).values()
     assert y.dtype == torch_dtype and y.shape == (2, 5, 48)
     want = numpy_fp8_linear(x, weights)
     tol = 1e-5 if dtype == "float32" else 2e-2
     np.testing.assert_allclose(y.double().numpy(), want, rtol=tol, atol=tol * np.abs(want).max())
 
 
-def test_float16_kernel_does_not_overflow_on_full_range_codes():
+def test_float16_kernel_does_not_overflow_on_full_range_codes(registry):
     """A dot product of 32 codes of 448 is 6.4e6, far beyond float16's 65504; the scaled result is small."""
     graph = rewrite_graph(linear_graph("float16"), {"quant_algo": "FP8", "exclude_modules": []})
     weights = quantized_weights(torch.float16)
@@ -87,7 +86,7 @@ def test_float16_kernel_does_not_overflow_on_full_range_codes():
     weights["fc.weights_scaling_factor"] = torch.tensor([1 / 448])
     x = torch.full((1, 1, 32), 3.0, dtype=torch.float16)  # = the activation amax: code 448
     ctx = ForwardContext.for_prompt(torch.ones(1, 1, dtype=torch.long))
-    (y,) = GraphExecutor(graph, weights).run({"x": x}, ctx).values()
+    (y,) = GraphExecutor(registry, graph, weights).run({"x": x}, ctx).values()
     torch.testing.assert_close(y[0, 0].float(), 96.0 + weights["fc.bias"].float(), rtol=1e-3, atol=1e-3)
 
 

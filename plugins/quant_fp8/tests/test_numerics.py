@@ -6,21 +6,9 @@ import numpy as np
 import pytest
 import torch
 from modelc_plugins.quant_fp8 import numerics
+from modelc_plugins.quant_fp8.testing import e4m3_table
 
 from compiler_core.runtime.context import CacheSlot
-
-
-def e4m3_table() -> np.ndarray:
-    """Value of every one of the 256 codes, from the bit layout: s eeee mmm, bias 7, S.1111.111 = NaN."""
-    codes = np.arange(256, dtype=np.uint8)
-    sign = np.where(codes >> 7, -1.0, 1.0)
-    exponent = ((codes >> 3) & 0xF).astype(np.int64)
-    mantissa = (codes & 0x7).astype(np.float64)
-    normal = sign * 2.0 ** (exponent - 7) * (1 + mantissa / 8)
-    subnormal = sign * 2.0**-6 * (mantissa / 8)
-    values = np.where(exponent == 0, subnormal, normal)
-    values[(codes & 0x7F) == 0x7F] = np.nan
-    return values
 
 
 def reference_quantize(x: np.ndarray) -> np.ndarray:

@@ -12,7 +12,6 @@ from modelc_plugins.tensorrt.testing import build_checkpoint, require_tensorrt
 from compiler_core.build.engine import choose_backend, load_rank_session
 from compiler_core.cli import cli
 from compiler_core.errors import UsageError
-from compiler_core.registry import get_registry
 
 
 @pytest.fixture
@@ -65,19 +64,19 @@ def test_default_only_with_a_gpu_that_runs_the_engines(fake_gpu, capability, def
         assert "TensorRT-RTX engines run on compute capability 8.0, 8.6, 8.9 and 12.x GPUs, not on" in reason
 
 
-def test_no_gpu_here_means_torch_is_the_default(monkeypatch):
+def test_no_gpu_here_means_torch_is_the_default(registry, monkeypatch):
     trt = require_tensorrt()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert gpu_reason(trt) == "no CUDA GPU is visible"
-    assert get_registry().backend("tensorrt", "test").preference() < 0
-    assert choose_backend(None)[0].name == "torch"
+    assert registry.backend("tensorrt", "test").preference() < 0
+    assert choose_backend(None, registry)[0].name == "torch"
 
 
-def test_engines_do_not_run_on_the_cpu(falcons, tmp_path):
+def test_engines_do_not_run_on_the_cpu(registry, falcons, tmp_path):
     require_tensorrt()
     build_checkpoint(falcons.checkpoint("7b", "float16", layers=1), tmp_path / "engine")
     with pytest.raises(UsageError, match="tensorrt engines run on a CUDA GPU, not on 'cpu'"):
-        load_rank_session(tmp_path / "engine", 0, "cpu")
+        load_rank_session(registry, tmp_path / "engine", 0, "cpu")
 
 
 def test_package_is_found():

@@ -6,7 +6,7 @@ import json
 
 import onnx
 import pytest
-from modelc_plugins.onnx.tests.test_ops import mixed_graph
+from modelc_plugins.onnx.testing import mixed_graph
 from modelc_plugins.tensorrt.builder import DECODE_PROFILE, PROMPT_PROFILE, build_serialized, profile_ranges
 from modelc_plugins.tensorrt.testing import TEST_SETTINGS, build_checkpoint, build_graph, require_tensorrt
 from onnx import TensorProto, helper
@@ -49,9 +49,9 @@ def test_tensor_parallel_ranks_build_one_engine_per_segment(falcons, tmp_path):
 
 
 @pytest.mark.parametrize("kv_fp8", [False, True], ids=["kv-fp32", "kv-fp8"])
-def test_non_falcon_ops_and_fp8_cache_build(tmp_path, kv_fp8):
+def test_non_falcon_ops_and_fp8_cache_build(registry, tmp_path, kv_fp8):
     """rms_norm, silu/relu/mul, narrow, partial scaled rope, GQA ALiBi and the FP8 KV-cache Q/DQ."""
-    graph, weights = mixed_graph(kv_fp8)
+    graph, weights = mixed_graph(registry, kv_fp8)
     facts = build_graph(graph, weights, tmp_path)
     assert (tmp_path / "rank0.engine").is_file()
     cache = facts["tensorrt"]["plan"]["cache"]
