@@ -22,8 +22,8 @@ that the quantized engine computes the same model, not an accuracy figure).
     python bench/bench_awq.py                                   # CPU, small shape, float32
     python bench/bench_awq.py --device cuda --shape 7b          # GPU, falcon-7b dims, bfloat16
 
-On CUDA, bfloat16 decode uses PyTorch's int4 GEMM (see plugins/quant_awq/lowering.py); other
-dtypes and prefill dequantize per call. falcon-7b's hidden size 4544 is not a multiple of 128: its
+On CUDA, bfloat16 decode uses PyTorch's int4 GEMM (see compiler_core/backends/torch/fused/int4.py);
+other dtypes and prefill dequantize per call. falcon-7b's hidden size 4544 is not a multiple of 128: its
 last group holds 64 channels (the int4 GEMM pads it to a whole group).
 """
 

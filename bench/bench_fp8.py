@@ -122,12 +122,12 @@ def weight_bytes(model) -> int:
 
 
 def gemm_table(config: dict[str, Any], args, dtype: torch.dtype) -> None:
-    """Median time of F.linear (compute dtype) vs the fp8_linear kernel for each linear shape."""
+    """Median time of F.linear (compute dtype) vs the kernel fp8_linear lowers to for each linear shape."""
     from modelc_plugins.quant_fp8 import numerics
     from modelc_plugins.quant_fp8.scheme import rewrite_graph
-    from modelc_plugins.quant_fp8.torch_lowering import lower_fp8_linear, scaled_mm_supported
 
-    from compiler_core.backends.torch.kernels import TorchLowering
+    from compiler_core.backends.torch.executor import GraphExecutor
+    from compiler_core.backends.torch.fused.fp8 import scaled_mm_supported
     from compiler_core.ir import GraphBuilder
 
     hidden, hd = config["hidden_size"], config["head_dim"]
@@ -159,7 +159,7 @@ def gemm_table(config: dict[str, Any], args, dtype: torch.dtype) -> None:
             "fc.weights_scaling_factor": w_scale,
             "fc.activation_scaling_factor": torch.tensor([4.0 / 448], device=device),
         }
-        fp8 = lower_fp8_linear(graph.nodes[0], TorchLowering(weights, device, graph))
+        (fp8,) = GraphExecutor(graph, weights, device).kernels  # the torch backend's fused FP8 GEMM
         for rows in (int(m) for m in args.gemm_rows.split(",")):
             x = torch.randn(rows, inp, device=device, dtype=dtype)
             fp_ms, fp8_ms = (

@@ -1,17 +1,17 @@
-"""The core's own hook implementations: core ops, their torch kernels, the torch backend and the
-core CLI commands. Registered like any plugin (name ``core``); its ``lower_layer`` is ``trylast``
-so plugins can override it.
+"""The core's own hook implementations: core ops, their torch lowerings and fused patterns, the
+torch backend and the core CLI commands. Registered like any plugin (name ``core``).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
+from compiler_core.backends.torch import fused
 from compiler_core.backends.torch.backend import TorchBackend
 from compiler_core.backends.torch.kernels import CORE_KERNELS
+from compiler_core.backends.torch.quant import QUANT_KERNELS
 from compiler_core.cli.commands import CORE_COMMANDS
 from compiler_core.hookspecs import hookimpl
-from compiler_core.ir import CORE_OPS, Graph, Node
+from compiler_core.ir import CORE_OPS
+from compiler_core.lowering import Lowering
 
 
 @hookimpl
@@ -31,9 +31,9 @@ def register_commands(cli) -> None:
         cli.add_command(command)
 
 
-@hookimpl(trylast=True)
-def lower_layer(node: Node, graph: Graph, backend: str, context: Any):
-    if backend != "torch":
-        return None
-    lower = CORE_KERNELS.get(node.op)
-    return None if lower is None else lower(node, context)
+@hookimpl
+def register_lowerings(register) -> None:
+    for op, lower in {**CORE_KERNELS, **QUANT_KERNELS}.items():
+        register(Lowering(op, "torch", lower))
+    for pattern in fused.PATTERNS:
+        register(pattern)

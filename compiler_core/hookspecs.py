@@ -1,13 +1,11 @@
 """Hook specifications: the whole surface a modelc plugin can implement.
 
 Plugins implement these with ``@compiler_core.hookimpl`` and register through the
-``compiler_core`` entry-point group. Two shapes exist:
-
-* ``register_*`` hooks run once per :class:`compiler_core.host.Host`. They receive a ``register``
-  callback; the host owns the resulting registry and refuses duplicate names, naming both plugins.
-* ``lower_layer`` is a broadcast: every implementation is asked in turn (plugins before the
-  core's own, which is ``trylast``) and the first non-None answer wins. Returning None means
-  "not mine, ask the next implementation".
+``compiler_core`` entry-point group. Every hook is a registration: it runs once per
+:class:`compiler_core.host.Host` and receives a ``register`` callback (or, for commands, the click
+group); the host owns the resulting registry and refuses duplicate names, naming both plugins.
+Lowerings are registrations too: entries of a table keyed by (op, backend) that one core loop
+(:func:`compiler_core.lowering.plan_lowering`) reads.
 
 Behaviour that belongs to one registered object is a method of it, not a hook: weight mapping,
 sharding, pipeline stages and AWQ scale groups are methods of the
@@ -19,7 +17,7 @@ Implementations may accept fewer arguments than a spec lists, so specs can grow.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pluggy
 
@@ -29,7 +27,8 @@ if TYPE_CHECKING:
     import click
 
     from compiler_core.api import Architecture, Backend, QuantScheme
-    from compiler_core.ir import Graph, Node, OpSpec
+    from compiler_core.ir import OpSpec
+    from compiler_core.lowering import Decomposition, FusedPattern, Lowering
 
 hookspec = pluggy.HookspecMarker("compiler_core")
 hookimpl = pluggy.HookimplMarker("compiler_core")
@@ -93,15 +92,25 @@ def register_commands(cli: click.Group) -> None:
 # --- lowering ------------------------------------------------------------------------------
 
 
-@hookspec(firstresult=True)
-def lower_layer(node: Node, graph: Graph, backend: str, context: Any) -> Any:
-    """Lower one IR node for one backend.
+@hookspec
+def register_lowerings(register: Callable[[Lowering | Decomposition | FusedPattern], None]) -> None:
+    """Declare how ops run on backends.
 
-    ``node`` belongs to ``graph`` (the rank's whole graph, for looking up parameter shapes
-    and dtypes). ``backend`` is a registered backend name; ``context`` is that backend's lowering context:
-    for ``torch`` a :class:`compiler_core.backends.torch.kernels.TorchLowering` (weights, device),
-    and for other backends whatever they document. Return the backend's lowered form (for
-    ``torch`` a callable ``fn(ctx, *inputs) -> output``), or None when this implementation
-    does not lower ``node.op`` for ``backend``. A quantization scheme lowers its own ops for
-    every backend it supports through this hook.
+    Call ``register(entry)`` once per entry (all three in :mod:`compiler_core.lowering`):
+
+    * ``Lowering(op, backend, fn)``: backend ``backend`` runs ``op`` with ``fn(node, context)``
+      (``context``: for ``torch`` a :class:`compiler_core.backends.torch.kernels.TorchLowering`, the
+      result a kernel ``fn(ctx, *inputs) -> output``; for ``onnx`` an ``OnnxLowering``, the result the
+      ONNX names of the node's outputs).
+    * ``Decomposition(op, fn)``: ``fn(node, graph)`` rewrites a node of ``op`` into other ops, in the
+      end core primitives (``quantize``, ``dequantize``, ``matmul``, ...): a quantization scheme
+      declares its op this way and every backend that lowers the primitives runs it.
+    * ``FusedPattern(name, backend, pattern, fn)``: a backend's fast kernel for a tree of ops (an op,
+      or the primitives a decomposition produces), taken instead of lowering them one by one.
+
+    The core lowers a graph for a backend with one loop over this table (fused pattern, else the
+    backend's lowering, else the decomposition); a node none of them covers is an error naming the
+    op and the backend. Registering the same (op, backend), decomposed op or (pattern name, backend)
+    twice is an error naming both plugins. ``modelc plugins`` lists each plugin's entries.
+    Returns nothing (the return value is ignored).
     """

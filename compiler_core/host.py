@@ -70,9 +70,10 @@ class Host:
     def plugin_info(self) -> list[dict[str, Any]]:
         """One dict per plugin: name, version, package, module, hooks, provides and status.
 
-        ``provides`` maps a kind ("architectures", "backends", "commands", "ops",
-        "quant_schemes") to the names the plugin registered; ``status`` is "loaded" or "failed"
-        (then ``error`` says why).
+        ``provides`` maps a kind ("architectures", "backends", "commands", "decompositions",
+        "fused_patterns", "lowerings", "ops", "quant_schemes") to the names the plugin registered
+        (a lowering as ``backend:op``, a fused pattern as ``backend:name``); ``status`` is "loaded"
+        or "failed" (then ``error`` says why).
         """
         owners = {**self.registry.provided_by, **self.commands.provided_by}
         dists = {ep.name: dist_facts(ep) for ep in plugins.entry_points()}

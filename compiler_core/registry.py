@@ -16,6 +16,8 @@ from pluggy import HookImpl
 from compiler_core.api import Architecture, Backend, QuantScheme
 from compiler_core.errors import ModelcError, UsageError
 from compiler_core.ir import OpSpec
+from compiler_core.lowering import LoweringTable
+from compiler_core.lowering.table import registration_key
 from compiler_core.plugins import PLUGINS_ENV
 
 
@@ -23,12 +25,11 @@ class Registry:
     """Name -> object tables built from every plugin's ``register_*`` hook.
 
     ``provided_by`` maps (kind, name) to the plugin that registered it; kinds are the
-    attribute names ("ops", "architectures", "quant_schemes", "backends").
+    attribute names ("ops", "architectures", "quant_schemes", "backends") and, for
+    :attr:`lowerings`, "lowerings", "decompositions" and "fused_patterns".
     """
 
     def __init__(self, pm: pluggy.PluginManager) -> None:
-        #: The ``lower_layer`` broadcast: the first plugin that lowers a node for a backend answers.
-        self.lower_layer = pm.hook.lower_layer
         self.provided_by: dict[tuple[str, str], str] = {}
         self.ops: dict[str, OpSpec] = self._collect(pm, "register_ops", "ops", OpSpec)
         self.architectures: dict[str, Architecture] = self._collect(
@@ -38,6 +39,7 @@ class Registry:
             pm, "register_quant_schemes", "quant_schemes", QuantScheme
         )
         self.backends: dict[str, Backend] = self._collect(pm, "register_backends", "backends", Backend)
+        self.lowerings: LoweringTable = self._collect_lowerings(pm)
 
     def _collect(self, pm: pluggy.PluginManager, hook_name: str, kind: str, expected: type) -> dict[str, Any]:
         noun = _NOUNS[kind]
@@ -57,6 +59,25 @@ class Registry:
                 table[name] = obj
 
             _call_impl(impl, hook_name, register=register)
+        return table
+
+    def _collect_lowerings(self, pm: pluggy.PluginManager) -> LoweringTable:
+        table = LoweringTable()
+        for impl in _plain_impls(pm, "register_lowerings"):
+            owner = impl.plugin_name
+
+            def register(entry: Any, _owner: str = owner) -> None:
+                try:
+                    kind, name = registration_key(entry)
+                except TypeError:
+                    raise ModelcError(
+                        f"plugin {_owner!r}: register_lowerings was given {type(entry).__name__}, "
+                        "not a Lowering, Decomposition or FusedPattern"
+                    ) from None
+                _claim(self.provided_by, kind, _NOUNS[kind], name, _owner)
+                table.add(entry)
+
+            _call_impl(impl, "register_lowerings", register=register)
         return table
 
     def architecture_for_hf(self, hf_config: dict[str, Any], source: str) -> Architecture:
@@ -90,6 +111,9 @@ _NOUNS = {
     "quant_schemes": "quant scheme",
     "backends": "backend",
     "commands": "command",
+    "lowerings": "lowering",
+    "decompositions": "decomposition",
+    "fused_patterns": "fused pattern",
 }
 
 

@@ -8,11 +8,13 @@ plugin chooses its own scopes. ``pytest`` is imported only by the helpers that s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import site
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +178,77 @@ def build_engine_dir(hf_dir: Path, out: Path, tp: int = 1, pp: int = 1, dtype: s
         backend, _ = choose_backend("torch")
         build_engine(checkpoint, out, backend, {}, show_progress=False)
     return out
+
+
+# --- a real server --------------------------------------------------------------------------
+
+
+class ServerProcess:
+    """A ``modelc serve`` subprocess: its Popen, its base URL and the file its stderr goes to."""
+
+    def __init__(self, process: subprocess.Popen, url: str, stderr: Path) -> None:
+        self.process, self.url, self.stderr = process, url, stderr
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM (to rank 0 under mpirun), then the exit status of the whole launch."""
+        import signal
+
+        if self.process.poll() is None:
+            os.kill(_serving_pid(self.process), signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise
+
+
+def _serving_pid(process: subprocess.Popen) -> int:
+    """The process that serves HTTP: ``process`` itself, or rank 0 when it is an ``mpirun``."""
+    import psutil
+
+    ranks = [
+        p
+        for p in psutil.Process(process.pid).children(recursive=True)
+        if p.environ().get("OMPI_COMM_WORLD_RANK") == "0"
+    ]
+    return ranks[0].pid if ranks else process.pid
+
+
+@contextlib.contextmanager
+def serving(
+    engine_dir: Path, *args: str, ranks: int = 1, log_dir: Path, timeout: float = 180
+) -> Iterator[ServerProcess]:
+    """Start ``modelc serve --engine_dir E --port 0 ARGS`` (under ``mpirun -n RANKS`` when > 1), wait for
+    its ready line, yield it, and stop it (SIGTERM) on exit. Loopback only; the port is the one it printed."""
+    import re
+    import selectors
+
+    command = [sys.executable, "-m", "compiler_core", "serve", "--engine_dir", str(engine_dir), "--port", "0", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if ranks > 1:
+        launcher = [str(require_mpirun()), "-n", str(ranks), "--oversubscribe"]
+        if os.geteuid() == 0:
+            launcher.append("--allow-run-as-root")
+        command = [*launcher, "-x", "OMP_NUM_THREADS", *command]
+        env = mpi_env()
+    stderr = Path(log_dir) / "serve.stderr"
+    with open(stderr, "w") as err:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+    try:
+        selector = selectors.DefaultSelector()
+        selector.register(process.stdout, selectors.EVENT_READ)
+        line = ""
+        if selector.select(timeout):
+            line = process.stdout.readline()
+        match = re.search(r"http://(127\.0\.0\.1|\[::1\]|localhost):(\d+)", line)
+        if match is None:
+            process.kill()
+            raise RuntimeError(f"modelc serve did not start: {line!r}\n{stderr.read_text()}")
+        server = ServerProcess(process, f"http://{match.group(1)}:{match.group(2)}", stderr)
+        yield server
+    finally:
+        if process.poll() is None:
+            ServerProcess(process, "", stderr).stop()
 
 
 # --- transformers as the reference ------------------------------------------------------------

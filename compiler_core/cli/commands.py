@@ -8,6 +8,7 @@ from compiler_core.cli.quantize_cmd import quantize_command
 from compiler_core.cli.run_cmd import run_command
 from compiler_core.cli.summarize_cmd import summarize_command
 from compiler_core.cli.verify_cmd import verify_command
+from compiler_core.serve.command import serve_command
 
 CORE_COMMANDS = (
     convert_command,
@@ -15,6 +16,7 @@ CORE_COMMANDS = (
     build_command,
     run_command,
     summarize_command,
+    serve_command,
     verify_command,
     inspect_command,
     plugins_command,

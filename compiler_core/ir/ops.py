@@ -4,6 +4,15 @@ An :class:`OpSpec` says how many inputs and outputs an op has, which parameter r
 and which attributes must be present. The core registers the ops every decoder needs through
 the same ``register_ops`` hook that a plugin uses for its own (a quantized linear, say), so the
 validator knows every op without the core naming any plugin.
+
+The quantization primitives (``quantize``, ``dequantize``, then ``matmul``) are what a quantized
+op decomposes into, so that every backend can run it. Their ``scale`` parameter is read as:
+
+* per tensor (no ``axis``): one scale (any shape of one element), applied in float32;
+* per channel (``axis``): a 1-D scale as long as the data's ``axis``, applied in float32;
+* blocked (``axis`` and ``block_size``): the data's rank, ``ceil(D / block_size)`` entries along
+  ``axis`` (D the data's size there; the last block holds the rest when ``block_size`` does not
+  divide D) and the data's size elsewhere; rounded to the output dtype and applied there.
 """
 
 from __future__ import annotations
@@ -85,4 +94,33 @@ CORE_OPS: tuple[OpSpec, ...] = (
     OpSpec("all_reduce", "Sum across the tensor-parallel group.", optional_attrs=("group",)),
     OpSpec("all_gather", "Concatenate across the tensor-parallel group along `axis`.", attrs=("axis",)),
     OpSpec("narrow", "Slice `length` elements from `start` along `axis`.", attrs=("axis", "start", "length")),
+    # Quantization primitives: what quantized ops decompose into.
+    OpSpec(
+        "quantize",
+        "Codes of `dtype` for x: x / scale, rounded to nearest even and saturated to the type's range"
+        " ('float8_e4m3fn': +-448, 'int8': [-128, 127], 'int4': [-8, 7], held one per int8)."
+        " Scale granularity from `axis` / `block_size` as the module docstring says.",
+        params=("scale",),
+        attrs=("dtype",),
+        optional_attrs=("axis", "block_size"),
+    ),
+    OpSpec(
+        "dequantize",
+        "codes * scale in `out_dtype` (default: the graph's dtype). The codes are the input value, or"
+        " with no input the parameter `quantized` (a quantized weight; 'int4' is stored packed two per"
+        " int8 byte along the last axis, low nibble first). `dtype` is the codes' type. Scale"
+        " granularity from `axis` / `block_size` as the module docstring says.",
+        num_inputs=(0, 1),
+        params=("scale",),
+        optional_params=("quantized",),
+        attrs=("dtype",),
+        optional_attrs=("axis", "block_size", "out_dtype"),
+    ),
+    OpSpec(
+        "matmul",
+        "x @ weight.T (+ bias): `linear` with its weight [out, in] an input value (a dequantized weight).",
+        num_inputs=(2, 2),
+        optional_params=("bias",),
+    ),
+    OpSpec("channel_scale", "x * scale, scale [last axis] broadcast (as bias_add adds a bias).", params=("scale",)),
 )

@@ -270,8 +270,16 @@ class ObservingExecutor(GraphExecutor):
         unknown = sorted(set(observers) - {n.name for n in graph.nodes})
         if unknown:
             raise ValueError(f"graph {graph.name}: no node {unknown[0]!r} to observe")
-        for i, node in enumerate(graph.nodes):
+        # An observer sees a node's own inputs and output, so its node must be a step of its own
+        # (not decomposed into primitives, nor folded into another node's fused kernel).
+        whole = {step.root.name: i for i, step in enumerate(self.steps) if step.nodes == (step.root,)}
+        for node in graph.nodes:
             if node.name in observers:
+                i = whole.get(node.name)
+                if i is None or self.steps[i].root is not node:
+                    raise ValueError(
+                        f"graph {graph.name}: node {node.name!r} is not lowered on its own; cannot observe it"
+                    )
                 self.kernels[i] = _observed(self.kernels[i], node, observers[node.name])
 
 

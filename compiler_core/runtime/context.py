@@ -103,6 +103,29 @@ class KVCache:
         """Rows of the cache (0 for a graph without attention)."""
         return next((slot.k.shape[0] for slot in self.slots.values()), 0)
 
+    def rows(self, rows: range) -> KVCache:
+        """Cache rows ``rows`` (consecutive) alone, as a smaller batch sharing this cache's storage: a
+        forward pass given it reads and writes those rows only (in-flight batching fills a few slots
+        while the others wait for their next decode step)."""
+        if rows.step != 1:
+            raise ValueError(f"cache rows must be consecutive, got {rows}")
+        slots = {
+            name: CacheSlot(
+                slot.k.narrow(0, rows.start, len(rows)), slot.v.narrow(0, rows.start, len(rows)), slot.scale
+            )
+            for name, slot in self.slots.items()
+        }
+        return KVCache(slots, self.max_len)
+
+    def shift(self, offset: int) -> None:
+        """Move every row's entries ``offset`` columns along the sequence (left when negative), in place.
+
+        Entries pushed past one end come back at the other; callers mask those columns.
+        """
+        for slot in self.slots.values():
+            for stored in (_bytes(slot.k), _bytes(slot.v)):
+                stored.copy_(stored.roll(offset, dims=2))
+
     def reorder(self, index: torch.Tensor) -> None:
         """Gather batch rows (beam search keeps the cache of each surviving beam).
 

@@ -82,8 +82,21 @@ class DistributedRunner(ModelRunner):
     def reorder_cache(self, index: torch.Tensor) -> None:
         self.session.reorder_cache(index)
 
-    @torch.inference_mode()
+    @property
+    def supports_rows(self) -> bool:
+        return self.session.supports_rows
+
+    def row_logits(self, rows, ids, positions, attention_mask, start):
+        return self._forward(ids, positions, attention_mask, start, rows=rows)[:, -1]
+
+    def shift_cache(self, offset: int) -> None:
+        self.session.shift_cache(offset)
+
     def logits(self, ids, positions, attention_mask, start):
+        return self._forward(ids, positions, attention_mask, start)
+
+    @torch.inference_mode()
+    def _forward(self, ids, positions, attention_mask, start, **kw) -> torch.Tensor:
         m = self.mapping
         batch, seq = ids.shape[0], ids.shape[1]
         if m.is_first_stage(self.rank):
@@ -91,7 +104,7 @@ class DistributedRunner(ModelRunner):
         else:
             x = torch.empty(batch, seq, self.hidden_size, dtype=self.dtype, device=self.device)
             dist.recv(x, src=m.rank(self.tp_rank, self.stage - 1))
-        out = self.session.forward(x, positions, attention_mask, start)
+        out = self.session.forward(x, positions, attention_mask, start, **kw)
         if not m.is_last_stage(self.rank):
             self._check(out, (batch, seq, self.hidden_size), "hidden states")
             dist.send(out.contiguous(), dst=m.rank(self.tp_rank, self.stage + 1))

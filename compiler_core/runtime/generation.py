@@ -170,8 +170,9 @@ def _pad_id(config: GenerationConfig) -> int:
     return config.stop_ids[0] if config.stop_ids else 0
 
 
-def _filter_logits(logits: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
-    """Temperature, then top-k, then top-p, in transformers' order and with its tie rules."""
+def filter_logits(logits: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
+    """Temperature, then top-k, then top-p, in transformers' order and with its tie rules (``config`` needs
+    only ``temperature``, ``top_k`` and ``top_p``)."""
     logits = logits / config.temperature
     if config.top_k > 0:
         k = min(config.top_k, logits.shape[-1])
@@ -215,7 +216,7 @@ def _greedy_or_sample(runner: ModelRunner, prompts: list[list[int]], config: Gen
         if generator is None:
             tokens = logits.argmax(-1)
         else:
-            probs = _filter_logits(logits, config).softmax(-1)
+            probs = filter_logits(logits, config).softmax(-1)
             tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         # Finished rows keep running (the batch shape is fixed) but emit padding, as transformers does.
         tokens = tokens.masked_fill(done, pad_id)

@@ -47,6 +47,26 @@ class ModelRunner(ABC):
         """
         return self.logits(ids, positions, attention_mask, start)[:, -1]
 
+    @property
+    def supports_rows(self) -> bool:
+        """Whether :meth:`row_logits` and :meth:`shift_cache` work (every rank's session supports rows)."""
+        return False
+
+    def row_logits(
+        self, rows: range, ids: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor, start: int
+    ) -> torch.Tensor:
+        """Logits [len(rows), vocab] of the last of ``ids`` [len(rows), seq], run against the consecutive
+        cache rows ``rows`` alone.
+
+        The other rows' caches are left as they are, so newcomers' prompts fill their own slots
+        between two decode steps of the rest of the batch (in-flight batching).
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot run some cache rows alone")
+
+    def shift_cache(self, offset: int) -> None:
+        """Move every cache row's entries ``offset`` columns (see :meth:`KVCache.shift`)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot shift its KV cache")
+
 
 class ThreadGroup:
     """Collectives between tensor-parallel ranks that run as threads of one process."""
@@ -108,20 +128,37 @@ class LocalRunner(ModelRunner):
         for s in self.sessions:
             s.reorder_cache(index)
 
+    @property
+    def supports_rows(self) -> bool:
+        return all(s.supports_rows for s in self.sessions)
+
+    def row_logits(self, rows, ids, positions, attention_mask, start):
+        return self._forward(ids, positions, attention_mask, start, self._last_only(), rows=rows)[:, -1]
+
+    def shift_cache(self, offset: int) -> None:
+        for s in self.sessions:
+            s.shift_cache(offset)
+
     def logits(self, ids, positions, attention_mask, start):
         return self._forward(ids, positions, attention_mask, start, last_only=False)
 
     def last_logits(self, ids, positions, attention_mask, start):
-        last_stage = [self.sessions[r] for r in self.mapping.tp_group(self.mapping.world_size - 1)]
-        last_only = all(s.supports_last_only for s in last_stage)
-        return self._forward(ids, positions, attention_mask, start, last_only)[:, -1]
+        return self._forward(ids, positions, attention_mask, start, self._last_only())[:, -1]
 
-    def _forward(self, ids, positions, attention_mask, start, last_only: bool) -> torch.Tensor:
+    def _last_only(self) -> bool:
+        last_stage = [self.sessions[r] for r in self.mapping.tp_group(self.mapping.world_size - 1)]
+        return all(s.supports_last_only for s in last_stage)
+
+    def _forward(
+        self, ids, positions, attention_mask, start, last_only: bool, rows: range | None = None
+    ) -> torch.Tensor:
         x = ids
         for stage in range(self.mapping.pp_size):
             ranks = [self.mapping.rank(tp, stage) for tp in range(self.mapping.tp_size)]
             # Only the last stage may drop positions: earlier stages feed every position onwards.
             kw = {"last_only": True} if last_only and stage == self.mapping.pp_size - 1 else {}
+            if rows is not None:
+                kw["rows"] = rows
             outs = self._run_stage(ranks, x, positions, attention_mask, start, kw)
             x = outs[0]
         return x

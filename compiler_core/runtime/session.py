@@ -37,6 +37,15 @@ class RankSession(ABC):
     def reorder_cache(self, index: torch.Tensor) -> None:
         """Keep cache rows ``index`` (beam search)."""
 
+    #: True when ``forward`` accepts ``rows=range(a, b)`` (run a batch of ``b - a`` against those cache
+    #: rows alone, leaving the other rows' caches as they are) and ``shift_cache`` works: what
+    #: in-flight batching needs to fill some slots while the others keep decoding.
+    supports_rows: bool = False
+
+    def shift_cache(self, offset: int) -> None:
+        """Move every cache row's entries ``offset`` columns (see :meth:`KVCache.shift`)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot shift its KV cache")
+
 
 #: Static-shape (graph) decode allocates caches in multiples of this many tokens.
 GRAPH_LEN_STEP = 64
@@ -54,6 +63,7 @@ class TorchSession(RankSession):
     """
 
     supports_last_only = True
+    supports_rows = True
 
     def __init__(
         self,
@@ -84,20 +94,25 @@ class TorchSession(RankSession):
         self._step = None  # a captured step refers to the previous cache's storage
 
     @torch.inference_mode()
-    def forward(self, x, positions, attention_mask, start, last_only: bool = False):
+    def forward(self, x, positions, attention_mask, start, last_only: bool = False, rows: range | None = None):
         x = x.to(self.device)
         capturable = self.comm is None or self.comm.graph_capturable
-        if self.decode_mode != "dynamic" and x.shape[1] == 1 and self.cache is not None and capturable:
+        static = self.decode_mode != "dynamic" and x.shape[1] == 1 and capturable
+        if static and rows is None and self.cache is not None:
             return self._static_forward(x, positions, attention_mask, start)
         ctx = ForwardContext(
             positions=positions.to(self.device),
             attention_mask=attention_mask.to(self.device),
             start=start,
-            cache=self.cache,
+            cache=self.cache if rows is None or self.cache is None else self.cache.rows(rows),
             comm=self.comm,
         )
         (out,) = self.executor.run({self.graph.inputs[0]: x}, ctx, last_only=last_only).values()
         return out
+
+    def shift_cache(self, offset: int) -> None:
+        if self.cache is not None:
+            self.cache.shift(offset)  # in place: a captured step keeps reading the same storage
 
     def reorder_cache(self, index):
         if self.cache is not None:

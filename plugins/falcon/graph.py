@@ -164,16 +164,6 @@ def build_graph(config: dict[str, Any], mapping: Mapping, rank: int, dtype: str,
     return g.build(
         inputs,
         outputs,
-        attrs={
-            "architecture": "falcon",
-            "dtype": dtype,
-            "rank": rank,
-            "mapping": mapping.to_json(),
-            "layers": [layers.start, layers.stop],
-            "vocab_size": vocab,
-            "hidden_size": hidden,
-            "first_stage": first,
-            "last_stage": last,
-            "padded_params": padded_params,
-        },
+        # The core fills in the runtime's attributes (architecture, rank, mapping, layers, stages).
+        attrs={"vocab_size": vocab, "hidden_size": hidden, "padded_params": padded_params},
     )

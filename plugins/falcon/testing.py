@@ -39,3 +39,9 @@ def tiny_hf_dirs(root: Path, tokenizer: Any, num_layers: int = 2) -> Callable[[s
         return made[variant]
 
     return get
+
+
+def shared_model_cache(tmp_path_factory: Any) -> Path:
+    """A model cache shared by every test of one pytest session (never the user's own cache), so that
+    the trained tiny Falcon is trained once per session, by whichever test asks first."""
+    return Path(tmp_path_factory.getbasetemp()) / "modelc-cache"

@@ -1,7 +1,8 @@
 """Tiny Hugging Face Falcon checkpoints made locally: random weights, real files, real tokenizer.
 
-Used by the tests (every variant) and by the README's demo. Nothing is downloaded: the
-tokenizer is a byte-level BPE trained with ``tokenizers`` on the corpus modelc ships.
+Used by the tests (every variant); the README's demo uses the trained ones of ``trained.py``.
+Nothing is downloaded: the tokenizer is a byte-level BPE trained with ``tokenizers`` on the
+corpus modelc ships.
 """
 
 from __future__ import annotations
@@ -154,9 +155,26 @@ def randomize_norms_and_biases(model) -> None:
 @option("--output_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Where to write it.")
 @option("--variant", default="rw", show_default=True, type=click.Choice(sorted(VARIANTS)), help="Falcon flavour.")
 @option("--num_layers", default=3, show_default=True, type=int, help="Decoder layers.")
-@option("--seed", default=0, show_default=True, type=int, help="Weight initialisation seed.")
+@option("--seed", default=0, show_default=True, type=int, help="Weight initialisation (and training batch) seed.")
 @option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16", "bfloat16"]))
-def tiny_falcon_command(output_dir: Path, variant: str, num_layers: int, seed: int, dtype: str) -> None:
-    """Make a tiny random-weight Hugging Face Falcon checkpoint locally (no downloads)."""
-    make_tiny_falcon(output_dir, variant, seed=seed, dtype=dtype, num_layers=num_layers)
-    click.echo(f"wrote tiny Falcon ({variant}, {num_layers} layers) to {output_dir}")
+@option(
+    "--trained",
+    is_flag=True,
+    help="Train it on the corpus modelc ships (deterministic, about a minute on two CPU cores, cached in "
+    "$MODELC_CACHE_DIR, else ~/.cache/modelc) so that its text is English-like; without it the weights are random.",
+)
+def tiny_falcon_command(output_dir: Path, variant: str, num_layers: int, seed: int, dtype: str, trained: bool) -> None:
+    """Make a tiny Hugging Face Falcon checkpoint locally (no downloads): random weights, or --trained."""
+    if not trained:
+        make_tiny_falcon(output_dir, variant, seed=seed, dtype=dtype, num_layers=num_layers)
+        click.echo(f"wrote tiny Falcon ({variant}, {num_layers} layers, random weights) to {output_dir}")
+        return
+    from modelc_plugins.falcon.trained import TrainingRecipe, make_trained_tiny_falcon
+
+    recipe = TrainingRecipe(num_layers=num_layers, seed=seed)
+    made = make_trained_tiny_falcon(output_dir, variant, recipe, dtype=dtype)
+    origin = "from the cache" if made.from_cache else "trained now"
+    click.echo(
+        f"wrote tiny Falcon ({variant}, {num_layers} layers, trained on the shipped corpus for {recipe.steps} steps, "
+        f"final loss {made.final_loss:.2f}, {origin}) to {output_dir}"
+    )

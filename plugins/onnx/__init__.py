@@ -1,16 +1,16 @@
 """The ``onnx`` backend plugin: the IR lowered to standard ONNX, run with onnxruntime.
 
-Its lowering (``lower_layer`` with ``backend="onnx"``) is also what the ``tensorrt`` backend feeds
-to TensorRT's ONNX parser. Quantization plugins lower their own ops through the same hook with
-the :class:`modelc_plugins.onnx.lowering.OnnxLowering` context (see docs/ONNX_TENSORRT.md).
+Its lowerings (``register_lowerings`` entries for ``backend="onnx"``: the core ops, the quantization
+primitives and a fused dequantize-into-MatMul pattern) are also what the ``tensorrt`` backend feeds
+to TensorRT's ONNX parser. A quantized op needs no ONNX code of its own when it registers a
+decomposition into the primitives; a plugin can still register ``Lowering(op, "onnx", fn)`` with the
+:class:`modelc_plugins.onnx.lowering.OnnxLowering` context (see docs/ONNX_TENSORRT.md).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 from compiler_core import hookimpl
-from compiler_core.ir import Graph, Node
+from compiler_core.lowering import Lowering
 
 __version__ = "0.1.0"
 
@@ -22,11 +22,11 @@ def register_backends(register) -> None:
     register(OnnxBackend())
 
 
-@hookimpl(trylast=True)
-def lower_layer(node: Node, graph: Graph, backend: str, context: Any):
-    if backend != "onnx":
-        return None
+@hookimpl
+def register_lowerings(register) -> None:
     from modelc_plugins.onnx.ops import CORE_LOWERINGS
+    from modelc_plugins.onnx.quant import DEQUANTIZED_MATMUL, QUANT_LOWERINGS
 
-    lower = CORE_LOWERINGS.get(node.op)
-    return None if lower is None else lower(node, context)
+    for op, lower in {**CORE_LOWERINGS, **QUANT_LOWERINGS}.items():
+        register(Lowering(op, "onnx", lower))
+    register(DEQUANTIZED_MATMUL)

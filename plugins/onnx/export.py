@@ -34,6 +34,7 @@ from onnx import TensorProto, helper
 
 from compiler_core.errors import ModelcError
 from compiler_core.ir import Graph, Node
+from compiler_core.lowering import LoweringTable, plan_lowering
 from compiler_core.registry import Registry
 
 PLAN_VERSION = 1
@@ -148,15 +149,23 @@ def graph_input_types(graph: Graph) -> dict[str, ValueType]:
 
 
 def export_rank(
-    registry: Registry, graph: Graph, weights: Mapping[str, torch.Tensor], out_dir: Path, rank: int
+    registry: Registry,
+    graph: Graph,
+    weights: Mapping[str, torch.Tensor],
+    out_dir: Path,
+    rank: int,
+    lowerings: LoweringTable | None = None,
 ) -> RankPlan:
-    """Write rank ``rank`` of ``graph`` as ONNX into ``out_dir``, each node lowered by the first of
-    ``registry``'s plugins that lowers it for onnx; return its plan."""
+    """Write rank ``rank`` of ``graph`` as ONNX into ``out_dir``; return its plan.
+
+    Nodes are lowered with ``lowerings`` (default ``registry.lowerings``) for ``backend="onnx"``.
+    """
     out_dir = Path(out_dir)
     parts = split_at_collectives(graph)
     segments = sum(isinstance(p, list) for p in parts)
     known = graph_input_types(graph)
     later_uses = _later_uses(graph, parts)
+    table = registry.lowerings if lowerings is None else lowerings
     tp_size = int(graph.attrs.get("mapping", {}).get("tp_size", 0)) or None
     steps: list[Step] = []
     cache: dict[str, CacheSpec] = {}
@@ -169,14 +178,12 @@ def export_rank(
                 continue
             name = f"rank{rank}.onnx" if segments == 1 else f"rank{rank}.seg{index}.onnx"
             ctx = OnnxLowering(graph, weights, data, name.removesuffix(".onnx"), dict(known))
-            for node in part:
-                ctx.begin(node)
-                lowered = registry.lower_layer(node=node, graph=graph, backend="onnx", context=ctx)
-                if lowered is None:
-                    raise ModelcError(f"node {node.name}: no plugin lowers op {node.op!r} for the onnx backend")
-                if len(lowered) != len(node.outputs):
-                    raise ModelcError(f"node {node.name}: the onnx lowering returned {len(lowered)} outputs")
-                ctx.bound.update(zip(node.outputs, lowered, strict=True))
+            for step in plan_lowering(part, graph, "onnx", table, later_uses[i]):
+                ctx.begin(step.root)
+                lowered = step.lower(ctx)
+                if len(lowered) != len(step.outputs):
+                    raise ModelcError(f"node {step.root.name}: the onnx lowering returned {len(lowered)} outputs")
+                ctx.bound.update(zip(step.outputs, lowered, strict=True))
             exported = [v for n in part for v in n.outputs if v in later_uses[i]]
             step = _write_segment(ctx, exported, out_dir / name)
             known.update({v: step.types[v] for v in exported})

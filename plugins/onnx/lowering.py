@@ -1,4 +1,4 @@
-"""The onnx backend's lowering context: what a ``lower_layer(backend="onnx")`` implementation uses.
+"""The onnx backend's lowering context: what a ``Lowering(op, "onnx", fn)`` or fused pattern receives.
 
 One :class:`OnnxLowering` builds one segment of one rank's graph (a whole rank when the rank has no
 collectives). A lowering reads its IR inputs with :meth:`OnnxLowering.inputs`, adds weights with
@@ -8,8 +8,9 @@ of the node's outputs. Values every attention layer shares (position ids, the at
 sequence lengths, rotary tables, the causal mask) are built once per segment and memoised.
 
 The helpers at the bottom (:func:`emit_dequantize`, :func:`emit_quantize`, :func:`emit_matmul`)
-are what quantization plugins use to express FP8 and blocked INT4 layers as QuantizeLinear /
-DequantizeLinear the way TensorRT's ONNX parser accepts them (symmetric, scales as initializers).
+express quantization as QuantizeLinear / DequantizeLinear the way TensorRT's ONNX parser accepts
+them (symmetric, scales as initializers); the quantization primitives' lowerings
+(:mod:`modelc_plugins.onnx.quant`) and the FP8 KV cache use them.
 """
 
 from __future__ import annotations
@@ -431,7 +432,7 @@ def _dtype_name(tensor: torch.Tensor | np.ndarray) -> str:
         raise ValueError(f"tensor dtype {tensor.dtype} has no ONNX element type") from None
 
 
-# --- helpers for quantization plugins ---------------------------------------------------------
+# --- quantize / dequantize helpers ---------------------------------------------------------
 
 
 def _as_value(ctx: OnnxLowering, x: str | torch.Tensor, hint: str) -> str:

@@ -4,14 +4,17 @@
 * :mod:`modelc_plugins.quant_awq.search`: AWQ scale and clip searches (pure functions).
 * :mod:`modelc_plugins.quant_awq.calibrate`: where scales go (the architecture's ``scale_groups``), calibration.
 * :mod:`modelc_plugins.quant_awq.transform`: the ``awq_linear`` op and the per-rank graph rewrite.
-* :mod:`modelc_plugins.quant_awq.lowering`: kernels for each backend.
+* :mod:`modelc_plugins.quant_awq.decomposition`: ``awq_linear`` as core dequantize / matmul primitives,
+  which every backend lowers (the torch backend's fused int4 GEMM included).
 """
 
 from __future__ import annotations
 
+from modelc_plugins.quant_awq.decomposition import decompose_awq_linear
 from modelc_plugins.quant_awq.transform import AWQ_LINEAR, OP
 
 from compiler_core import hookimpl
+from compiler_core.lowering import Decomposition
 
 __version__ = "0.1.0"
 
@@ -29,15 +32,5 @@ def register_quant_schemes(register) -> None:
 
 
 @hookimpl
-def lower_layer(node, graph, backend, context):
-    if node.op != OP:
-        return None
-    if backend == "torch":
-        from modelc_plugins.quant_awq.lowering import lower_awq_linear_torch
-
-        return lower_awq_linear_torch(node, context)
-    if backend == "onnx":
-        from modelc_plugins.quant_awq.lowering import lower_awq_linear_onnx
-
-        return lower_awq_linear_onnx(node, context)
-    return None
+def register_lowerings(register) -> None:
+    register(Decomposition(OP, decompose_awq_linear))

@@ -9,12 +9,11 @@ Group ``g`` of row ``o`` has one scale ``scales[o, g] = amax / 7`` over the chan
 (TensorRT and ModelOpt INT4 are symmetric: no zero point), and
 ``q = clamp(round_half_even(w / scale), -8, 7)``.
 
-Packing is along the input dim (dim 1): byte ``[o, j]`` holds ``q[o, 2j]`` in its low nibble and
-``q[o, 2j + 1]`` in its high nibble, i.e. TensorRT-LLM's ``q[:, 1::2] * 16 + (q[:, ::2] & 0xF)``.
-That is also ONNX's int4 byte order for a row-major ``[out, in]`` tensor, so the packed bytes are
-a DequantizeLinear initializer as they are. Packing along ``in`` keeps every output row intact,
-so row-wise transforms (column-parallel splits, Falcon's fused-QKV reorder) apply to the packed
-weight and its scales exactly as to a plain weight. It needs an even ``in``.
+Packing is along the input dim (dim 1), as :mod:`compiler_core.formats.int4` stores int4 for the
+core ``dequantize`` primitive (:func:`pack_int4` / :func:`unpack_int4` come from there). Packing
+along ``in`` keeps every output row intact, so row-wise transforms (column-parallel splits,
+Falcon's fused-QKV reorder) apply to the packed weight and its scales exactly as to a plain
+weight. It needs an even ``in``.
 
 Internally, a ragged row is zero-padded to whole groups before it is reshaped into groups: a zero
 changes no group's max |w| and quantizes to code 0, and the padding is cut off again.
@@ -24,6 +23,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+# Re-exported: the AWQ code and its tests use the core's int4 storage through this module.
+from compiler_core.formats.int4 import pack_int4 as pack_int4
+from compiler_core.formats.int4 import unpack_int4 as unpack_int4
 
 INT4_MIN, INT4_MAX = -8, 7
 
@@ -138,23 +141,6 @@ def fake_quantize(w: torch.Tensor, group_size: int, amax: torch.Tensor | None = 
     check_group_size(group_size)
     scales = scales_from_amax(group_amax(w, group_size) if amax is None else amax)
     return ungrouped(_grouped_codes(w, group_size, amax, scales).mul_(scales[..., None]), w.shape[1])
-
-
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """int4 codes ``[out, in]`` (int8 in [-8, 7]) -> packed int8 ``[out, in / 2]``, low nibble = even index."""
-    if q.shape[-1] % 2:
-        raise ValueError(f"cannot pack an odd input dim ({q.shape[-1]}) into int4 pairs")
-    q = q.to(torch.int8)
-    # hi << 4 keeps hi's sign in the top nibble; masking lo keeps its sign bits out of hi's nibble.
-    return (q[..., 1::2] << 4) | (q[..., 0::2] & 0x0F)
-
-
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`pack_int4`: int8 ``[out, in / 2]`` -> sign-extended codes int8 ``[out, in]``."""
-    p = packed.to(torch.int8)
-    lo = (p << 4) >> 4  # arithmetic shifts on int8 sign-extend the nibble
-    hi = p >> 4
-    return torch.stack((lo, hi), dim=-1).reshape(*p.shape[:-1], p.shape[-1] * 2)
 
 
 def dequantize_packed(packed: torch.Tensor, scales: torch.Tensor, group_size: int, dtype: torch.dtype) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """Every hook and every per-family or per-scheme method, called the way the core calls them:
-registration results, the ``lower_layer`` broadcast's order, and the base classes' defaults."""
+registration results, the lowering table, and the base classes' defaults."""
 
 from __future__ import annotations
 
@@ -116,7 +116,7 @@ def test_map_weight_default_knows_no_tensor():
             raise NotImplementedError
 
     assert Bare().map_weight({}, "x.weight", torch.zeros(1)) is None
-    assert Bare().scale_groups(Graph("g", (), (), (), {}), {}) == []
+    assert Bare().scale_groups(Graph("g", (), (), (), {}), {}) is None  # None: the core derives them
 
 
 def test_unmapped_tensor_is_an_error_naming_it(tiny_falcon, tmp_path):
@@ -332,32 +332,38 @@ def test_scale_groups_derived_from_the_graph_are_what_falcon_names(registry, fal
     assert ScaleGroup("ln_f", ("lm_head",)) in derived
 
 
-# --- lower_layer -----------------------------------------------------------------------------
+# --- register_lowerings -----------------------------------------------------------------------
 
 
-def test_lower_layer_core_kernels_and_plugin_override(host, falcon_config):
+def test_core_lowerings_run_and_a_plugin_fused_pattern_takes_over_one_op(host, falcon_config):
+    from compiler_core.backends.torch.executor import GraphExecutor
+    from compiler_core.lowering import FusedPattern, Pattern
+
     graph = rank_graph(host.registry, {**falcon_config, "mapping": Mapping().to_json()}, 0)
     weights = {name: torch.randn(p.shape) for name, p in graph.params.items()}
+    table = host.registry.lowerings
+    assert table.lowering("linear", "torch") is not None and table.lowering("linear", "no_such_backend") is None
     low = TorchLowering(weights, torch.device("cpu"), graph)
     node = graph.node("layers.0.mlp.fc")
-    kernel = host.pm.hook.lower_layer(node=node, graph=graph, backend="torch", context=low)
+    kernel = table.lowering("linear", "torch").fn(node, low)
     x = torch.randn(1, 3, 64)
     ctx = ForwardContext.for_prompt(torch.ones(1, 3, dtype=torch.long))
     expected = x @ weights["layers.0.mlp.fc.weight"].T + weights["layers.0.mlp.fc.bias"]
     torch.testing.assert_close(kernel(ctx, x), expected)
-    assert host.pm.hook.lower_layer(node=node, graph=graph, backend="no_such_backend", context=None) is None
 
     class Doubler:
         @hookimpl
-        def lower_layer(self, node, graph, backend, context):
-            if backend == "torch" and node.op == "gelu":
-                return lambda ctx, x: 2 * x
-            return None
+        def register_lowerings(self, register):
+            register(FusedPattern("doubled_gelu", "torch", Pattern("gelu"), lambda match, low: lambda ctx, x: 2 * x))
 
-    act = graph.node("layers.0.mlp.act")
     doubling = Host.load(extra={"doubler": Doubler()}).registry
-    assert torch.equal(doubling.lower_layer(node=act, graph=graph, backend="torch", context=low)(ctx, x), 2 * x)
-    assert doubling.lower_layer(node=node, graph=graph, backend="torch", context=low) is not None
+    executor = GraphExecutor(doubling, graph, weights)
+    by_root = {step.root.name: (step, k) for step, k in zip(executor.steps, executor.kernels, strict=True)}
+    step, gelu = by_root["layers.0.mlp.act"]
+    assert step.fused is not None and step.fused.name == "doubled_gelu"
+    assert torch.equal(gelu(ctx, x), 2 * x)
+    assert by_root["layers.0.mlp.fc"][0].fused is None
+    assert doubling.provided_by[("fused_patterns", "torch:doubled_gelu")] == "doubler"
 
 
 def test_executor_names_a_node_nobody_lowers():
@@ -424,5 +430,7 @@ def test_convert_and_run_use_the_registry_they_are_given(tiny_falcon, tmp_path: 
         undo()
     params = sum(len(s.graph.params) for s in runner.sessions)
     assert methods["map_weight"] > 0 and methods["shard_param"] == params
-    # One lowering per node of each rank's graph, the only way the executor gets a kernel.
-    assert called["lower_layer"] == sum(len(s.graph.nodes) for s in runner.sessions)
+    # Every node of each rank's graph is lowered through the registered table, once.
+    for session in runner.sessions:
+        lowered = [n.name for step in session.executor.steps for n in step.nodes]
+        assert lowered == [n.name for n in session.graph.nodes]

@@ -29,7 +29,7 @@ def test_hookspecs_are_found():
     names = set(hookspec_functions())
     registration = {"register_ops", "register_architectures", "register_quant_schemes", "register_backends"}
     # Per-family and per-scheme behaviour are methods of the registered objects, not hooks.
-    assert names == {*registration, "register_commands", "lower_layer"}
+    assert names == {*registration, "register_commands", "register_lowerings"}
 
 
 @pytest.mark.parametrize("name", sorted(hookspec_functions()))

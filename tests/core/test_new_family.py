@@ -3,7 +3,7 @@
 This file defines a Llama-style architecture from scratch (RMSNorm, rotary GQA attention,
 SwiGLU MLP, untied LM head) as a throwaway plugin object: its architecture (with its weight
 mapping as a method) and one op of its own (``concat``, with a torch kernel through
-``lower_layer``), loaded into a host of its own. The core then converts a real Hugging Face
+``register_lowerings``), loaded into a host of its own. The core then converts a real Hugging Face
 ``LlamaForCausalLM`` checkpoint with it, shards it for tensor and pipeline parallelism with the
 base class's default rules, and the reference executor's logits match transformers' with a KV cache.
 """
@@ -21,6 +21,7 @@ from compiler_core.api import Architecture
 from compiler_core.convert.from_hf import convert
 from compiler_core.host import Host
 from compiler_core.ir import Graph, GraphBuilder, OpSpec
+from compiler_core.lowering import Lowering
 from compiler_core.mapping import Mapping
 from compiler_core.model import rank_graph
 from compiler_core.registry import Registry
@@ -117,6 +118,11 @@ class ToyLlama(Architecture):
         return g.build(inputs, [x], attrs={"dtype": dtype, "rank": rank, "layers": [layers.start, layers.stop]})
 
 
+def lower_concat(node, low):
+    axis = int(node.attrs["axis"])
+    return lambda ctx, *xs: torch.cat(xs, dim=axis)
+
+
 class ToyLlamaPlugin:
     """Everything the family needs, through the public hooks only."""
 
@@ -129,11 +135,8 @@ class ToyLlamaPlugin:
         register(OpSpec("concat", "Concatenate the inputs along `axis`.", num_inputs=(2, 8), attrs=("axis",)))
 
     @hookimpl
-    def lower_layer(self, node, graph, backend, context):
-        if node.op != "concat" or backend != "torch":
-            return None
-        axis = int(node.attrs["axis"])
-        return lambda ctx, *xs: torch.cat(xs, dim=axis)
+    def register_lowerings(self, register):
+        register(Lowering("concat", "torch", lower_concat))
 
 
 @pytest.fixture(scope="module")

@@ -86,7 +86,7 @@ MISSPELT = """
     from compiler_core import hookimpl
 
     @hookimpl
-    def lower_layers(node, graph, backend, context):
+    def register_lowering(register):
         return None
 """
 
@@ -94,7 +94,7 @@ BAD_SIGNATURE = """
     from compiler_core import hookimpl
 
     @hookimpl
-    def lower_layer(node, graph, backend, context, device):
+    def register_lowerings(register, device):
         return None
 """
 
@@ -187,21 +187,21 @@ def test_env_restricts_modelc_plugins_json_in_a_subprocess():
 
 class Misspelt:
     @hookimpl
-    def lower_layers(self, node, graph, backend, context):  # the spec is lower_layer
+    def register_lowering(self, register):  # the spec is register_lowerings
         return None
 
 
 def test_check_pending_catches_a_misspelt_hookimpl():
     pm = new_plugin_manager()
     pm.register(Misspelt(), name="misspelt")
-    with pytest.raises(pluggy.PluginValidationError, match="unknown hook 'lower_layers'"):
+    with pytest.raises(pluggy.PluginValidationError, match="unknown hook 'register_lowering'"):
         pm.check_pending()
 
 
 def test_register_checked_rejects_misspelt_hook_and_leaves_manager_clean():
     pm = new_plugin_manager()
     before = {name for name in vars(pm.hook) if not name.startswith("_")}
-    with pytest.raises(pluggy.PluginValidationError, match=r"'lower_layers'.*did you mean 'lower_layer'"):
+    with pytest.raises(pluggy.PluginValidationError, match=r"'register_lowering'.*did you mean 'register_lowerings'"):
         register_checked(pm, Misspelt(), "misspelt")
     assert not pm.has_plugin("misspelt")
     pm.check_pending()  # nothing of the rejected plugin is left behind
@@ -211,12 +211,12 @@ def test_register_checked_rejects_misspelt_hook_and_leaves_manager_clean():
 def test_misspelt_entry_point_plugin_is_reported_and_others_load(fake_eps):
     fake_eps.add("typo", MISSPELT)
     fake_eps.add("good", GOOD.format(op="good_op"))
-    with pytest.warns(PluginLoadWarning, match=r"'typo' failed to load: PluginValidationError: .*'lower_layers'"):
+    with pytest.warns(PluginLoadWarning, match=r"'typo' failed to load: PluginValidationError: .*'register_lowering'"):
         host = Host.load()
     status = names(host.plugin_info())
     assert status == {"core": "loaded", "good": "loaded", "typo": "failed"}
     assert not host.pm.has_plugin("typo")
-    assert [i.plugin_name for i in host.pm.hook.lower_layer.get_hookimpls()] == ["core"]
+    assert [i.plugin_name for i in host.pm.hook.register_lowerings.get_hookimpls()] == ["core"]
 
 
 def test_hook_with_wrong_signature_is_reported(fake_eps):

@@ -35,8 +35,8 @@ def test_example_plugin_installs_into_a_venv_and_shows_up(tmp_path):
     assert hello["status"] == "loaded"
     assert hello["version"] == "0.3.0"
     assert hello["package"] == "modelc-hello-plugin"
-    assert hello["provides"] == {"commands": ["hello"], "ops": ["hello_scale"]}
-    assert {"register_ops", "lower_layer", "register_commands"} <= set(hello["hooks"])
+    assert hello["provides"] == {"commands": ["hello"], "lowerings": ["torch:hello_scale"], "ops": ["hello_scale"]}
+    assert {"register_ops", "register_lowerings", "register_commands"} <= set(hello["hooks"])
     assert info["falcon"]["status"] == "loaded"
 
     greeted = check_ok(venv.modelc("hello", "--name", "venv", "--scale-factor", "0.5"))

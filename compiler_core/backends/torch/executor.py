@@ -1,4 +1,4 @@
-"""Runs a graph node by node with kernels obtained from the ``lower_layer`` hook."""
+"""Runs a graph step by step with kernels from the lowering table (:mod:`compiler_core.lowering`)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,16 @@ from compiler_core.backends.torch.kernels import TorchLowering
 from compiler_core.dtypes import torch_dtype
 from compiler_core.errors import ModelcError
 from compiler_core.ir import Graph, Node, OpSpec
+from compiler_core.lowering import LoweringTable, plan_lowering
 from compiler_core.registry import Registry
 from compiler_core.runtime.context import ForwardContext, KVCache
 
 #: Core ops that treat every position on its own (no mixing along the sequence axis).
 POSITIONWISE_OPS = frozenset(
-    {"embedding", "layer_norm", "rms_norm", "linear", "bias_add", "gelu", "relu", "silu", "add", "mul", "all_reduce"}
+    {
+        *("embedding", "layer_norm", "rms_norm", "linear", "bias_add", "gelu", "relu", "silu", "add", "mul"),
+        *("all_reduce", "matmul", "channel_scale"),
+    }
 )
 #: OpSpec tags that mark a plugin's op as position-wise (quantized linears, ...).
 POSITIONWISE_TAGS = frozenset({"linear", "quantized_linear", "positionwise"})
@@ -26,8 +30,9 @@ POSITIONWISE_TAGS = frozenset({"linear", "quantized_linear", "positionwise"})
 class GraphExecutor:
     """The torch reference executor for one rank's graph.
 
-    Kernels come from ``registry.lower_layer`` with ``backend="torch"``, so a plugin's op (a
-    quantized linear, say) runs here exactly like a core op. Intermediate values are dropped
+    Kernels come from ``lowerings`` (default ``registry.lowerings``) for ``backend="torch"``, so a plugin's op (a
+    quantized linear, say) runs here exactly like a core op: through its own torch lowering, a
+    fused pattern, or its decomposition into core primitives. Intermediate values are dropped
     after their last use. ``weights`` are the rank's weights as held in memory: on CPU, a float32
     weight whose values are all bfloat16 numbers may be held as bfloat16 (see ``held_for_cpu``).
     """
@@ -38,6 +43,7 @@ class GraphExecutor:
         graph: Graph,
         weights: Mapping[str, torch.Tensor],
         device: torch.device | str = "cpu",
+        lowerings: LoweringTable | None = None,
     ):
         self.graph = graph
         self.device = torch.device(device)
@@ -47,25 +53,27 @@ class GraphExecutor:
             raise ModelcError(f"graph {graph.name}: no weight for parameter {missing[0]!r}")
         self.weights = _held_weights(weights, graph.params, self.device)
         lowering = TorchLowering(self.weights, self.device, graph)
-        self.kernels = []
-        for node in graph.nodes:
-            kernel = registry.lower_layer(node=node, graph=graph, backend="torch", context=lowering)
-            if kernel is None:
-                raise ModelcError(f"node {node.name}: no plugin lowers op {node.op!r} for the torch backend")
-            self.kernels.append(kernel)
+        table = registry.lowerings if lowerings is None else lowerings
+        self.steps = plan_lowering(graph.nodes, graph, "torch", table)
+        self.kernels = [step.lower(lowering) for step in self.steps]
         last_use: dict[str, int] = {}
-        for i, node in enumerate(graph.nodes):
-            for value in node.inputs:
+        for i, step in enumerate(self.steps):
+            for value in step.inputs:
                 last_use[value] = i
         keep = set(graph.outputs)
         self._free_after = [
-            [v for v in node.inputs if last_use[v] == i and v not in keep] for i, node in enumerate(graph.nodes)
+            [v for v in step.inputs if last_use[v] == i and v not in keep] for i, step in enumerate(self.steps)
         ]
-        # Everything after node `_tail_start - 1` is position-wise (ln_f, lm_head, the last MLP...):
+        # Values computed from weights alone (a dequantized weight): no positions to cut.
+        self._weight_values: set[str] = set()
+        for step in self.steps:
+            if all(v in self._weight_values for v in step.inputs):
+                self._weight_values.update(step.outputs)
+        # Everything after step `_tail_start - 1` is position-wise (ln_f, lm_head, the last MLP...):
         # when only the last position's output is wanted, the live values are cut to it there.
         self._tail_start = 0
-        for i, node in enumerate(graph.nodes):
-            if not _positionwise(node, registry.ops):
+        for i, step in enumerate(self.steps):
+            if not all(_positionwise(node, registry.ops) for node in step.nodes):
                 self._tail_start = i + 1
 
     def cache_specs(self) -> dict[str, dict[str, Any]]:
@@ -91,19 +99,22 @@ class GraphExecutor:
         """Outputs for ``inputs`` [batch, seq, ...]; ``last_only`` computes them for the last position only
         (the same values as the last position of a full run, without the full run's position-wise tail)."""
         values: dict[str, torch.Tensor] = dict(inputs)
-        for i, (node, kernel, dead) in enumerate(zip(self.graph.nodes, self.kernels, self._free_after, strict=True)):
+        for i, (step, kernel, dead) in enumerate(zip(self.steps, self.kernels, self._free_after, strict=True)):
             if last_only and i == self._tail_start:
-                values = {name: value[:, -1:] for name, value in values.items()}
-            out = kernel(ctx, *(values[v] for v in node.inputs))
-            if len(node.outputs) == 1:
-                values[node.outputs[0]] = out
+                values = self._last_position(values)
+            out = kernel(ctx, *(values[v] for v in step.inputs))
+            if len(step.outputs) == 1:
+                values[step.outputs[0]] = out
             else:
-                values.update(zip(node.outputs, out, strict=True))
+                values.update(zip(step.outputs, out, strict=True))
             for v in dead:
                 del values[v]
-        if last_only and self._tail_start == len(self.graph.nodes):
-            values = {name: value[:, -1:] for name, value in values.items()}
+        if last_only and self._tail_start == len(self.steps):
+            values = self._last_position(values)
         return {name: values[name] for name in self.graph.outputs}
+
+    def _last_position(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: v if name in self._weight_values else v[:, -1:] for name, v in values.items()}
 
 
 def _held_weights(
@@ -126,10 +137,10 @@ def _held_weights(
 
 def _positionwise(node: Node, ops: Mapping[str, OpSpec]) -> bool:
     """True when ``node`` computes each sequence position independently of the others."""
-    if node.op in POSITIONWISE_OPS:
+    if node.op in POSITIONWISE_OPS or not node.inputs:  # no inputs: it reads weights only
         return True
-    if node.op in ("all_gather", "narrow"):
-        axis = int(node.attrs["axis"])
-        return axis == -1 or axis >= 2
+    if node.op in ("all_gather", "narrow", "quantize", "dequantize"):
+        axis = node.attrs.get("axis")
+        return axis is None or int(axis) == -1 or int(axis) >= 2
     spec = ops.get(node.op)
     return spec is not None and bool(spec.tags & POSITIONWISE_TAGS)

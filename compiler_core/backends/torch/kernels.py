@@ -98,7 +98,11 @@ def lower_linear(node: Node, low: TorchLowering) -> Kernel:
     if compact is not None:
         compact_linear = bf16_linear(compact, bias)
         return lambda ctx, x: compact_linear(x)
-    weight = low.param(node, "weight")
+    return dense_linear(low.param(node, "weight"), bias)
+
+
+def dense_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Kernel:
+    """``x @ weight.T (+ bias)`` for a dense weight, through the CPU fast path where it applies."""
     fast = cpu_linear(weight, bias)
     if fast is not None:
         return lambda ctx, x: fast(x)

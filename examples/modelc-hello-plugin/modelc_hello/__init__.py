@@ -5,8 +5,8 @@ It uses only modelc's public surface: ``compiler_core.hookimpl``, the IR (``OpSp
 host) and the reference executor. It provides
 
 * an IR op, ``hello_scale`` (``y = x * factor``), declared through ``register_ops``;
-* that op's torch kernel, through ``lower_layer`` (so the reference executor and the torch
-  backend can run any graph that contains it);
+* that op's torch kernel, a ``Lowering(op, "torch", fn)`` through ``register_lowerings`` (so the
+  reference executor and the torch backend can run any graph that contains it);
 * a subcommand, ``modelc hello``, through ``register_commands``: it builds a one-node graph
   with the op, validates it and runs it with the reference executor.
 """
@@ -21,6 +21,7 @@ from compiler_core import hookimpl
 from compiler_core.cli.options import option
 from compiler_core.host import Host
 from compiler_core.ir import Graph, GraphBuilder, Node, OpSpec
+from compiler_core.lowering import Lowering
 from compiler_core.registry import Registry
 
 __version__ = "0.3.0"
@@ -37,13 +38,16 @@ def register_ops(register) -> None:
     register(HELLO_SCALE)
 
 
-@hookimpl
-def lower_layer(node: Node, graph: Graph, backend: str, context: Any):
-    # Answer only for our own op on the torch backend; None lets other plugins (and the core) answer.
-    if node.op != HELLO_SCALE.name or backend != "torch":
-        return None
+def lower_hello_scale(node: Node, context: Any):
+    """The torch kernel of one ``hello_scale`` node: ``fn(ctx, x) -> x * factor``."""
     factor = float(node.attrs["factor"])
     return lambda ctx, x: x * factor
+
+
+@hookimpl
+def register_lowerings(register) -> None:
+    # One entry per (op, backend) this plugin can run; other backends simply have no lowering of it.
+    register(Lowering(HELLO_SCALE.name, "torch", lower_hello_scale))
 
 
 def hello_graph(factor: float) -> Graph:

@@ -25,14 +25,15 @@ def test_validator_uses_the_op_signature(hello_plugin, host):
         validate(no_factor, host.registry.ops)
 
 
-def test_torch_kernel_through_lower_layer(hello_plugin, host):
+def test_torch_kernel_through_register_lowerings(hello_plugin, host):
     graph = hello_plugin.hello_graph(-1.5)
-    kernel = host.pm.hook.lower_layer(node=graph.nodes[0], graph=graph, backend="torch", context=None)
+    table = host.registry.lowerings
+    kernel = table.lowering("hello_scale", "torch").fn(graph.nodes[0], None)
     x = torch.randn(2, 5)
     assert torch.equal(kernel(None, x), x * -1.5)
-    # Other backends are not this plugin's business: it must answer None, not raise.
-    other = hello_plugin.lower_layer(node=graph.nodes[0], graph=graph, backend="onnx", context=None)
-    assert other is None
+    assert host.registry.provided_by[("lowerings", "torch:hello_scale")] == "hello"
+    # Other backends are not this plugin's business: they have no lowering of the op.
+    assert table.lowering("hello_scale", "onnx") is None
 
 
 def test_executor_runs_the_op(hello_plugin, host):

@@ -4,7 +4,7 @@ It uses only what modelc's plugin author's guide documents (README, "Writing a p
 
 * ``register_architectures``: :class:`Llama` (detect, config_from_hf, check_mapping, build_graph,
   and map_weight: Hugging Face names -> IR names, and the tied lm_head);
-* ``register_ops`` + ``lower_layer``: ``llama_concat``, which joins the q/k/v projections into the
+* ``register_ops`` + ``register_lowerings``: ``llama_concat``, which joins the q/k/v projections into the
   fused input the core's ``attention`` op reads.
 
 Everything else is the core's: RMSNorm, SwiGLU from ``silu``/``mul``, GQA attention, llama3 rope
@@ -21,6 +21,7 @@ import torch
 from compiler_core import hookimpl
 from compiler_core.api import Architecture
 from compiler_core.ir import Graph, Node, OpSpec
+from compiler_core.lowering import Lowering
 from compiler_core.mapping import Mapping
 from modelc_llama import config as llama_config
 from modelc_llama import graph as llama_graph
@@ -78,8 +79,11 @@ def register_ops(register) -> None:
     register(CONCAT)
 
 
-@hookimpl
-def lower_layer(node: Node, graph: Graph, backend: str, context: Any):
-    if node.op != CONCAT.name or backend != "torch":
-        return None
+def lower_concat(node: Node, context: Any):
+    """The torch kernel of ``llama_concat``: one ``torch.cat`` over the last axis."""
     return lambda ctx, *parts: torch.cat(parts, dim=-1)
+
+
+@hookimpl
+def register_lowerings(register) -> None:
+    register(Lowering(CONCAT.name, "torch", lower_concat))

@@ -1,16 +1,16 @@
-"""The fp8_linear op: graph rewrite, torch kernels (emulated and torch._scaled_mm) against numpy."""
+"""The fp8_linear op: graph rewrite, the torch FP8 GEMM it lowers to (emulated and torch._scaled_mm) against numpy."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from modelc_plugins.quant_fp8 import numerics, torch_lowering
+from modelc_plugins.quant_fp8 import numerics
 from modelc_plugins.quant_fp8.scheme import rewrite_graph
 from modelc_plugins.quant_fp8.testing import e4m3_table
 
 from compiler_core.backends.torch.executor import GraphExecutor
-from compiler_core.backends.torch.kernels import TorchLowering
+from compiler_core.backends.torch.fused import fp8
 from compiler_core.ir import GraphBuilder, validate
 from compiler_core.runtime.context import ForwardContext
 
@@ -104,16 +104,17 @@ def test_scaled_mm_kernel_agrees_with_the_emulated_one():
     )
     x = torch.randn(3, 7, 32, generator=torch.Generator().manual_seed(2))
     try:
-        fast = torch_lowering._scaled_mm_kernel(*args)(None, x)
+        fast = fp8.scaled_mm_kernel(*args)(None, x)
     except (RuntimeError, NotImplementedError) as exc:
         pytest.skip(f"torch._scaled_mm is not available on CPU here: {exc}")
-    slow = torch_lowering._emulated_kernel(*args)(None, x)
+    slow = fp8.emulated_kernel(*args)(None, x)
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
 
 
 def test_cpu_never_takes_the_scaled_mm_path():
     graph = rewrite_graph(linear_graph("float32"), {"quant_algo": "FP8", "exclude_modules": []})
-    low = TorchLowering(quantized_weights(torch.float32), torch.device("cpu"), graph)
-    kernel = torch_lowering.lower_fp8_linear(graph.nodes[0], low)
-    assert kernel.__qualname__.startswith("_emulated_kernel")
-    assert not torch_lowering.scaled_mm_supported(torch.device("cpu"))
+    executor = GraphExecutor(graph, quantized_weights(torch.float32))
+    ((step, kernel),) = zip(executor.steps, executor.kernels, strict=True)
+    assert step.fused is fp8.FP8_GEMM
+    assert kernel.__qualname__.startswith("emulated_kernel")
+    assert not fp8.scaled_mm_supported(torch.device("cpu"))

@@ -1,10 +1,10 @@
-"""Kernels for ``awq_linear``.
+"""``matmul(x, dequantize(int4 weight in groups))`` (INT4 AWQ's decomposition) on torch.
 
-torch, CPU: the weight is dequantized once, at lowering time, into the compute dtype (a dense
-GEMM is the fastest thing a CPU can do with it) and then runs like any float linear of the
-runtime. A ragged last group (see int4.py) is just scaled by its own scale.
+CPU: the weight is dequantized once, at lowering time, into the compute dtype (a dense GEMM is
+the fastest thing a CPU can do with it; see :mod:`.dense`). A ragged last group is just scaled by
+its own scale.
 
-torch, CUDA: the weight stays int4 in device memory (a quarter of the fp16 bytes).
+CUDA: the weight stays int4 in device memory (a quarter of the fp16 bytes).
 
 * bfloat16 models with group size 32/64/128/256 use PyTorch's int4 GEMM
   (``aten._weight_int4pack_mm``, the "tinygemm" kernel behind gpt-fast and torchao) for calls
@@ -16,14 +16,6 @@ torch, CUDA: the weight stays int4 in device memory (a quarter of the fp16 bytes
   whole groups (see :func:`tinygemm_operands`) and its activation per call.
 * Otherwise (prefill, float16/float32 models) each call dequantizes into a temporary in the
   compute dtype and runs a dense GEMM.
-
-onnx (also what TensorRT parses): the weight-only INT4 pattern TensorRT recognises,
-``int4 W[in, out] -> DequantizeLinear(axis=0, block_size=group_size, scale [in/group, out]) ->
-MatMul``, preceded by ``Mul(x, prequant_scaling_factor)`` when the layer has one. The scale is
-in the compute dtype, so the DequantizeLinear output feeds the MatMul without a Cast (strongly
-typed networks need both MatMul inputs of one type). No zero point: TensorRT is symmetric-only.
-A ragged layer's weight is zero-padded to whole blocks and its activation padded to match
-(see :func:`lower_awq_linear_onnx` for why).
 """
 
 from __future__ import annotations
@@ -33,11 +25,12 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from modelc_plugins.quant_awq.int4 import dequantize_packed, scale_groups_, unpack_int4
 
-from compiler_core.backends.torch.cpu_linear import cpu_linear
-from compiler_core.backends.torch.kernels import Kernel, TorchLowering
-from compiler_core.ir import Node
+from compiler_core.backends.torch.fused.dense import dequantized_weight, is_int4_groups
+from compiler_core.backends.torch.kernels import Kernel, TorchLowering, dense_linear
+from compiler_core.backends.torch.quant import out_dtype_of
+from compiler_core.formats.int4 import unpack_int4
+from compiler_core.lowering import FusedPattern, Match, Pattern
 
 #: Tokens per call up to which the CUDA int4 GEMM is used; larger calls are compute-bound and
 #: run faster as dequantize + dense GEMM.
@@ -48,12 +41,19 @@ TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
 def dequantize_in_dtype(
     packed: torch.Tensor, scales: torch.Tensor, group_size: int, dtype: torch.dtype
 ) -> torch.Tensor:
-    """:func:`dequantize_packed` computed directly in ``dtype`` (scales already in ``dtype``).
+    """Packed int4 ``[out, in / 2]`` times group scales ``[out, groups]`` (in ``dtype``) -> ``[out, in]`` in ``dtype``.
 
-    A code in [-8, 7] times a scale is rounded once in either dtype, so the result is identical
-    to the float32 reference, without float32 temporaries (the codes' temporary is scaled in place).
+    Computed in ``dtype``, in place on the codes' temporary: no full-size copy of the scales.
+    A code in [-8, 7] times a scale rounds once, so this equals the float32 product rounded.
     """
-    return scale_groups_(unpack_int4(packed).to(dtype), scales, group_size)
+    w = unpack_int4(packed).to(dtype)
+    inp = w.shape[1]
+    whole = inp // group_size
+    if whole:
+        w[:, : whole * group_size].unflatten(1, (whole, group_size)).mul_(scales[:, :whole, None])
+    if inp % group_size:
+        w[:, whole * group_size :].mul_(scales[:, whole:])
+    return w
 
 
 def tinygemm_codes(packed: torch.Tensor, groups: int, group_size: int) -> torch.Tensor:
@@ -135,33 +135,19 @@ def tinygemm_matmul(
     return matmul
 
 
-def lower_awq_linear_torch(node: Node, low: TorchLowering) -> Kernel:
-    """The torch kernel of one ``awq_linear`` node."""
-    packed = low.param(node, "weight")
-    prequant = low.param(node, "prequant_scaling_factor")
-    bias = low.param(node, "bias")
-    dtype = low.compute_dtype
-    scales = low.param(node, "weights_scaling_factor").to(dtype)
-    group_size = int(node.attrs["group_size"])
-
+def int4_gemm(match: Match, low: TorchLowering) -> Kernel:
+    """The kernel of ``matmul(x, dequantize(int4 weight in groups))``."""
+    node, bias = match.node("weight"), low.param(match.root, "bias")
     if low.device.type == "cpu":
-        weight = dequantize_packed(packed, scales, group_size, dtype)
-        # The dense weight then takes the runtime's CPU linear, fast path included.
-        fast = cpu_linear(weight, bias)
-
-        def dense(ctx, x: torch.Tensor) -> torch.Tensor:
-            if prequant is not None:
-                x = x * prequant
-            return F.linear(x, weight, bias) if fast is None else fast(x)
-
-        return dense
-
-    int4_matmul = tinygemm_matmul(packed, scales, group_size, node.name)
+        return dense_linear(dequantized_weight(node, low), bias)
+    dtype = out_dtype_of(node, low)
+    packed = low.param(node, "quantized")
+    scales = low.param(node, "scale").to(dtype)
+    group_size = int(node.attrs["block_size"])
+    int4_matmul = tinygemm_matmul(packed, scales, group_size, match.root.name)
     out_features = scales.shape[0]
 
     def on_device(ctx, x: torch.Tensor) -> torch.Tensor:
-        if prequant is not None:
-            x = x * prequant
         rows = x.numel() // x.shape[-1]
         if int4_matmul is not None and rows <= TINYGEMM_MAX_ROWS:
             y = int4_matmul(x.reshape(rows, x.shape[-1])).reshape(*x.shape[:-1], out_features)
@@ -171,30 +157,9 @@ def lower_awq_linear_torch(node: Node, low: TorchLowering) -> Kernel:
     return on_device
 
 
-def lower_awq_linear_onnx(node: Node, ctx) -> list[str]:
-    """The ONNX nodes of one ``awq_linear`` (``ctx`` is a :class:`modelc_plugins.onnx.lowering.OnnxLowering`)."""
-    from modelc_plugins.onnx.lowering import emit_dequantize, emit_matmul
-
-    (x,) = ctx.inputs(node)
-    codes = unpack_int4(ctx.weight(node, "weight"))
-    scales = ctx.weight(node, "weights_scaling_factor")
-    group_size = int(node.attrs["group_size"])
-    prequant = ctx.param(node, "prequant_scaling_factor")
-    if prequant is not None:
-        x = ctx.emit("Mul", [x, prequant])
-    pad = scales.shape[1] * group_size - codes.shape[1]
-    if pad:
-        # A ragged last group is stored as a whole block: zero codes pad the weight and a Pad
-        # gives the activation as many zero columns. The ONNX spec (and onnxruntime) would take
-        # a ragged last block (scale dim ceil(D / block_size)), but TensorRT's parser derives
-        # the block from D / scale dim: it rejects 4544 inputs in 36 blocks and would read 96
-        # inputs in 2 blocks of 64 as blocks of 48. Padding the activation rather than slicing
-        # the dequantized weight keeps the DequantizeLinear -> MatMul pattern that TensorRT's
-        # INT4 GEMM and onnxruntime's MatMulNBits fuse.
-        codes = F.pad(codes, (0, pad))
-        x = ctx.emit("Pad", [x, ctx.const([0, pad]), "", ctx.const([-1])], dtype=ctx.compute_dtype)
-    # Transposed to [in, out] / [in / group, out]: blocks then run along the MatMul's K axis.
-    q = ctx.initializer(f"{node.params['weight']}.T", codes.t(), "int4")
-    s = ctx.initializer(f"{node.params['weights_scaling_factor']}.T", scales.t(), ctx.compute_dtype)
-    weight = emit_dequantize(ctx, q, s, axis=0, block_size=group_size)
-    return [emit_matmul(ctx, x, weight, ctx.param(node, "bias"), outputs=ctx.outputs_of(node))]
+INT4_GEMM = FusedPattern(
+    "int4_gemm",
+    "torch",
+    Pattern("matmul", (None, Pattern("dequantize", where=is_int4_groups, name="weight"))),
+    int4_gemm,
+)

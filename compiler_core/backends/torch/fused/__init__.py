@@ -1,0 +1,25 @@
+"""The torch backend's fused patterns: fast kernels for trees of ops, chiefly what quantized ops
+decompose into (``quantize`` / ``dequantize`` / ``matmul``).
+
+Each module defines one :class:`compiler_core.lowering.FusedPattern` for ``backend="torch"``; the
+core registers :data:`PATTERNS` through ``register_lowerings``, and the lowering loop takes a
+pattern wherever it matches (larger patterns first) instead of lowering the matched nodes one by
+one. A pattern's kernel must compute what those nodes compute (tests compare the two).
+
+* :mod:`.fp8`: FP8 activation x FP8 weight GEMM: ``torch._scaled_mm`` on sm_89+, emulated elsewhere.
+* :mod:`.int4`: blocked INT4 weight x activation: the CUDA int4 GEMM (tinygemm) for decode.
+* :mod:`.dense`: any other dequantized weight, dequantized once at lowering time into a dense
+  weight that takes the CPU oneDNN / bfloat16 linear.
+
+To add a kernel (a Triton GEMM, say): write a module here with a ``Pattern``, a predicate and
+``fn(match, low) -> kernel``, and add its pattern to :data:`PATTERNS`; a plugin can instead register
+its own ``FusedPattern`` for ``"torch"`` from its ``register_lowerings``.
+"""
+
+from __future__ import annotations
+
+from compiler_core.backends.torch.fused.dense import DEQUANTIZED_GEMM
+from compiler_core.backends.torch.fused.fp8 import FP8_GEMM
+from compiler_core.backends.torch.fused.int4 import INT4_GEMM
+
+PATTERNS = (FP8_GEMM, INT4_GEMM, DEQUANTIZED_GEMM)

@@ -1,0 +1,54 @@
+"""The forward passes of a continuously batched run: one KV-cache row (slot) per sequence.
+
+All rows share one column cursor: every decode step writes each row's next token at the same
+cache column, so the step has the fixed shape a captured CUDA graph needs and runs through the
+runner's ordinary batched path. A sequence occupies the columns ``[region_start, cursor]`` of its
+row; its prompt is placed so that it ends where the sequence joins the decode steps, and the
+columns before it are masked, exactly as left padding is. :class:`SlotRunner` only executes;
+where regions go is the scheduler's business (see scheduler.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from compiler_core.runtime.runner import ModelRunner
+
+
+class SlotRunner:
+    """Prefill chunks, decode steps and cache shifts over ``rows`` slots of ``width`` columns."""
+
+    def __init__(self, runner: ModelRunner, rows: int, width: int, pad_id: int) -> None:
+        self.runner = runner
+        self.rows = rows
+        self.width = width
+        self.pad_id = pad_id
+        self.device = runner.device
+        runner.allocate(rows, width)
+        self._columns = torch.arange(width, device=self.device)
+
+    @torch.inference_mode()
+    def prefill(self, rows: range, ids: list[list[int]], region_start: int, start: int) -> torch.Tensor:
+        """Write ``ids[i]`` at columns ``[start, start + len)`` of row ``rows[i]`` (the rows consecutive, the
+        chunks of one length), each row's sequence beginning at column ``region_start``; return the
+        float32 logits [len(rows), vocab] after the last of them."""
+        end = start + len(ids[0])
+        tokens = torch.tensor(ids, dtype=torch.long, device=self.device)
+        mask = (self._columns[:end] >= region_start).long()[None].expand(len(rows), -1)
+        positions = torch.arange(start - region_start, end - region_start, device=self.device)[None]
+        return self.runner.row_logits(rows, tokens, positions.expand(len(rows), -1), mask, start).float()
+
+    @torch.inference_mode()
+    def decode(self, tokens: list[int | None], region_starts: list[int | None], cursor: int) -> torch.Tensor:
+        """One step of every row at column ``cursor``: row ``r`` feeds ``tokens[r]`` as the token after
+        its region ``[region_starts[r], cursor)``; rows given None run padding that nobody reads.
+        Returns the float32 logits [rows, vocab]."""
+        ids = torch.tensor([[self.pad_id if t is None else t] for t in tokens], dtype=torch.long, device=self.device)
+        starts = torch.tensor([0 if s is None else s for s in region_starts], dtype=torch.long, device=self.device)
+        mask = (self._columns[None, : cursor + 1] >= starts[:, None]).long()
+        positions = (cursor - starts)[:, None]
+        return self.runner.last_logits(ids, positions, mask, cursor).float()
+
+    def shift(self, offset: int) -> None:
+        """Move every row's cache entries ``offset`` columns (left when negative)."""
+        self.runner.shift_cache(offset)

@@ -1,0 +1,128 @@
+"""In-flight batching against the runtime: every sequence's greedy tokens equal ``generate`` on its
+prompt alone, whatever joined or left the batch around it."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from compiler_core.runtime.generation import GenerationConfig, generate
+from compiler_core.runtime.open import open_runner, special_ids
+from compiler_core.serve.scheduler import Finished, SamplingParams, Scheduler, Sequence, Token, chunk_sizes
+from compiler_core.serve.slots import SlotRunner
+
+
+class CountingSlots(SlotRunner):
+    """A SlotRunner that counts its shifts and prefill chunks, so the test knows it exercised them."""
+
+    shifts = 0
+    chunks = 0
+    rows_at_once = 0
+
+    def shift(self, offset):
+        self.shifts += 1
+        super().shift(offset)
+
+    def prefill(self, rows, ids, region_start, start):
+        self.chunks += 1
+        self.rows_at_once = max(self.rows_at_once, len(rows))
+        return super().prefill(rows, ids, region_start, start)
+
+
+def alone(engine_dir, prompt: list[int], max_tokens: int, end_id: int) -> list[int]:
+    runner, _ = open_runner(engine_dir, "cpu")
+    config = GenerationConfig(max_new_tokens=max_tokens, temperature=0, end_id=end_id, pad_id=end_id)
+    return generate(runner, [prompt], config)[0][0]
+
+
+@pytest.mark.parametrize(
+    ("variant", "decode_mode"),
+    [("7b", "dynamic"), ("rw", "dynamic"), ("40b", "dynamic"), ("7b", "static"), ("rw", "static")],
+)
+def test_greedy_tokens_equal_each_prompt_alone(engine, variant, decode_mode):
+    """``static`` decode steps are the fixed-shape steps that CUDA captures as a graph (run eagerly here)."""
+    engine_dir = engine(variant)
+    runner, config = open_runner(engine_dir, "cpu")
+    for session in runner.sessions:
+        session.decode_mode = decode_mode
+    end_id, pad_id = special_ids(config)
+    vocab = config["checkpoint"]["vocab_size"]
+    rng = random.Random(0)
+    # Mixed prompt lengths (up to max_input_len 40) and budgets (up to max_seq_len 64 in all).
+    prompts = [[rng.randrange(vocab) for _ in range(rng.randint(1, 40))] for _ in range(10)]
+    budgets = [rng.randint(1, 64 - len(p)) for p in prompts]
+    arrivals = sorted(rng.randrange(30) for _ in prompts)
+
+    slots = CountingSlots(runner, rows=3, width=128, pad_id=pad_id)
+    scheduler = Scheduler(slots, max_seq_len=64, prefill_chunk=8, max_queue=16)
+    outputs: list[list[int]] = [[] for _ in prompts]
+    finished: list[str | None] = [None] * len(prompts)
+
+    def sink(i):
+        def receive(event):
+            if isinstance(event, Token):
+                outputs[i].append(event.id)
+            else:
+                assert isinstance(event, Finished)
+                finished[i] = event.reason
+
+        return receive
+
+    step = 0
+    while None in finished:
+        for i, at in enumerate(arrivals):
+            if at == step:
+                params = SamplingParams(max_tokens=budgets[i], temperature=0, stop_ids=frozenset({end_id}))
+                scheduler.submit([Sequence(prompts[i], params, sink(i))])
+        scheduler.step()
+        step += 1
+        assert step < 2000
+
+    assert slots.shifts > 0 and slots.chunks > len(prompts), "the schedule should shift the frame and chunk prompts"
+    for i, prompt in enumerate(prompts):
+        assert outputs[i] == alone(engine_dir, prompt, budgets[i], end_id), f"prompt {i} (length {len(prompt)})"
+        assert finished[i] == ("stop" if outputs[i][-1] == end_id else "length")
+    assert (runner.sessions[0]._step is not None) == (decode_mode == "static")
+
+
+def test_chunks_cover_the_prompt_and_last_chunk_outlasts_the_steps():
+    for length in [1, 2, 7, 8, 9, 63, 64, 65, 1000, 5000]:
+        for chunk in [1, 4, 8, 64]:
+            sizes = chunk_sizes(length, chunk)
+            assert sum(sizes) == length and min(sizes) >= 1
+            assert sizes[-1] >= len(sizes) - 1
+            assert max(sizes) <= max(chunk, int(length**0.5) + 1)
+
+
+def test_prompts_of_one_length_prefill_together_and_survive_a_cancelled_member(engine):
+    engine_dir = engine("7b")
+    runner, config = open_runner(engine_dir, "cpu")
+    end_id, pad_id = special_ids(config)
+    rng = random.Random(2)
+    prompts = [[rng.randrange(config["checkpoint"]["vocab_size"]) for _ in range(20)] for _ in range(5)]
+    slots = CountingSlots(runner, rows=4, width=128, pad_id=pad_id)
+    scheduler = Scheduler(slots, max_seq_len=64, prefill_chunk=8, max_queue=16)
+    outputs: list[list[int]] = [[] for _ in prompts]
+    finished: list[str | None] = [None] * len(prompts)
+
+    def sink(i):
+        def receive(event):
+            if isinstance(event, Token):
+                outputs[i].append(event.id)
+            else:
+                finished[i] = event.reason
+
+        return receive
+
+    params = SamplingParams(max_tokens=12, temperature=0, stop_ids=frozenset({end_id}))
+    sequences = [Sequence(p, params, sink(i)) for i, p in enumerate(prompts)]
+    scheduler.submit(sequences)
+    scheduler.step()  # four rows take the first chunk of four prompts in one forward
+    assert slots.rows_at_once == 4
+    scheduler.cancel([sequences[1]])  # mid-prefill: rows 0 and 2..3 go on as two runs
+    while None in finished:
+        scheduler.step()
+    assert finished[1] == "cancelled" and outputs[1] == []
+    for i in (0, 2, 3, 4):
+        assert outputs[i] == alone(engine_dir, prompts[i], 12, end_id), f"prompt {i}"
