@@ -87,6 +87,10 @@ class Architecture(ABC):
         parameters, an empty dict to drop the tensor on purpose), or None for a tensor this family
         does not know, which conversion reports as an error naming it. Default: every tensor is
         unknown, so a family that converts checkpoints overrides this.
+
+        Before any weight is read, conversion calls this with ``meta`` tensors (shape and dtype, no
+        data) to check a safetensors checkpoint against its config: use only operations on shapes,
+        layouts and dtypes, never the values.
         """
         return None
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from compiler_core.errors import UsageError
+from compiler_core.errors import ConfigError, UsageError
 from compiler_core.graph_attrs import complete_graph_attrs
 from compiler_core.ir import Graph, validate
 from compiler_core.mapping import Mapping
@@ -25,11 +25,23 @@ def rank_graph(registry: Registry, config: dict[str, Any], rank: int, source: st
         arch.check_mapping(config, mapping)
     except ValueError as exc:
         raise UsageError(f"{source}: {exc}") from None
-    stages = arch.pipeline_layer_ranges(config, mapping.pp_size)
-    layers = stages[mapping.pp_rank(rank)]
-    graph = arch.build_graph(config, mapping, rank, config["dtype"], layers)
-    graph = complete_graph_attrs(graph, config, mapping, rank, layers, source)
-    check_rope(graph, source)
-    for scheme in registry.quant_schemes.values():
-        graph = scheme.transform_graph(graph, config)
-    return validate(graph, registry.ops)
+    except (TypeError, KeyError, ZeroDivisionError) as exc:
+        raise _not_buildable(source, arch.name, exc) from None
+    # The config is input (a hand-edited checkpoint or engine config reaches here): fields of the wrong
+    # type or range surface inside the plugin's graph builder, and are reported as the config's fault.
+    try:
+        stages = arch.pipeline_layer_ranges(config, mapping.pp_size)
+        layers = stages[mapping.pp_rank(rank)]
+        graph = arch.build_graph(config, mapping, rank, config["dtype"], layers)
+        graph = complete_graph_attrs(graph, config, mapping, rank, layers, source)
+        check_rope(graph, source)
+        for scheme in registry.quant_schemes.values():
+            graph = scheme.transform_graph(graph, config)
+        return validate(graph, registry.ops)
+    except (ValueError, TypeError, KeyError, IndexError, ZeroDivisionError) as exc:
+        raise _not_buildable(source, arch.name, exc) from None
+
+
+def _not_buildable(source: str, architecture: str, exc: Exception) -> ConfigError:
+    detail = f"field {exc.args[0]!r} is missing" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+    return ConfigError(f"{source}: not a buildable {architecture} model ({detail})")

@@ -6,8 +6,16 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from compiler_core.errors import UsageError
-from compiler_core.formats.checkpoint import TOKENIZER_DIR, load_rank_weights, rank_file, read_config
+from compiler_core.errors import ConfigError, UsageError
+from compiler_core.formats.checkpoint import (
+    TOKENIZER_DIR,
+    check_config,
+    check_rank_file,
+    load_rank_weights,
+    rank_file,
+    read_config,
+)
+from compiler_core.formats.fields import int_field, is_int
 from compiler_core.formats.fileio import OutputKind, atomic_output_dir, read_json, write_json
 from compiler_core.ir import Graph, format_graph, validate
 from compiler_core.mapping import Mapping
@@ -111,6 +119,8 @@ def build_engine(
     if workers < 1:
         raise UsageError(f"--workers must be at least 1, got {workers}")
     graphs = [rank_graph(registry, config, r, str(checkpoint_dir / "config.json")) for r in mapping.ranks()]
+    for rank, graph in enumerate(graphs):
+        check_rank_file(rank_file(checkpoint_dir, rank), graph.params)
     desc = f"build ({backend.name})"
     with atomic_output_dir(output_dir, ENGINE_OUTPUT, inputs=[checkpoint_dir]) as tmp:
         if workers > 1 and mapping.world_size > 1:
@@ -141,19 +151,46 @@ def build_engine(
     return engine_config
 
 
+def check_engine_config(config: dict[str, Any], source: str) -> Mapping:
+    """Check an engine config's fields (format, version, backend, build limits, checkpoint, one graph
+    per rank); return the engine's mapping. Each rank's graph is read and validated by :func:`engine_graph`."""
+    if config.get("format") != ENGINE_FORMAT:
+        raise ConfigError(f"{source}: not a modelc engine (field 'format' is {config.get('format')!r})")
+    version = config.get("format_version")
+    if not is_int(version) or version != ENGINE_FORMAT_VERSION:
+        raise ConfigError(f"{source}: format_version {version!r} is not {ENGINE_FORMAT_VERSION}")
+    for field in ("backend", "build", "checkpoint", "graphs"):
+        if field not in config:
+            raise ConfigError(f"{source}: field {field!r} is missing")
+    if not isinstance(config["backend"], str):
+        raise ConfigError(f"{source}: field 'backend' must be a string, got {config['backend']!r}")
+    build = config["build"]
+    if not isinstance(build, dict):
+        raise ConfigError(f"{source}: field 'build' must be an object")
+    try:
+        limits = {key: int_field(build, key, minimum=1) for key in DEFAULT_SETTINGS}
+    except ValueError as exc:
+        raise ConfigError(f"{source}: build {exc}") from None
+    if limits["max_input_len"] > limits["max_seq_len"]:
+        raise ConfigError(f"{source}: build field 'max_input_len' {limits['max_input_len']} exceeds 'max_seq_len'")
+    if not isinstance(config["checkpoint"], dict):
+        raise ConfigError(f"{source}: field 'checkpoint' must be an object")
+    mapping = check_config(config["checkpoint"], f"{source}: checkpoint")
+    for field in ("graphs", "ranks"):
+        value = config.get(field, [{}] * mapping.world_size)
+        if not isinstance(value, list) or len(value) != mapping.world_size or not all(isinstance(v, dict) for v in value):
+            raise ConfigError(f"{source}: field {field!r} must be a list of {mapping.world_size} object(s), one per rank")
+    return mapping
+
+
 def read_engine_config(engine_dir: Path) -> dict[str, Any]:
+    """Read and check an engine's config.json; errors name the file and field."""
     engine_dir = Path(engine_dir)
     if not engine_dir.is_dir():
         raise UsageError(f"{engine_dir}: engine directory not found")
     path = engine_dir / "config.json"
     config = read_json(path, "engine config")
-    if config.get("format") != ENGINE_FORMAT:
-        raise UsageError(f"{path}: not a modelc engine (field 'format' is {config.get('format')!r})")
-    if config.get("format_version") != ENGINE_FORMAT_VERSION:
-        raise UsageError(f"{path}: format_version {config.get('format_version')!r} is not {ENGINE_FORMAT_VERSION}")
-    for field in ("backend", "build", "checkpoint", "graphs"):
-        if field not in config:
-            raise UsageError(f"{path}: field {field!r} is missing")
+    check_engine_config(config, str(path))
     return config
 
 
@@ -164,10 +201,9 @@ def engine_mapping(engine_config: dict[str, Any]) -> Mapping:
 def engine_graph(registry: Registry, engine_config: dict[str, Any], rank: int) -> Graph:
     """Rank ``rank``'s IR as stored at build time, validated against the loaded ops."""
     try:
-        graph = Graph.from_json(engine_config["graphs"][rank])
-    except (KeyError, IndexError, ValueError) as exc:
-        raise UsageError(f"engine config.json: graph of rank {rank} is unreadable ({exc})") from None
-    return validate(graph, registry.ops)
+        return validate(Graph.from_json(engine_config["graphs"][rank]), registry.ops)
+    except (KeyError, IndexError, ValueError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"engine config.json: graph of rank {rank} is unreadable ({exc})") from None
 
 
 def load_rank_session(

@@ -13,7 +13,7 @@ import warnings
 
 import click
 
-from compiler_core.errors import ModelcError
+from compiler_core.errors import ModelcError, OptionError, UsageError, error_line, unexpected
 from compiler_core.host import Host
 from compiler_core.interrupts import Interrupted, interrupts_raised
 from compiler_core.plugins import PluginLoadWarning
@@ -39,12 +39,28 @@ class ModelcGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except ModelcError as exc:
+        except (click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:
             if ctx.params.get("debug"):
                 raise
-            if not exc.quiet:
-                click.echo(f"modelc: error: {exc}", err=True)
-            ctx.exit(exc.exit_code)
+            error = as_modelc_error(exc)
+            if not error.quiet:
+                click.echo(error_line(error), err=True)
+            ctx.exit(error.exit_code)
+
+
+def as_modelc_error(exc: Exception) -> ModelcError:
+    """``exc`` as the ModelcError that reports it: click's own usage errors become one line with exit
+    2, and as the last resort whatever no validation anticipated becomes an InternalError (exit 1)."""
+    if isinstance(exc, ModelcError):
+        return exc
+    if isinstance(exc, click.UsageError):
+        hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+        return OptionError(exc.format_message() + hint)
+    if isinstance(exc, click.ClickException):
+        return UsageError(exc.format_message())
+    return unexpected(exc)
 
 
 @click.group(cls=ModelcGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -72,12 +88,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         with interrupts_raised():  # SIGINT/SIGTERM unwind every `with`: temporary dirs go, workers stop
             cli.main(args=argv, prog_name="modelc", standalone_mode=True, obj=Host.load())
-    except ModelcError as exc:  # raised outside a command's invoke (e.g. while collecting commands)
+    except Exception as exc:  # raised outside a command's invoke (e.g. while loading plugins)
         if debug:
             traceback.print_exc()
-        if not exc.quiet:
-            click.echo(f"modelc: error: {exc}", err=True)
-        sys.exit(exc.exit_code)
+        error = as_modelc_error(exc)
+        if not error.quiet:
+            click.echo(error_line(error), err=True)
+        sys.exit(error.exit_code)
     except Interrupted as exc:
         if debug:
             traceback.print_exc()

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from compiler_core.build.engine import DEFAULT_SETTINGS, build_engine, choose_backend
-from compiler_core.cli.options import accepted_flag, option
+from compiler_core.cli.options import OUTPUT_DIR, POSITIVE_INT, accepted_flag, option
 from compiler_core.errors import UsageError
 from compiler_core.host import Host
 
@@ -64,7 +64,7 @@ def _trtllm_flags(command):
 
 @click.command("build")
 @option("--checkpoint_dir", required=True, type=click.Path(path_type=Path), help="Checkpoint from convert/quantize.")
-@option("--output_dir", required=True, type=click.Path(path_type=Path), help="Engine directory to write.")
+@option("--output_dir", required=True, type=OUTPUT_DIR, help="Engine directory to write.")
 @option(
     "--backend",
     default=None,
@@ -73,29 +73,31 @@ def _trtllm_flags(command):
 @option(
     "--max_batch_size",
     default=None,
-    type=int,
+    type=POSITIVE_INT,
     help=f"Most prompts per run, enforced at run time [default: {DEFAULT_SETTINGS['max_batch_size']}].",
 )
 @option(
     "--max_input_len",
     default=None,
-    type=int,
+    type=POSITIVE_INT,
     help=f"Longest prompt in tokens, enforced at run time [default: {DEFAULT_SETTINGS['max_input_len']}].",
 )
 @option(
     "--max_seq_len",
     default=None,
-    type=int,
+    type=POSITIVE_INT,
     help="Longest prompt + output in tokens, enforced at run time [default: the model's max_position_embeddings, "
     f"else {DEFAULT_SETTINGS['max_seq_len']}].",
 )
 @option(
     "--max_output_len",
     default=None,
-    type=int,
+    type=POSITIVE_INT,
     help="Older trtllm-build spelling: sets --max_seq_len to --max_input_len + this (when --max_seq_len is not given).",
 )
-@option("--workers", default=1, show_default=True, type=int, help="Build ranks in this many parallel processes.")
+@option(
+    "--workers", default=1, show_default=True, type=POSITIVE_INT, help="Build ranks in this many parallel processes."
+)
 @_trtllm_flags
 @click.pass_obj
 def build_command(

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from compiler_core.cli.options import option
+from compiler_core.cli.options import OUTPUT_DIR, POSITIVE_INT, option
 from compiler_core.convert.from_hf import DTYPE_CHOICES, convert
 from compiler_core.errors import UsageError
 from compiler_core.host import Host
@@ -15,7 +15,7 @@ from compiler_core.mapping import Mapping
 
 @click.command("convert")
 @option("--model_dir", required=True, type=click.Path(path_type=Path), help="Hugging Face checkpoint directory.")
-@option("--output_dir", required=True, type=click.Path(path_type=Path), help="Checkpoint directory to write.")
+@option("--output_dir", required=True, type=OUTPUT_DIR, help="Checkpoint directory to write.")
 @option(
     "--dtype",
     default="auto",
@@ -23,16 +23,16 @@ from compiler_core.mapping import Mapping
     type=click.Choice(DTYPE_CHOICES),
     help="Weight dtype; auto follows the model's torch_dtype (float32 when it names none).",
 )
-@option("--tp_size", default=1, show_default=True, type=int, help="Tensor-parallel ranks.")
-@option("--pp_size", default=1, show_default=True, type=int, help="Pipeline-parallel stages.")
-@option("--world_size", default=None, type=int, help="tp_size x pp_size (checked when given).")
+@option("--tp_size", default=1, show_default=True, type=POSITIVE_INT, help="Tensor-parallel ranks.")
+@option("--pp_size", default=1, show_default=True, type=POSITIVE_INT, help="Pipeline-parallel stages.")
+@option("--world_size", default=None, type=POSITIVE_INT, help="tp_size x pp_size (checked when given).")
 @option(
     "--load_by_shard",
     is_flag=True,
     help="Read the source shards one at a time for each rank (peak memory ~ one shard), instead of mapping "
     "the whole model once for all ranks.",
 )
-@option("--workers", default=1, show_default=True, type=int, help="Convert ranks in parallel processes.")
+@option("--workers", default=1, show_default=True, type=POSITIVE_INT, help="Convert ranks in parallel processes.")
 @option("--ammo_quant_ckpt_path", default=None, help="Not supported: use `modelc quantize` (one step).", hidden=True)
 @click.pass_obj
 def convert_command(

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from compiler_core.cli import context_host
-from compiler_core.cli.options import option
+from compiler_core.cli.options import NON_NEGATIVE_INT, OUTPUT_DIR, POSITIVE_INT, option
 from compiler_core.convert.from_hf import DTYPE_CHOICES
 from compiler_core.errors import UsageError
 from compiler_core.host import Host
@@ -59,7 +59,7 @@ def _patterns(values: tuple[str, ...]) -> list[str] | None:
     "--export_path",
     "output_dir",
     required=True,
-    type=click.Path(path_type=Path),
+    type=OUTPUT_DIR,
     help="Checkpoint directory to write (--export_path is TensorRT-LLM quantize.py's name for it).",
 )
 @option(
@@ -75,7 +75,13 @@ def _patterns(values: tuple[str, ...]) -> list[str] | None:
     type=RegistryChoice(kv_cache_dtype_choices, "--kv_cache_dtype", "KV-cache dtype"),
     help="Also store the KV cache quantized, with a calibrated scale per layer.",
 )
-@option("--calib_size", default=DEFAULT_CALIB_SIZE, show_default=True, type=int, help="Calibration samples (blocks).")
+@option(
+    "--calib_size",
+    default=DEFAULT_CALIB_SIZE,
+    show_default=True,
+    type=POSITIVE_INT,
+    help="Calibration samples (blocks).",
+)
 @option(
     "--calib_dataset",
     default=None,
@@ -87,10 +93,10 @@ def _patterns(values: tuple[str, ...]) -> list[str] | None:
     "--calib_max_seq_length",
     default=DEFAULT_MAX_SEQ_LENGTH,
     show_default=True,
-    type=int,
+    type=POSITIVE_INT,
     help="Tokens per calibration sample.",
 )
-@option("--batch_size", default=1, show_default=True, type=int, help="Calibration samples per forward pass.")
+@option("--batch_size", default=1, show_default=True, type=POSITIVE_INT, help="Calibration samples per forward pass.")
 @option(
     "--dtype",
     default="auto",
@@ -98,8 +104,8 @@ def _patterns(values: tuple[str, ...]) -> list[str] | None:
     type=click.Choice(DTYPE_CHOICES),
     help="Dtype of the unquantized parts; auto follows the model's torch_dtype.",
 )
-@option("--tp_size", default=1, show_default=True, type=int, help="Tensor-parallel ranks of the output.")
-@option("--pp_size", default=1, show_default=True, type=int, help="Pipeline-parallel stages of the output.")
+@option("--tp_size", default=1, show_default=True, type=POSITIVE_INT, help="Tensor-parallel ranks of the output.")
+@option("--pp_size", default=1, show_default=True, type=POSITIVE_INT, help="Pipeline-parallel stages of the output.")
 @option(
     "--exclude_modules",
     multiple=True,
@@ -111,11 +117,17 @@ def _patterns(values: tuple[str, ...]) -> list[str] | None:
     "--awq_block_size",
     "group_size",
     default=None,
-    type=int,
+    type=POSITIVE_INT,
     help="Weights per quantization group of group-wise formats (int4_awq: default 128); --awq_block_size is "
     "TensorRT-LLM quantize.py's name for it.",
 )
-@option("--seed", default=1234, show_default=True, type=int, help="Random seed for calibration.")
+@option(
+    "--tokenizer_dir",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="Tokenizer for the calibration text [default: the one in --model_dir].",
+)
+@option("--seed", default=1234, show_default=True, type=NON_NEGATIVE_INT, help="Random seed for calibration.")
 @option(
     "--device",
     default="auto",
@@ -138,6 +150,7 @@ def quantize_command(
     pp_size,
     exclude_modules,
     group_size,
+    tokenizer_dir,
     seed,
     device,
 ):
@@ -158,6 +171,7 @@ def quantize_command(
         mapping=Mapping.create(tp_size, pp_size),
         exclude_modules=_patterns(exclude_modules),
         group_size=group_size,
+        tokenizer_dir=tokenizer_dir,
         seed=seed,
         device=device,
         registry=host.registry,

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from compiler_core.cli.options import accepted_flag, option
+from compiler_core.cli.options import NON_NEGATIVE_INT, OUTPUT_FILE, POSITIVE_INT, FiniteFloat, accepted_flag, option
 from compiler_core.errors import UsageError
 from compiler_core.host import Host
 
@@ -58,21 +58,37 @@ def run_result(outputs: list[list[list[int]]], tokenizer) -> dict[str, Any]:
     type=click.Path(path_type=Path),
     help="Tokenizer directory [default: the engine's tokenizer/].",
 )
-@option("--max_output_len", required=True, type=int, help="Most new tokens per prompt.")
-@option("--num_beams", default=1, show_default=True, type=int, help="Beam search width (1: greedy or sampling).")
-@option("--temperature", default=1.0, show_default=True, type=float, help="Sampling temperature (0: greedy).")
-@option("--top_k", default=0, show_default=True, type=int, help="Sample from the k most likely tokens (0: off).")
-@option("--top_p", default=1.0, show_default=True, type=float, help="Nucleus sampling mass (0 or 1: off).")
+@option("--max_output_len", required=True, type=POSITIVE_INT, help="Most new tokens per prompt.")
+@option(
+    "--num_beams", default=1, show_default=True, type=POSITIVE_INT, help="Beam search width (1: greedy or sampling)."
+)
+@option(
+    "--temperature",
+    default=1.0,
+    show_default=True,
+    type=FiniteFloat(minimum=0),
+    help="Sampling temperature (0: greedy).",
+)
+@option(
+    "--top_k",
+    default=0,
+    show_default=True,
+    type=NON_NEGATIVE_INT,
+    help="Sample from the k most likely tokens (0: off).",
+)
+@option("--top_p", default=1.0, show_default=True, type=FiniteFloat(0, 1), help="Nucleus sampling mass (0 or 1: off).")
 @option("--do_sample", is_flag=True, default=None, help="Sample even at temperature 1 with no top-k/top-p.")
-@option("--seed", default=None, type=int, help="Random seed for sampling [default: 0].")
+@option("--seed", default=None, type=NON_NEGATIVE_INT, help="Random seed for sampling [default: 0].")
 @option(
     "--end_id",
     multiple=True,
-    type=int,
+    type=NON_NEGATIVE_INT,
     help="Stop token; repeat for several [default: the model's eos_token_id, one or a list].",
 )
-@option("--pad_id", default=None, type=int, help="Padding token [default: the model's pad, else end id].")
-@option("--length_penalty", default=1.0, show_default=True, type=float, help="Beam score = logprob / length^this.")
+@option("--pad_id", default=None, type=NON_NEGATIVE_INT, help="Padding token [default: the model's pad, else end id].")
+@option(
+    "--length_penalty", default=1.0, show_default=True, type=FiniteFloat(), help="Beam score = logprob / length^this."
+)
 @option(
     "--early_stopping",
     default="0",
@@ -82,7 +98,7 @@ def run_result(outputs: list[list[list[int]]], tokenizer) -> dict[str, Any]:
 )
 @option("--no_add_special_tokens", is_flag=True, help="Encode --input_text without the tokenizer's special tokens.")
 @option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
-@option("--output_json", default=None, type=click.Path(path_type=Path), help="Write output ids and text here.")
+@option("--output_json", default=None, type=OUTPUT_FILE, help="Write output ids and text here.")
 @accepted_flag("--use_py_session", "TensorRT-LLM's Python session. Ignored: there is one runtime.")
 @accepted_flag("--log_level", "TensorRT-LLM log level. Ignored.", takes_value=True)
 @click.pass_obj

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from compiler_core.cli.options import accepted_flag, option
+from compiler_core.cli.options import NON_NEGATIVE_INT, OUTPUT_FILE, POSITIVE_INT, FiniteFloat, accepted_flag, option
 from compiler_core.evaluate.summarize import (
     DEFAULT_MAX_INPUT_LENGTH,
     DEFAULT_OUTPUT_LEN,
@@ -32,30 +32,32 @@ _DIR = click.Path(file_okay=False, path_type=Path)
     type=click.Path(dir_okay=False, path_type=Path),
     help="JSONL, parquet or Arrow file with 'article' and 'highlights' columns [default: the shipped sample].",
 )
-@option("--max_ite", default=20, show_default=True, type=int, help="Number of batches to run.")
-@option("--batch_size", default=1, show_default=True, type=int, help="Articles per batch.")
-@option("--output_len", default=DEFAULT_OUTPUT_LEN, show_default=True, type=int, help="New tokens per summary.")
+@option("--max_ite", default=20, show_default=True, type=POSITIVE_INT, help="Number of batches to run.")
+@option("--batch_size", default=1, show_default=True, type=POSITIVE_INT, help="Articles per batch.")
+@option(
+    "--output_len", default=DEFAULT_OUTPUT_LEN, show_default=True, type=POSITIVE_INT, help="New tokens per summary."
+)
 @option(
     "--max_input_length",
     default=DEFAULT_MAX_INPUT_LENGTH,
     show_default=True,
-    type=int,
+    type=POSITIVE_INT,
     help="Prompt tokens kept (left truncation: the article's end and the TL;DR cue survive).",
 )
-@option("--num_beams", default=1, show_default=True, type=int, help="Beam width (beam 0 is scored).")
-@option("--temperature", default=1.0, show_default=True, type=float, help="Sampling temperature.")
-@option("--top_k", default=1, show_default=True, type=int, help="Top-k sampling; 1 is greedy.")
-@option("--top_p", default=0.0, show_default=True, type=float, help="Top-p sampling; 0 is off.")
-@option("--random_seed", default=0, show_default=True, type=int, help="Seed for sampling.")
+@option("--num_beams", default=1, show_default=True, type=POSITIVE_INT, help="Beam width (beam 0 is scored).")
+@option("--temperature", default=1.0, show_default=True, type=FiniteFloat(minimum=0), help="Sampling temperature.")
+@option("--top_k", default=1, show_default=True, type=NON_NEGATIVE_INT, help="Top-k sampling; 1 is greedy.")
+@option("--top_p", default=0.0, show_default=True, type=FiniteFloat(0, 1), help="Top-p sampling; 0 is off.")
+@option("--random_seed", default=0, show_default=True, type=NON_NEGATIVE_INT, help="Seed for sampling.")
 @option("--check_accuracy", is_flag=True, help="Exit 1 when rouge1 is not above the threshold.")
 @option(
     "--tensorrt_llm_rouge1_threshold",
     default=DEFAULT_ROUGE1_THRESHOLD,
     show_default=True,
-    type=float,
+    type=FiniteFloat(),
     help="rouge1 (x100) that --check_accuracy requires.",
 )
-@option("--output_json", type=click.Path(dir_okay=False, path_type=Path), help="Write the scores as JSON here.")
+@option("--output_json", type=OUTPUT_FILE, help="Write the scores as JSON here.")
 @option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N] (under mpirun: cuda:local_rank).")
 @accepted_flag("--data_type", "TensorRT-LLM's HF dtype; here --test_hf runs in the engine's dtype.", takes_value=True)
 @accepted_flag("--eval_task", "TensorRT-LLM's task selector; only summarization is implemented.", takes_value=True)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from compiler_core.cli.options import option
+from compiler_core.cli.options import POSITIVE_INT, FiniteFloat, option
 from compiler_core.errors import ModelcError, UsageError
 from compiler_core.host import Host
 
@@ -33,11 +33,11 @@ def parse_ids(values: tuple[str, ...]) -> list[list[int]]:
     help="A prompt (repeat for a batch). Default: two built-in prompts of different lengths.",
 )
 @option("--input_ids", multiple=True, help='Token ids "1,2,3" instead of text (repeat for a batch).')
-@option("--steps", default=32, show_default=True, type=int, help="Greedy tokens to compare.")
+@option("--steps", default=32, show_default=True, type=POSITIVE_INT, help="Greedy tokens to compare.")
 @option(
     "--tolerance",
     default=None,
-    type=float,
+    type=FiniteFloat(minimum=0),
     help="Max abs logit difference accepted. Default: 1e-4 for float32, 2% (float16) or 8% (bfloat16) "
     "of the largest |logit|.",
 )

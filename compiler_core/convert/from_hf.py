@@ -21,6 +21,7 @@ mapped once and every rank is cut from it. ``--workers N`` converts ranks in N p
 from __future__ import annotations
 
 import contextlib
+import os
 import pickle
 import shutil
 from collections.abc import Callable, Collection, Iterable, Iterator
@@ -32,7 +33,7 @@ import torch
 
 from compiler_core.api import Architecture
 from compiler_core.dtypes import MODEL_DTYPES, torch_dtype
-from compiler_core.errors import ModelcError, UsageError
+from compiler_core.errors import ConfigError, ModelcError, UsageError, WeightFileError
 from compiler_core.formats.checkpoint import (
     CHECKPOINT_OUTPUT,
     TOKENIZER_DIR,
@@ -42,6 +43,8 @@ from compiler_core.formats.checkpoint import (
     write_config,
 )
 from compiler_core.formats.fileio import atomic_output_dir, read_json
+from compiler_core.formats.hf_index import weight_files
+from compiler_core.formats.safetensors_header import open_weights, read_header
 from compiler_core.formats.safetensors_io import SafetensorsReader, SafetensorsWriter
 from compiler_core.host import load_registry
 from compiler_core.ir import Graph
@@ -109,19 +112,8 @@ def model_config_from_hf(registry: Registry, model_dir: Path, dtype: str, mappin
         fields = arch.config_from_hf(hf)
         arch.check_mapping(fields, mapping)
     except ValueError as exc:
-        raise UsageError(f"{source}: {exc}") from None
+        raise ConfigError(f"{source}: {exc}") from None
     return make_config(fields, resolve_dtype(dtype, hf, source), mapping)
-
-
-def source_files(model_dir: Path) -> list[Path]:
-    """The checkpoint's weight files: safetensors shards, else PyTorch .bin shards."""
-    model_dir = Path(model_dir)
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        files = sorted(p for p in model_dir.glob("*.bin") if p.name != "training_args.bin")
-    if not files:
-        raise UsageError(f"{model_dir}: no *.safetensors or *.bin weight files")
-    return files
 
 
 # --- reading --------------------------------------------------------------------------------
@@ -214,7 +206,12 @@ def map_tensors(
     """
     dtype = torch_dtype(config["dtype"])
     for name, tensor in tensors:
-        mapped = arch.map_weight(config, name, tensor)
+        try:
+            mapped = arch.map_weight(config, name, tensor)
+        except (RuntimeError, ValueError, IndexError) as exc:  # a layout op on a tensor of the wrong shape
+            raise WeightFileError(
+                f"{source}: tensor {name!r} {list(tensor.shape)} does not fit the model config.json describes ({exc})"
+            ) from None
         if mapped is None:
             raise UsageError(f"{source}: tensor {name!r} is not mapped by architecture {arch.name!r}")
         unused = [] if used is None else sorted(n for n in mapped if n not in used)
@@ -233,13 +230,47 @@ def graph_params(registry: Registry, config: dict[str, Any]) -> frozenset[str]:
     return frozenset(name for rank in mapping.ranks() for name in rank_graph(registry, config, rank).params)
 
 
+def check_source_weights(
+    registry: Registry, arch: Architecture, model_dir: Path, config: dict[str, Any], files: list[Path]
+) -> None:
+    """Check safetensors shards against ``config`` from their headers alone, before any weight is read:
+    every tensor maps (``arch.map_weight`` on meta tensors) to the shape and dtype that the config
+    implies, and every parameter the model needs is there. ``.bin`` shards are checked as they load,
+    since their shapes are known only then."""
+    if any(path.suffix != ".safetensors" for path in files):
+        return
+    expected = rank_graph(registry, {**config, "mapping": Mapping().to_json()}, 0).params
+    found: set[str] = set()
+    for path in files:
+        fd = open_weights(path)
+        try:
+            header, _ = read_header(fd, str(path))
+        finally:
+            os.close(fd)
+        for name, entry in header.items():
+            meta = torch.empty(entry.shape, dtype=entry.torch_dtype, device="meta")
+            for ir_name, t in map_tensors(arch, config, [(name, meta)], str(path), frozenset(expected)):
+                want = expected[ir_name]
+                if tuple(t.shape) != want.shape or t.dtype != torch_dtype(want.dtype):
+                    got = str(t.dtype).removeprefix("torch.")
+                    raise WeightFileError(
+                        f"{path}: tensor {name!r} gives {ir_name} as {got} {list(t.shape)}, but config.json "
+                        f"implies {want.dtype} {list(want.shape)}"
+                    )
+                found.add(ir_name)
+    missing = sorted(set(expected) - found)
+    if missing:
+        raise WeightFileError(f"{model_dir}: parameter {missing[0]} is not in the source checkpoint")
+
+
 def load_full_model(registry: Registry, model_dir: Path, dtype: str, show_progress: bool = True) -> LoadedModel:
     """Read every source tensor once and map it to IR names (tp=1, pp=1)."""
     config = model_config_from_hf(registry, model_dir, dtype, Mapping())
     arch = registry.architecture(config["architecture"], "config.json")
+    check_source_weights(registry, arch, model_dir, config, weight_files(model_dir))
     used = graph_params(registry, config)
     weights: dict[str, torch.Tensor] = {}
-    for path in progress(source_files(model_dir), desc="load", unit="shard", enable=show_progress):
+    for path in progress(weight_files(model_dir), desc="load", unit="shard", enable=show_progress):
         weights.update(map_tensors(arch, config, read_source_file(path), str(path), used))
     return LoadedModel(config, weights, Path(model_dir))
 
@@ -279,7 +310,7 @@ def rank_weights(registry: Registry, model: LoadedModel, rank: int) -> dict[str,
     out = {}
     for name in graph.params:
         if name not in model.weights:
-            raise ModelcError(f"parameter {name} is not in the source checkpoint")
+            raise WeightFileError(f"{model.source_dir}: parameter {name} is not in the source checkpoint")
         out[name] = shard_for_rank(arch, graph, config, mapping, rank, name, model.weights[name])
     return out
 
@@ -326,7 +357,7 @@ def stream_rank(registry: Registry, job: _Job) -> Iterator[str]:
         return layer is None or layer in layers
 
     with writer:
-        for path in source_files(job.model_dir):
+        for path in weight_files(job.model_dir):
             sources = SourceSet()
             try:
                 tensors = ((n, t) for n, t in sources.open(path) if wanted(n))
@@ -339,7 +370,9 @@ def stream_rank(registry: Registry, job: _Job) -> Iterator[str]:
                 sources.close()  # the shard's pages go before the next shard is read
             yield path.name
         if writer.pending:
-            raise ModelcError(f"rank {job.rank}: parameter {sorted(writer.pending)[0]} is not in the source checkpoint")
+            raise WeightFileError(
+                f"{job.model_dir}: parameter {sorted(writer.pending)[0]} is not in the source checkpoint"
+            )
 
 
 def write_rank_from(
@@ -350,7 +383,7 @@ def write_rank_from(
     with writer:
         for name in graph.params:
             if name not in weights:
-                raise ModelcError(f"rank {job.rank}: parameter {name} is not in the source checkpoint")
+                raise WeightFileError(f"{job.model_dir}: parameter {name} is not in the source checkpoint")
             shard = shard_for_rank(arch, graph, job.config, mapping, job.rank, name, weights[name])
             writer.write(name, shard, sources)
             yield name
@@ -360,7 +393,7 @@ def _load_mapped(
     arch: Architecture, model_dir: Path, config: dict[str, Any], sources: SourceSet, used: frozenset[str]
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Map every source file (one dict of IR tensors per file), keeping the files open."""
-    for path in source_files(model_dir):
+    for path in weight_files(model_dir):
         yield dict(map_tensors(arch, config, sources.open(path), str(path), used))
 
 
@@ -420,7 +453,8 @@ def convert(
         raise UsageError(f"--workers must be at least 1, got {workers}")
     arch = registry.architecture(config["architecture"], "config.json")
     graphs = [rank_graph(registry, config, rank) for rank in mapping.ranks()]
-    files = source_files(model_dir)
+    files = weight_files(model_dir)
+    check_source_weights(registry, arch, model_dir, config, files)
     with atomic_output_dir(output_dir, CHECKPOINT_OUTPUT, inputs=[model_dir]) as tmp:
         used = frozenset(name for graph in graphs for name in graph.params)
         jobs = [_Job(model_dir, config, rank, tmp, used) for rank in mapping.ranks()]

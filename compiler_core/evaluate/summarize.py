@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from compiler_core.errors import ModelcError, UsageError
+from compiler_core.errors import MissingDependencyError, ModelcError, UsageError
 from compiler_core.formats.fileio import json_lines
 from compiler_core.progress import progress
 from compiler_core.registry import Registry
@@ -82,7 +82,12 @@ def _rows_from_jsonl(text: str, source: str) -> list[Article]:
 
 
 def _rows_from_arrow(path: Path) -> list[Article]:
-    import pyarrow as pa
+    try:
+        import pyarrow as pa
+    except ImportError:
+        raise MissingDependencyError(
+            f"{path}: reading {path.suffix} needs pyarrow (pip install 'modelc[summarize]')"
+        ) from None
 
     try:
         if path.suffix.lower() == ".parquet":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from collections.abc import Mapping as AbcMapping
 from pathlib import Path
@@ -9,9 +10,11 @@ from typing import Any
 
 import torch
 
-from compiler_core.dtypes import MODEL_DTYPES
-from compiler_core.errors import UsageError
+from compiler_core.dtypes import MODEL_DTYPES, torch_dtype
+from compiler_core.errors import ConfigError, UsageError, WeightFileError
+from compiler_core.formats.fields import int_field, is_int
 from compiler_core.formats.fileio import OutputKind, read_json, write_json
+from compiler_core.formats.safetensors_header import open_weights, read_header
 from compiler_core.formats.safetensors_io import SafetensorsReader, SafetensorsWriter
 from compiler_core.mapping import Mapping
 
@@ -85,6 +88,35 @@ def write_config(directory: Path, config: dict[str, Any]) -> None:
     write_json(Path(directory) / "config.json", config)
 
 
+def check_config(config: dict[str, Any], source: str) -> Mapping:
+    """Check a checkpoint config's own fields (format, version, dtype, quantization, mapping); return its mapping.
+
+    The architecture's fields are checked where they are used, by building each rank's graph."""
+    if config.get("format", FORMAT) != FORMAT:
+        raise ConfigError(f"{source}: field 'format' is {config['format']!r}, not a {FORMAT} directory")
+    for field in REQUIRED_FIELDS:
+        if field not in config:
+            raise ConfigError(f"{source}: field {field!r} is missing")
+    version = config["format_version"]
+    if not is_int(version) or version != FORMAT_VERSION:
+        raise ConfigError(f"{source}: format_version {version!r} is not {FORMAT_VERSION}")
+    if not isinstance(config["architecture"], str):
+        raise ConfigError(f"{source}: field 'architecture' must be a string, got {config['architecture']!r}")
+    if not isinstance(config["dtype"], str) or config["dtype"] not in MODEL_DTYPES:
+        raise ConfigError(f"{source}: field 'dtype' is {config['dtype']!r}, expected one of {', '.join(MODEL_DTYPES)}")
+    quantization = config["quantization"]
+    if not isinstance(quantization, dict):
+        raise ConfigError(f"{source}: field 'quantization' must be an object")
+    for field in NO_QUANTIZATION:
+        if not isinstance(quantization.get(field), (str, type(None))):
+            raise ConfigError(f"{source}: field 'quantization.{field}' must be a string or null")
+    try:
+        int_field(quantization, "group_size", default=None, minimum=1)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: quantization {exc}") from None
+    return Mapping.from_json(config["mapping"], source)
+
+
 def read_config(directory: Path) -> dict[str, Any]:
     """Read and validate a checkpoint's config.json; errors name the file and field."""
     directory = Path(directory)
@@ -92,24 +124,33 @@ def read_config(directory: Path) -> dict[str, Any]:
         raise UsageError(f"{directory}: checkpoint directory not found")
     path = directory / "config.json"
     config = read_json(path, "checkpoint config")
-    if config.get("format", FORMAT) != FORMAT:
-        raise UsageError(f"{path}: field 'format' is {config['format']!r}, not a {FORMAT} directory")
-    for field in REQUIRED_FIELDS:
-        if field not in config:
-            raise UsageError(f"{path}: field {field!r} is missing")
-    if config["format_version"] != FORMAT_VERSION:
-        raise UsageError(f"{path}: format_version {config['format_version']!r} is not {FORMAT_VERSION}")
-    if config["dtype"] not in MODEL_DTYPES:
-        raise UsageError(f"{path}: field 'dtype' is {config['dtype']!r}, expected one of {', '.join(MODEL_DTYPES)}")
-    if not isinstance(config["quantization"], dict):
-        raise UsageError(f"{path}: field 'quantization' must be an object")
-    mapping = Mapping.from_json(config["mapping"], str(path))
+    mapping = check_config(config, str(path))
     missing = [r for r in mapping.ranks() if not rank_file(directory, r).is_file()]
     if missing:
         raise UsageError(
             f"{directory}: rank{missing[0]}.safetensors is missing (mapping has world_size {mapping.world_size})"
         )
     return config
+
+
+def check_rank_file(path: Path, params: AbcMapping[str, Any]) -> None:
+    """Check a rank file's header against the graph's parameters (name -> IR ``Param``), before it is read."""
+    if not Path(path).is_file():
+        raise WeightFileError(f"{path}: rank weights not found")
+    fd = open_weights(path)
+    try:
+        header, _ = read_header(fd, str(path))
+    finally:
+        os.close(fd)
+    for name, param in params.items():
+        entry = header.get(name)
+        if entry is None:
+            raise WeightFileError(f"{path}: tensor {name!r} is missing (the rank's graph reads it)")
+        if entry.shape != tuple(param.shape) or entry.torch_dtype != torch_dtype(param.dtype):
+            raise WeightFileError(
+                f"{path}: tensor {name!r} is {entry.dtype} {list(entry.shape)}, the rank's graph wants "
+                f"{param.dtype} {list(param.shape)}"
+            )
 
 
 def mapping_of(config: dict[str, Any]) -> Mapping:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from compiler_core.errors import ConcurrentWriteError, UsageError
+from compiler_core.errors import ConcurrentWriteError, ConfigError, UsageError
 from compiler_core.interrupts import signals_deferred
 
 
@@ -190,10 +190,12 @@ def read_json(path: Path, what: str = "file") -> dict[str, Any]:
         raise UsageError(f"{path}: {what} not found")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{path}: not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: {what} cannot be read ({exc.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(data, dict):
-        raise UsageError(f"{path}: expected a JSON object")
+        raise ConfigError(f"{path}: expected a JSON object")
     return data
 
 

@@ -1,6 +1,7 @@
 """safetensors files as modelc reads and writes them: one reader, one writer, no copies in between.
 
-* :class:`SafetensorsReader` memory-maps a file copy-on-write, validates its header once and hands
+* :class:`SafetensorsReader` memory-maps a file copy-on-write, validates its header once
+  (:mod:`compiler_core.formats.safetensors_header`) and hands
   out tensors as views of the mapping; it can say where a tensor's bytes lie in the file.
 * :class:`SafetensorsWriter` lays a file out from every tensor's dtype and shape before any byte is
   written, then stores tensors as they come, file to file with ``copy_file_range`` when a reader
@@ -21,8 +22,9 @@ from typing import Any, Protocol
 
 import torch
 
-from compiler_core.dtypes import from_safetensors_code, safetensors_code
-from compiler_core.errors import ModelcError, UsageError
+from compiler_core.dtypes import safetensors_code
+from compiler_core.errors import ModelcError
+from compiler_core.formats.safetensors_header import open_weights, read_header
 
 #: Linux moves at most this many bytes per read/write/copy_file_range call.
 _IO_CHUNK = 1 << 30
@@ -70,25 +72,9 @@ class SafetensorsReader:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.fd = os.open(self.path, os.O_RDONLY)
+        self.fd = open_weights(self.path)
         try:
-            size = os.fstat(self.fd).st_size
-            head = os.pread(self.fd, 8, 0)
-            n = int.from_bytes(head, "little") if len(head) == 8 else -1
-            if n < 2 or 8 + n > size:
-                raise UsageError(f"{self.path}: not a readable safetensors file (bad header length)")
-            try:
-                header = json.loads(os.pread(self.fd, n, 8))
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise UsageError(f"{self.path}: not a readable safetensors file ({exc})") from None
-            self.header = {k: v for k, v in header.items() if k != "__metadata__"}
-            self.data_start = 8 + n
-            for name, info in self.header.items():
-                begin, end = info["data_offsets"]
-                if from_safetensors_code(info["dtype"]) is None or not 0 <= begin <= end <= size - self.data_start:
-                    raise UsageError(
-                        f"{self.path}: not a readable safetensors file (tensor {name!r} has a bad dtype or data range)"
-                    )
+            self.header, self.data_start = read_header(self.fd, str(self.path))
             self._map = mmap.mmap(self.fd, 0, access=mmap.ACCESS_COPY)
             self._bytes = torch.frombuffer(self._map, dtype=torch.uint8)
         except BaseException:
@@ -102,21 +88,15 @@ class SafetensorsReader:
 
     def tensor(self, name: str) -> torch.Tensor:
         """``name`` as a view of the mapping (a copy only if the file misaligns it)."""
-        info = self.header[name]
-        dtype = from_safetensors_code(info["dtype"])
-        begin, end = (self.data_start + o for o in info["data_offsets"])
-        shape = list(info["shape"])
-        if math.prod(shape) * dtype.itemsize != end - begin:
-            raise UsageError(
-                f"{self.path}: not a readable safetensors file (tensor {name!r}: shape {shape} does not match "
-                "its data range)"
-            )
+        entry = self.header[name]
+        dtype = entry.torch_dtype
+        begin, end = self.data_start + entry.begin, self.data_start + entry.end
         if begin == end:
-            return torch.empty(shape, dtype=dtype)
+            return torch.empty(entry.shape, dtype=dtype)
         raw = self._bytes[begin:end]
         if begin % dtype.itemsize:
             raw = raw.clone()
-        return raw.view(dtype).reshape(shape)
+        return raw.view(dtype).reshape(entry.shape)
 
     def locate(self, t: torch.Tensor) -> int | None:
         """File offset of ``t``'s bytes when ``t`` is a contiguous view of this file, else None."""
@@ -126,7 +106,7 @@ class SafetensorsReader:
 
     def release(self, name: str) -> None:
         """Drop the resident pages of tensor ``name`` (its views read the file again if used)."""
-        begin, end = (self.data_start + o for o in self.header[name]["data_offsets"])
+        begin, end = self.data_start + self.header[name].begin, self.data_start + self.header[name].end
         first = begin // mmap.PAGESIZE * mmap.PAGESIZE
         if end > first:
             self._map.madvise(mmap.MADV_DONTNEED, first, end - first)

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 
 from compiler_core.backends.torch.executor import GraphExecutor
-from compiler_core.errors import UsageError
+from compiler_core.errors import MissingDependencyError, TokenizerError, UsageError
 from compiler_core.formats.fileio import json_lines
 from compiler_core.ir import Graph, Node
 from compiler_core.mapping import Mapping as ParallelMapping
@@ -62,6 +62,8 @@ DEFAULT_CALIB_SIZE = 512
 DEFAULT_MAX_SEQ_LENGTH = 512
 #: Field names read from JSONL / parquet records, in order of preference.
 TEXT_FIELDS = ("text", "article")
+#: Files of which a Hugging Face tokenizer directory holds at least one (the vocabulary).
+VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 Observer = Callable[[Node, tuple[torch.Tensor, ...], Any, ForwardContext], None]
 
@@ -138,7 +140,9 @@ def _parquet_texts(path: Path) -> list[str]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise UsageError(f"{path}: reading parquet needs pyarrow (pip install 'modelc[summarize]')") from None
+        raise MissingDependencyError(
+            f"{path}: reading parquet needs pyarrow (pip install 'modelc[summarize]')"
+        ) from None
     try:
         table = pq.read_table(path)
     except Exception as exc:
@@ -149,16 +153,26 @@ def _parquet_texts(path: Path) -> list[str]:
     return [str(t) for t in table.column(field).to_pylist() if t is not None]
 
 
-def load_tokenizer(model_dir: Path):
-    """The Hugging Face tokenizer stored in ``model_dir``."""
+def load_tokenizer(model_dir: Path, tokenizer_dir: Path | None = None):
+    """The Hugging Face tokenizer in ``tokenizer_dir``, else the one stored in ``model_dir``."""
+    source = Path(tokenizer_dir if tokenizer_dir is not None else model_dir)
+    if tokenizer_dir is not None and not source.is_dir():
+        raise TokenizerError(f"--tokenizer_dir {source}: directory not found")
+    # Checked here because transformers' own complaint about a missing tokenizer names sentencepiece
+    # and tiktoken, not the directory.
+    if not any((source / name).is_file() for name in VOCABULARY_FILES):
+        raise TokenizerError(
+            f"{source}: no tokenizer (none of {', '.join(VOCABULARY_FILES)}); calibration tokenizes text, "
+            "so pass --tokenizer_dir D with the model's Hugging Face tokenizer"
+        )
     try:
         from transformers import AutoTokenizer
     except ImportError:
-        raise UsageError("calibration needs transformers to tokenize (pip install 'modelc[hf]')") from None
+        raise MissingDependencyError("calibration needs transformers to tokenize (pip install 'modelc[hf]')") from None
     try:
-        return AutoTokenizer.from_pretrained(str(model_dir))
+        return AutoTokenizer.from_pretrained(str(source))
     except Exception as exc:
-        raise UsageError(f"{model_dir}: no usable tokenizer for calibration ({type(exc).__name__}: {exc})") from None
+        raise TokenizerError(f"{source}: no usable tokenizer for calibration ({type(exc).__name__}: {exc})") from None
 
 
 def make_calibration_set(
@@ -204,13 +218,15 @@ def load_calibration_set(
     num_samples: int = DEFAULT_CALIB_SIZE,
     max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH,
     batch_size: int = 1,
+    tokenizer_dir: Path | None = None,
 ) -> CalibrationSet:
-    """Calibration batches from ``dataset`` (default: the shipped corpus) with ``model_dir``'s tokenizer."""
+    """Calibration batches from ``dataset`` (default: the shipped corpus) with ``model_dir``'s tokenizer
+    (or ``tokenizer_dir``'s)."""
     texts = read_texts(dataset)
     source = str(dataset) if dataset is not None else "compiler_core/data/corpus.txt"
     return make_calibration_set(
         texts,
-        load_tokenizer(model_dir),
+        load_tokenizer(model_dir, tokenizer_dir),
         num_samples=num_samples,
         max_seq_length=max_seq_length,
         batch_size=batch_size,

@@ -52,7 +52,7 @@ import torch
 from compiler_core.api import QuantScheme
 from compiler_core.convert.from_hf import LoadedModel, load_full_model, model_config_from_hf, write_model
 from compiler_core.dtypes import dtype_name
-from compiler_core.errors import ModelcError, UsageError
+from compiler_core.errors import ModelcError, OptionError, UsageError
 from compiler_core.formats.checkpoint import CHECKPOINT_OUTPUT
 from compiler_core.formats.fileio import atomic_output_dir, check_output_dir
 from compiler_core.host import load_registry
@@ -207,6 +207,7 @@ def quantize(
     seed: int = DEFAULT_SEED,
     device: str = "auto",
     show_progress: bool = True,
+    tokenizer_dir: Path | None = None,
     registry: Registry | None = None,
     **scheme_options: Any,
 ) -> tuple[dict[str, Any], CalibrationSet]:
@@ -216,6 +217,8 @@ def quantize(
     reaches the schemes as ``options["registry"]``."""
     registry = registry or load_registry()
     mapping = mapping or ParallelMapping()
+    if group_size is not None and group_size < 1:
+        raise OptionError(f"--group_size must be at least 1, got {group_size}")
     weight_scheme, kv_scheme = resolve_schemes(registry, qformat, kv_cache_dtype)
     device = resolve_device(device)
     config = model_config_from_hf(registry, model_dir, dtype, mapping)
@@ -224,7 +227,12 @@ def quantize(
     inputs = [Path(model_dir), *([Path(calib_dataset)] if calib_dataset is not None else [])]
     check_output_dir(Path(output_dir), CHECKPOINT_OUTPUT, inputs)  # and on a refused output before calibrating
     calibration = load_calibration_set(
-        model_dir, calib_dataset, num_samples=calib_size, max_seq_length=calib_max_seq_length, batch_size=batch_size
+        model_dir,
+        calib_dataset,
+        num_samples=calib_size,
+        max_seq_length=calib_max_seq_length,
+        batch_size=batch_size,
+        tokenizer_dir=tokenizer_dir,
     )
     model = load_full_model(registry, model_dir, config["dtype"], show_progress)
     options: dict[str, Any] = {

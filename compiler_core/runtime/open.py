@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from compiler_core.build.engine import engine_mapping, load_rank_session, read_engine_config
-from compiler_core.errors import UsageError
+from compiler_core.errors import MissingDependencyError, TokenizerError, UsageError
 from compiler_core.formats.checkpoint import TOKENIZER_DIR
 from compiler_core.graph_attrs import stop_token_ids
 from compiler_core.host import load_registry
@@ -104,18 +104,18 @@ def load_tokenizer(engine_dir: Path, tokenizer_dir: Path | None = None, required
     source = Path(tokenizer_dir) if tokenizer_dir is not None else Path(engine_dir) / TOKENIZER_DIR
     if not source.is_dir():
         if tokenizer_dir is not None:
-            raise UsageError(f"--tokenizer_dir {source}: directory not found")
+            raise TokenizerError(f"--tokenizer_dir {source}: directory not found")
         if not required:
             return None
-        raise UsageError(f"{engine_dir}: the engine has no tokenizer/ directory; pass --tokenizer_dir D")
+        raise TokenizerError(f"{engine_dir}: the engine has no tokenizer/ directory; pass --tokenizer_dir D")
     try:
         from transformers import AutoTokenizer
     except ImportError:
-        raise UsageError("reading text needs transformers: pip install 'modelc[hf]'") from None
+        raise MissingDependencyError("reading text needs transformers: pip install 'modelc[hf]'") from None
     try:
         return AutoTokenizer.from_pretrained(str(source))
     except (OSError, ValueError) as exc:
-        raise UsageError(f"{source}: not a loadable tokenizer ({exc})") from None
+        raise TokenizerError(f"{source}: not a loadable tokenizer ({exc})") from None
 
 
 def stop_ids(engine_config: dict[str, Any], tokenizer=None) -> tuple[int, ...]:

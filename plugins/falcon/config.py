@@ -8,6 +8,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from compiler_core.formats.fields import (
+    bool_field,
+    dict_field,
+    float_field,
+    int_field,
+    str_field,
+    token_id_field,
+    token_ids_field,
+)
+
 ARCHITECTURE = "falcon"
 
 #: Hugging Face activation names and the IR op (+ attributes) that computes them.
@@ -26,23 +36,19 @@ _LEGACY_MODEL_TYPES = {"RefinedWeb", "RefinedWebModel"}
 
 
 def is_falcon(hf: dict[str, Any]) -> bool:
-    archs = hf.get("architectures") or []
-    return hf.get("model_type") in {"falcon", *_LEGACY_MODEL_TYPES} or any(
-        a in {"FalconForCausalLM", "RWForCausalLM"} for a in archs
+    archs = hf.get("architectures")
+    model_type = hf.get("model_type")
+    return (isinstance(model_type, str) and model_type in {"falcon", *_LEGACY_MODEL_TYPES}) or (
+        isinstance(archs, list) and any(a in ("FalconForCausalLM", "RWForCausalLM") for a in archs)
     )
 
 
-def _first(hf: dict[str, Any], *names: str, default: Any = None) -> Any:
-    for name in names:
-        if hf.get(name) is not None:
-            return hf[name]
-    return default
-
-
 def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
-    params = hf.get("rope_parameters") or {}
-    legacy = hf.get("rope_scaling") or None
-    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    params = dict_field(hf, "rope_parameters") or {}
+    legacy = dict_field(hf, "rope_scaling") or None
+    theta = float_field(params, "rope_theta", default=None, positive=True) or float_field(
+        hf, "rope_theta", default=10000.0, positive=True
+    )
     rope_type = params.get("rope_type", params.get("type", "default"))
     scaling = None
     if rope_type not in (None, "default"):
@@ -53,52 +59,55 @@ def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
         kind = scaling.get("rope_type", scaling.get("type"))
         if kind != "linear":
             raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: default, linear)")
-        scaling = {"rope_type": "linear", "factor": float(scaling["factor"])}
+        scaling = {"rope_type": "linear", "factor": float_field(scaling, "factor", positive=True)}
     return theta, scaling
 
 
 def config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     """Return the normalised Falcon fields; raise ValueError naming the offending field.
 
-    Missing fields take transformers' FalconConfig defaults, or for the legacy remote-code
-    configs (model_type RefinedWebModel / RefinedWeb) their RWConfig defaults: multi_query and
-    parallel_attn false, and RefinedWeb (the 40B code) always the new decoder architecture.
+    ``vocab_size`` is required. Other missing fields take transformers' FalconConfig defaults, or
+    for the legacy remote-code configs (model_type RefinedWebModel / RefinedWeb) their RWConfig
+    defaults: multi_query and parallel_attn false, and RefinedWeb (the 40B code) always the new
+    decoder architecture. Fields of the wrong JSON type or range are refused, never coerced.
     """
     model_type = hf.get("model_type")
-    legacy = model_type in _LEGACY_MODEL_TYPES
-    hidden = int(_first(hf, "hidden_size", "n_embed", default=4544))
-    heads = int(_first(hf, "num_attention_heads", "n_head", default=71))
-    layers = int(_first(hf, "num_hidden_layers", "n_layer", default=32))
-    vocab = int(hf.get("vocab_size", 65024))
+    legacy = isinstance(model_type, str) and model_type in _LEGACY_MODEL_TYPES
+    hidden = int_field(hf, "hidden_size", "n_embed", default=4544, minimum=1)
+    heads = int_field(hf, "num_attention_heads", "n_head", default=71, minimum=1)
+    layers = int_field(hf, "num_hidden_layers", "n_layer", default=32, minimum=1)
+    # Required although FalconConfig has a default: 65024 is right only for Falcon's own tokenizer,
+    # and every config.json that transformers saves names it.
+    vocab = int_field(hf, "vocab_size", minimum=1)
     if hidden % heads:
         raise ValueError(f"hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
-    if hf.get("apply_residual_connection_post_layernorm"):
+    if bool_field(hf, "apply_residual_connection_post_layernorm", default=False):
         raise ValueError(
             "apply_residual_connection_post_layernorm=true is not supported "
             "(transformers' FalconForCausalLM has no such residual)"
         )
-    new_arch = bool(hf.get("new_decoder_architecture", model_type == "RefinedWeb"))
-    multi_query = bool(hf.get("multi_query", not legacy))
-    parallel_attn = bool(hf.get("parallel_attn", model_type == "RefinedWeb" or not legacy))
-    declared_kv = _first(hf, "num_kv_heads", "n_head_kv")
+    new_arch = bool_field(hf, "new_decoder_architecture", default=model_type == "RefinedWeb")
+    multi_query = bool_field(hf, "multi_query", default=not legacy)
+    parallel_attn = bool_field(hf, "parallel_attn", default=model_type == "RefinedWeb" or not legacy)
+    declared_kv = int_field(hf, "num_kv_heads", "n_head_kv", default=None, minimum=1)
     if new_arch:
-        kv = int(declared_kv if declared_kv is not None else heads)
+        kv = declared_kv if declared_kv is not None else heads
     elif multi_query:
         kv = 1
     else:
         kv = heads
-        if declared_kv is not None and int(declared_kv) != heads:
+        if declared_kv is not None and declared_kv != heads:
             raise ValueError(
                 f"num_kv_heads {declared_kv} with multi_query=false and new_decoder_architecture=false: "
                 f"this attention is multi-head, so it needs num_kv_heads = num_attention_heads ({heads})"
             )
     if heads % kv:
         raise ValueError(f"num_attention_heads {heads} is not a multiple of num_kv_heads {kv}")
-    num_ln = hf.get("num_ln_in_parallel_attn")
+    num_ln = int_field(hf, "num_ln_in_parallel_attn", default=None)
     if num_ln is None and new_arch:
         num_ln = 2
     if parallel_attn:
-        num_ln = int(num_ln or 1)
+        num_ln = num_ln or 1
         if num_ln not in (1, 2):
             raise ValueError(f"num_ln_in_parallel_attn must be 1 or 2, got {num_ln}")
         if num_ln == 2 and not new_arch:
@@ -113,11 +122,10 @@ def config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
         )
     else:
         num_ln = 0
-    activation = hf.get("activation", "gelu")
+    activation = str_field(hf, "activation", default="gelu")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation {activation!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
     theta, scaling = _rope(hf)
-    eos = hf.get("eos_token_id", 11)
     return {
         "architecture": ARCHITECTURE,
         "vocab_size": vocab,
@@ -126,19 +134,19 @@ def config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
         "num_attention_heads": heads,
         "num_kv_heads": kv,
         "head_dim": hidden // heads,
-        "ffn_hidden_size": int(hf.get("ffn_hidden_size") or 4 * hidden),
-        "layer_norm_epsilon": float(_first(hf, "layer_norm_epsilon", default=1e-5)),
-        "bias": bool(hf.get("bias", False)),
-        "alibi": bool(hf.get("alibi", False)),
+        "ffn_hidden_size": int_field(hf, "ffn_hidden_size", default=4 * hidden, minimum=1),
+        "layer_norm_epsilon": float_field(hf, "layer_norm_epsilon", default=1e-5, positive=True),
+        "bias": bool_field(hf, "bias", default=False),
+        "alibi": bool_field(hf, "alibi", default=False),
         "new_decoder_architecture": new_arch,
         "parallel_attn": parallel_attn,
         "num_ln_in_parallel_attn": num_ln,
         "activation": activation,
         "rope_theta": theta,
         "rope_scaling": scaling,
-        "max_position_embeddings": int(hf.get("max_position_embeddings", 2048)),
-        "tie_word_embeddings": bool(hf.get("tie_word_embeddings", True)),
-        "bos_token_id": hf.get("bos_token_id", 11),
-        "eos_token_id": eos,
-        "pad_token_id": hf.get("pad_token_id"),
+        "max_position_embeddings": int_field(hf, "max_position_embeddings", default=2048, minimum=1),
+        "tie_word_embeddings": bool_field(hf, "tie_word_embeddings", default=True),
+        "bos_token_id": token_id_field(hf, "bos_token_id", default=11),
+        "eos_token_id": token_ids_field(hf, "eos_token_id", default=11),
+        "pad_token_id": token_id_field(hf, "pad_token_id"),
     }

@@ -10,7 +10,7 @@ import torch
 
 from compiler_core.api import Backend
 from compiler_core.build.engine import engine_graph
-from compiler_core.errors import ModelcError
+from compiler_core.errors import ConfigError
 from compiler_core.ir import Graph
 from compiler_core.registry import Registry
 
@@ -22,7 +22,7 @@ def rank_plan(engine_config: dict[str, Any], rank: int, source: str = "engine co
     try:
         facts = engine_config["ranks"][rank]["onnx"]
     except (KeyError, IndexError, TypeError):
-        raise ModelcError(f"{source}: rank {rank} has no ONNX plan (field 'ranks[{rank}].onnx')") from None
+        raise ConfigError(f"{source}: rank {rank} has no ONNX plan (field 'ranks[{rank}].onnx')") from None
     return RankPlan.from_json(facts, source)
 
 

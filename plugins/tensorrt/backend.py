@@ -18,7 +18,7 @@ from modelc_plugins.tensorrt.package import (
 
 from compiler_core.api import Backend
 from compiler_core.build.engine import engine_graph
-from compiler_core.errors import ModelcError
+from compiler_core.errors import ConfigError
 from compiler_core.ir import Graph
 from compiler_core.registry import Registry
 
@@ -112,5 +112,5 @@ class TensorRTBackend(Backend):
         try:
             facts = engine_config["ranks"][rank]["tensorrt"]
         except (KeyError, IndexError, TypeError):
-            raise ModelcError(f"{source}: rank {rank} has no TensorRT plan (field 'ranks[{rank}].tensorrt')") from None
+            raise ConfigError(f"{source}: rank {rank} has no TensorRT plan (field 'ranks[{rank}].tensorrt')") from None
         return RankPlan.from_json(facts["plan"], source)

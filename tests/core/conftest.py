@@ -39,3 +39,12 @@ def falcon_checkpoint_tp2(tmp_path_factory, tiny_falcon) -> Path:
     out = tmp_path_factory.mktemp("ckpt") / "rw-tp2"
     convert(tiny_falcon, out, dtype="float32", mapping=Mapping.create(2, 1), show_progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_engine_7b(tmp_path_factory, tiny_falcon_7b) -> Path:
+    """``tiny_falcon_7b`` as a float32 torch engine; its checkpoint lies beside it as ``<engine>-ckpt``
+    (both read-only for tests: copy before changing)."""
+    from compiler_core.testing import build_engine_dir
+
+    return build_engine_dir(tiny_falcon_7b, tmp_path_factory.mktemp("engine") / "falcon-7b")

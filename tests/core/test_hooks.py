@@ -3,6 +3,8 @@ registration results, the lowering table, and the base classes' defaults."""
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -125,8 +127,12 @@ def test_unmapped_tensor_is_an_error_naming_it(tiny_falcon, tmp_path):
     hf = tmp_path / "hf"
     hf.mkdir()
     for f in tiny_falcon.iterdir():
-        (hf / f.name).symlink_to(f)
+        if f.name != "model.safetensors.index.json":
+            os.link(f, hf / f.name)  # a shard symlinked out of its model dir is refused
     save_file({"transformer.mystery.weight": torch.zeros(2)}, str(hf / "zz-extra.safetensors"))
+    index = json.loads((tiny_falcon / "model.safetensors.index.json").read_text())
+    index["weight_map"]["transformer.mystery.weight"] = "zz-extra.safetensors"  # the index decides what is read
+    (hf / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(UsageError, match=r"zz-extra\.safetensors: tensor 'transformer\.mystery\.weight' is not mapped"):
         convert(hf, tmp_path / "out", show_progress=False)
     assert not (tmp_path / "out").exists()
@@ -142,8 +148,12 @@ def test_mapped_tensor_no_graph_uses_is_an_error_naming_it(tiny_falcon_7b, tmp_p
     hf = tmp_path / "hf"
     hf.mkdir()
     for f in tiny_falcon_7b.iterdir():
-        (hf / f.name).symlink_to(f)
+        if f.name != "model.safetensors.index.json":
+            os.link(f, hf / f.name)  # a shard symlinked out of its model dir is refused
     save_file({"transformer.h.0.self_attention.dense.bias": torch.zeros(64)}, str(hf / "zz-extra.safetensors"))
+    index = json.loads((tiny_falcon_7b / "model.safetensors.index.json").read_text())
+    index["weight_map"]["transformer.h.0.self_attention.dense.bias"] = "zz-extra.safetensors"  # the index decides
+    (hf / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(
         UsageError,
         match=r"zz-extra\.safetensors: tensor 'transformer\.h\.0\.self_attention\.dense\.bias' maps to "

@@ -9,7 +9,7 @@ import torch
 
 from compiler_core.api import Backend
 from compiler_core.build.engine import engine_graph
-from compiler_core.formats.checkpoint import rank_file, save_rank_weights
+from compiler_core.formats.checkpoint import check_rank_file, rank_file, save_rank_weights
 from compiler_core.ir import Graph
 from compiler_core.registry import Registry
 from compiler_core.runtime.loading import load_weights_for
@@ -37,4 +37,5 @@ class TorchBackend(Backend):
 
     def load_rank(self, engine_dir: Path, engine_config: dict[str, Any], rank: int, device: str, registry: Registry):
         graph = engine_graph(registry, engine_config, rank)
+        check_rank_file(rank_file(engine_dir, rank), graph.params)  # a missing or mistyped tensor is bad input
         return TorchSession(registry, graph, load_weights_for(rank_file(engine_dir, rank), device), device)

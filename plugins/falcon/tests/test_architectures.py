@@ -108,12 +108,14 @@ def test_refused_layer_norm_layouts_do_not_run_in_transformers_either(change):
 
 
 def _legacy_dir(tmp_path: Path, model_dir: Path, legacy: dict) -> Path:
-    """The same weights and tokenizer as ``model_dir`` under a hand-written legacy config.json."""
+    """The same weights and tokenizer as ``model_dir`` under a hand-written legacy config.json.
+
+    Hard links, not symlinks: a shard that is a symlink out of its model directory is refused."""
     out = tmp_path / f"legacy-{legacy['model_type']}"
     out.mkdir()
     for f in model_dir.iterdir():
         if f.name != "config.json":
-            os.symlink(f, out / f.name)
+            os.link(f, out / f.name)
     (out / "config.json").write_text(json.dumps(legacy, indent=1))
     return out
 

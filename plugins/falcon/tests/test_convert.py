@@ -83,7 +83,7 @@ def test_indivisible_heads_fail_before_any_work(tiny, tmp_path):
     ids=["falcon-7b", "falcon-40b"],
 )
 def test_real_head_counts_give_their_valid_tp_sizes(fields, tp, valid, tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "falcon", **fields}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "falcon", "vocab_size": 65024, **fields}))
     result = modelc("convert", "--model_dir", tmp_path, "--output_dir", tmp_path / "o", "--tp_size", tp)
     assert result.exit_code == 2 and valid in error_line(result)
     assert f"num_attention_heads {fields['num_attention_heads']}" in error_line(result)
