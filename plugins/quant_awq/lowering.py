@@ -6,7 +6,12 @@ runtime. A ragged last group (see int4.py) is just scaled by its own scale.
 
 torch, CUDA: the weight stays int4 in device memory (a quarter of the fp16 bytes).
 
-* bfloat16 models with group size 32/64/128/256 use PyTorch's int4 GEMM
+* bfloat16 and float16 models on sm_89+ GPUs with Triton installed use the Triton INT4 GEMM
+  (``compiler_core/backends/torch/cuda/int4_gemm.py``) for every call: it reads the packed
+  weight and scales directly at every M (split-K at decode, tiled at prefill). A ragged layer's
+  rows are padded to whole groups once, at lowering time. Each layer compares it once with the
+  reference dequantization on probe inputs and falls back (with a warning) to the paths below.
+* Otherwise, bfloat16 models with group size 32/64/128/256 use PyTorch's int4 GEMM
   (``aten._weight_int4pack_mm``, the "tinygemm" kernel behind gpt-fast and torchao) for calls
   of at most ``TINYGEMM_MAX_ROWS`` tokens (decode): it reads the packed weight directly. Its
   weight layout is device-specific and cannot be checked on a CPU, so each layer compares it
@@ -36,6 +41,7 @@ import torch.nn.functional as F
 from modelc_plugins.quant_awq.int4 import dequantize_packed, scale_groups_, unpack_int4
 
 from compiler_core.backends.torch.cpu_linear import cpu_linear
+from compiler_core.backends.torch.cuda.capability import triton_ready
 from compiler_core.backends.torch.kernels import Kernel, TorchLowering
 from compiler_core.ir import Node
 
@@ -135,6 +141,45 @@ def tinygemm_matmul(
     return matmul
 
 
+#: Probe sizes: one per tiling of the Triton GEMM (decode, small batch, prefill), compiled at lowering time.
+TRITON_PROBE_ROWS = (1, 32, 128)
+
+
+def triton_int4_kernel(
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    group_size: int,
+    prequant: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    name: str,
+) -> Kernel | None:
+    """The Triton INT4 GEMM kernel of one layer, or None (with a warning) if it fails or disagrees
+    with the reference dequantization on probe inputs (``scales`` in the compute dtype)."""
+    from compiler_core.backends.torch.cuda.int4_gemm import int4_linear, prepare_int4_weight
+
+    weight = prepare_int4_weight(packed, scales, group_size)
+
+    def int4_kernel(ctx, x: torch.Tensor) -> torch.Tensor:
+        return int4_linear(x if prequant is None else x * prequant, weight, bias)
+
+    dense = dequantize_in_dtype(packed, scales, group_size, scales.dtype).float()
+    gen = torch.Generator(device=packed.device).manual_seed(0)
+    try:
+        for rows in TRITON_PROBE_ROWS:
+            probe = torch.randn(rows, weight.in_features, generator=gen, device=packed.device).to(scales.dtype)
+            want = (probe.float() if prequant is None else (probe * prequant).float()) @ dense.T
+            if bias is not None:
+                want = want + bias.float()
+            got = int4_kernel(None, probe).float()
+            if not torch.allclose(got, want, rtol=2e-2, atol=2e-2 * float(want.abs().max())):
+                warnings.warn(f"{name}: the Triton int4 GEMM disagrees with the reference; not using it", stacklevel=2)
+                return None
+    except Exception as exc:  # a Triton compile or launch failure on this GPU: keep the other kernels
+        warnings.warn(f"{name}: the Triton int4 GEMM failed ({type(exc).__name__}: {exc}); not using it", stacklevel=2)
+        return None
+    return int4_kernel
+
+
 def lower_awq_linear_torch(node: Node, low: TorchLowering) -> Kernel:
     """The torch kernel of one ``awq_linear`` node."""
     packed = low.param(node, "weight")
@@ -155,6 +200,11 @@ def lower_awq_linear_torch(node: Node, low: TorchLowering) -> Kernel:
             return F.linear(x, weight, bias) if fast is None else fast(x)
 
         return dense
+
+    if triton_ready(low.device) and dtype in (torch.bfloat16, torch.float16):
+        kernel = triton_int4_kernel(packed, scales, group_size, prequant, bias, node.name)
+        if kernel is not None:
+            return kernel
 
     int4_matmul = tinygemm_matmul(packed, scales, group_size, node.name)
     out_features = scales.shape[0]

@@ -1,9 +1,12 @@
 """``fp8_linear`` for the torch backend.
 
-Two kernels with the same numerics (static per-tensor scales; activations quantized with
+Three kernels with the same numerics (static per-tensor scales; activations quantized with
 ``numerics.quantize``, i.e. x / scale saturated to ±448 and rounded to nearest even):
 
-* **Hopper and newer GPUs** (compute capability >= 8.9, both GEMM dimensions multiples of 16):
+* **Hopper and newer GPUs, calls of at most** ``TRITON_MAX_ROWS`` **tokens** (decode), where Triton
+  is installed: a Triton GEMM that reads the activation in its own dtype and quantizes it in
+  registers (``compiler_core/backends/torch/cuda/fp8_gemm.py``), split along K for small M.
+* **Hopper and newer GPUs, larger calls** (compute capability >= 8.9, both GEMM dimensions multiples of 16):
   ``torch._scaled_mm`` multiplies the FP8 operands with FP32 accumulation and applies
   ``activation_scale * weight_scale`` before rounding to the compute dtype.
 * **Everywhere else** (CPU included): the FP8 codes are widened (exactly: every E4M3 value is
@@ -21,11 +24,15 @@ import torch
 import torch.nn.functional as F
 from modelc_plugins.quant_fp8 import numerics
 
+from compiler_core.backends.torch.cuda.capability import triton_ready
 from compiler_core.backends.torch.kernels import TorchLowering
 from compiler_core.ir import Node
 
 #: cuBLASLt FP8 GEMMs need both matrix dimensions of the weight to be multiples of 16.
 _SCALED_MM_ALIGN = 16
+#: Tokens per call up to which the fused Triton GEMM runs; larger calls are compute-bound, where
+#: cuBLASLt's FP8 GEMM is faster than the separate quantization it needs costs.
+TRITON_MAX_ROWS = 64
 
 
 def scaled_mm_supported(device: torch.device) -> bool:
@@ -41,6 +48,7 @@ def lower_fp8_linear(node: Node, low: TorchLowering) -> Callable[..., torch.Tens
     a_scale = low.param(node, "activation_scaling_factor").float().reshape(())
     out_features, in_features = weight.shape
     compute = low.compute_dtype
+    large = None
     if (
         scaled_mm_supported(weight.device)
         and out_features % _SCALED_MM_ALIGN == 0
@@ -49,12 +57,49 @@ def lower_fp8_linear(node: Node, low: TorchLowering) -> Callable[..., torch.Tens
         kernel = _scaled_mm_kernel(weight, bias, w_scale, a_scale, compute)
         try:
             kernel(None, torch.zeros(1, in_features, dtype=compute, device=weight.device))
-            return kernel
+            large = kernel
         except RuntimeError as exc:  # an FP8 GEMM this torch/cuBLAS cannot run: emulate instead
             warnings.warn(
                 f"node {node.name}: torch._scaled_mm failed ({exc}); using the emulated FP8 GEMM", stacklevel=2
             )
-    return _emulated_kernel(weight, bias, w_scale, a_scale, compute)
+    if large is None:
+        large = _emulated_kernel(weight, bias, w_scale, a_scale, compute)
+    if triton_ready(weight.device):
+        small = _triton_kernel(node.name, weight, bias, w_scale, a_scale, compute, large)
+        if small is not None:
+            return small
+    return large
+
+
+def _triton_kernel(name, weight, bias, w_scale, a_scale, compute, large):
+    """The fused Triton kernel for calls of up to ``TRITON_MAX_ROWS`` tokens and ``large`` beyond,
+    or None (with a warning) when the Triton kernel fails or disagrees with ``large`` on a probe."""
+    from compiler_core.backends.torch.cuda.fp8_gemm import fp8_linear
+
+    def fp8_linear_kernel(ctx, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() // x.shape[-1] > TRITON_MAX_ROWS:
+            return large(ctx, x)
+        return fp8_linear(x, weight, w_scale, a_scale, bias)
+
+    gen = torch.Generator(device=weight.device).manual_seed(0)
+    try:
+        for rows in (1, TRITON_MAX_ROWS):  # compiles both small-M tilings now, not inside a graph capture
+            probe = (torch.randn(rows, weight.shape[1], generator=gen, device=weight.device) * a_scale * 100).to(
+                compute
+            )
+            got, want = fp8_linear_kernel(None, probe).float(), large(None, probe).float()
+            # Both round the same FP8 products once to the compute dtype; accumulation order differs.
+            if not torch.allclose(got, want, rtol=2e-2, atol=2e-2 * float(want.abs().max())):
+                warnings.warn(
+                    f"node {name}: the Triton FP8 GEMM disagrees with the reference; not using it", stacklevel=3
+                )
+                return None
+    except Exception as exc:  # a Triton compile or launch failure on this GPU: keep the other kernels
+        warnings.warn(
+            f"node {name}: the Triton FP8 GEMM failed ({type(exc).__name__}: {exc}); not using it", stacklevel=3
+        )
+        return None
+    return fp8_linear_kernel
 
 
 def _emulated_kernel(weight, bias, w_scale, a_scale, compute):
