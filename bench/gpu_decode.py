@@ -184,6 +184,108 @@ def build_side(name: str, hf, model, args):
     return modelc_generator(runner), weight_bytes
 
 
+def gemm_time_us(fn: Callable[[], Any], iters: int = 40) -> tuple[float, float]:
+    """(best, worst) microseconds per call of ``fn`` over 5 replays of a CUDA graph of ``iters`` calls."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(iters):
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(1e3 * start.elapsed_time(end) / iters)
+    return min(times), max(times)
+
+
+def rotating(fns: list[Callable[[], Any]]) -> Callable[[], Any]:
+    """A call that runs the next of ``fns`` each time (captured into a graph, the rotation is replayed)."""
+    calls = iter(range(1 << 30))
+    return lambda: fns[next(calls) % len(fns)]()
+
+
+def linear_kernels(x, dense, fp8, w_scale, x_scale, prepared, tiny) -> dict[str, list[Callable[[], Any]]]:
+    """label -> one call per weight copy, of every kernel compared in the per-linear table."""
+    from modelc_plugins.quant_fp8 import numerics
+
+    from compiler_core.backends.torch.cuda.fp8_gemm import fp8_linear
+    from compiler_core.backends.torch.cuda.int4_gemm import int4_linear
+
+    def scaled_mm(w):
+        xq = numerics.quantize(x, x_scale)
+        return torch._scaled_mm(xq, w.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=x.dtype)
+
+    kernels = {
+        "bf16 F.linear": [lambda w=w: torch.nn.functional.linear(x, w) for w in dense],
+        "fp8 triton (fused quant)": [lambda w=w: fp8_linear(x, w, w_scale, x_scale) for w in fp8],
+        "fp8 quant + _scaled_mm": [lambda w=w: scaled_mm(w) for w in fp8],
+        "int4 triton": [lambda w=w: int4_linear(x, w) for w in prepared],
+    }
+    if all(t is not None for t in tiny):
+        kernels["int4 tinygemm"] = [lambda t=t: t(x) for t in tiny]
+    return kernels
+
+
+def gemm_rows(model, args) -> list[dict[str, Any]]:
+    """Per-linear kernel times (CUDA graphs, weights rotated past the L2) at each ``--gemm_rows`` M."""
+    from modelc_plugins.quant_awq.int4 import pack_int4, quantize_groups
+    from modelc_plugins.quant_awq.lowering import tinygemm_matmul
+    from modelc_plugins.quant_fp8 import numerics
+
+    from compiler_core.backends.torch.cuda.int4_gemm import prepare_int4_weight
+
+    c = model.config
+    hidden, hd, nh, nkv = c["hidden_size"], c["head_dim"], c["num_attention_heads"], c["num_kv_heads"]
+    linears = {
+        "qkv": ((nh + 2 * nkv) * hd, hidden),
+        "dense": (hidden, nh * hd),
+        "fc": (c["ffn_hidden_size"], hidden),
+        "proj": (hidden, c["ffn_hidden_size"]),
+    }
+    rows = []
+    device = torch.device(args.device)
+    for name, (out, inp) in linears.items():
+        copies = max(1, -(-(256 << 20) // (2 * out * inp)))  # > 4x the L2 in bf16 weights per rotation
+        dense = [torch.randn(out, inp, device=device, dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        w_scale = numerics.scale_from_amax(dense[0].float().abs().max()).to(device).reshape(())
+        x_scale = torch.tensor(4.0 / 448, device=device)
+        fp8 = [numerics.quantize(w, w_scale) for w in dense]
+        int4 = []
+        for w in dense:
+            codes, scales = quantize_groups(w, 128, scale_dtype=torch.bfloat16)
+            int4.append((pack_int4(codes), scales))
+        prepared = [prepare_int4_weight(p, s, 128) for p, s in int4]
+        tiny = [tinygemm_matmul(p, s, 128, name) for p, s in int4]
+        for m in (int(r) for r in args.gemm_rows.split(",")):
+            x = torch.randn(m, inp, device=device, dtype=torch.bfloat16)
+            kernels = linear_kernels(x, dense, fp8, w_scale, x_scale, prepared, tiny)
+            row: dict[str, Any] = {"linear": f"{name} [{out}x{inp}]", "m": m}
+            for label, fns in kernels.items():
+                try:
+                    row[label] = gemm_time_us(rotating(fns))
+                except Exception as exc:  # a kernel this GPU cannot run is reported, not fatal
+                    row[label] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+            rows.append(row)
+            print("#   " + " | ".join(f"{k}: {v}" for k, v in row.items()), flush=True)
+    return rows
+
+
+def gemm_table(rows: list[dict[str, Any]]) -> str:
+    labels = [k for k in rows[0] if k not in ("linear", "m")]
+    head = "| linear | M |" + "".join(f" {label} us |" for label in labels)
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        cells = [f"{r[k][0]:.1f}" if isinstance(r.get(k), tuple) else str(r.get(k, "-")) for k in labels]
+        lines.append(f"| {r['linear']} | {r['m']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def table(result: dict[str, Any]) -> str:
     batches = [int(b) for b in result["args"]["batch"].split(",")]
     bandwidth = result["copy_bandwidth"]
@@ -219,6 +321,7 @@ def main() -> None:
     parser.add_argument("--prefill_len", type=int, default=1024, help="0: no prefill measurement")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated subset of {','.join(SIDES)}")
+    parser.add_argument("--gemm_rows", default="1,8,32", help="M of the per-linear kernel table (CUDA); '' for none")
     parser.add_argument("--json", type=Path, default=Path("gpu_decode.json"))
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
@@ -252,6 +355,15 @@ def main() -> None:
         f"{result['copy_bandwidth'] / 1e9:.0f} GB/s",
         flush=True,
     )
+    if cuda and args.gemm_rows:
+        try:
+            result["gemms"] = gemm_rows(model, args)
+            print(gemm_table(result["gemms"]), flush=True)
+        except Exception as exc:  # the per-linear table is an aside: the decode table still runs
+            result["gemms_error"] = f"{type(exc).__name__}: {exc}"
+            print(f"# per-linear table failed: {result['gemms_error']}", flush=True)
+        args.json.write_text(json.dumps(result, indent=1))
+        torch.cuda.empty_cache()
     for name in args.sides.split(","):
         start = time.perf_counter()
         try:
@@ -265,6 +377,8 @@ def main() -> None:
         print(f"# {name}: {row.get('error', 'done')} in {row['seconds']:.0f} s", flush=True)
         if cuda:
             torch.cuda.empty_cache()
+    if result.get("gemms"):
+        print(gemm_table(result["gemms"]))
     print(table(result))
 
 

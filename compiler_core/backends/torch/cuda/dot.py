@@ -14,9 +14,15 @@ import triton.language as tl
 
 @triton.jit
 def tile_dot(a, b, WIDEN: tl.constexpr):
-    """``a @ b`` accumulated in float32 (``WIDEN``: operands widened to float32 first)."""
+    """``a @ b`` accumulated in float32 (``WIDEN``: operands widened to float32 first).
+
+    float32 operands are multiplied in full float32 ("ieee"), not Triton's default tf32, so that
+    float32 engines keep float32 numerics.
+    """
     if WIDEN:
-        out = tl.dot(a.to(tl.float32), b.to(tl.float32))
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif a.dtype == tl.float32:
+        out = tl.dot(a, b, input_precision="ieee")
     else:
         out = tl.dot(a, b)
     return out
