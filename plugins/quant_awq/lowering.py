@@ -6,7 +6,7 @@ runtime. A ragged last group (see int4.py) is just scaled by its own scale.
 
 torch, CUDA: the weight stays int4 in device memory (a quarter of the fp16 bytes).
 
-* bfloat16 and float16 models on sm_89+ GPUs with Triton installed use the Triton INT4 GEMM
+* Models in bfloat16, float16 or float32 on sm_89+ GPUs with Triton installed use the Triton INT4 GEMM
   (``compiler_core/backends/torch/cuda/int4_gemm.py``) for every call: it reads the packed
   weight and scales directly at every M (split-K at decode, tiled at prefill). A ragged layer's
   rows are padded to whole groups once, at lowering time. Each layer compares it once with the
@@ -201,7 +201,7 @@ def lower_awq_linear_torch(node: Node, low: TorchLowering) -> Kernel:
 
         return dense
 
-    if triton_ready(low.device) and dtype in (torch.bfloat16, torch.float16):
+    if triton_ready(low.device) and dtype in (torch.bfloat16, torch.float16, torch.float32):
         kernel = triton_int4_kernel(packed, scales, group_size, prequant, bias, node.name)
         if kernel is not None:
             return kernel
