@@ -15,9 +15,10 @@ CPU). From the same weights the run builds
 and measures, for each at every ``--batch``: decode tokens/s = batch x (N - 1) / (time(N new
 tokens) - time(1 new token)) with prompt ``--prompt_len`` and N = ``--new_tokens``, best of
 ``--repeat`` with the spread (worst / best); and at batch 1 the prefill of ``--prefill_len``
-tokens (time to first token, best of ``--repeat``). The floor is the weight-read limit: engine
-weight bytes / measured copy traffic, in decode steps/s. A table is printed and written as JSON
-(``--json``). ``MODELC_TRITON=0`` runs the modelc engines without the Triton kernels.
+tokens (time to first token, best of ``--repeat``). A modelc side named with the suffix
+``_no_triton`` (``bf16_no_triton``, ...) is the same engine built with ``MODELC_TRITON=0``: the
+kernels before the Triton fast path. The floor is the weight-read limit: engine weight bytes /
+measured copy traffic, in decode steps/s. A table is printed and written as JSON (``--json``).
 
     python bench/gpu_decode.py --device cuda                  # falcon-7b shape on a GPU
     python bench/gpu_decode.py --device cpu --shape tiny --new_tokens 4 --repeat 1 --prefill_len 32
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -42,6 +44,9 @@ from common import copy_bandwidth, make_hf, shapes, sync
 SHAPES = shapes("overhead", "tiny", "small", "7b")
 #: In the order measured: the HF peers last (compilation is slow), so a timeout costs them first.
 SIDES = ("bf16", "fp8", "fp8_kv", "int4_awq", "hf_eager", "hf_compiled")
+#: A side name with this suffix builds the same engine with ``MODELC_TRITON=0``: the kernels before
+#: the Triton fast path (cuBLAS / cuBLASLt / tinygemm and torch attention), for comparison.
+NO_TRITON = "_no_triton"
 
 
 def loaded_model(hf, dtype: torch.dtype):
@@ -175,13 +180,27 @@ def measure_side(name: str, gen, weight_bytes: int, vocab: int, args) -> dict[st
     return row
 
 
-def build_side(name: str, hf, model, args):
-    """(generator, weight bytes) of side ``name``; the models are made here so each can fail alone."""
+def build_side(name: str, hf, model, args, made: dict[str, Any]):
+    """(generator, weight bytes) of side ``name``; the models are made here so each can fail alone.
+
+    ``made`` keeps each quantized model for the sides that share it (``int4_awq`` and ``int4_awq_no_triton``).
+    """
     hf_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
     if name in ("hf_eager", "hf_compiled"):
         return hf_generator(hf, name == "hf_compiled"), hf_bytes
-    source = model if name == "bf16" else quantized(model, name, args.device, hf.config.vocab_size)
-    runner, weight_bytes = engine(source, args.device)
+    qformat = name.removesuffix(NO_TRITON)
+    if qformat not in made:
+        made[qformat] = model if qformat == "bf16" else quantized(model, qformat, args.device, hf.config.vocab_size)
+    previous = os.environ.get("MODELC_TRITON")
+    if name.endswith(NO_TRITON):
+        os.environ["MODELC_TRITON"] = "0"  # read by the lowerings, while the engine is built
+    try:
+        runner, weight_bytes = engine(made[qformat], args.device)
+    finally:
+        if previous is None:
+            os.environ.pop("MODELC_TRITON", None)
+        else:
+            os.environ["MODELC_TRITON"] = previous
     return modelc_generator(runner), weight_bytes
 
 
@@ -321,7 +340,11 @@ def main() -> None:
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--prefill_len", type=int, default=1024, help="0: no prefill measurement")
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated subset of {','.join(SIDES)}")
+    parser.add_argument(
+        "--sides",
+        default=",".join(SIDES),
+        help=f"comma-separated, of {','.join(SIDES)}; a modelc side + '{NO_TRITON}': built without Triton kernels",
+    )
     parser.add_argument("--gemm_rows", default="1,8,32", help="M of the per-linear kernel table (CUDA); '' for none")
     parser.add_argument("--json", type=Path, default=Path("gpu_decode.json"))
     args = parser.parse_args()
@@ -365,10 +388,11 @@ def main() -> None:
             print(f"# per-linear table failed: {result['gemms_error']}", flush=True)
         args.json.write_text(json.dumps(result, indent=1))
         torch.cuda.empty_cache()
+    made: dict[str, Any] = {}
     for name in args.sides.split(","):
         start = time.perf_counter()
         try:
-            gen, weight_bytes = build_side(name, hf, model, args)
+            gen, weight_bytes = build_side(name, hf, model, args, made)
             row = measure_side(name, gen, weight_bytes, hf.config.vocab_size, args)
         except Exception as exc:  # one side failing (a compile error, say) still reports the others
             row = {"side": name, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}

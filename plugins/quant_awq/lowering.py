@@ -42,6 +42,7 @@ from modelc_plugins.quant_awq.int4 import dequantize_packed, scale_groups_, unpa
 
 from compiler_core.backends.torch.cpu_linear import cpu_linear
 from compiler_core.backends.torch.cuda.capability import triton_ready
+from compiler_core.backends.torch.cuda.tiling import MIN_GROUP_SIZE
 from compiler_core.backends.torch.kernels import Kernel, TorchLowering
 from compiler_core.ir import Node
 
@@ -49,6 +50,7 @@ from compiler_core.ir import Node
 #: run faster as dequantize + dense GEMM.
 TINYGEMM_MAX_ROWS = 16
 TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
+TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def dequantize_in_dtype(
@@ -201,12 +203,44 @@ def lower_awq_linear_torch(node: Node, low: TorchLowering) -> Kernel:
 
         return dense
 
-    if triton_ready(low.device) and dtype in (torch.bfloat16, torch.float16, torch.float32):
+    fallback = torch_cuda_kernel(packed, scales, group_size, prequant, bias, dtype, node.name)
+    if triton_ready(low.device) and dtype in TRITON_DTYPES and group_size >= MIN_GROUP_SIZE:
         kernel = triton_int4_kernel(packed, scales, group_size, prequant, bias, node.name)
         if kernel is not None:
-            return kernel
+            return with_faster_gemv(
+                kernel, fallback, torch.randn(1, 1, packed.shape[1] * 2, device=low.device).to(dtype)
+            )
+    return fallback
 
-    int4_matmul = tinygemm_matmul(packed, scales, group_size, node.name)
+
+def with_faster_gemv(triton_kernel: Kernel, fallback: Kernel, probe: torch.Tensor) -> Kernel:
+    """``triton_kernel``, except for one-row calls when ``fallback`` (tinygemm's GEMV) is faster there.
+
+    Which GEMV wins at one row depends on the GPU and the shape; the Triton GEMM wins from a few
+    rows on (tinygemm collapses beyond), so only the one-row case is decided, by timing both once.
+    """
+    from compiler_core.backends.torch.cuda.timing import first_is_faster
+
+    if first_is_faster(lambda: triton_kernel(None, probe), lambda: fallback(None, probe)):
+        return triton_kernel
+
+    def int4_kernel(ctx, x: torch.Tensor) -> torch.Tensor:
+        return (fallback if x.numel() == x.shape[-1] else triton_kernel)(ctx, x)
+
+    return int4_kernel
+
+
+def torch_cuda_kernel(
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    group_size: int,
+    prequant: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    dtype: torch.dtype,
+    name: str,
+) -> Kernel:
+    """The CUDA kernel without Triton: tinygemm for up to ``TINYGEMM_MAX_ROWS`` rows, else dequantize per call."""
+    int4_matmul = tinygemm_matmul(packed, scales, group_size, name)
     out_features = scales.shape[0]
 
     def on_device(ctx, x: torch.Tensor) -> torch.Tensor:

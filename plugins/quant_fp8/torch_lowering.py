@@ -76,10 +76,16 @@ def _triton_kernel(name, weight, bias, w_scale, a_scale, compute, large):
     or None (with a warning) when the Triton kernel fails or disagrees with ``large`` on a probe."""
     from compiler_core.backends.torch.cuda.fp8_gemm import fp8_linear
 
-    def fp8_linear_kernel(ctx, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() // x.shape[-1] > TRITON_MAX_ROWS:
-            return large(ctx, x)
+    def triton_kernel(ctx, x: torch.Tensor) -> torch.Tensor:
         return fp8_linear(x, weight, w_scale, a_scale, bias)
+
+    def fp8_linear_kernel(ctx, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if rows > TRITON_MAX_ROWS or not use_triton[rows == 1]:
+            return large(ctx, x)
+        return triton_kernel(ctx, x)
+
+    use_triton = {True: True, False: True}
 
     gen = torch.Generator(device=weight.device).manual_seed(0)
     try:
@@ -99,6 +105,13 @@ def _triton_kernel(name, weight, bias, w_scale, a_scale, compute, large):
             f"node {name}: the Triton FP8 GEMM failed ({type(exc).__name__}: {exc}); not using it", stacklevel=3
         )
         return None
+    # Whether the fused kernel beats the other on this GPU is measured once, at one row and at a
+    # few (the vendor GEMM's launch and quantization costs differ between the two).
+    from compiler_core.backends.torch.cuda.timing import first_is_faster
+
+    for one_row, rows in ((True, 1), (False, 16)):
+        probe = torch.randn(rows, weight.shape[1], device=weight.device).to(compute)
+        use_triton[one_row] = first_is_faster(lambda p=probe: triton_kernel(None, p), lambda p=probe: large(None, p))
     return fp8_linear_kernel
 
 

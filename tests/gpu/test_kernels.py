@@ -28,7 +28,7 @@ BF16_TOL, FP32_TOL = 1e-2, 1e-5
 ATTENTION_BF16_TOL = 2e-2
 #: (M, N, K, group): M across the tilings (<= 16, <= 64, > 64), N not a multiple of the 64 or 128
 #: column tile, K with a ragged last group (falcon-7b's 4544 = 35 x 128 + 64, scaled down).
-INT4_SHAPES = [(1, 40, 96, 32), (3, 72, 160, 64), (16, 24, 64, 16), (17, 130, 96, 32), (64, 8, 48, 32)]
+INT4_SHAPES = [(1, 40, 96, 32), (3, 72, 160, 64), (16, 24, 64, 32), (17, 130, 96, 32), (64, 8, 48, 32)]
 INT4_LARGE = [(65, 136, 96, 32), (130, 72, 160, 64)]
 FP8_SHAPES = [(1, 40, 200), (5, 72, 130), (16, 24, 64), (33, 130, 128), (64, 8, 300)]
 FP8_LARGE = [(65, 136, 96), (130, 72, 260)]

@@ -19,7 +19,8 @@ from compiler_core.backends.torch.cuda.capability import interpreting
 from compiler_core.backends.torch.cuda.dot import tile_dot
 from compiler_core.backends.torch.cuda.tiling import k_range, plan
 
-E4M3_MAX = 448.0
+#: A constexpr: the kernels read it (Triton kernels see only constexpr globals).
+E4M3_MAX = tl.constexpr(448.0)
 BLOCK_K = 128
 
 

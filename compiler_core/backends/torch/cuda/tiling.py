@@ -16,6 +16,8 @@ import torch
 PROGRAMS_PER_SM = 4
 #: Multiprocessors assumed under the interpreter (small, so that tests exercise split-K).
 INTERPRETER_SMS = 4
+#: Smallest INT4 group the INT4 GEMM takes: each nibble half of a group is a tensor-core product of K >= 16.
+MIN_GROUP_SIZE = 32
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,8 @@ def plan(m: int, n: int, k_tiles: int, device: torch.device) -> Tiling:
     """The tiling of an [m, n] output whose K loop has ``k_tiles`` tiles."""
     if m <= 16:
         block_m, block_n, warps, stages = 16, 64, 4, 4
+    elif m <= 32:
+        block_m, block_n, warps, stages = 32, 64, 4, 4
     elif m <= 64:
         block_m, block_n, warps, stages = 64, 64, 4, 3
     else:
