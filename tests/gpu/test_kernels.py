@@ -5,8 +5,9 @@ conftest.py), with shapes kept small because the interpreter is slow. Each case 
 random inputs; a NaN or an unwritten output fails the relative-error check.
 
 Tolerances: bfloat16 outputs are rounded once from float32 accumulators (relative error of a
-row ~2^-9), so bfloat16 cases allow 1e-2; float32 activations leave only float32 accumulation
-(and, for FP8, the exact E4M3 products), so they allow 1e-5.
+row ~2^-9), so bfloat16 cases allow 1e-2; float32 activations leave only float32 accumulation,
+so they allow 1e-5, except the FP8 GEMM: Hopper's FP8 tensor-core products of 64+ row tiles
+accumulate with fewer bits than float32 (measured up to 1.1e-4 on an H200), so 3e-4 there.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from compiler_core.backends.torch.cuda.int4_gemm import int4_linear, prepare_int
 
 CUDA = torch.cuda.is_available()
 BF16_TOL, FP32_TOL = 1e-2, 1e-5
+FP8_FP32_TOL = 3e-4
 ATTENTION_BF16_TOL = 2e-2
 #: (M, N, K, group): M across the tilings (<= 16, <= 64, > 64), N not a multiple of the 64 or 128
 #: column tile, K with a ragged last group (falcon-7b's 4544 = 35 x 128 + 64, scaled down).
@@ -91,7 +93,7 @@ def test_fp8_linear(device, m, n, k, dtype):
     want = numerics.quantize(x, x_scale).double() @ wq.double().T * (x_scale.double() * w_scale.double())
     want = want + bias.double()
     assert got.shape == (m, n) and got.dtype == dtype
-    assert relative_error(got, want) < (BF16_TOL if dtype == torch.bfloat16 else FP32_TOL)
+    assert relative_error(got, want) < (BF16_TOL if dtype == torch.bfloat16 else FP8_FP32_TOL)
 
 
 @triton.jit

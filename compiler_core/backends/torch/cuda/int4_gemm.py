@@ -7,11 +7,12 @@ at lowering time, to whole groups with zero codes (falcon-7b's 4544 inputs are 3
 and a ragged one of 64), so every K tile of the kernel is one whole group; the activation is
 never padded: its loads past ``in_features`` are masked to zero.
 
-Per K tile (one group) a program turns the low and high nibbles into floats in registers with
-integer operations and one float add (no integer-to-float conversions, which run at a fraction
-of the ALU rate and bound a GEMV), multiplies them as exact small integers with the activation's
-even and odd columns on the tensor cores (two products, so the nibbles need no interleaving), and
-scales the partial sum by the group's scale in float32: the weight is never dequantized to memory.
+Per K tile (one group) a program unpacks the codes in registers, multiplies them (exact small
+integers in the activation dtype) with the activation tile on the tensor cores, and scales the
+partial product by the group's scale in float32, so the weight is never dequantized to memory.
+(A variant that built the floats from bit patterns and split the activation into even and odd
+columns, to avoid integer-to-float conversions and the interleave, measured slower on an H200 at
+every M: see docs/PERFORMANCE.md.)
 Small M splits the K loop across programs (see :mod:`.tiling`); the partial sums are added in
 float32 afterwards.
 """
@@ -54,16 +55,6 @@ def prepare_int4_weight(packed: torch.Tensor, scales: torch.Tensor, group_size: 
 
 
 @triton.jit
-def _nibble_values(nibble, dtype: tl.constexpr):
-    """Two's-complement 4-bit ``nibble`` (int32 in [0, 15]) as its value in [-8, 7], in ``dtype``.
-
-    ``nibble ^ 8`` is the value + 8 in [0, 15]; as the low mantissa bits of 2**23 it makes the
-    float32 2**23 + value + 8 exactly, and subtracting 2**23 + 8 leaves the value.
-    """
-    return (((nibble ^ 8) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0).to(dtype)
-
-
-@triton.jit
 def _int4_gemm_kernel(
     x_ptr,
     w_ptr,
@@ -91,6 +82,7 @@ def _int4_gemm_kernel(
     pid_k = tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, GROUP)
     rb = tl.arange(0, GROUP // 2)
     m_ok = rm < M
     n_ok = rn < N
@@ -98,17 +90,15 @@ def _int4_gemm_kernel(
     first = pid_k * tiles_per_split
     last = tl.minimum(first + tiles_per_split, k_tiles)
     for t in range(first, last):
-        even = t * GROUP + 2 * rb  # byte j of the group holds inputs 2j (low nibble) and 2j + 1 (high)
-        x_row = x_ptr + rm[:, None] * stride_xm
-        x_even = tl.load(x_row + even[None, :], mask=m_ok[:, None] & (even[None, :] < K), other=0.0)
-        x_odd = tl.load(x_row + even[None, :] + 1, mask=m_ok[:, None] & (even[None, :] + 1 < K), other=0.0)
+        k = t * GROUP + rk
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & (k[None, :] < K), other=0.0)
         p = tl.load(w_ptr + rn[:, None] * stride_wn + t * (GROUP // 2) + rb[None, :], mask=n_ok[:, None], other=0)
-        p = p.to(tl.int32)
-        lo = _nibble_values(p & 0xF, x_even.dtype)
-        hi = _nibble_values((p >> 4) & 0xF, x_even.dtype)
-        part = tile_dot(x_even, tl.trans(lo), WIDEN) + tile_dot(x_odd, tl.trans(hi), WIDEN)
+        p = p.to(tl.int32)  # sign-extends the byte: its high nibble is then p >> 4 (arithmetic)
+        lo = (p << 28) >> 28
+        hi = p >> 4
+        codes = tl.interleave(lo, hi).to(tl.float32).to(x.dtype)
         scale = tl.load(s_ptr + rn * stride_sn + t, mask=n_ok, other=0.0)
-        acc += part * scale[None, :]
+        acc += tile_dot(x, tl.trans(codes), WIDEN) * scale[None, :]
     if HAS_BIAS:
         # Only the first K split adds the bias: the splits' partial sums are added afterwards.
         acc += tl.load(bias_ptr + rn, mask=n_ok & (pid_k == 0), other=0.0).to(tl.float32)[None, :]

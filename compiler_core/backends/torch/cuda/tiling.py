@@ -16,7 +16,9 @@ import torch
 PROGRAMS_PER_SM = 4
 #: Multiprocessors assumed under the interpreter (small, so that tests exercise split-K).
 INTERPRETER_SMS = 4
-#: Smallest INT4 group the INT4 GEMM takes: each nibble half of a group is a tensor-core product of K >= 16.
+#: Smallest INT4 group the INT4 GEMM is used for: at group 16 (one 16-wide K tile) its bfloat16
+#: results were wrong on an H200 (cause not found; float32 and groups of 32+ were right), and
+#: tinygemm's smallest group is 32 as well.
 MIN_GROUP_SIZE = 32
 
 
@@ -46,8 +48,6 @@ def plan(m: int, n: int, k_tiles: int, device: torch.device) -> Tiling:
     """The tiling of an [m, n] output whose K loop has ``k_tiles`` tiles."""
     if m <= 16:
         block_m, block_n, warps, stages = 16, 64, 4, 4
-    elif m <= 32:
-        block_m, block_n, warps, stages = 32, 64, 4, 4
     elif m <= 64:
         block_m, block_n, warps, stages = 64, 64, 4, 3
     else:
