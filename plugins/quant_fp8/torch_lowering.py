@@ -5,7 +5,8 @@ Three kernels with the same numerics (static per-tensor scales; activations quan
 
 * **Hopper and newer GPUs, calls of at most** ``TRITON_MAX_ROWS`` **tokens** (decode), where Triton
   is installed: a Triton GEMM that reads the activation in its own dtype and quantizes it in
-  registers (``compiler_core/backends/torch/cuda/fp8_gemm.py``), split along K for small M.
+  registers (``compiler_core/backends/torch/cuda/fp8_gemm.py``), split along K for small M, where
+  it measured faster than the next kernel at load time (one row; and, for 2 to 16 rows, at 16).
 * **Hopper and newer GPUs, larger calls** (compute capability >= 8.9, both GEMM dimensions multiples of 16):
   ``torch._scaled_mm`` multiplies the FP8 operands with FP32 accumulation and applies
   ``activation_scale * weight_scale`` before rounding to the compute dtype.
@@ -30,9 +31,10 @@ from compiler_core.ir import Node
 
 #: cuBLASLt FP8 GEMMs need both matrix dimensions of the weight to be multiples of 16.
 _SCALED_MM_ALIGN = 16
-#: Tokens per call up to which the fused Triton GEMM runs; larger calls are compute-bound, where
-#: cuBLASLt's FP8 GEMM is faster than the separate quantization it needs costs.
-TRITON_MAX_ROWS = 64
+#: Tokens per call up to which the fused Triton GEMM may run (where it is also measured faster at
+#: load); from 32 rows on cuBLASLt's FP8 GEMM was faster on an H200 even with its separate
+#: activation quantization (docs/PERFORMANCE.md).
+TRITON_MAX_ROWS = 16
 
 
 def scaled_mm_supported(device: torch.device) -> bool:
@@ -109,7 +111,7 @@ def _triton_kernel(name, weight, bias, w_scale, a_scale, compute, large):
     # few (the vendor GEMM's launch and quantization costs differ between the two).
     from compiler_core.backends.torch.cuda.timing import first_is_faster
 
-    for one_row, rows in ((True, 1), (False, 16)):
+    for one_row, rows in ((True, 1), (False, TRITON_MAX_ROWS)):
         probe = torch.randn(rows, weight.shape[1], device=weight.device).to(compute)
         use_triton[one_row] = first_is_faster(lambda p=probe: triton_kernel(None, p), lambda p=probe: large(None, p))
     return fp8_linear_kernel
