@@ -6,11 +6,12 @@ runtime. A ragged last group (see int4.py) is just scaled by its own scale.
 
 torch, CUDA: the weight stays int4 in device memory (a quarter of the fp16 bytes).
 
-* Models in bfloat16, float16 or float32 on sm_89+ GPUs with Triton installed use the Triton INT4 GEMM
-  (``compiler_core/backends/torch/cuda/int4_gemm.py``) for every call: it reads the packed
-  weight and scales directly at every M (split-K at decode, tiled at prefill). A ragged layer's
-  rows are padded to whole groups once, at lowering time. Each layer compares it once with the
-  reference dequantization on probe inputs and falls back (with a warning) to the paths below.
+* Models in bfloat16, float16 or float32 with groups of 32+ on sm_89+ GPUs with Triton installed
+  use the Triton INT4 GEMM (``compiler_core/backends/torch/cuda/int4_gemm.py``): it reads the
+  packed weight and scales directly at every M (split-K at decode, tiled at prefill). A ragged
+  layer's rows are padded to whole groups once, at lowering time. Each layer compares it once
+  with the reference dequantization on probe inputs and falls back (with a warning) to the paths
+  below; one-row calls take tinygemm instead where that measured faster at load time.
 * Otherwise, bfloat16 models with group size 32/64/128/256 use PyTorch's int4 GEMM
   (``aten._weight_int4pack_mm``, the "tinygemm" kernel behind gpt-fast and torchao) for calls
   of at most ``TINYGEMM_MAX_ROWS`` tokens (decode): it reads the packed weight directly. Its

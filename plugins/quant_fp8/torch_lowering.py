@@ -73,7 +73,15 @@ def lower_fp8_linear(node: Node, low: TorchLowering) -> Callable[..., torch.Tens
     return large
 
 
-def _triton_kernel(name, weight, bias, w_scale, a_scale, compute, large):
+def _triton_kernel(
+    name: str,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    w_scale: torch.Tensor,
+    a_scale: torch.Tensor,
+    compute: torch.dtype,
+    large: Callable[..., torch.Tensor],
+) -> Callable[..., torch.Tensor] | None:
     """The fused Triton kernel for calls of up to ``TRITON_MAX_ROWS`` tokens and ``large`` beyond,
     or None (with a warning) when the Triton kernel fails or disagrees with ``large`` on a probe."""
     from compiler_core.backends.torch.cuda.fp8_gemm import fp8_linear
@@ -81,13 +89,14 @@ def _triton_kernel(name, weight, bias, w_scale, a_scale, compute, large):
     def triton_kernel(ctx, x: torch.Tensor) -> torch.Tensor:
         return fp8_linear(x, weight, w_scale, a_scale, bias)
 
+    # Keyed by "one row?": whether the Triton kernel is taken there (both until measured below).
+    use_triton = {True: True, False: True}
+
     def fp8_linear_kernel(ctx, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         if rows > TRITON_MAX_ROWS or not use_triton[rows == 1]:
             return large(ctx, x)
         return triton_kernel(ctx, x)
-
-    use_triton = {True: True, False: True}
 
     gen = torch.Generator(device=weight.device).manual_seed(0)
     try:
