@@ -222,7 +222,11 @@ def with_faster_gemv(triton_kernel: Kernel, fallback: Kernel, probe: torch.Tenso
     """
     from compiler_core.backends.torch.cuda.timing import first_is_faster
 
-    if first_is_faster(lambda: triton_kernel(None, probe), lambda: fallback(None, probe)):
+    try:
+        if first_is_faster(lambda: triton_kernel(None, probe), lambda: fallback(None, probe), probe.device):
+            return triton_kernel
+    except RuntimeError as exc:  # the timing's graph capture failed: keep the checked Triton kernel
+        warnings.warn(f"timing the one-row int4 kernels failed ({exc}); using the Triton GEMM", stacklevel=2)
         return triton_kernel
 
     def int4_kernel(ctx, x: torch.Tensor) -> torch.Tensor:

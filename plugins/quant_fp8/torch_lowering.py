@@ -85,6 +85,7 @@ def _triton_kernel(
     """The fused Triton kernel for calls of up to ``TRITON_MAX_ROWS`` tokens and ``large`` beyond,
     or None (with a warning) when the Triton kernel fails or disagrees with ``large`` on a probe."""
     from compiler_core.backends.torch.cuda.fp8_gemm import fp8_linear
+    from compiler_core.backends.torch.cuda.timing import first_is_faster
 
     def triton_kernel(ctx, x: torch.Tensor) -> torch.Tensor:
         return fp8_linear(x, weight, w_scale, a_scale, bias)
@@ -111,18 +112,18 @@ def _triton_kernel(
                     f"node {name}: the Triton FP8 GEMM disagrees with the reference; not using it", stacklevel=3
                 )
                 return None
-    except Exception as exc:  # a Triton compile or launch failure on this GPU: keep the other kernels
+        # Whether the fused kernel beats the other on this GPU is measured once, at one row and at
+        # a few (the vendor GEMM's launch and quantization costs differ between the two).
+        for one_row, rows in ((True, 1), (False, TRITON_MAX_ROWS)):
+            probe = torch.randn(rows, weight.shape[1], device=weight.device).to(compute)
+            use_triton[one_row] = first_is_faster(
+                lambda p=probe: triton_kernel(None, p), lambda p=probe: large(None, p), weight.device
+            )
+    except Exception as exc:  # a Triton compile, launch or capture failure on this GPU: keep the other kernels
         warnings.warn(
             f"node {name}: the Triton FP8 GEMM failed ({type(exc).__name__}: {exc}); not using it", stacklevel=3
         )
         return None
-    # Whether the fused kernel beats the other on this GPU is measured once, at one row and at a
-    # few (the vendor GEMM's launch and quantization costs differ between the two).
-    from compiler_core.backends.torch.cuda.timing import first_is_faster
-
-    for one_row, rows in ((True, 1), (False, TRITON_MAX_ROWS)):
-        probe = torch.randn(rows, weight.shape[1], device=weight.device).to(compute)
-        use_triton[one_row] = first_is_faster(lambda p=probe: triton_kernel(None, p), lambda p=probe: large(None, p))
     return fp8_linear_kernel
 
 

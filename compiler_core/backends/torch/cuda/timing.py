@@ -16,8 +16,14 @@ CALLS_PER_GRAPH = 10
 REPLAYS = 3
 
 
-def graph_seconds(fn: Callable[[], torch.Tensor]) -> float:
-    """Seconds per call of ``fn`` (best of :data:`REPLAYS` replays of a graph of :data:`CALLS_PER_GRAPH` calls)."""
+def graph_seconds(fn: Callable[[], torch.Tensor], device: torch.device) -> float:
+    """Seconds per call of ``fn`` on ``device`` (best of :data:`REPLAYS` replays of a graph of
+    :data:`CALLS_PER_GRAPH` calls)."""
+    with torch.cuda.device(device):
+        return _graph_seconds(fn)
+
+
+def _graph_seconds(fn: Callable[[], torch.Tensor]) -> float:
     fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -35,6 +41,8 @@ def graph_seconds(fn: Callable[[], torch.Tensor]) -> float:
     return best
 
 
-def first_is_faster(first: Callable[[], torch.Tensor], second: Callable[[], torch.Tensor]) -> bool:
-    """True when ``first`` runs faster than ``second`` (each timed by :func:`graph_seconds`)."""
-    return graph_seconds(first) < graph_seconds(second)
+def first_is_faster(
+    first: Callable[[], torch.Tensor], second: Callable[[], torch.Tensor], device: torch.device
+) -> bool:
+    """True when ``first`` runs faster than ``second`` on ``device`` (each timed by :func:`graph_seconds`)."""
+    return graph_seconds(first, device) < graph_seconds(second, device)
