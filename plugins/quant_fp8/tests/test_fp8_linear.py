@@ -111,9 +111,9 @@ def test_scaled_mm_kernel_agrees_with_the_emulated_one():
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
 
 
-def test_cpu_never_takes_the_scaled_mm_path():
+def test_cpu_never_takes_the_scaled_mm_path(registry):
     graph = rewrite_graph(linear_graph("float32"), {"quant_algo": "FP8", "exclude_modules": []})
-    executor = GraphExecutor(graph, quantized_weights(torch.float32))
+    executor = GraphExecutor(registry, graph, quantized_weights(torch.float32))
     ((step, kernel),) = zip(executor.steps, executor.kernels, strict=True)
     assert step.fused is fp8.FP8_GEMM
     assert kernel.__qualname__.startswith("emulated_kernel")
