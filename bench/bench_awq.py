@@ -72,11 +72,10 @@ def runner_of(model, device: str):
 
 def quantize_awq(model, args) -> tuple[Any, float]:
     """int4_awq of ``model`` (its weights dict is copied, not changed) and the seconds it took."""
-    from modelc_plugins.quant_awq.scheme import Int4AwqScheme
-
     from compiler_core.convert.from_hf import LoadedModel
     from compiler_core.host import load_registry
     from compiler_core.quantize.calibration import CalibrationBatch, CalibrationSet
+    from modelc_plugins.quant_awq.scheme import Int4AwqScheme
 
     gen = torch.Generator().manual_seed(1)
     batches = tuple(

@@ -123,12 +123,11 @@ def weight_bytes(model) -> int:
 
 def gemm_table(config: dict[str, Any], args, dtype: torch.dtype) -> None:
     """Median time of F.linear (compute dtype) vs the kernel fp8_linear lowers to for each linear shape."""
-    from modelc_plugins.quant_fp8 import numerics
-    from modelc_plugins.quant_fp8.scheme import rewrite_graph
-
     from compiler_core.backends.torch.executor import GraphExecutor
     from compiler_core.backends.torch.fused.fp8 import scaled_mm_supported
     from compiler_core.ir import GraphBuilder
+    from modelc_plugins.quant_fp8 import numerics
+    from modelc_plugins.quant_fp8.scheme import rewrite_graph
 
     hidden, hd = config["hidden_size"], config["head_dim"]
     nh, nkv, ffn = config["num_attention_heads"], config["num_kv_heads"], config["ffn_hidden_size"]
@@ -211,10 +210,10 @@ def train_tiny(variant: str, out, tokenizer, args) -> None:
     """A tiny HF Falcon of ``variant`` trained for ``args.acc_steps`` AdamW steps on the shipped corpus."""
     import shutil
 
-    from modelc_plugins.falcon.tiny import make_tiny_falcon
     from transformers import FalconForCausalLM
 
     from compiler_core.quantize.calibration import default_corpus
+    from modelc_plugins.falcon.tiny import make_tiny_falcon
 
     init = out.with_name(out.name + "-init")
     shutil.rmtree(init, ignore_errors=True)
@@ -252,7 +251,6 @@ def accuracy(args) -> None:
     from importlib import resources
     from pathlib import Path
 
-    from modelc_plugins.falcon.tiny import train_tokenizer
     from transformers import AutoModelForCausalLM
 
     from compiler_core.build.engine import build_engine
@@ -262,6 +260,7 @@ def accuracy(args) -> None:
     from compiler_core.quantize.ptq import quantize
     from compiler_core.runtime.context import positions_from_mask
     from compiler_core.runtime.loading import checkpoint_runner
+    from modelc_plugins.falcon.tiny import train_tokenizer
 
     tokenizer = train_tokenizer()
     lines = resources.files("compiler_core").joinpath("data/summarize_sample.jsonl").read_text().splitlines()

@@ -57,11 +57,10 @@ def agreement(tokens: list, base: list) -> str:
 
 def prepare(args: argparse.Namespace) -> dict[tuple[int, int], Path]:
     """The HF model and one engine per split under --workdir (reused when present)."""
-    from modelc_plugins.falcon.tiny import make_tiny_falcon
-
     from compiler_core.build.engine import build_engine, choose_backend
     from compiler_core.convert.from_hf import convert
     from compiler_core.mapping import Mapping
+    from modelc_plugins.falcon.tiny import make_tiny_falcon
 
     shape = {"hidden_size": args.hidden, "num_attention_heads": args.heads}
     if args.kv_heads is not None:

@@ -44,10 +44,9 @@ SHAPES = shapes("overhead", "tiny", "small", "7b")
 
 def build(shape: str, dtype: str, batch: int, max_seq_len: int, work_dir: Path) -> Path:
     """The engine of a random Falcon of ``shape`` (built once per settings under ``work_dir``)."""
-    from modelc_plugins.falcon.tiny import train_tokenizer
-
     from compiler_core.build.engine import build_engine, choose_backend
     from compiler_core.convert.from_hf import convert
+    from modelc_plugins.falcon.tiny import train_tokenizer
 
     engine = work_dir / f"{shape}-{dtype}-b{batch}-s{max_seq_len}"
     if (engine / "config.json").is_file():

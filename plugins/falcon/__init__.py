@@ -5,14 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from modelc_plugins.falcon import config as falcon_config
-from modelc_plugins.falcon import graph as falcon_graph
-from modelc_plugins.falcon.convert import map_falcon_weight, rank_qkv
 
 from compiler_core import hookimpl
 from compiler_core.api import Architecture, ScaleGroup
 from compiler_core.ir import Graph
 from compiler_core.mapping import Mapping
+from modelc_plugins.falcon import config as falcon_config
+from modelc_plugins.falcon import graph as falcon_graph
+from modelc_plugins.falcon.convert import map_falcon_weight, rank_qkv
 
 __version__ = "0.1.0"
 

@@ -13,10 +13,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from modelc_plugins.falcon.config import ACTIVATIONS
-
 from compiler_core.ir import Graph, GraphBuilder
 from compiler_core.mapping import Mapping
+from modelc_plugins.falcon.config import ACTIVATIONS
 
 
 def padded_vocab(vocab: int, tp_size: int) -> int:

@@ -25,12 +25,11 @@ import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from modelc_plugins.falcon.testing import single_torch_thread
-from modelc_plugins.falcon.tiny import EOS_TOKEN, TINY_FALCON_OUTPUT, corpus_text, tiny_config, train_tokenizer
-
 from compiler_core.backends.torch.native import cache_dir
 from compiler_core.formats.fileio import atomic_output_dir, read_json, write_json
 from compiler_core.progress import progress
+from modelc_plugins.falcon.testing import single_torch_thread
+from modelc_plugins.falcon.tiny import EOS_TOKEN, TINY_FALCON_OUTPUT, corpus_text, tiny_config, train_tokenizer
 
 TRAINING_RECORD = "training.json"
 
@@ -120,6 +119,7 @@ def cache_key(variant: str, recipe: TrainingRecipe, dtype: str) -> str:
     import tokenizers
     import torch
     import transformers
+
     from modelc_plugins.falcon import tiny
 
     def digest(data: bytes) -> str:

@@ -15,6 +15,12 @@ from typing import Any
 
 import onnx
 import torch
+from onnx import TensorProto, helper
+
+from compiler_core.errors import ModelcError
+from compiler_core.ir import Graph, Node
+from compiler_core.lowering import LoweringTable, plan_lowering
+from compiler_core.registry import Registry
 from modelc_plugins.onnx.lowering import (
     ATTENTION_MASK,
     BATCH,
@@ -30,12 +36,6 @@ from modelc_plugins.onnx.lowering import (
     onnx_type,
 )
 from modelc_plugins.onnx.ops import COLLECTIVES
-from onnx import TensorProto, helper
-
-from compiler_core.errors import ModelcError
-from compiler_core.ir import Graph, Node
-from compiler_core.lowering import LoweringTable, plan_lowering
-from compiler_core.registry import Registry
 
 PLAN_VERSION = 1
 

@@ -12,13 +12,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from modelc_plugins.onnx.lowering import CacheSpec, OnnxLowering, emit_matmul, onnx_type
 from onnx import TensorProto
 
 from compiler_core import rope
 from compiler_core.backends.torch.kernels import alibi_slopes
 from compiler_core.dtypes import torch_dtype
 from compiler_core.ir import Node
+from modelc_plugins.onnx.lowering import CacheSpec, OnnxLowering, emit_matmul, onnx_type
 
 Lowering = Callable[[Node, OnnxLowering], list[str]]
 

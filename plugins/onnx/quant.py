@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from modelc_plugins.onnx.lowering import OnnxLowering, emit_dequantize, emit_matmul, emit_quantize
 
 from compiler_core.errors import ModelcError
 from compiler_core.formats.int4 import unpack_int4
 from compiler_core.ir import Node
 from compiler_core.lowering import FusedPattern, Match, Pattern
+from modelc_plugins.onnx.lowering import OnnxLowering, emit_dequantize, emit_matmul, emit_quantize
 
 
 def _is_blocked(node: Node) -> bool:

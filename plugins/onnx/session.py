@@ -14,6 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from compiler_core.dtypes import torch_dtype
+from compiler_core.errors import ModelcError, UsageError
+from compiler_core.ir import Graph
+from compiler_core.runtime.context import Communicator
+from compiler_core.runtime.session import RankSession
 from modelc_plugins.onnx.export import RankPlan, Step
 from modelc_plugins.onnx.lowering import (
     ATTENTION_MASK,
@@ -27,12 +33,6 @@ from modelc_plugins.onnx.lowering import (
     past_name,
     present_name,
 )
-
-from compiler_core.dtypes import torch_dtype
-from compiler_core.errors import ModelcError, UsageError
-from compiler_core.ir import Graph
-from compiler_core.runtime.context import Communicator
-from compiler_core.runtime.session import RankSession
 
 
 class PlanSession(RankSession):

@@ -6,6 +6,7 @@ from collections import Counter
 from pathlib import Path
 
 import onnx
+
 from modelc_plugins.onnx.export import RankPlan
 from modelc_plugins.onnx.lowering import DTYPE_NAMES
 

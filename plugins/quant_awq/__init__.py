@@ -10,11 +10,10 @@
 
 from __future__ import annotations
 
-from modelc_plugins.quant_awq.decomposition import decompose_awq_linear
-from modelc_plugins.quant_awq.transform import AWQ_LINEAR, OP
-
 from compiler_core import hookimpl
 from compiler_core.lowering import Decomposition
+from modelc_plugins.quant_awq.decomposition import decompose_awq_linear
+from modelc_plugins.quant_awq.transform import AWQ_LINEAR, OP
 
 __version__ = "0.1.0"
 

@@ -33,15 +33,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from modelc_plugins.quant_awq.int4 import pack_int4, quantize_groups
-from modelc_plugins.quant_awq.search import search_clip, search_scale
-from modelc_plugins.quant_awq.transform import quantized_node
 
 from compiler_core.api import ScaleGroup
 from compiler_core.errors import ModelcError
 from compiler_core.ir import Graph, Node
 from compiler_core.quantize.calibration import CalibrationSet, collect_stats, real_tokens
 from compiler_core.registry import Registry
+from modelc_plugins.quant_awq.int4 import pack_int4, quantize_groups
+from modelc_plugins.quant_awq.search import search_clip, search_scale
+from modelc_plugins.quant_awq.transform import quantized_node
 
 NORM_OPS = ("layer_norm", "rms_norm")
 #: Tokens each search is scored on: enough to rank 20 candidate scales; cost grows linearly with it.

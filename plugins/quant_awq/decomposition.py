@@ -5,9 +5,9 @@
 
 The ``channel_scale`` is there only when the layer has a pre-quantization scale. The torch
 backend fuses ``dequantize`` + ``matmul`` (:mod:`compiler_core.backends.torch.fused.int4`: a dense
-weight on CPU, the CUDA int4 GEMM for decode); the onnx backend writes the weight-only INT4
-pattern TensorRT recognises (blocked DequantizeLinear into MatMul, ragged groups padded). The
-plugin itself has no backend code.
+weight on CPU, the Triton INT4 GEMM on sm_89+ GPUs, the CUDA int4 GEMM for decode on others);
+the onnx backend writes the weight-only INT4 pattern TensorRT recognises (blocked
+DequantizeLinear into MatMul, ragged groups padded). The plugin itself has no backend code.
 """
 
 from __future__ import annotations

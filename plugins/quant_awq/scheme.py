@@ -5,6 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+from compiler_core.api import QuantScheme
+from compiler_core.convert.from_hf import LoadedModel
+from compiler_core.errors import ModelcError, UsageError
+from compiler_core.ir import Graph, Node
+from compiler_core.mapping import Mapping
+from compiler_core.model import rank_graph
+from compiler_core.progress import progress
+from compiler_core.quantize.calibration import CalibrationSet, model_graph
+from compiler_core.quantize.ptq import quantize_layers
+from compiler_core.quantize.scale_groups import describe_scale_groups, scale_groups_for
+from compiler_core.registry import Registry
 from modelc_plugins.quant_awq import transform
 from modelc_plugins.quant_awq.calibrate import (
     DEFAULT_MAX_TOKENS,
@@ -23,18 +35,6 @@ from modelc_plugins.quant_awq.transform import (
     quantizable_linears,
     quantization_section,
 )
-
-from compiler_core.api import QuantScheme
-from compiler_core.convert.from_hf import LoadedModel
-from compiler_core.errors import ModelcError, UsageError
-from compiler_core.ir import Graph, Node
-from compiler_core.mapping import Mapping
-from compiler_core.model import rank_graph
-from compiler_core.progress import progress
-from compiler_core.quantize.calibration import CalibrationSet, model_graph
-from compiler_core.quantize.ptq import quantize_layers
-from compiler_core.quantize.scale_groups import describe_scale_groups, scale_groups_for
-from compiler_core.registry import Registry
 
 
 class Int4AwqScheme(QuantScheme):

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
 from modelc_plugins.quant_awq.int4 import fake_quantize, group_amax, grouped
 
 #: llm-awq clamps the candidate scales at 1e-4 before normalising them.

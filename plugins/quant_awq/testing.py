@@ -7,13 +7,13 @@ from pathlib import Path
 
 import torch
 from click.testing import CliRunner
-from modelc_plugins.falcon.convert import ir_name
-from modelc_plugins.quant_awq.int4 import dequantize_packed, fake_quantize
 
 from compiler_core.cli import cli
 from compiler_core.formats.checkpoint import load_rank_weights, rank_file, read_config
 from compiler_core.runtime.context import positions_from_mask
 from compiler_core.runtime.loading import checkpoint_runner
+from modelc_plugins.falcon.convert import ir_name
+from modelc_plugins.quant_awq.int4 import dequantize_packed, fake_quantize
 
 GROUP_SIZE = 16
 #: Calibration: 8 blocks of 64 tokens of the shipped corpus (its beginning).

@@ -25,10 +25,9 @@ import fnmatch
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from modelc_plugins.quant_awq.int4 import num_groups
-
 from compiler_core.errors import UsageError
 from compiler_core.ir import Graph, Node, OpSpec, Param
+from modelc_plugins.quant_awq.int4 import num_groups
 
 SCHEME_NAME = "int4_awq"
 QUANT_ALGO = "W4A16_AWQ"

@@ -11,11 +11,10 @@ attribute's type with the ``kv_cache_scaling_factor`` parameter.
 
 from __future__ import annotations
 
-from modelc_plugins.quant_fp8.decomposition import decompose_fp8_linear
-from modelc_plugins.quant_fp8.scheme import FP8_LINEAR, FP8Scheme
-
 from compiler_core import hookimpl
 from compiler_core.lowering import Decomposition
+from modelc_plugins.quant_fp8.decomposition import decompose_fp8_linear
+from modelc_plugins.quant_fp8.scheme import FP8_LINEAR, FP8Scheme
 
 __version__ = "0.1.0"
 

@@ -4,9 +4,10 @@
     weight (float8_e4m3fn [out, in]) ─dequantize(weights_scaling_factor)──────────────────────matmul(+bias)
 
 Both scales are per tensor. The torch backend runs this pattern as one FP8 GEMM
-(:mod:`compiler_core.backends.torch.fused.fp8`: ``torch._scaled_mm`` on Hopper, exact emulation
-elsewhere); the onnx backend writes it as QuantizeLinear / DequantizeLinear around a MatMul, the
-form TensorRT turns into FP8 GEMMs. The plugin itself has no backend code.
+(:mod:`compiler_core.backends.torch.fused.fp8`: a Triton GEMM for decode and ``torch._scaled_mm``
+beyond on Hopper, exact emulation elsewhere); the onnx backend writes it as QuantizeLinear /
+DequantizeLinear around a MatMul, the form TensorRT turns into FP8 GEMMs. The plugin itself has
+no backend code.
 """
 
 from __future__ import annotations

@@ -22,13 +22,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from modelc_plugins.quant_fp8 import numerics
 
 from compiler_core.api import QuantScheme
 from compiler_core.errors import ModelcError
 from compiler_core.ir import Graph, Node, OpSpec, Param
 from compiler_core.quantize.calibration import collect_stats, model_graph, real_tokens, token_mask
 from compiler_core.quantize.ptq import excluded, quantize_layers
+from modelc_plugins.quant_fp8 import numerics
 
 QUANT_ALGO = "FP8"
 KV_CACHE_QUANT_ALGO = "FP8"

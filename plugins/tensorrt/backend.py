@@ -8,6 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from compiler_core.api import Backend
+from compiler_core.build.engine import engine_graph
+from compiler_core.errors import ConfigError
+from compiler_core.ir import Graph
+from compiler_core.registry import Registry
 from modelc_plugins.tensorrt.package import (
     INSTALL_HINT,
     can_build_reason,
@@ -15,12 +21,6 @@ from modelc_plugins.tensorrt.package import (
     gpu_reason,
     import_tensorrt,
 )
-
-from compiler_core.api import Backend
-from compiler_core.build.engine import engine_graph
-from compiler_core.errors import ConfigError
-from compiler_core.ir import Graph
-from compiler_core.registry import Registry
 
 #: Preference when a TensorRT package imports and a GPU that runs its engines is present
 #: (above torch's 0); otherwise -1, never the default.

@@ -15,10 +15,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from compiler_core.errors import ModelcError, UsageError
 from modelc_plugins.onnx.lowering import BATCH, PAST, SEQ, TOTAL, ValueType
 from modelc_plugins.tensorrt.package import INSTALL_HINT, import_tensorrt, make_logger
-
-from compiler_core.errors import ModelcError, UsageError
 
 PROMPT_PROFILE, DECODE_PROFILE = 0, 1
 Ranges = dict[str, tuple[int, int, int]]

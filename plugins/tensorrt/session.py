@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from compiler_core.errors import ModelcError, UsageError
+from compiler_core.ir import Graph
 from modelc_plugins.onnx.export import RankPlan, Step
 from modelc_plugins.onnx.session import PlanSession
 from modelc_plugins.tensorrt.builder import DECODE_PROFILE, PROMPT_PROFILE
 from modelc_plugins.tensorrt.package import INSTALL_HINT, gpu_reason, import_tensorrt, make_logger
-
-from compiler_core.errors import ModelcError, UsageError
-from compiler_core.ir import Graph
 
 
 def torch_dtypes(trt) -> dict[Any, torch.dtype]:

@@ -22,10 +22,10 @@ from typing import Any
 
 import pytest
 import torch
-from modelc_plugins.tensorrt.package import INSTALL_HINT, gpu_reason, import_tensorrt
 
 from compiler_core.host import load_registry
 from compiler_core.ir import Graph
+from modelc_plugins.tensorrt.package import INSTALL_HINT, gpu_reason, import_tensorrt
 
 #: Small limits keep test builds fast; engines accept any shape inside them.
 TEST_SETTINGS = {"max_batch_size": 4, "max_input_len": 32, "max_seq_len": 64}

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from modelc_plugins.falcon import Falcon
 
 from compiler_core import hookimpl
 from compiler_core.convert.from_hf import convert
@@ -26,6 +25,7 @@ from compiler_core.formats.fileio import OutputKind, atomic_output_dir
 from compiler_core.host import Host
 from compiler_core.mapping import Mapping
 from compiler_core.registry import Registry
+from modelc_plugins.falcon import Falcon
 
 # --- mapping ---------------------------------------------------------------------------------
 

@@ -389,9 +389,8 @@ def test_executor_names_a_node_nobody_lowers():
 def test_convert_and_run_use_the_registry_they_are_given(tiny_falcon, tmp_path: Path):
     """Monitor one host's plugin manager: conversion and execution with its registry ask its hooks,
     and the architecture's methods map and shard every weight."""
-    from modelc_plugins.falcon import Falcon
-
     from compiler_core.runtime.loading import checkpoint_runner
+    from modelc_plugins.falcon import Falcon
 
     methods: dict[str, int] = {}
 

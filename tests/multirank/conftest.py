@@ -6,9 +6,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from modelc_plugins.falcon.testing import tiny_hf_dirs
 
 from compiler_core.testing import build_engine_dir
+from modelc_plugins.falcon.testing import tiny_hf_dirs
 
 #: Prompts of different lengths, so that the ranks also agree on left padding and positions.
 PROMPTS = [

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from modelc_plugins.falcon.testing import single_torch_thread, tiny_hf_dirs
 
 #: Prompts of very different lengths, so left padding, positions and masks all matter.

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from modelc_plugins.falcon.testing import shared_model_cache
 
 REPO = Path(__file__).resolve().parents[2]

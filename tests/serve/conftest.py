@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
 from modelc_plugins.falcon.testing import single_torch_thread, tiny_hf_dirs
 
 #: Build limits small enough that tests reach them: prompts over 40 tokens or past 64 in all are refused.

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from compiler_core import rope
 from compiler_core.backends.torch.cpu_linear import bf16_linear, bf16_storage, cpu_linear
+from compiler_core.backends.torch.cuda.capability import triton_ready
 from compiler_core.dtypes import IR_DTYPES, torch_dtype
 from compiler_core.ir import Graph, Node
 from compiler_core.runtime.context import ForwardContext
@@ -222,6 +223,11 @@ def lower_attention(node: Node, low: TorchLowering) -> Kernel:
         alibi_key = ("alibi", offset, nh)
         alibi = (slopes.to(low.device), float(a.get("alibi_scale", 1.0)), compute)
     groups = nh // nkv
+    fast_decode = None
+    if alibi is None and triton_ready(low.device):
+        # The Triton decode kernel reads the static cache as stored (an FP8 one too); ALiBi's
+        # additive bias is not part of it.
+        from compiler_core.backends.torch.cuda.decode_attention import decode_attention as fast_decode
 
     def attention(ctx: ForwardContext, qkv: torch.Tensor) -> torch.Tensor:
         b, s, _ = qkv.shape
@@ -240,6 +246,9 @@ def lower_attention(node: Node, low: TorchLowering) -> Kernel:
         if ctx.cache is not None and ctx.start_index is not None:
             cache = ctx.cache.slots[slot]
             cache.write_at(k, v, ctx.start_index)
+            if fast_decode is not None and s == 1:
+                out = fast_decode(q[:, :, 0], cache.k, cache.v, ctx.attention_mask, scale, cache.scale)
+                return out.reshape(b, 1, nh * hd)
             k, v = cache.read_all(q.dtype)
         elif ctx.cache is not None:
             cache = ctx.cache.slots[slot]

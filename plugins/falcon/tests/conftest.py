@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from modelc_plugins.falcon.testing import STEPS
 
 

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from modelc_plugins.falcon.config import config_from_hf
 from safetensors import safe_open
 
 from compiler_core.errors import UsageError
 from compiler_core.evaluate.verify import FP32_ATOL, compare, runner_trace
 from compiler_core.formats.checkpoint import rank_file, read_config
 from compiler_core.runtime.loading import checkpoint_runner
+from modelc_plugins.falcon.config import config_from_hf
 
 #: name -> (variant it starts from, FalconConfig overrides).
 COMBOS: dict[str, tuple[str, dict]] = {

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from modelc_plugins.falcon.testing import SPLITS, STEPS
-from modelc_plugins.falcon.tiny import VARIANTS
 from safetensors import safe_open
 
 from compiler_core.evaluate.verify import FP32_ATOL, compare, runner_trace
 from compiler_core.formats.checkpoint import mapping_of, rank_file, read_config
 from compiler_core.runtime.loading import checkpoint_runner
+from modelc_plugins.falcon.testing import SPLITS, STEPS
+from modelc_plugins.falcon.tiny import VARIANTS
 
 
 @pytest.mark.parametrize("tp,pp", SPLITS, ids=[f"tp{t}pp{p}" for t, p in SPLITS])

@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+
 from modelc_plugins.falcon import trained
 from modelc_plugins.falcon.testing import shared_model_cache
 from modelc_plugins.falcon.tiny import corpus_text, make_tiny_falcon

@@ -8,15 +8,15 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
-from modelc_plugins.onnx.export import export_rank
-from modelc_plugins.onnx.lowering import ALIGN_LARGE, ALIGN_LARGE_THRESHOLD, OPSET
-from modelc_plugins.onnx.testing import local_runner
 
 from compiler_core.build.engine import choose_backend
 from compiler_core.cli import cli
 from compiler_core.errors import ModelcError
 from compiler_core.formats.inspect import describe
 from compiler_core.ir import GraphBuilder
+from modelc_plugins.onnx.export import export_rank
+from modelc_plugins.onnx.lowering import ALIGN_LARGE, ALIGN_LARGE_THRESHOLD, OPSET
+from modelc_plugins.onnx.testing import local_runner
 
 
 def test_rank_file_is_valid_onnx_with_external_weights(falcons):

@@ -7,14 +7,14 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from modelc_plugins.onnx.export import export_rank
-from modelc_plugins.onnx.lowering import ExternalData, OnnxLowering, emit_dequantize, emit_quantize, tensor_bytes
-from modelc_plugins.onnx.session import OnnxSession
-from modelc_plugins.onnx.testing import HEAD_DIM, left_padded, mixed_graph
 
 from compiler_core.host import load_registry
 from compiler_core.runtime.context import positions_from_mask
 from compiler_core.runtime.session import TorchSession
+from modelc_plugins.onnx.export import export_rank
+from modelc_plugins.onnx.lowering import ExternalData, OnnxLowering, emit_dequantize, emit_quantize, tensor_bytes
+from modelc_plugins.onnx.session import OnnxSession
+from modelc_plugins.onnx.testing import HEAD_DIM, left_padded, mixed_graph
 
 
 def run_steps(session, prompts, steps: int = 3) -> list[torch.Tensor]:

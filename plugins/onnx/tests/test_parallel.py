@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from modelc_plugins.onnx.testing import left_padded, local_runner, prefill_logits
 
 from compiler_core.cli import cli
 from compiler_core.runtime.generation import GenerationConfig, generate
+from modelc_plugins.onnx.testing import left_padded, local_runner, prefill_logits
 
 CONFIG = GenerationConfig(max_new_tokens=10, end_id=None, pad_id=0)
 PROMPT = "The weather in the valley was calm and"

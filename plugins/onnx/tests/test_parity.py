@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from modelc_plugins.onnx.testing import left_padded, local_runner, prefill_logits, teacher_forced_logits
 from transformers import AutoModelForCausalLM
 
 from compiler_core.runtime.generation import GenerationConfig, generate
 from compiler_core.runtime.open import open_runner
+from modelc_plugins.onnx.testing import left_padded, local_runner, prefill_logits, teacher_forced_logits
 
 VARIANTS = ("rw", "7b", "40b", "falcon2")
 NEW_TOKENS = 12

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from modelc_plugins.quant_awq.testing import CALIB, GROUP_SIZE, add_outlier_channels
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from compiler_core.formats.checkpoint import load_rank_weights, rank_file, read_config
 from modelc_plugins.quant_awq.int4 import unpack_int4
 from modelc_plugins.quant_awq.testing import (
     CALIB,
@@ -16,8 +18,6 @@ from modelc_plugins.quant_awq.testing import (
     relative_error,
     rtn_hf,
 )
-
-from compiler_core.formats.checkpoint import load_rank_weights, rank_file, read_config
 
 VARIANTS = ["rw", "7b", "40b", "180b", "falcon2"]
 

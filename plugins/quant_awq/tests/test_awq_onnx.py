@@ -5,10 +5,10 @@ from __future__ import annotations
 import onnx
 import pytest
 import torch
-from modelc_plugins.quant_awq.testing import GROUP_SIZE
 
 from compiler_core.build.engine import read_engine_config
 from compiler_core.host import Host
+from modelc_plugins.quant_awq.testing import GROUP_SIZE
 
 pytest.importorskip("onnxruntime")
 if "onnx" not in Host.load().registry.backends:

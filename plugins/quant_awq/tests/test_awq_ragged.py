@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from compiler_core.formats.checkpoint import load_rank_weights, rank_file, read_config
 from modelc_plugins.falcon.convert import grouped_to_planar, ir_name
 from modelc_plugins.quant_awq.int4 import dequantize_packed, fake_quantize
 from modelc_plugins.quant_awq.testing import (
@@ -26,8 +28,6 @@ from modelc_plugins.quant_awq.testing import (
     relative_error,
     run_modelc,
 )
-
-from compiler_core.formats.checkpoint import load_rank_weights, rank_file, read_config
 
 HIDDEN, GROUP, FFN = 96, 64, 384
 HEADS, KV_HEADS, HEAD_DIM = 4, 1, 24
@@ -146,6 +146,7 @@ def test_onnxruntime_engine_equals_torch_engine(registry, ragged_ckpt, tmp_path)
     if "onnx" not in registry.backends:
         pytest.skip("the onnx backend plugin is not loaded")
     import onnx
+
     from modelc_plugins.onnx.testing import left_padded, local_runner, prefill_logits
 
     engines = {b: build_cli(ragged_ckpt, tmp_path / b, b) for b in ("torch", "onnx")}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from compiler_core.backends.torch.fused.int4 import dequantize_in_dtype, tinygemm_codes, tinygemm_matmul
 from modelc_plugins.quant_awq.int4 import (
     check_group_size,
     dequantize_codes,
@@ -15,8 +17,6 @@ from modelc_plugins.quant_awq.int4 import (
     unpack_int4,
 )
 from modelc_plugins.quant_awq.search import _group_gram, candidate_scales, group_output_mse, search_clip, search_scale
-
-from compiler_core.backends.torch.fused.int4 import dequantize_in_dtype, tinygemm_codes, tinygemm_matmul
 
 
 def test_pack_nibble_order_matches_trtllm_and_onnx() -> None:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from modelc_plugins.quant_awq.calibrate import feeds_attention, plan_scales
-from modelc_plugins.quant_awq.transform import output_heads
 
 from compiler_core.api import ScaleGroup
 from compiler_core.errors import ModelcError
 from compiler_core.ir import GraphBuilder
+from modelc_plugins.quant_awq.calibrate import feeds_attention, plan_scales
+from modelc_plugins.quant_awq.transform import output_heads
 
 
 def small_graph():

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from modelc_plugins.quant_fp8.testing import CALIB, VARIANTS
 
 TRAIN_STEPS, TRAIN_BATCH, TRAIN_SEQ, TRAIN_LR = 80, 8, 64, 1e-2
@@ -51,10 +52,10 @@ def _train(model, ids: torch.Tensor, seed: int) -> None:
 @pytest.fixture(scope="session")
 def hf_dir(tmp_path_factory, tokenizer) -> Callable[[str], Path]:
     """variant -> a 2-layer tiny HF Falcon trained for a few steps on the shipped corpus (made once)."""
-    from modelc_plugins.falcon.tiny import make_tiny_falcon
     from transformers import FalconForCausalLM
 
     from compiler_core.quantize.calibration import default_corpus
+    from modelc_plugins.falcon.tiny import make_tiny_falcon
 
     root, made = tmp_path_factory.mktemp("fp8_hf"), {}
     corpus = torch.tensor(tokenizer(default_corpus())["input_ids"])

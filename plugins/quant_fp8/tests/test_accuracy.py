@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from modelc_plugins.quant_fp8.testing import VARIANTS, checkpoint_logits
 
 MIN_TOP1 = 0.95
@@ -62,10 +63,10 @@ def test_fp8_engine_equals_transformers_with_fake_quantized_linears(variant, fp8
     """The error above is FP8's own, not the implementation's: transformers' FalconForCausalLM with
     each nn.Linear's weight replaced by its FP8 round trip and its input fake-quantized with the
     checkpoint's activation scale (forward pre-hooks) computes the same logits as the fp8 engine."""
-    from modelc_plugins.quant_fp8 import numerics
     from transformers import AutoModelForCausalLM
 
     from compiler_core.formats.checkpoint import load_rank_weights
+    from modelc_plugins.quant_fp8 import numerics
 
     ckpt = fp8_dir(variant, kv=None)
     weights = load_rank_weights(ckpt / "rank0.safetensors")

@@ -6,10 +6,6 @@ import json
 
 import pytest
 import torch
-from modelc_plugins.falcon.convert import rank_qkv
-from modelc_plugins.quant_fp8 import numerics
-from modelc_plugins.quant_fp8.scheme import FP8Scheme, quantize_linear
-from modelc_plugins.quant_fp8.testing import CALIB, checkpoint_logits
 from safetensors import safe_open
 
 from compiler_core import hookimpl
@@ -18,6 +14,10 @@ from compiler_core.formats.checkpoint import load_rank_weights
 from compiler_core.host import Host
 from compiler_core.mapping import Mapping
 from compiler_core.quantize.ptq import quantize
+from modelc_plugins.falcon.convert import rank_qkv
+from modelc_plugins.quant_fp8 import numerics
+from modelc_plugins.quant_fp8.scheme import FP8Scheme, quantize_linear
+from modelc_plugins.quant_fp8.testing import CALIB, checkpoint_logits
 
 LINEARS = ("attention.qkv", "attention.dense", "mlp.fc", "mlp.proj")
 

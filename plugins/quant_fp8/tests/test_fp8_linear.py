@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from modelc_plugins.quant_fp8 import numerics
-from modelc_plugins.quant_fp8.scheme import rewrite_graph
-from modelc_plugins.quant_fp8.testing import e4m3_table
 
 from compiler_core.backends.torch.executor import GraphExecutor
 from compiler_core.backends.torch.fused import fp8
 from compiler_core.ir import GraphBuilder, validate
 from compiler_core.runtime.context import ForwardContext
+from modelc_plugins.quant_fp8 import numerics
+from modelc_plugins.quant_fp8.scheme import rewrite_graph
+from modelc_plugins.quant_fp8.testing import e4m3_table
 
 
 def linear_graph(dtype: str, out_features: int = 48, in_features: int = 32):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from modelc_plugins.quant_fp8 import numerics
-from modelc_plugins.quant_fp8.testing import e4m3_table
 
 from compiler_core.runtime.context import CacheSlot
+from modelc_plugins.quant_fp8 import numerics
+from modelc_plugins.quant_fp8.testing import e4m3_table
 
 
 def reference_quantize(x: np.ndarray) -> np.ndarray:

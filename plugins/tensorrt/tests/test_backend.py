@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 from click.testing import CliRunner
-from modelc_plugins.tensorrt import backend as trt_backend
-from modelc_plugins.tensorrt.package import INSTALL_HINT, gpu_reason, import_tensorrt
-from modelc_plugins.tensorrt.testing import build_checkpoint, require_tensorrt
 
 from compiler_core.build.engine import choose_backend, load_rank_session
 from compiler_core.cli import cli
 from compiler_core.errors import UsageError
+from modelc_plugins.tensorrt import backend as trt_backend
+from modelc_plugins.tensorrt.package import INSTALL_HINT, gpu_reason, import_tensorrt
+from modelc_plugins.tensorrt.testing import build_checkpoint, require_tensorrt
 
 
 @pytest.fixture

@@ -6,12 +6,12 @@ import json
 
 import onnx
 import pytest
-from modelc_plugins.onnx.testing import mixed_graph
-from modelc_plugins.tensorrt.builder import DECODE_PROFILE, PROMPT_PROFILE, build_serialized, profile_ranges
-from modelc_plugins.tensorrt.testing import TEST_SETTINGS, build_checkpoint, build_graph, require_tensorrt
 from onnx import TensorProto, helper
 
 from compiler_core.errors import ModelcError
+from modelc_plugins.onnx.testing import mixed_graph
+from modelc_plugins.tensorrt.builder import DECODE_PROFILE, PROMPT_PROFILE, build_serialized, profile_ranges
+from modelc_plugins.tensorrt.testing import TEST_SETTINGS, build_checkpoint, build_graph, require_tensorrt
 
 pytestmark = pytest.mark.usefixtures("trt")
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from modelc_plugins.onnx.testing import left_padded, local_runner, prefill_logits
-from modelc_plugins.tensorrt.testing import TEST_SETTINGS, build_checkpoint, run_skip_reason
 
 from compiler_core.errors import UsageError
 from compiler_core.runtime.generation import GenerationConfig, generate
+from modelc_plugins.onnx.testing import left_padded, local_runner, prefill_logits
+from modelc_plugins.tensorrt.testing import TEST_SETTINGS, build_checkpoint, run_skip_reason
 
 pytestmark = pytest.mark.skipif(run_skip_reason() is not None, reason=str(run_skip_reason()))
 

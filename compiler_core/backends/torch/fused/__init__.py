@@ -6,12 +6,17 @@ core registers :data:`PATTERNS` through ``register_lowerings``, and the lowering
 pattern wherever it matches (larger patterns first) instead of lowering the matched nodes one by
 one. A pattern's kernel must compute what those nodes compute (tests compare the two).
 
-* :mod:`.fp8`: FP8 activation x FP8 weight GEMM: ``torch._scaled_mm`` on sm_89+, emulated elsewhere.
-* :mod:`.int4`: blocked INT4 weight x activation: the CUDA int4 GEMM (tinygemm) for decode.
+* :mod:`.fp8`: FP8 activation x FP8 weight GEMM: the Triton FP8 GEMM for decode and
+  ``torch._scaled_mm`` beyond on sm_89+, emulated elsewhere.
+* :mod:`.int4`: blocked INT4 weight x activation: the Triton INT4 GEMM on sm_89+, the CUDA int4
+  GEMM (tinygemm) for decode on other GPUs (and at one row where it measured faster).
+
+The Triton kernels themselves live in :mod:`compiler_core.backends.torch.cuda`; the patterns take
+them behind its ``triton_ready`` check, after a probe against the other kernel.
 * :mod:`.dense`: any other dequantized weight, dequantized once at lowering time into a dense
   weight that takes the CPU oneDNN / bfloat16 linear.
 
-To add a kernel (a Triton GEMM, say): write a module here with a ``Pattern``, a predicate and
+To add a kernel: write a module here with a ``Pattern``, a predicate and
 ``fn(match, low) -> kernel``, and add its pattern to :data:`PATTERNS`; a plugin can instead register
 its own ``FusedPattern`` for ``"torch"`` from its ``register_lowerings``.
 """

@@ -1,10 +1,16 @@
 """FP8 GEMM: ``matmul(dequantize(quantize(x)), dequantize(weight))`` with FP8 E4M3 per-tensor scales.
 
-This is what an FP8 linear with static scales decomposes into. Two kernels with the same
+This is what an FP8 linear with static scales decomposes into. Three kernels with the same
 numerics (activations quantized as the ``quantize`` primitive does: x / scale saturated to ±448
 and rounded to nearest even):
 
-* **Hopper and newer GPUs** (compute capability >= 8.9, both GEMM dimensions multiples of 16):
+* **Hopper and newer GPUs, calls of at most** ``TRITON_MAX_ROWS`` **tokens** (decode), where Triton
+  is installed: a Triton GEMM that reads the activation in its own dtype and quantizes it in
+  registers (``compiler_core/backends/torch/cuda/fp8_gemm.py``), split along K for small M, where
+  it measured faster than the next kernel at load time (one row; and, for 2 to 16 rows, at 16).
+  Each layer checks it once against that kernel on probe inputs and keeps the other (with a
+  warning) if it fails or disagrees.
+* **Hopper and newer GPUs, larger calls** (compute capability >= 8.9, both GEMM dimensions multiples of 16):
   ``torch._scaled_mm`` multiplies the FP8 operands with FP32 accumulation and applies
   ``activation_scale * weight_scale`` before rounding to the compute dtype.
 * **Everywhere else** (CPU included): the FP8 codes are widened (exactly: every E4M3 value is
@@ -20,6 +26,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from compiler_core.backends.torch.cuda.capability import triton_ready
 from compiler_core.backends.torch.fused.dense import is_stored_weight
 from compiler_core.backends.torch.kernels import Kernel, TorchLowering
 from compiler_core.backends.torch.quant import quantize_codes
@@ -29,6 +36,10 @@ from compiler_core.lowering import FusedPattern, Match, Pattern
 #: cuBLASLt FP8 GEMMs need both matrix dimensions of the weight to be multiples of 16.
 _SCALED_MM_ALIGN = 16
 _FP8_PER_TENSOR = {"dtype": "float8_e4m3fn"}
+#: Tokens per call up to which the fused Triton GEMM may run (where it is also measured faster at
+#: load); from 32 rows on cuBLASLt's FP8 GEMM was faster on an H200 even with its separate
+#: activation quantization (docs/PERFORMANCE.md).
+TRITON_MAX_ROWS = 16
 
 
 def scaled_mm_supported(device: torch.device) -> bool:
@@ -51,8 +62,25 @@ def fp8_gemm(match: Match, low: TorchLowering) -> Kernel:
     bias = low.param(match.root, "bias")
     w_scale = low.param(weight_node, "scale").float().reshape(())
     a_scale = low.param(match.node("quantize"), "scale").float().reshape(())
-    out_features, in_features = weight.shape
     compute = low.compute_dtype
+    large = vendor_kernel(match.root.name, weight, bias, w_scale, a_scale, compute)
+    if triton_ready(weight.device):
+        small = triton_kernel(match.root.name, weight, bias, w_scale, a_scale, compute, large)
+        if small is not None:
+            return small
+    return large
+
+
+def vendor_kernel(
+    name: str,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    w_scale: torch.Tensor,
+    a_scale: torch.Tensor,
+    compute: torch.dtype,
+) -> Kernel:
+    """``torch._scaled_mm`` where it applies and runs, else the emulated FP8 GEMM."""
+    out_features, in_features = weight.shape
     if (
         scaled_mm_supported(weight.device)
         and out_features % _SCALED_MM_ALIGN == 0
@@ -63,10 +91,62 @@ def fp8_gemm(match: Match, low: TorchLowering) -> Kernel:
             kernel(None, torch.zeros(1, in_features, dtype=compute, device=weight.device))
             return kernel
         except RuntimeError as exc:  # an FP8 GEMM this torch/cuBLAS cannot run: emulate instead
-            warnings.warn(
-                f"node {match.root.name}: torch._scaled_mm failed ({exc}); using the emulated FP8 GEMM", stacklevel=2
-            )
+            warnings.warn(f"node {name}: torch._scaled_mm failed ({exc}); using the emulated FP8 GEMM", stacklevel=3)
     return emulated_kernel(weight, bias, w_scale, a_scale, compute)
+
+
+def triton_kernel(
+    name: str,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    w_scale: torch.Tensor,
+    a_scale: torch.Tensor,
+    compute: torch.dtype,
+    large: Kernel,
+) -> Kernel | None:
+    """The fused Triton kernel for calls of up to ``TRITON_MAX_ROWS`` tokens and ``large`` beyond,
+    or None (with a warning) when the Triton kernel fails or disagrees with ``large`` on a probe."""
+    from compiler_core.backends.torch.cuda.fp8_gemm import fp8_linear
+    from compiler_core.backends.torch.cuda.timing import first_is_faster
+
+    def fused(ctx, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, weight, w_scale, a_scale, bias)
+
+    # Keyed by "one row?": whether the Triton kernel is taken there (both until measured below).
+    use_triton = {True: True, False: True}
+
+    def fp8_linear_kernel(ctx, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if rows > TRITON_MAX_ROWS or not use_triton[rows == 1]:
+            return large(ctx, x)
+        return fused(ctx, x)
+
+    gen = torch.Generator(device=weight.device).manual_seed(0)
+    try:
+        for rows in (1, TRITON_MAX_ROWS):  # compiles both small-M tilings now, not inside a graph capture
+            probe = (torch.randn(rows, weight.shape[1], generator=gen, device=weight.device) * a_scale * 100).to(
+                compute
+            )
+            got, want = fp8_linear_kernel(None, probe).float(), large(None, probe).float()
+            # Both round the same FP8 products once to the compute dtype; accumulation order differs.
+            if not torch.allclose(got, want, rtol=2e-2, atol=2e-2 * float(want.abs().max())):
+                warnings.warn(
+                    f"node {name}: the Triton FP8 GEMM disagrees with the reference; not using it", stacklevel=3
+                )
+                return None
+        # Whether the fused kernel beats the other on this GPU is measured once, at one row and at
+        # a few (the vendor GEMM's launch and quantization costs differ between the two).
+        for one_row, rows in ((True, 1), (False, TRITON_MAX_ROWS)):
+            probe = torch.randn(rows, weight.shape[1], device=weight.device).to(compute)
+            use_triton[one_row] = first_is_faster(
+                lambda p=probe: fused(None, p), lambda p=probe: large(None, p), weight.device
+            )
+    except Exception as exc:  # a Triton compile, launch or capture failure on this GPU: keep the other kernels
+        warnings.warn(
+            f"node {name}: the Triton FP8 GEMM failed ({type(exc).__name__}: {exc}); not using it", stacklevel=3
+        )
+        return None
+    return fp8_linear_kernel
 
 
 def _quantize(x: torch.Tensor, a_scale: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,13 @@ its own scale.
 
 CUDA: the weight stays int4 in device memory (a quarter of the fp16 bytes).
 
-* bfloat16 models with group size 32/64/128/256 use PyTorch's int4 GEMM
+* Models in bfloat16, float16 or float32 with groups of 32+ on sm_89+ GPUs with Triton installed
+  use the Triton INT4 GEMM (``compiler_core/backends/torch/cuda/int4_gemm.py``): it reads the
+  packed weight and scales directly at every M (split-K at decode, tiled at prefill). A ragged
+  layer's rows are padded to whole groups once, at lowering time. Each layer compares it once
+  with the reference dequantization on probe inputs and falls back (with a warning) to the paths
+  below; one-row calls take tinygemm instead where that measured faster at load time.
+* Otherwise, bfloat16 models with group size 32/64/128/256 use PyTorch's int4 GEMM
   (``aten._weight_int4pack_mm``, the "tinygemm" kernel behind gpt-fast and torchao) for calls
   of at most ``TINYGEMM_MAX_ROWS`` tokens (decode): it reads the packed weight directly. Its
   weight layout is device-specific and cannot be checked on a CPU, so each layer compares it
@@ -26,6 +32,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from compiler_core.backends.torch.cuda.capability import triton_ready
+from compiler_core.backends.torch.cuda.tiling import MIN_GROUP_SIZE
 from compiler_core.backends.torch.fused.dense import dequantized_weight, is_int4_groups
 from compiler_core.backends.torch.kernels import Kernel, TorchLowering, dense_linear
 from compiler_core.backends.torch.quant import out_dtype_of
@@ -36,6 +44,7 @@ from compiler_core.lowering import FusedPattern, Match, Pattern
 #: run faster as dequantize + dense GEMM.
 TINYGEMM_MAX_ROWS = 16
 TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
+TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def dequantize_in_dtype(
@@ -135,16 +144,94 @@ def tinygemm_matmul(
     return matmul
 
 
+#: Probe sizes: one per tiling of the Triton GEMM (decode, small batch, prefill), compiled at lowering time.
+TRITON_PROBE_ROWS = (1, 32, 128)
+
+
 def int4_gemm(match: Match, low: TorchLowering) -> Kernel:
-    """The kernel of ``matmul(x, dequantize(int4 weight in groups))``."""
+    """The kernel of ``matmul(x, dequantize(int4 weight in groups))``: the Triton INT4 GEMM where it is
+    ready and passes its probes, else the device's other kernel (see the module docstring)."""
     node, bias = match.node("weight"), low.param(match.root, "bias")
-    if low.device.type == "cpu":
-        return dense_linear(dequantized_weight(node, low), bias)
     dtype = out_dtype_of(node, low)
     packed = low.param(node, "quantized")
     scales = low.param(node, "scale").to(dtype)
     group_size = int(node.attrs["block_size"])
-    int4_matmul = tinygemm_matmul(packed, scales, group_size, match.root.name)
+    name = match.root.name
+    if low.device.type == "cpu":
+        fallback = dense_linear(dequantized_weight(node, low), bias)
+    else:
+        fallback = torch_cuda_kernel(packed, scales, group_size, bias, dtype, name)
+    # Not only in the CUDA branch: triton_ready is False on a CPU anyway, and the tests force it on
+    # there, so that this hook-in runs under Triton's interpreter (against the dense fallback).
+    if triton_ready(low.device) and dtype in TRITON_DTYPES and group_size >= MIN_GROUP_SIZE:
+        kernel = triton_int4_kernel(packed, scales, group_size, bias, name)
+        if kernel is not None:
+            one_row = torch.randn(1, 1, packed.shape[1] * 2, device=low.device).to(dtype)
+            return with_faster_gemv(kernel, fallback, one_row)
+    return fallback
+
+
+def triton_int4_kernel(
+    packed: torch.Tensor, scales: torch.Tensor, group_size: int, bias: torch.Tensor | None, name: str
+) -> Kernel | None:
+    """The Triton INT4 GEMM kernel of one layer, or None (with a warning) if it fails or disagrees
+    with the reference dequantization on probe inputs (``scales`` in the compute dtype)."""
+    from compiler_core.backends.torch.cuda.int4_gemm import int4_linear, prepare_int4_weight
+
+    weight = prepare_int4_weight(packed, scales, group_size)
+
+    def int4_kernel(ctx, x: torch.Tensor) -> torch.Tensor:
+        return int4_linear(x, weight, bias)
+
+    dense = dequantize_in_dtype(packed, scales, group_size, scales.dtype).float()
+    gen = torch.Generator(device=packed.device).manual_seed(0)
+    try:
+        for rows in TRITON_PROBE_ROWS:
+            probe = torch.randn(rows, weight.in_features, generator=gen, device=packed.device).to(scales.dtype)
+            want = probe.float() @ dense.T
+            if bias is not None:
+                want = want + bias.float()
+            got = int4_kernel(None, probe).float()
+            if not torch.allclose(got, want, rtol=2e-2, atol=2e-2 * float(want.abs().max())):
+                warnings.warn(f"{name}: the Triton int4 GEMM disagrees with the reference; not using it", stacklevel=2)
+                return None
+    except Exception as exc:  # a Triton compile or launch failure on this GPU: keep the other kernels
+        warnings.warn(f"{name}: the Triton int4 GEMM failed ({type(exc).__name__}: {exc}); not using it", stacklevel=2)
+        return None
+    return int4_kernel
+
+
+def with_faster_gemv(triton_kernel: Kernel, fallback: Kernel, probe: torch.Tensor) -> Kernel:
+    """``triton_kernel``, except for one-row calls when ``fallback`` (tinygemm's GEMV) is faster there.
+
+    Which GEMV wins at one row depends on the GPU and the shape; the Triton GEMM wins from a few
+    rows on (tinygemm collapses beyond), so only the one-row case is decided, by timing both once.
+    """
+    from compiler_core.backends.torch.cuda.timing import first_is_faster
+
+    try:
+        if first_is_faster(lambda: triton_kernel(None, probe), lambda: fallback(None, probe), probe.device):
+            return triton_kernel
+    except RuntimeError as exc:  # the timing's graph capture failed: keep the checked Triton kernel
+        warnings.warn(f"timing the one-row int4 kernels failed ({exc}); using the Triton GEMM", stacklevel=2)
+        return triton_kernel
+
+    def int4_kernel(ctx, x: torch.Tensor) -> torch.Tensor:
+        return (fallback if x.numel() == x.shape[-1] else triton_kernel)(ctx, x)
+
+    return int4_kernel
+
+
+def torch_cuda_kernel(
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None,
+    dtype: torch.dtype,
+    name: str,
+) -> Kernel:
+    """The CUDA kernel without Triton: tinygemm for up to ``TINYGEMM_MAX_ROWS`` rows, else dequantize per call."""
+    int4_matmul = tinygemm_matmul(packed, scales, group_size, name)
     out_features = scales.shape[0]
 
     def on_device(ctx, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,142 @@
+"""FP8 (E4M3) GEMM with static per-tensor scales and the activation quantization fused in.
+
+``fp8_linear`` computes what ``plugins/quant_fp8`` defines: ``sat(x / x_scale)`` rounded to the
+nearest E4M3 code, times the E4M3 weight, accumulated in float32, times ``x_scale * w_scale``
+(+ bias), rounded to the activation dtype. The activation is read once, in its own dtype, and
+quantized in registers per tile: no separate quantization kernel and no FP8 copy of it in memory.
+
+On a GPU the tile product runs on the FP8 tensor cores (see :mod:`.dot` for the interpreter's
+form). Small M splits the K loop across programs (see :mod:`.tiling`).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from compiler_core.backends.torch.cuda.capability import interpreting
+from compiler_core.backends.torch.cuda.dot import tile_dot
+from compiler_core.backends.torch.cuda.tiling import k_range, plan
+
+#: A constexpr: the kernels read it (Triton kernels see only constexpr globals).
+E4M3_MAX = tl.constexpr(448.0)
+BLOCK_K = 128
+
+
+@triton.jit
+def round_to_e4m3(v):
+    """float32 ``v`` (|v| <= 448) rounded to the nearest E4M3 value, ties to even, still float32.
+
+    Done in float32 arithmetic rather than by the float8 conversion alone, because Triton's
+    interpreter converts with ties away from zero and drops the carry into the exponent; on a GPU
+    the conversion that follows is then exact on both paths. Normal values keep 3 of float32's 23
+    mantissa bits (round to nearest even on the bit pattern); below 2**-6 the codes are subnormal,
+    multiples of 2**-9, which adding and subtracting 1.5 * 2**14 rounds to.
+    """
+    bits = v.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576  # -1048576 = 0xFFF00000: sign, exponent, 3 bits
+    subnormal = (v + 24576.0) - 24576.0
+    return tl.where(tl.abs(v) < 0.015625, subnormal, bits.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _fp8_gemm_kernel(
+    x_ptr,
+    w_ptr,
+    x_scale_ptr,
+    w_scale_ptr,
+    bias_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_ys,
+    stride_ym,
+    k_tiles,
+    tiles_per_split,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    WIDEN: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < M
+    n_ok = rn < N
+    x_scale = tl.load(x_scale_ptr)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    first = pid_k * tiles_per_split
+    last = tl.minimum(first + tiles_per_split, k_tiles)
+    for t in range(first, last):
+        k = t * BLOCK_K + rk
+        k_ok = k < K
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + rn[:, None] * stride_wn + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        xq = round_to_e4m3(tl.clamp(x.to(tl.float32) / x_scale, -E4M3_MAX, E4M3_MAX)).to(tl.float8e4nv)
+        acc += tile_dot(xq, tl.trans(w), WIDEN)
+    acc = acc * (x_scale * tl.load(w_scale_ptr))
+    if HAS_BIAS:
+        # Only the first K split adds the bias: the splits' partial sums are added afterwards.
+        acc += tl.load(bias_ptr + rn, mask=n_ok & (pid_k == 0), other=0.0).to(tl.float32)[None, :]
+    y = y_ptr + pid_k * stride_ys + rm[:, None] * stride_ym + rn[None, :]
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def fp8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    w_scale: torch.Tensor,
+    x_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``sat(x / x_scale) @ weight.T * (x_scale * w_scale) (+ bias)`` in ``x``'s dtype.
+
+    ``weight`` is float8_e4m3fn ``[out, in]`` (row-major), the scales float32 tensors of one element.
+    """
+    lead = x.shape[:-1]
+    n, k = weight.shape
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    k_tiles = -(-k // BLOCK_K)
+    tiling = plan(m, n, k_tiles, x.device)
+    per_split = k_range(k_tiles, tiling.split_k)
+    splits = -(-k_tiles // per_split)
+    dtype = x.dtype if splits == 1 else torch.float32
+    y = torch.empty((splits, m, n), dtype=dtype, device=x.device)
+    grid = (-(-n // tiling.block_n), -(-m // tiling.block_m), splits)
+    _fp8_gemm_kernel[grid](
+        x2,
+        weight,
+        x_scale,
+        w_scale,
+        bias if bias is not None else y,
+        y,
+        m,
+        n,
+        k,
+        x2.stride(0),
+        weight.stride(0),
+        y.stride(0),
+        y.stride(1),
+        k_tiles,
+        per_split,
+        BLOCK_M=tiling.block_m,
+        BLOCK_N=tiling.block_n,
+        HAS_BIAS=bias is not None,
+        BLOCK_K=BLOCK_K,
+        WIDEN=interpreting(),
+        num_warps=tiling.num_warps,
+        num_stages=tiling.num_stages,
+    )
+    out = y[0] if splits == 1 else y.sum(0).to(x.dtype)
+    return out.reshape(*lead, n)

@@ -1,0 +1,31 @@
+"""bench/gpu_decode.py runs end to end on a CPU with a tiny shape (CI exercises it; nothing is timed).
+
+A real subprocess, as a user runs it: every side builds and generates, the JSON holds a decode
+row per batch and a prefill row for each side, and the printed table names every side.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "gpu_decode.py"
+SIDES = ("bf16", "fp8_kv", "int4_awq", "int4_awq_no_triton", "hf_eager")
+
+
+def test_gpu_decode_runs_on_cpu(tmp_path):
+    out = tmp_path / "result.json"
+    args = ["--device", "cpu", "--shape", "overhead", "--sides", ",".join(SIDES), "--batch", "1,2"]
+    args += ["--new_tokens", "3", "--repeat", "1", "--prefill_len", "16", "--json", str(out)]
+    proc = subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert [row["side"] for row in result["rows"]] == list(SIDES)
+    for row in result["rows"]:
+        assert "error" not in row, row
+        assert set(row["decode"]) == {"1", "2"}  # JSON keys of the batch sizes
+        assert row["prefill"]["ms"] > 0
+        assert row["weight_bytes"] > 0
+    assert all(f"| {side} |" in proc.stdout for side in SIDES)

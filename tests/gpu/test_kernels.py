@@ -1,0 +1,169 @@
+"""The Triton kernels against float64 references, over awkward shapes.
+
+On a CUDA GPU they run there; elsewhere under Triton's interpreter on CPU tensors (see
+conftest.py), with shapes kept small because the interpreter is slow. Each case draws fresh
+random inputs; a NaN or an unwritten output fails the relative-error check.
+
+Tolerances: bfloat16 outputs are rounded once from float32 accumulators (relative error of a
+row ~2^-9), so bfloat16 cases allow 1e-2; float32 activations leave only float32 accumulation,
+so they allow 1e-5, except the FP8 GEMM: Hopper's FP8 tensor-core products of 64+ row tiles
+accumulate with fewer bits than float32 (measured up to 1.1e-4 on an H200), so 3e-4 there.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from modelc_plugins.quant_awq.int4 import dequantize_packed, pack_int4, quantize_groups
+from modelc_plugins.quant_fp8 import numerics
+
+triton = pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot run")
+import triton.language as tl  # noqa: E402
+
+from compiler_core.backends.torch.cuda.decode_attention import decode_attention  # noqa: E402
+from compiler_core.backends.torch.cuda.fp8_gemm import fp8_linear, round_to_e4m3  # noqa: E402
+from compiler_core.backends.torch.cuda.int4_gemm import int4_linear, prepare_int4_weight  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+BF16_TOL, FP32_TOL = 1e-2, 1e-5
+FP8_FP32_TOL = 3e-4
+ATTENTION_BF16_TOL = 2e-2
+#: (M, N, K, group): M across the tilings (<= 16, <= 64, > 64), N not a multiple of the 64 or 128
+#: column tile, K with a ragged last group (falcon-7b's 4544 = 35 x 128 + 64, scaled down).
+INT4_SHAPES = [(1, 40, 96, 32), (3, 72, 160, 64), (16, 24, 64, 32), (17, 130, 96, 32), (64, 8, 48, 32)]
+INT4_LARGE = [(65, 136, 96, 32), (130, 72, 160, 64)]
+FP8_SHAPES = [(1, 40, 200), (5, 72, 130), (16, 24, 64), (33, 130, 128), (64, 8, 300)]
+FP8_LARGE = [(65, 136, 96), (130, 72, 260)]
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want.double()).norm() / want.double().norm())
+
+
+def large(shapes):
+    """M > 64 cases: on the GPU always; under the interpreter marked slow (128-row tiles)."""
+    return [pytest.param(*s, marks=[] if CUDA else [pytest.mark.slow]) for s in shapes]
+
+
+@pytest.mark.parametrize(("m", "n", "k", "group"), INT4_SHAPES + large(INT4_LARGE))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int4_linear(device, m, n, k, group, dtype):
+    gen = torch.Generator().manual_seed(m * 1000 + n + k)
+    codes, scales = quantize_groups(torch.randn(n, k, generator=gen), group, scale_dtype=torch.bfloat16)
+    packed = pack_int4(codes)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype)
+    weight = prepare_int4_weight(packed.to(device), scales.to(device), group)
+    got = int4_linear(x.to(device), weight, bias.to(device)).cpu()
+    want = x.double() @ dequantize_packed(packed, scales, group, torch.float64).T + bias.double()
+    assert got.shape == (m, n) and got.dtype == dtype
+    assert relative_error(got, want) < (BF16_TOL if dtype == torch.bfloat16 else FP32_TOL)
+
+
+def test_int4_ragged_padding_is_zero_weight(device):
+    """Garbage-free padding: a ragged layer's padded inputs meet weight 0, whatever the last group's scale."""
+    n, k, group = 24, 80, 32  # 2 whole groups + one of 16
+    codes, scales = quantize_groups(torch.randn(n, k), group)
+    scales[:, -1] = 1e4  # a huge last-group scale would amplify any nonzero padded code
+    packed = pack_int4(codes)
+    weight = prepare_int4_weight(packed.to(device), scales.to(device), group)
+    assert weight.packed.shape == (n, 3 * group // 2)
+    x = torch.randn(2, k)
+    got = int4_linear(x.to(device), weight).cpu()
+    want = x.double() @ dequantize_packed(packed, scales, group, torch.float64).T
+    assert relative_error(got, want) < FP32_TOL
+
+
+def fp8_case(m: int, n: int, k: int, dtype: torch.dtype, gen: torch.Generator):
+    w = torch.randn(n, k, generator=gen) * 0.05
+    w_scale = numerics.scale_from_amax(w.abs().max())
+    x = (torch.randn(m, k, generator=gen) * 2).to(dtype)
+    # An activation scale that saturates the largest inputs, as a static calibrated scale can.
+    x_scale = numerics.scale_from_amax(float(x.float().abs().max()) * 0.8)
+    bias = torch.randn(n, generator=gen).to(dtype)
+    return x, numerics.quantize(w, w_scale), w_scale, x_scale, bias
+
+
+@pytest.mark.parametrize(("m", "n", "k"), FP8_SHAPES + large(FP8_LARGE))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fp8_linear(device, m, n, k, dtype):
+    """The fused quantization rounds exactly as numerics.quantize (saturating, ties to even)."""
+    x, wq, w_scale, x_scale, bias = fp8_case(m, n, k, dtype, torch.Generator().manual_seed(m * 1000 + n + k))
+    got = fp8_linear(*(t.to(device) for t in (x, wq, w_scale, x_scale, bias))).cpu()
+    want = numerics.quantize(x, x_scale).double() @ wq.double().T * (x_scale.double() * w_scale.double())
+    want = want + bias.double()
+    assert got.shape == (m, n) and got.dtype == dtype
+    assert relative_error(got, want) < (BF16_TOL if dtype == torch.bfloat16 else FP8_FP32_TOL)
+
+
+@triton.jit
+def _rounded(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(y_ptr + r, round_to_e4m3(tl.load(x_ptr + r, mask=r < n)), mask=r < n)
+
+
+def test_e4m3_rounding_matches_torch(device):
+    """Every tie, exponent carry and subnormal: the kernel's rounding is torch's float8 cast."""
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    codes = codes[codes.isfinite()].unique()
+    # Each code, each midpoint to the next code (ties) and points just either side of it.
+    mids = (codes[1:] + codes[:-1]) / 2
+    x = torch.cat(
+        [codes, mids, mids.nextafter(torch.full_like(mids, 1e9)), mids.nextafter(-torch.full_like(mids, 1e9))]
+    )
+    x = x.clamp(-448, 448).contiguous()
+    y = torch.full_like(x, float("nan"), device=device)
+    block = 1024
+    _rounded[(triton.cdiv(x.numel(), block),)](x.to(device), y, x.numel(), BLOCK=block)
+    assert torch.equal(y.cpu(), x.to(torch.float8_e4m3fn).float())
+
+
+def attention_reference(q, k, v, mask, scale):
+    groups = q.shape[1] // k.shape[1]
+    k, v = (t.double().repeat_interleave(groups, 1) for t in (k, v))
+    s = torch.einsum("bhd,bhld->bhl", q.double(), k) * scale
+    s = s.masked_fill(mask[:, None] == 0, float("-inf"))
+    return torch.einsum("bhl,bhld->bhd", s.softmax(-1), v)
+
+
+#: (batch, heads, kv heads, head_dim, cache length): MQA with many query heads (falcon-7b: 71 on
+#: one), GQA, a head_dim not a power of two, cache lengths off the 64-slot block.
+ATTENTION_SHAPES = [(1, 71, 1, 64, 128), (2, 6, 2, 24, 130), (3, 8, 8, 16, 64), (1, 16, 4, 32, 500)]
+
+
+@pytest.mark.parametrize(("batch", "heads", "kv_heads", "head_dim", "length"), ATTENTION_SHAPES)
+@pytest.mark.parametrize("cache", ["bfloat16", "float32", "float8_e4m3fn"])
+def test_decode_attention(device, batch, heads, kv_heads, head_dim, length, cache):
+    gen = torch.Generator().manual_seed(batch * heads + length)
+    dtype = torch.float32 if cache == "float32" else torch.bfloat16
+    q = torch.randn(batch, heads, head_dim, generator=gen).to(dtype)
+    k, v = (torch.randn(batch, kv_heads, length, head_dim, generator=gen) for _ in range(2))
+    kv_scale = None
+    if cache == "float8_e4m3fn":
+        kv_scale = torch.tensor(3.0 / 448)
+        k, v = (numerics.quantize(t, kv_scale) for t in (k, v))
+        k_read, v_read = (numerics.dequantize(t, kv_scale, dtype) for t in (k, v))  # the cache's own read
+    else:
+        k, v = k.to(dtype), v.to(dtype)
+        k_read, v_read = k, v
+    # Rows attend to different spans: a left-padded prompt, a hole, a short row.
+    mask = torch.zeros(batch, length, dtype=torch.long)
+    mask[0, 3 : length - 5] = 1
+    mask[-1, : min(40, length)] = 1
+    if batch > 2:
+        mask[1, ::3] = 1
+    got = decode_attention(
+        q.to(device),
+        k.to(device),
+        v.to(device),
+        mask.to(device),
+        0.125,
+        None if kv_scale is None else kv_scale.to(device),
+    ).cpu()
+    want = attention_reference(q, k_read, v_read, mask, 0.125)
+    assert got.shape == q.shape and got.dtype == dtype
+    # bf16 rounds the softmax weights (relative 2^-9 each) before the V product, as SDPA does in
+    # bf16; the output, an average of random values, is ~1/sqrt(length) of them, so that rounding
+    # shows twice as large relative to it as in a GEMM. float32 checks the algorithm itself.
+    assert relative_error(got, want) < (ATTENTION_BF16_TOL if dtype == torch.bfloat16 else FP32_TOL)

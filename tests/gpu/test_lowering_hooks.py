@@ -1,0 +1,142 @@
+"""The torch backend's fused patterns take the Triton kernels where they are ready, and then compute
+what the reference does.
+
+``fp8_linear`` and ``awq_linear`` reach the torch backend as decompositions whose
+``matmul(..., dequantize(weight))`` trees the fused patterns ``fp8_gemm`` and ``int4_gemm`` run;
+static decode steps run ``attention``'s lowering. On a CPU these run the kernels under Triton's
+interpreter with the capability check forced on (and the load-time timing replaced by a fixed
+answer, since it needs CUDA graphs), so the hook-in code itself (probes, fallbacks, row dispatch)
+is exercised where no GPU is; the kernels are counted, so a pattern that silently kept the old
+path fails.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from modelc_plugins.quant_awq.int4 import dequantize_packed, pack_int4, quantize_groups
+from modelc_plugins.quant_awq.transform import quantization_section, transform_graph
+
+triton = pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot run")
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="on a GPU, test_engines.py checks the hooked-in kernels on the device itself"
+)
+
+from compiler_core.backends.torch import kernels  # noqa: E402
+from compiler_core.backends.torch.cuda import decode_attention, fp8_gemm, int4_gemm, timing  # noqa: E402
+from compiler_core.backends.torch.executor import GraphExecutor  # noqa: E402
+from compiler_core.backends.torch.fused import fp8, int4  # noqa: E402
+from compiler_core.ir import Graph, GraphBuilder  # noqa: E402
+from compiler_core.runtime.context import ForwardContext  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("gpu_engines", Path(__file__).with_name("test_engines.py"))
+engines = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(engines)
+
+#: The modules whose lowerings check ``triton_ready`` (each imports it by name).
+HOOKED = (kernels, fp8, int4)
+
+
+def force_triton(monkeypatch, ready: bool) -> None:
+    """Tell every hooked-in lowering the Triton kernels are (or are not) ready on any device."""
+    for module in HOOKED:
+        monkeypatch.setattr(module, "triton_ready", lambda device: ready)
+
+
+@pytest.fixture
+def counted(monkeypatch) -> Counter:
+    """Calls of each Triton kernel, with the lowerings told the kernels are ready and faster."""
+    calls: Counter = Counter()
+    for module, name in ((fp8_gemm, "fp8_linear"), (decode_attention, "decode_attention"), (int4_gemm, "int4_linear")):
+        original = getattr(module, name)
+
+        def wrapped(*args, _original=original, _name=name, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapped)
+    force_triton(monkeypatch, True)
+    monkeypatch.setattr(timing, "first_is_faster", lambda first, second, device: True)
+    return calls
+
+
+def small_engine_run(registry, monkeypatch, qformat: str):
+    """(prompt logits, greedy tokens) of the tiny falcon-7b-shaped ``qformat`` engine on CPU, its decode
+    steps static (where the attention kernel runs); prompts and steps cut short for the interpreter."""
+    monkeypatch.setattr(engines, "PROMPTS", [[5, 17, 99, 3, 250], [44, 2]])
+    monkeypatch.setattr(engines, "NEW_TOKENS", 3)
+    run = engines.runner(registry, engines.model_of(registry, "7b", qformat), "cpu")
+    run.sessions[0].decode_mode = "static"
+    return engines.prompt_logits(run), engines.greedy(run)
+
+
+@pytest.mark.parametrize(("qformat", "kernel"), [("fp8_kv", "fp8_linear"), ("int4_awq", "int4_linear")])
+def test_engine_takes_the_triton_kernels_and_matches_the_reference(registry, counted, monkeypatch, qformat, kernel):
+    fast_logits, fast_tokens = small_engine_run(registry, monkeypatch, qformat)
+    assert counted[kernel] > 0 and counted["decode_attention"] > 0
+
+    force_triton(monkeypatch, False)
+    counted.clear()
+    ref_logits, ref_tokens = small_engine_run(registry, monkeypatch, qformat)
+    assert not counted  # the reference run really is the path without Triton
+    assert engines.relative_error(fast_logits, ref_logits) < 1e-4
+    assert fast_tokens == ref_tokens
+
+
+def awq_layer(dtype: str, out_features: int, in_features: int, group: int) -> Graph:
+    """One column-parallel ``awq_linear`` layer ``fc`` with a pre-quantization scale and a bias."""
+    g = GraphBuilder("one_awq_linear")
+    w = g.param("fc.weight", [out_features, in_features], dtype)
+    b = g.param("fc.bias", [out_features], dtype)
+    y = g.add("linear", ["x"], name="fc", params={"weight": w, "bias": b}, parallel="column")
+    graph = g.build(["x"], [y], attrs={"dtype": dtype})
+    return transform_graph(graph, {"dtype": dtype, "quantization": quantization_section(group, [], ["fc"])})
+
+
+def test_int4_gemm_pattern_takes_the_triton_kernel_on_a_ragged_layer(registry, counted):
+    codes, scales = quantize_groups(torch.randn(40, 96), 64, scale_dtype=torch.bfloat16)  # one ragged group
+    weights = {
+        "fc.weight": pack_int4(codes),
+        "fc.weights_scaling_factor": scales,
+        "fc.prequant_scaling_factor": torch.rand(96).bfloat16() + 0.5,
+        "fc.bias": torch.randn(40).bfloat16(),
+    }
+    executor = GraphExecutor(registry, awq_layer("bfloat16", 40, 96, 64), weights, "cpu")
+    assert [step.fused for step in executor.steps if step.fused is not None] == [int4.INT4_GEMM]
+    assert counted["int4_linear"] == len(int4.TRITON_PROBE_ROWS)  # the load-time probes
+    x = torch.randn(3, 5, 96).bfloat16()
+    (got,) = executor.run({"x": x}, ForwardContext.for_prompt(torch.ones(3, 5, dtype=torch.long))).values()
+    scaled = (x * weights["fc.prequant_scaling_factor"]).double()  # the channel_scale step, in bfloat16
+    want = scaled @ dequantize_packed(weights["fc.weight"], scales, 64, torch.float64).T + weights["fc.bias"].double()
+    assert got.shape == (3, 5, 40)
+    assert engines.relative_error(got, want) < 1e-2
+    assert counted["int4_linear"] == len(int4.TRITON_PROBE_ROWS) + 1
+
+
+def test_int4_gemm_pattern_keeps_the_dense_kernel_when_the_probe_disagrees(registry, counted, monkeypatch):
+    monkeypatch.setattr(int4_gemm, "int4_linear", lambda x, weight, bias=None: torch.zeros(*x.shape[:-1], 40))
+    codes, scales = quantize_groups(torch.randn(40, 96), 64, scale_dtype=torch.float32)
+    weights = {"fc.weight": pack_int4(codes), "fc.weights_scaling_factor": scales, "fc.bias": torch.zeros(40)}
+    weights["fc.prequant_scaling_factor"] = torch.ones(96)
+    with pytest.warns(UserWarning, match="fc: the Triton int4 GEMM disagrees with the reference"):
+        executor = GraphExecutor(registry, awq_layer("float32", 40, 96, 64), weights, "cpu")
+    x = torch.randn(1, 2, 96)
+    (got,) = executor.run({"x": x}, ForwardContext.for_prompt(torch.ones(1, 2, dtype=torch.long))).values()
+    torch.testing.assert_close(got, x @ dequantize_packed(pack_int4(codes), scales, 64, torch.float32).T)
+
+
+@pytest.mark.parametrize("triton_faster", [True, False])
+def test_one_row_int4_calls_take_the_faster_kernel(monkeypatch, triton_faster):
+    monkeypatch.setattr(timing, "first_is_faster", lambda first, second, device: triton_faster)
+    taken = []
+    kernel = int4.with_faster_gemv(
+        lambda ctx, x: taken.append("triton"), lambda ctx, x: taken.append("tinygemm"), torch.zeros(1, 1, 8)
+    )
+    kernel(None, torch.zeros(1, 1, 8))
+    kernel(None, torch.zeros(2, 1, 8))
+    assert taken == (["triton", "triton"] if triton_faster else ["tinygemm", "triton"])
