@@ -148,6 +148,14 @@ class Scheduler:
         self._deadline: float | None = None
         self._thread = threading.Thread(target=self._run, name="modelc-engine", daemon=True)
         self.failure: BaseException | None = None
+        # The engine thread must run on the runner's GPU; "cuda" without an index means the device
+        # current here, at construction, since a new thread starts on GPU 0.
+        device = slots.device
+        self._cuda_index = (
+            (device.index if device.index is not None else torch.cuda.current_device())
+            if (device.type == "cuda")
+            else None
+        )
 
     # --- the HTTP side -----------------------------------------------------------------------
 
@@ -196,10 +204,10 @@ class Scheduler:
     # --- the engine thread -------------------------------------------------------------------
 
     def _run(self) -> None:
-        if self.slots.device.type == "cuda":
-            # A new thread starts on GPU 0; CUDA graph capture works on the current device's streams.
-            torch.cuda.set_device(self.slots.device)
         try:
+            if self._cuda_index is not None:
+                # CUDA graph capture works on the current device's streams.
+                torch.cuda.set_device(self._cuda_index)
             while self._wait_for_work():
                 self.step()
         except BaseException as exc:

@@ -126,3 +126,39 @@ def test_prompts_of_one_length_prefill_together_and_survive_a_cancelled_member(e
     assert finished[1] == "cancelled" and outputs[1] == []
     for i in (0, 2, 3, 4):
         assert outputs[i] == alone(engine_dir, prompts[i], 12, end_id), f"prompt {i}"
+
+
+class FailingSlots(SlotRunner):
+    """A SlotRunner whose first prefill raises, as a failing engine would."""
+
+    def prefill(self, rows, ids, region_start, start):
+        raise RuntimeError("the device fell over")
+
+
+def test_a_failing_engine_ends_every_request_with_an_error_instead_of_hanging(engine):
+    """The engine thread's failure reaches every queued sequence (finish reason ``error``), the
+    scheduler stops accepting and keeps the exception for the server to exit 1 with."""
+    import threading
+
+    runner, _ = open_runner(engine("7b"), "cpu")
+    scheduler = Scheduler(FailingSlots(runner, 2, 64, 0), 32, 16, 8)
+    ended: dict[int, Finished] = {}
+    done = threading.Event()
+
+    def sink(i):
+        def receive(event):
+            if isinstance(event, Finished):
+                ended[i] = event
+                if len(ended) == 3:
+                    done.set()
+
+        return receive
+
+    params = SamplingParams(max_tokens=4, temperature=0)
+    scheduler.submit([Sequence([5, 6, 7], params, sink(i)) for i in range(3)])
+    scheduler.start()
+    assert done.wait(30), "the sequences were never ended"
+    scheduler.join()
+    assert {e.reason for e in ended.values()} == {"error"}
+    assert isinstance(scheduler.failure, RuntimeError)
+    assert not scheduler.accepting
