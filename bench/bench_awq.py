@@ -44,13 +44,14 @@ SHAPES = shapes("small", "7b")
 def loaded_model(hf, dtype: torch.dtype):
     """The HF model's weights as a modelc LoadedModel (IR names, tp1)."""
     from compiler_core.convert.from_hf import LoadedModel, map_tensors
-    from compiler_core.formats.checkpoint import make_config
+    from compiler_core.formats.checkpoint_config import CheckpointConfig
     from compiler_core.host import load_registry
     from compiler_core.mapping import Mapping
 
     hf_dict = hf.config.to_dict()
     arch = load_registry().architecture_for_hf(hf_dict, "bench")
-    config = make_config(arch.config_from_hf(hf_dict), str(dtype).removeprefix("torch."), Mapping())
+    dtype_name = str(dtype).removeprefix("torch.")
+    config = CheckpointConfig.from_model_fields(arch.config_from_hf(hf_dict), dtype_name, Mapping(), "bench")
     state = {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}  # tied to the embedding
     return LoadedModel(config, dict(map_tensors(arch, config, state.items(), "bench")))
 
@@ -82,7 +83,7 @@ def quantize_awq(model, args) -> tuple[Any, float]:
         CalibrationBatch(ids, torch.ones_like(ids))
         for ids in torch.randint(100, 60000, (args.calib_size, 1, args.calib_len), generator=gen)
     )
-    copy = LoadedModel({**model.config}, dict(model.weights))
+    copy = LoadedModel(model.config, dict(model.weights))
     options = {
         "group_size": args.group_size,
         "awq_max_tokens": args.awq_max_tokens,

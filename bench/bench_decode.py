@@ -43,7 +43,7 @@ SHAPES = shapes("overhead", "small", "7b")
 def make_models(shape: str, dtype: torch.dtype, device: str, bf16_valued: bool = False):
     """(HF model, our runner) over the same random weights, both on ``device``."""
     from compiler_core.convert.from_hf import LoadedModel, map_tensors, rank_weights
-    from compiler_core.formats.checkpoint import make_config
+    from compiler_core.formats.checkpoint_config import CheckpointConfig
     from compiler_core.host import load_registry
     from compiler_core.mapping import Mapping
     from compiler_core.model import rank_graph
@@ -59,7 +59,8 @@ def make_models(shape: str, dtype: torch.dtype, device: str, bf16_valued: bool =
     hf_dict = hf_config.to_dict()
     registry = load_registry()
     arch = registry.architecture_for_hf(hf_dict, "bench")
-    config = make_config(arch.config_from_hf(hf_dict), str(dtype).removeprefix("torch."), Mapping())
+    dtype_name = str(dtype).removeprefix("torch.")
+    config = CheckpointConfig.from_model_fields(arch.config_from_hf(hf_dict), dtype_name, Mapping(), "bench")
     state = {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}  # tied to the embedding
     model = LoadedModel(config, dict(map_tensors(arch, config, state.items(), "bench")))
     session = TorchSession(registry, rank_graph(registry, config, 0), rank_weights(registry, model, 0), device)

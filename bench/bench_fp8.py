@@ -44,34 +44,37 @@ import platform
 import statistics
 import time
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from common import copy_bandwidth, falcon_hf_config, shapes, timed
 
+if TYPE_CHECKING:
+    from compiler_core.formats.checkpoint_config import CheckpointConfig
+
 SHAPES = shapes("small", "7b")
 
 
-def falcon_config(shape: str, dtype: str) -> dict[str, Any]:
+def falcon_config(shape: str, dtype: str) -> CheckpointConfig:
     """The modelc checkpoint config of a falcon-7b-style model (tp1)."""
-    from compiler_core.formats.checkpoint import make_config
+    from compiler_core.formats.checkpoint_config import CheckpointConfig
     from compiler_core.host import load_registry
     from compiler_core.mapping import Mapping
 
     hf = falcon_hf_config(shape).to_dict()
     arch = load_registry().architecture_for_hf(hf, "bench")
-    return make_config(arch.config_from_hf(hf), dtype, Mapping())
+    return CheckpointConfig.from_model_fields(arch.config_from_hf(hf), dtype, Mapping(), "bench")
 
 
-def random_model(config: dict[str, Any], device: str):
+def random_model(config: CheckpointConfig, device: str):
     """A LoadedModel with random weights made on ``device`` (matrices N(0, 0.02), norms 1, biases 0)."""
     from compiler_core.convert.from_hf import LoadedModel
     from compiler_core.dtypes import torch_dtype
     from compiler_core.host import load_registry
     from compiler_core.quantize.calibration import model_graph
 
-    dtype = torch_dtype(config["dtype"])
+    dtype = torch_dtype(config.dtype)
     model = LoadedModel(config, {})
     gen = torch.Generator(device=device).manual_seed(0)
     for name, param in model_graph(load_registry(), model).params.items():
@@ -100,7 +103,7 @@ def quantize_fp8(model, kv: bool, device: str, vocab: int):
         "registry": registry,
     }
     scheme = registry.quant_schemes["fp8"]
-    quantized = scheme.quantize(LoadedModel(dict(model.config), dict(model.weights)), calibration, options)
+    quantized = scheme.quantize(LoadedModel(model.config, dict(model.weights)), calibration, options)
     if kv:
         quantized = scheme.quantize_kv_cache(quantized, calibration, options)
     return quantized
@@ -121,16 +124,18 @@ def weight_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in model.weights.values())
 
 
-def gemm_table(config: dict[str, Any], args, dtype: torch.dtype) -> None:
+def gemm_table(config: CheckpointConfig, args, dtype: torch.dtype) -> None:
     """Median time of F.linear (compute dtype) vs the kernel fp8_linear lowers to for each linear shape."""
     from compiler_core.backends.torch.executor import GraphExecutor
     from compiler_core.backends.torch.fused.fp8 import scaled_mm_supported
+    from compiler_core.formats.checkpoint_config import QuantConfig
     from compiler_core.ir import GraphBuilder
     from modelc_plugins.quant_fp8 import numerics
     from modelc_plugins.quant_fp8.scheme import rewrite_graph
 
-    hidden, hd = config["hidden_size"], config["head_dim"]
-    nh, nkv, ffn = config["num_attention_heads"], config["num_kv_heads"], config["ffn_hidden_size"]
+    model = config.model
+    hidden, hd = model["hidden_size"], model["head_dim"]
+    nh, nkv, ffn = model["num_attention_heads"], model["num_kv_heads"], model["ffn_hidden_size"]
     shapes = {
         "qkv": ((nh + 2 * nkv) * hd, hidden),
         "dense": (hidden, nh * hd),
@@ -148,9 +153,9 @@ def gemm_table(config: dict[str, Any], args, dtype: torch.dtype) -> None:
     print("|---|---|---|---|---|---|---|")
     for name, (out, inp) in shapes.items():
         g = GraphBuilder("gemm")
-        w = g.param("fc.weight", [out, inp], config["dtype"])
+        w = g.param("fc.weight", [out, inp], config.dtype)
         y = g.add("linear", ["x"], name="fc", params={"weight": w})
-        graph = rewrite_graph(g.build(["x"], [y], {"dtype": config["dtype"]}), {"quant_algo": "FP8"})
+        graph = rewrite_graph(g.build(["x"], [y], {"dtype": config.dtype}), QuantConfig(quant_algo="FP8"))
         weight = torch.randn(out, inp, device=device, dtype=dtype) * 0.02
         w_scale = numerics.scale_from_amax(weight.float().abs().max()).to(device)
         weights = {
@@ -347,8 +352,8 @@ def main() -> None:
     config = falcon_config(args.shape, dtype_name)
     where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else platform.processor()
     print(
-        f"# {args.shape} Falcon (hidden {config['hidden_size']}, {config['num_hidden_layers']} layers, "
-        f"{config['num_attention_heads']} heads, MQA, {dtype_name}) on {args.device} "
+        f"# {args.shape} Falcon (hidden {config.model['hidden_size']}, {config.model['num_hidden_layers']} layers, "
+        f"{config.model['num_attention_heads']} heads, MQA, {dtype_name}) on {args.device} "
         f"({where or platform.machine()}, {torch.get_num_threads()} threads); torch {torch.__version__}"
     )
     if not args.skip_gemm:
@@ -357,10 +362,10 @@ def main() -> None:
         return
     base = random_model(config, args.device)
     start = time.perf_counter()
-    engines = {dtype_name: base, "fp8": quantize_fp8(base, False, args.device, config["vocab_size"])}
+    engines = {dtype_name: base, "fp8": quantize_fp8(base, False, args.device, config.model["vocab_size"])}
     seconds = time.perf_counter() - start
     if not args.no_kv:
-        engines["fp8+kv"] = quantize_fp8(base, True, args.device, config["vocab_size"])
+        engines["fp8+kv"] = quantize_fp8(base, True, args.device, config.model["vocab_size"])
     bandwidth = copy_bandwidth(args.device)
     print(f"\n## Decode: generate(), prompt {args.prompt_len}, {args.new_tokens} new tokens, best of {args.repeat}")
     print(f"# fp8 quantization (calibration + weights) took {seconds:.1f} s; copy traffic {bandwidth / 1e9:.0f} GB/s")
@@ -378,7 +383,7 @@ def main() -> None:
     )
     print("|" + "---|" * (1 + 2 * len(names) + 1))
     for batch in (int(b) for b in args.batch.split(",")):
-        r = decode_row(runners, batch, args, config["vocab_size"])
+        r = decode_row(runners, batch, args, config.model["vocab_size"])
         print(
             f"| {batch} | "
             + " | ".join(f"{r[f'{n}_prefill_ms']:.1f}" for n in names)

@@ -19,6 +19,7 @@ from compiler_core.ir import Graph, Node
 from compiler_core.mapping import Mapping, default_layer_ranges
 
 if TYPE_CHECKING:
+    from compiler_core.formats.checkpoint_config import CheckpointConfig
     from compiler_core.registry import Registry
     from compiler_core.runtime.session import RankSession
 
@@ -34,8 +35,11 @@ class ScaleGroup:
 class Architecture(ABC):
     """A model family: how to recognise its Hugging Face configs, map their weights and build graphs.
 
-    ``config`` arguments are the normalised checkpoint config (what :meth:`config_from_hf` returned,
-    plus ``architecture``, ``dtype``, ``mapping`` and ``quantization``).
+    ``config`` arguments of these methods are the family-specific section of the checkpoint config,
+    :attr:`compiler_core.formats.checkpoint_config.CheckpointConfig.model`: the dict
+    :meth:`config_from_hf` returned, less ``architecture``. The fields the core owns (``dtype``,
+    ``mapping``, ``quantization``) are not in it; ``build_graph`` and ``shard_param`` are given the
+    dtype and mapping they need as arguments.
     """
 
     #: The name stored in checkpoints' config.json ("architecture").
@@ -155,12 +159,12 @@ class QuantScheme(ABC):
     quant_algo: str
     description: str = ""
 
-    def transform_graph(self, graph: Graph, config: dict[str, Any]) -> Graph:
+    def transform_graph(self, graph: Graph, config: CheckpointConfig) -> Graph:
         """Rewrite a rank's full-precision graph into the quantized form ``config`` describes.
 
         Called for every registered scheme whenever a graph is built from a checkpoint
-        config; return ``graph`` unchanged when ``config["quantization"]`` is not this
-        scheme's business.
+        config (the whole typed config); return ``graph`` unchanged when ``config.quantization``
+        is not this scheme's business.
         """
         return graph
 
@@ -170,7 +174,8 @@ class QuantScheme(ABC):
 
         ``model`` is a :class:`compiler_core.convert.from_hf.LoadedModel`, ``calibration`` a
         :class:`compiler_core.quantize.calibration.CalibrationSet`; return the quantized LoadedModel
-        with its ``quantization`` section filled in.
+        with its ``config.quantization`` filled in. The config is frozen: set ``model.config`` to
+        ``dataclasses.replace(model.config, quantization=dataclasses.replace(model.config.quantization, ...))``.
         """
 
     def quantize_layer(
@@ -193,8 +198,8 @@ class QuantScheme(ABC):
         """Calibrate and quantize only the KV cache to ``options["kv_cache_dtype"]``.
 
         Called after the weight scheme (if any) has run, so ``model`` may already be quantized;
-        return it with ``kv_cache_quant_algo`` set. Only schemes listing ``kv_cache_dtypes``
-        implement this.
+        return it with ``config.quantization.kv_cache_quant_algo`` set (by ``dataclasses.replace``).
+        Only schemes listing ``kv_cache_dtypes`` implement this.
         """
         raise NotImplementedError(f"quantization format {self.name!r} does not quantize KV caches")
 

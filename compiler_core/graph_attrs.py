@@ -30,6 +30,7 @@ from collections.abc import Mapping as MappingABC
 from typing import Any
 
 from compiler_core.errors import ModelcError, UsageError
+from compiler_core.formats.checkpoint_config import CheckpointConfig
 from compiler_core.ir import Graph
 from compiler_core.mapping import Mapping
 
@@ -38,18 +39,18 @@ SIZE_ATTRS = ("hidden_size", "vocab_size")
 
 
 def complete_graph_attrs(
-    graph: Graph, config: MappingABC[str, Any], mapping: Mapping, rank: int, layers: range, source: str
+    graph: Graph, config: CheckpointConfig, mapping: Mapping, rank: int, layers: range, source: str
 ) -> Graph:
     """``graph`` with every runtime attribute present and consistent with what the core knows.
 
     Raises ModelcError when the architecture set an attribute to something else, and UsageError
     naming ``source`` when a size is in neither the graph nor the config, or a token id is malformed.
     """
-    arch = config["architecture"]
+    arch = config.architecture
     attrs = dict(graph.attrs)
     known = {
         "architecture": arch,
-        "dtype": config["dtype"],
+        "dtype": config.dtype,
         "rank": rank,
         "mapping": mapping.to_json(),
         "layers": [layers.start, layers.stop],
@@ -64,7 +65,7 @@ def complete_graph_attrs(
             )
         attrs[key] = value
     for key in SIZE_ATTRS:
-        value = attrs.get(key, config.get(key))
+        value = attrs.get(key, config.model.get(key))
         if value is None:
             raise UsageError(
                 f"{source}: graph attribute {key!r} is missing: architecture {arch!r} sets it neither in its "
@@ -73,19 +74,20 @@ def complete_graph_attrs(
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise UsageError(f"{source}: graph attribute {key!r} must be a positive integer, got {value!r}")
         attrs[key] = value
-    stop_token_ids(config, source)
-    pad = config.get("pad_token_id")
+    stop_token_ids(config.model, source)
+    pad = config.model.get("pad_token_id")
     if pad is not None and not _is_token_id(pad):
         raise UsageError(f"{source}: field 'pad_token_id' must be a token id or null, got {pad!r}")
     return graph.replace(attrs=attrs)
 
 
-def stop_token_ids(config: MappingABC[str, Any], source: str = "config.json") -> tuple[int, ...]:
-    """The checkpoint config's ``eos_token_id`` as a tuple (empty when it is absent or null).
+def stop_token_ids(model: MappingABC[str, Any], source: str = "config.json") -> tuple[int, ...]:
+    """The ``eos_token_id`` of a checkpoint config's family section (``CheckpointConfig.model``) as a
+    tuple (empty when it is absent or null).
 
     Llama 3 stops on any of three tokens, so a list is kept whole, in order.
     """
-    value = config.get("eos_token_id")
+    value = model.get("eos_token_id")
     if value is None:
         return ()
     ids = value if isinstance(value, list | tuple) else [value]

@@ -2,27 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from compiler_core.errors import ConfigError, UsageError
+from compiler_core.formats.checkpoint_config import CheckpointConfig
 from compiler_core.graph_attrs import complete_graph_attrs
 from compiler_core.ir import Graph, validate
-from compiler_core.mapping import Mapping
 from compiler_core.registry import Registry
 from compiler_core.rope import check_rope
 
 
-def rank_graph(registry: Registry, config: dict[str, Any], rank: int, source: str = "config.json") -> Graph:
-    """Build and validate rank ``rank``'s graph, quantized as ``config["quantization"]`` says.
+def rank_graph(registry: Registry, config: CheckpointConfig, rank: int, source: str = "config.json") -> Graph:
+    """Build and validate rank ``rank``'s graph, quantized as ``config.quantization`` says.
 
-    The runtime attributes (:mod:`compiler_core.graph_attrs`) are filled in or checked, and the
-    rotary settings checked against what the kernels implement (:mod:`compiler_core.rope`),
-    before any quantization scheme rewrites the graph.
+    The architecture sees only the family section (``config.model``); every quantization scheme's
+    ``transform_graph`` sees the whole typed config. The runtime attributes
+    (:mod:`compiler_core.graph_attrs`) are filled in or checked, and the rotary settings checked
+    against what the kernels implement (:mod:`compiler_core.rope`), before any quantization scheme
+    rewrites the graph.
     """
-    arch = registry.architecture(config["architecture"], source)
-    mapping = Mapping.from_json(config["mapping"], source)
+    arch = registry.architecture(config.architecture, source)
+    mapping = config.mapping
     try:
-        arch.check_mapping(config, mapping)
+        arch.check_mapping(config.model, mapping)
     except ValueError as exc:
         raise UsageError(f"{source}: {exc}") from None
     except (TypeError, KeyError, ZeroDivisionError) as exc:
@@ -30,9 +30,9 @@ def rank_graph(registry: Registry, config: dict[str, Any], rank: int, source: st
     # The config is input (a hand-edited checkpoint or engine config reaches here): fields of the wrong
     # type or range surface inside the plugin's graph builder, and are reported as the config's fault.
     try:
-        stages = arch.pipeline_layer_ranges(config, mapping.pp_size)
+        stages = arch.pipeline_layer_ranges(config.model, mapping.pp_size)
         layers = stages[mapping.pp_rank(rank)]
-        graph = arch.build_graph(config, mapping, rank, config["dtype"], layers)
+        graph = arch.build_graph(config.model, mapping, rank, config.dtype, layers)
         graph = complete_graph_attrs(graph, config, mapping, rank, layers, source)
         check_rope(graph, source)
         for scheme in registry.quant_schemes.values():

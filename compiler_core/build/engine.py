@@ -9,12 +9,12 @@ from typing import Any
 from compiler_core.errors import ConfigError, UsageError
 from compiler_core.formats.checkpoint import (
     TOKENIZER_DIR,
-    check_config,
     check_rank_file,
     load_rank_weights,
     rank_file,
     read_config,
 )
+from compiler_core.formats.checkpoint_config import CheckpointConfig
 from compiler_core.formats.fields import int_field, is_int
 from compiler_core.formats.fileio import OutputKind, atomic_output_dir, read_json, write_json
 from compiler_core.ir import Graph, format_graph, validate
@@ -114,8 +114,8 @@ def build_engine(
     registry = registry or load_registry()
     checkpoint_dir = Path(checkpoint_dir)
     config = read_config(checkpoint_dir)
-    mapping = Mapping.from_json(config["mapping"])
-    settings = build_settings(settings, config)
+    mapping = config.mapping
+    settings = build_settings(settings, config.model)
     if workers < 1:
         raise UsageError(f"--workers must be at least 1, got {workers}")
     graphs = [rank_graph(registry, config, r, str(checkpoint_dir / "config.json")) for r in mapping.ranks()]
@@ -143,7 +143,7 @@ def build_engine(
             "format_version": ENGINE_FORMAT_VERSION,
             "backend": backend.name,
             "build": settings,
-            "checkpoint": config,
+            "checkpoint": config.to_json(),
             "ranks": facts,
             "graphs": [g.to_json() for g in graphs],
         }
@@ -175,7 +175,7 @@ def check_engine_config(config: dict[str, Any], source: str) -> Mapping:
         raise ConfigError(f"{source}: build field 'max_input_len' {limits['max_input_len']} exceeds 'max_seq_len'")
     if not isinstance(config["checkpoint"], dict):
         raise ConfigError(f"{source}: field 'checkpoint' must be an object")
-    mapping = check_config(config["checkpoint"], f"{source}: checkpoint")
+    mapping = CheckpointConfig.from_json(config["checkpoint"], f"{source}: checkpoint").mapping
     for field in ("graphs", "ranks"):
         value = config.get(field, [{}] * mapping.world_size)
         if not isinstance(value, list) or len(value) != mapping.world_size or not all(isinstance(v, dict) for v in value):
@@ -194,8 +194,17 @@ def read_engine_config(engine_dir: Path) -> dict[str, Any]:
     return config
 
 
+def engine_checkpoint(engine_config: dict[str, Any]) -> CheckpointConfig:
+    """The checkpoint config an engine was built from (its ``checkpoint`` field), typed.
+
+    ``engine_config`` is one :func:`read_engine_config` returned (or :func:`build_engine` wrote), so
+    the field has been checked already."""
+    return CheckpointConfig.from_json(engine_config["checkpoint"], "engine config.json: checkpoint")
+
+
 def engine_mapping(engine_config: dict[str, Any]) -> Mapping:
-    return Mapping.from_json(engine_config["checkpoint"]["mapping"])
+    """The parallel mapping of an engine's ranks."""
+    return engine_checkpoint(engine_config).mapping
 
 
 def engine_graph(registry: Registry, engine_config: dict[str, Any], rank: int) -> Graph:
@@ -217,13 +226,13 @@ def load_rank_session(
 
 def describe_engine(registry: Registry, engine_dir: Path, raw: dict[str, Any], max_nodes: int | None) -> str:
     config = read_engine_config(engine_dir)
-    ckpt = config["checkpoint"]
-    mapping = engine_mapping(config)
+    ckpt = engine_checkpoint(config)
+    mapping = ckpt.mapping
     lines = [
         f"engine {engine_dir} (backend {config['backend']})",
-        f"  architecture: {ckpt['architecture']}  dtype: {ckpt['dtype']}  "
+        f"  architecture: {ckpt.architecture}  dtype: {ckpt.dtype}  "
         f"mapping: tp={mapping.tp_size} pp={mapping.pp_size}  build: {config['build']}",
-        f"  quantization: {ckpt['quantization']}",
+        f"  quantization: {ckpt.quantization.to_json()}",
     ]
     backend = registry.backends.get(config["backend"])
     for rank in mapping.ranks():

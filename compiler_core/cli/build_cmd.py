@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from compiler_core.build.engine import DEFAULT_SETTINGS, build_engine, choose_backend
+from compiler_core.build.engine import DEFAULT_SETTINGS, build_engine, choose_backend, engine_checkpoint
 from compiler_core.cli.options import OUTPUT_DIR, POSITIVE_INT, accepted_flag, option
 from compiler_core.errors import UsageError
 from compiler_core.host import Host
@@ -122,10 +122,10 @@ def build_command(
     config = build_engine(
         Path(checkpoint_dir), Path(output_dir), chosen, settings, workers=workers, registry=host.registry
     )
-    mapping = config["checkpoint"]["mapping"]
+    checkpoint = engine_checkpoint(config)
     build = config["build"]
     click.echo(
-        f"built {config['checkpoint']['architecture']} engine ({chosen.name}, {config['checkpoint']['dtype']}, "
-        f"{mapping['world_size']} rank(s), max_batch_size={build['max_batch_size']} "
+        f"built {checkpoint.architecture} engine ({chosen.name}, {checkpoint.dtype}, "
+        f"{checkpoint.mapping.world_size} rank(s), max_batch_size={build['max_batch_size']} "
         f"max_input_len={build['max_input_len']} max_seq_len={build['max_seq_len']}) in {output_dir}"
     )

@@ -69,6 +69,5 @@ def convert_command(
         registry=host.registry,
     )
     click.echo(
-        f"converted {config['architecture']} ({config['dtype']}, tp={mapping.tp_size} pp={mapping.pp_size}) "
-        f"to {output_dir}"
+        f"converted {config.architecture} ({config.dtype}, tp={mapping.tp_size} pp={mapping.pp_size}) to {output_dir}"
     )

@@ -176,14 +176,14 @@ def quantize_command(
         device=device,
         registry=host.registry,
     )
-    q = config["quantization"]
+    q = config.quantization
     click.echo(
-        f"quantized {config['architecture']} (quant_algo={q['quant_algo']}, "
-        f"kv_cache_quant_algo={q['kv_cache_quant_algo']}, tp={tp_size} pp={pp_size}) on "
+        f"quantized {config.architecture} (quant_algo={q.quant_algo}, "
+        f"kv_cache_quant_algo={q.kv_cache_quant_algo}, tp={tp_size} pp={pp_size}) on "
         f"{calibration.num_samples} samples / {calibration.num_tokens} tokens of {calibration.source} "
         f"to {output_dir}"
     )
-    used = q.get("scale_groups")
+    used = q.extras.get("scale_groups")
     if used:
         groups = used["groups"]
         how = "named by the architecture" if used["source"] == "architecture" else "derived from the graph"

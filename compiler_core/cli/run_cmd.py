@@ -129,7 +129,7 @@ def run_command(
     with generated tokens only, one entry per input (per input and beam with --num_beams).
     Under mpirun every rank computes and rank 0 prints and writes.
     """
-    from compiler_core.build.engine import read_engine_config
+    from compiler_core.build.engine import engine_checkpoint, read_engine_config
     from compiler_core.runtime.generation import GenerationConfig, generate
     from compiler_core.runtime.open import is_output_rank, load_tokenizer, open_runner, special_ids, stop_ids
 
@@ -152,7 +152,7 @@ def run_command(
     if input_text:
         prompts = encode_texts(tokenizer, input_text, not no_add_special_tokens)
     else:
-        prompts = parse_input_ids(input_ids, engine_config["checkpoint"].get("vocab_size"))
+        prompts = parse_input_ids(input_ids, engine_checkpoint(engine_config).model.get("vocab_size"))
     _, default_pad = special_ids(engine_config, tokenizer)
     config.end_ids = end_id or stop_ids(engine_config, tokenizer)
     config.pad_id = default_pad if pad_id is None else pad_id

@@ -72,10 +72,10 @@ def verify_command(
         tolerance=tolerance,
         registry=host.registry,
     )
-    mapping = config["mapping"]
+    mapping = config.mapping
     click.echo(
-        f"verify {checkpoint_dir} ({config['architecture']}, {config['dtype']}, tp={mapping['tp_size']} "
-        f"pp={mapping['pp_size']}) against transformers on {device}: {len(batch.lengths)} prompts "
+        f"verify {checkpoint_dir} ({config.architecture}, {config.dtype}, tp={mapping.tp_size} "
+        f"pp={mapping.pp_size}) against transformers on {device}: {len(batch.lengths)} prompts "
         f"({batch.source}, lengths {', '.join(map(str, batch.lengths))}), {steps} greedy steps"
     )
     for line in report.lines():

@@ -25,7 +25,7 @@ import os
 import pickle
 import shutil
 from collections.abc import Callable, Collection, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +37,11 @@ from compiler_core.errors import ConfigError, ModelcError, UsageError, WeightFil
 from compiler_core.formats.checkpoint import (
     CHECKPOINT_OUTPUT,
     TOKENIZER_DIR,
-    make_config,
     rank_file,
     save_rank_weights,
     write_config,
 )
+from compiler_core.formats.checkpoint_config import CheckpointConfig
 from compiler_core.formats.fileio import atomic_output_dir, read_json
 from compiler_core.formats.hf_index import weight_files
 from compiler_core.formats.safetensors_header import open_weights, read_header
@@ -78,9 +78,11 @@ def copy_tokenizer(model_dir: Path | None, checkpoint_dir: Path) -> None:
 
 @dataclass
 class LoadedModel:
-    """A model in IR terms: checkpoint config plus full (unsharded) parameters by IR name."""
+    """A model in IR terms: checkpoint config plus full (unsharded) parameters by IR name.
 
-    config: dict[str, Any]
+    ``config`` is frozen; a quantization scheme replaces it with an updated copy."""
+
+    config: CheckpointConfig
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
     source_dir: Path | None = None
 
@@ -103,17 +105,21 @@ def resolve_dtype(dtype: str, hf: dict[str, Any], source: str) -> str:
     return declared
 
 
-def model_config_from_hf(registry: Registry, model_dir: Path, dtype: str, mapping: Mapping) -> dict[str, Any]:
+def model_config_from_hf(registry: Registry, model_dir: Path, dtype: str, mapping: Mapping) -> CheckpointConfig:
     """The checkpoint config for ``model_dir`` converted to ``dtype`` under ``mapping``."""
     source = str(Path(model_dir) / "config.json")
     hf = read_hf_config(model_dir)
     arch = registry.architecture_for_hf(hf, source)
     try:
         fields = arch.config_from_hf(hf)
-        arch.check_mapping(fields, mapping)
     except ValueError as exc:
         raise ConfigError(f"{source}: {exc}") from None
-    return make_config(fields, resolve_dtype(dtype, hf, source), mapping)
+    config = CheckpointConfig.from_model_fields(fields, resolve_dtype(dtype, hf, source), mapping, source)
+    try:
+        arch.check_mapping(config.model, mapping)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return config
 
 
 # --- reading --------------------------------------------------------------------------------
@@ -193,7 +199,7 @@ def read_source_file(path: Path, want: Callable[[str], bool] | None = None) -> I
 
 def map_tensors(
     arch: Architecture,
-    config: dict[str, Any],
+    config: CheckpointConfig,
     tensors: Iterable[tuple[str, torch.Tensor]],
     source: str,
     used: Collection[str] | None = None,
@@ -204,10 +210,10 @@ def map_tensors(
     it is an error, since dropping it would convert a model that lacks a weight its source has
     (``map_weight`` returns ``{}`` to drop a tensor on purpose).
     """
-    dtype = torch_dtype(config["dtype"])
+    dtype = torch_dtype(config.dtype)
     for name, tensor in tensors:
         try:
-            mapped = arch.map_weight(config, name, tensor)
+            mapped = arch.map_weight(config.model, name, tensor)
         except (RuntimeError, ValueError, IndexError) as exc:  # a layout op on a tensor of the wrong shape
             raise WeightFileError(
                 f"{source}: tensor {name!r} {list(tensor.shape)} does not fit the model config.json describes ({exc})"
@@ -224,14 +230,13 @@ def map_tensors(
             yield ir_name, t.to(dtype) if t.is_floating_point() else t
 
 
-def graph_params(registry: Registry, config: dict[str, Any]) -> frozenset[str]:
+def graph_params(registry: Registry, config: CheckpointConfig) -> frozenset[str]:
     """The parameter names of every rank's graph under ``config``'s mapping."""
-    mapping = Mapping.from_json(config["mapping"])
-    return frozenset(name for rank in mapping.ranks() for name in rank_graph(registry, config, rank).params)
+    return frozenset(name for rank in config.mapping.ranks() for name in rank_graph(registry, config, rank).params)
 
 
 def check_source_weights(
-    registry: Registry, arch: Architecture, model_dir: Path, config: dict[str, Any], files: list[Path]
+    registry: Registry, arch: Architecture, model_dir: Path, config: CheckpointConfig, files: list[Path]
 ) -> None:
     """Check safetensors shards against ``config`` from their headers alone, before any weight is read:
     every tensor maps (``arch.map_weight`` on meta tensors) to the shape and dtype that the config
@@ -239,7 +244,7 @@ def check_source_weights(
     since their shapes are known only then."""
     if any(path.suffix != ".safetensors" for path in files):
         return
-    expected = rank_graph(registry, {**config, "mapping": Mapping().to_json()}, 0).params
+    expected = rank_graph(registry, replace(config, mapping=Mapping()), 0).params
     found: set[str] = set()
     for path in files:
         fd = open_weights(path)
@@ -266,7 +271,7 @@ def check_source_weights(
 def load_full_model(registry: Registry, model_dir: Path, dtype: str, show_progress: bool = True) -> LoadedModel:
     """Read every source tensor once and map it to IR names (tp=1, pp=1)."""
     config = model_config_from_hf(registry, model_dir, dtype, Mapping())
-    arch = registry.architecture(config["architecture"], "config.json")
+    arch = registry.architecture(config.architecture, "config.json")
     check_source_weights(registry, arch, model_dir, config, weight_files(model_dir))
     used = graph_params(registry, config)
     weights: dict[str, torch.Tensor] = {}
@@ -281,16 +286,15 @@ def load_full_model(registry: Registry, model_dir: Path, dtype: str, show_progre
 def shard_for_rank(
     arch: Architecture,
     graph: Graph,
-    config: dict[str, Any],
-    mapping: Mapping,
+    config: CheckpointConfig,
     rank: int,
     name: str,
     tensor: torch.Tensor,
 ) -> torch.Tensor:
-    """Rank ``rank``'s part of full parameter ``name`` (``arch.shard_param``), checked
-    against the shape and dtype that the rank's graph declares."""
+    """Rank ``rank``'s part of full parameter ``name`` (``arch.shard_param``, under ``config.mapping``),
+    checked against the shape and dtype that the rank's graph declares."""
     try:
-        out = arch.shard_param(name, tensor, graph, config, mapping, rank)
+        out = arch.shard_param(name, tensor, graph, config.model, config.mapping, rank)
     except ValueError as exc:
         raise ModelcError(f"rank {rank}: {exc}") from None
     want = graph.params[name]
@@ -304,14 +308,13 @@ def shard_for_rank(
 def rank_weights(registry: Registry, model: LoadedModel, rank: int) -> dict[str, torch.Tensor]:
     """Rank ``rank``'s parameters from a fully loaded model."""
     config = model.config
-    mapping = Mapping.from_json(config["mapping"])
-    arch = registry.architecture(config["architecture"], "config.json")
+    arch = registry.architecture(config.architecture, "config.json")
     graph = rank_graph(registry, config, rank)
     out = {}
     for name in graph.params:
         if name not in model.weights:
             raise WeightFileError(f"{model.source_dir}: parameter {name} is not in the source checkpoint")
-        out[name] = shard_for_rank(arch, graph, config, mapping, rank, name, model.weights[name])
+        out[name] = shard_for_rank(arch, graph, config, rank, name, model.weights[name])
     return out
 
 
@@ -332,24 +335,24 @@ class _Job:
     """Everything one rank's conversion needs besides the registry (picklable for worker processes)."""
 
     model_dir: Path
-    config: dict[str, Any]
+    config: CheckpointConfig
     rank: int
     out_dir: Path
     #: Parameter names of every rank's graph (a mapped tensor outside them is an error).
     used: frozenset[str]
 
-    def setup(self, registry: Registry) -> tuple[Architecture, Graph, Mapping, SafetensorsWriter]:
-        arch = registry.architecture(self.config["architecture"], "config.json")
+    def setup(self, registry: Registry) -> tuple[Architecture, Graph, SafetensorsWriter]:
+        arch = registry.architecture(self.config.architecture, "config.json")
         graph = rank_graph(registry, self.config, self.rank)
         writer = rank_file_writer(rank_file(self.out_dir, self.rank), graph, self.rank)
-        return arch, graph, Mapping.from_json(self.config["mapping"]), writer
+        return arch, graph, writer
 
 
 def stream_rank(registry: Registry, job: _Job) -> Iterator[str]:
     """Write ``job.rank``'s file reading one source shard at a time (``--load_by_shard``);
     yields each shard's name when it is done. Tensors outside the rank's pipeline stage are
     skipped before they are touched."""
-    arch, graph, mapping, writer = job.setup(registry)
+    arch, graph, writer = job.setup(registry)
     layers = range(*graph.attrs["layers"])
 
     def wanted(name: str) -> bool:
@@ -363,7 +366,7 @@ def stream_rank(registry: Registry, job: _Job) -> Iterator[str]:
                 tensors = ((n, t) for n, t in sources.open(path) if wanted(n))
                 for name, tensor in map_tensors(arch, job.config, tensors, str(path), job.used):
                     if name in graph.params:
-                        shard = shard_for_rank(arch, graph, job.config, mapping, job.rank, name, tensor)
+                        shard = shard_for_rank(arch, graph, job.config, job.rank, name, tensor)
                         writer.write(name, shard, sources)
                 writer.flush()  # its copies read from this shard's file descriptors
             finally:
@@ -379,18 +382,18 @@ def write_rank_from(
     registry: Registry, job: _Job, weights: dict[str, torch.Tensor], sources: SourceSet
 ) -> Iterator[str]:
     """Write ``job.rank``'s file from a fully mapped model; yields each parameter written."""
-    arch, graph, mapping, writer = job.setup(registry)
+    arch, graph, writer = job.setup(registry)
     with writer:
         for name in graph.params:
             if name not in weights:
                 raise WeightFileError(f"{job.model_dir}: parameter {name} is not in the source checkpoint")
-            shard = shard_for_rank(arch, graph, job.config, mapping, job.rank, name, weights[name])
+            shard = shard_for_rank(arch, graph, job.config, job.rank, name, weights[name])
             writer.write(name, shard, sources)
             yield name
 
 
 def _load_mapped(
-    arch: Architecture, model_dir: Path, config: dict[str, Any], sources: SourceSet, used: frozenset[str]
+    arch: Architecture, model_dir: Path, config: CheckpointConfig, sources: SourceSet, used: frozenset[str]
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Map every source file (one dict of IR tensors per file), keeping the files open."""
     for path in weight_files(model_dir):
@@ -404,7 +407,7 @@ def _convert_rank_worker(job: _Job, by_shard: bool) -> int:
         for _ in stream_rank(registry, job):
             pass
         return job.rank
-    arch = registry.architecture(job.config["architecture"], "config.json")
+    arch = registry.architecture(job.config.architecture, "config.json")
     sources = SourceSet()
     try:
         weights: dict[str, torch.Tensor] = {}
@@ -422,7 +425,7 @@ def write_model(
 ) -> None:
     """Shard a loaded (possibly quantized) model under ``mapping`` and write it into ``directory``
     (the temporary directory of an :func:`atomic_output_dir`)."""
-    model.config = {**model.config, "mapping": mapping.to_json()}
+    model.config = replace(model.config, mapping=mapping)
     for rank in progress(mapping.ranks(), desc="write", unit="rank", enable=show_progress):
         save_rank_weights(rank_file(directory, rank), rank_weights(registry, model, rank))
     write_config(directory, model.config)
@@ -439,7 +442,7 @@ def convert(
     workers: int = 1,
     show_progress: bool = True,
     registry: Registry | None = None,
-) -> dict[str, Any]:
+) -> CheckpointConfig:
     """Convert a Hugging Face checkpoint into a modelc checkpoint directory; return its config.
 
     Every check that needs no weights (config fields, the tp/pp split, each rank's graph, the
@@ -451,7 +454,7 @@ def convert(
     config = model_config_from_hf(registry, model_dir, dtype, mapping)
     if workers < 1:
         raise UsageError(f"--workers must be at least 1, got {workers}")
-    arch = registry.architecture(config["architecture"], "config.json")
+    arch = registry.architecture(config.architecture, "config.json")
     graphs = [rank_graph(registry, config, rank) for rank in mapping.ranks()]
     files = weight_files(model_dir)
     check_source_weights(registry, arch, model_dir, config, files)

@@ -352,7 +352,7 @@ def summarize(
     other ranks of an mpirun job generate alongside rank 0 and return None. ``registry`` holds
     the plugins that run the engine (default: the installed ones, loaded for this call).
     """
-    from compiler_core.build.engine import read_engine_config
+    from compiler_core.build.engine import engine_checkpoint, read_engine_config
     from compiler_core.dtypes import torch_dtype
     from compiler_core.runtime.generation import GenerationConfig
     from compiler_core.runtime.open import (
@@ -401,7 +401,7 @@ def summarize(
     if engine is not None:
         report["engine"] = engine.metrics(references)
     if test_hf:
-        dtype = torch_dtype(engine_config["checkpoint"]["dtype"])
+        dtype = torch_dtype(engine_checkpoint(engine_config).dtype)
         hf_device = hf_device or resolve_device(device)
         hf = run_hf(Path(hf_model_dir), work, config, tokenizer, dtype, hf_device, show_progress)
         report["hf"] = hf.metrics(references)

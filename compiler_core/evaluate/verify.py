@@ -24,6 +24,7 @@ import torch
 from compiler_core.dtypes import torch_dtype
 from compiler_core.errors import ModelcError, UsageError
 from compiler_core.formats.checkpoint import TOKENIZER_DIR, read_config
+from compiler_core.formats.checkpoint_config import CheckpointConfig
 from compiler_core.registry import Registry
 from compiler_core.runtime.context import positions_from_mask
 from compiler_core.runtime.runner import ModelRunner
@@ -97,13 +98,13 @@ def find_tokenizer(*dirs: Path) -> Any | None:
 def make_batch(
     model_dir: Path,
     checkpoint_dir: Path,
-    config: dict[str, Any],
+    vocab_size: int,
     prompts: list[str] | None = None,
     input_ids: list[list[int]] | None = None,
 ) -> Batch:
     """The batch to verify on: explicit ids, else prompts tokenized with the model's (or the
     checkpoint's) tokenizer, else fixed ids when there is no tokenizer at all."""
-    vocab = int(config.get("vocab_size", 0))
+    vocab = vocab_size
     if input_ids:
         bad = [t for row in input_ids for t in row if not 0 <= t < vocab]
         if bad:
@@ -278,7 +279,7 @@ def verify(
     steps: int = 32,
     tolerance: float | None = None,
     registry: Registry | None = None,
-) -> tuple[Report, Batch, dict[str, Any]]:
+) -> tuple[Report, Batch, CheckpointConfig]:
     """Run the checkpoint and the Hugging Face model on the same batch and compare them.
 
     ``registry`` holds the plugins to use (default: the installed ones, loaded for this call).
@@ -288,18 +289,20 @@ def verify(
     if steps < 1:
         raise UsageError(f"--steps must be at least 1, got {steps}")
     config = read_config(Path(checkpoint_dir))
-    quant = config["quantization"].get("quant_algo")
+    quant = config.quantization.quant_algo
     if quant and tolerance is None:
         raise UsageError(
             f"{Path(checkpoint_dir) / 'config.json'}: quantized checkpoint (quant_algo {quant}); "
             "the dtype tolerances are for unquantized conversions, pass --tolerance"
         )
-    batch = make_batch(Path(model_dir), Path(checkpoint_dir), config, prompts, input_ids)
-    reference = hf_trace(load_hf_model(Path(model_dir), config["dtype"], device), batch, steps)
+    batch = make_batch(
+        Path(model_dir), Path(checkpoint_dir), int(config.model.get("vocab_size", 0)), prompts, input_ids
+    )
+    reference = hf_trace(load_hf_model(Path(model_dir), config.dtype, device), batch, steps)
     got = runner_trace(checkpoint_runner(Path(checkpoint_dir), device, registry), batch, steps)
     if got.prompt_logits.shape != reference.prompt_logits.shape:
         raise ModelcError(
             f"logits shapes differ: checkpoint {list(got.prompt_logits.shape)}, "
             f"transformers {list(reference.prompt_logits.shape)} (is {checkpoint_dir} converted from {model_dir}?)"
         )
-    return compare(reference, got, batch, config["dtype"], tolerance), batch, config
+    return compare(reference, got, batch, config.dtype, tolerance), batch, config

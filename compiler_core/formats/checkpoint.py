@@ -10,22 +10,16 @@ from typing import Any
 
 import torch
 
-from compiler_core.dtypes import MODEL_DTYPES, torch_dtype
-from compiler_core.errors import ConfigError, UsageError, WeightFileError
-from compiler_core.formats.fields import int_field, is_int
+from compiler_core.dtypes import torch_dtype
+from compiler_core.errors import UsageError, WeightFileError
+from compiler_core.formats.checkpoint_config import FORMAT, CheckpointConfig
 from compiler_core.formats.fileio import OutputKind, read_json, write_json
 from compiler_core.formats.safetensors_header import open_weights, read_header
 from compiler_core.formats.safetensors_io import SafetensorsReader, SafetensorsWriter
-from compiler_core.mapping import Mapping
 
-FORMAT = "modelc-checkpoint"
-FORMAT_VERSION = 1
 #: What convert and quantize write; only an earlier checkpoint (or an empty directory) is replaced.
 CHECKPOINT_OUTPUT = OutputKind("modelc checkpoint", FORMAT)
 TOKENIZER_DIR = "tokenizer"
-REQUIRED_FIELDS = ("architecture", "dtype", "mapping", "quantization", "format_version")
-
-NO_QUANTIZATION: dict[str, Any] = {"quant_algo": None, "kv_cache_quant_algo": None}
 
 
 def rank_file(directory: Path, rank: int, suffix: str = "safetensors") -> Path:
@@ -69,66 +63,23 @@ def load_rank_weights(
         reader.close()
 
 
-def make_config(
-    model_config: dict[str, Any], dtype: str, mapping: Mapping, quantization: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """A checkpoint config.json: the model's fields plus dtype, mapping, quantization and format."""
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        **model_config,
-        "dtype": dtype,
-        "mapping": mapping.to_json(),
-        "quantization": {**NO_QUANTIZATION, **(quantization or {})},
-    }
-
-
-def write_config(directory: Path, config: dict[str, Any]) -> None:
+def write_config(directory: Path, config: CheckpointConfig) -> None:
     """Write ``config`` as ``directory/config.json``."""
-    write_json(Path(directory) / "config.json", config)
+    write_json(Path(directory) / "config.json", config.to_json())
 
 
-def check_config(config: dict[str, Any], source: str) -> Mapping:
-    """Check a checkpoint config's own fields (format, version, dtype, quantization, mapping); return its mapping.
-
-    The architecture's fields are checked where they are used, by building each rank's graph."""
-    if config.get("format", FORMAT) != FORMAT:
-        raise ConfigError(f"{source}: field 'format' is {config['format']!r}, not a {FORMAT} directory")
-    for field in REQUIRED_FIELDS:
-        if field not in config:
-            raise ConfigError(f"{source}: field {field!r} is missing")
-    version = config["format_version"]
-    if not is_int(version) or version != FORMAT_VERSION:
-        raise ConfigError(f"{source}: format_version {version!r} is not {FORMAT_VERSION}")
-    if not isinstance(config["architecture"], str):
-        raise ConfigError(f"{source}: field 'architecture' must be a string, got {config['architecture']!r}")
-    if not isinstance(config["dtype"], str) or config["dtype"] not in MODEL_DTYPES:
-        raise ConfigError(f"{source}: field 'dtype' is {config['dtype']!r}, expected one of {', '.join(MODEL_DTYPES)}")
-    quantization = config["quantization"]
-    if not isinstance(quantization, dict):
-        raise ConfigError(f"{source}: field 'quantization' must be an object")
-    for field in NO_QUANTIZATION:
-        if not isinstance(quantization.get(field), (str, type(None))):
-            raise ConfigError(f"{source}: field 'quantization.{field}' must be a string or null")
-    try:
-        int_field(quantization, "group_size", default=None, minimum=1)
-    except ValueError as exc:
-        raise ConfigError(f"{source}: quantization {exc}") from None
-    return Mapping.from_json(config["mapping"], source)
-
-
-def read_config(directory: Path) -> dict[str, Any]:
-    """Read and validate a checkpoint's config.json; errors name the file and field."""
+def read_config(directory: Path) -> CheckpointConfig:
+    """Read and validate a checkpoint's config.json, checking that every rank file its mapping names
+    is there; errors name the file and field."""
     directory = Path(directory)
     if not directory.is_dir():
         raise UsageError(f"{directory}: checkpoint directory not found")
     path = directory / "config.json"
-    config = read_json(path, "checkpoint config")
-    mapping = check_config(config, str(path))
-    missing = [r for r in mapping.ranks() if not rank_file(directory, r).is_file()]
+    config = CheckpointConfig.from_json(read_json(path, "checkpoint config"), str(path))
+    missing = [r for r in config.mapping.ranks() if not rank_file(directory, r).is_file()]
     if missing:
         raise UsageError(
-            f"{directory}: rank{missing[0]}.safetensors is missing (mapping has world_size {mapping.world_size})"
+            f"{directory}: rank{missing[0]}.safetensors is missing (mapping has world_size {config.mapping.world_size})"
         )
     return config
 
@@ -151,8 +102,3 @@ def check_rank_file(path: Path, params: AbcMapping[str, Any]) -> None:
                 f"{path}: tensor {name!r} is {entry.dtype} {list(entry.shape)}, the rank's graph wants "
                 f"{param.dtype} {list(param.shape)}"
             )
-
-
-def mapping_of(config: dict[str, Any]) -> Mapping:
-    """The parallel mapping a (validated) checkpoint config describes."""
-    return Mapping.from_json(config["mapping"])

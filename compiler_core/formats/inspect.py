@@ -9,7 +9,6 @@ from compiler_core.errors import UsageError
 from compiler_core.formats.checkpoint import read_config
 from compiler_core.formats.fileio import read_json
 from compiler_core.ir import format_graph
-from compiler_core.mapping import Mapping
 from compiler_core.model import rank_graph
 from compiler_core.registry import Registry
 
@@ -25,13 +24,12 @@ def describe(registry: Registry, directory: Path, max_nodes: int | None = 40) ->
     if raw.get("format") == "modelc-engine":
         return describe_engine(registry, directory, raw, max_nodes)
     config = read_config(directory)
-    mapping = Mapping.from_json(config["mapping"])
-    q = config["quantization"]
+    mapping, q = config.mapping, config.quantization
     lines = [
         f"checkpoint {directory}",
-        f"  architecture: {config['architecture']}  dtype: {config['dtype']}  "
+        f"  architecture: {config.architecture}  dtype: {config.dtype}  "
         f"mapping: tp={mapping.tp_size} pp={mapping.pp_size} world={mapping.world_size}",
-        f"  quantization: quant_algo={q.get('quant_algo')} kv_cache_quant_algo={q.get('kv_cache_quant_algo')}",
+        f"  quantization: quant_algo={q.quant_algo} kv_cache_quant_algo={q.kv_cache_quant_algo}",
     ]
     for rank in mapping.ranks():
         lines.append(

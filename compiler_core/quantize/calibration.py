@@ -40,7 +40,7 @@ Two halves, both architecture- and scheme-agnostic:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -239,9 +239,8 @@ def load_calibration_set(
 
 def model_graph(registry: Registry, model) -> Graph:
     """The single-rank graph of a :class:`compiler_core.convert.from_hf.LoadedModel`, as its config describes it
-    (full precision, or quantized as far as ``config["quantization"]`` already says)."""
-    config = {**model.config, "mapping": ParallelMapping().to_json()}
-    return rank_graph(registry, config, 0, "model being quantized")
+    (full precision, or quantized as far as ``config.quantization`` already says)."""
+    return rank_graph(registry, replace(model.config, mapping=ParallelMapping()), 0, "model being quantized")
 
 
 def token_mask(ctx: ForwardContext) -> torch.Tensor:

@@ -32,18 +32,20 @@ Flow (:func:`quantize`)::
 A scheme's ``quantize`` usually: builds ``calibration.model_graph(registry, model)``, records what
 it needs with ``calibration.collect_stats``, then calls :func:`quantize_layers`, which asks the
 scheme's :meth:`~compiler_core.api.QuantScheme.quantize_layer` for each node, swaps the returned
-tensors into ``model.weights``,
-and finally fills ``model.config["quantization"]`` (``quant_algo``, ``exclude_modules``, ...).
-That section is all :func:`compiler_core.model.rank_graph` has to rebuild the quantized graph
-of any rank: every scheme's ``transform_graph`` rewrites the full-precision graph from it, so
-``transform_graph`` and the ``quantize_layer`` implementation must agree on node and param
-names, shapes and dtypes (:func:`check_quantized` verifies that before anything is written).
+tensors into ``model.weights``, and finally sets ``model.config`` to a copy (``dataclasses.replace``)
+whose ``quantization`` (a frozen :class:`~compiler_core.formats.checkpoint_config.QuantConfig`:
+``quant_algo``, ``exclude_modules``, scheme extras) says what it did. That section is all
+:func:`compiler_core.model.rank_graph` has to rebuild the quantized graph of any rank: every
+scheme's ``transform_graph`` rewrites the full-precision graph from it, so ``transform_graph`` and
+the ``quantize_layer`` implementation must agree on node and param names, shapes and dtypes
+(:func:`check_quantized` verifies that before anything is written).
 """
 
 from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,7 @@ from compiler_core.convert.from_hf import LoadedModel, load_full_model, model_co
 from compiler_core.dtypes import dtype_name
 from compiler_core.errors import ModelcError, OptionError, UsageError
 from compiler_core.formats.checkpoint import CHECKPOINT_OUTPUT
+from compiler_core.formats.checkpoint_config import CheckpointConfig
 from compiler_core.formats.fileio import atomic_output_dir, check_output_dir
 from compiler_core.host import load_registry
 from compiler_core.ir import Graph, Node, Param, validate
@@ -210,7 +213,7 @@ def quantize(
     tokenizer_dir: Path | None = None,
     registry: Registry | None = None,
     **scheme_options: Any,
-) -> tuple[dict[str, Any], CalibrationSet]:
+) -> tuple[CheckpointConfig, CalibrationSet]:
     """Quantize a Hugging Face checkpoint into a sharded modelc checkpoint; return its config and
     the calibration set used. ``scheme_options`` reach the schemes' ``options`` unchanged;
     ``registry`` holds the plugins to use (default: the installed ones, loaded for this call) and
@@ -234,7 +237,7 @@ def quantize(
         batch_size=batch_size,
         tokenizer_dir=tokenizer_dir,
     )
-    model = load_full_model(registry, model_dir, config["dtype"], show_progress)
+    model = load_full_model(registry, model_dir, config.dtype, show_progress)
     options: dict[str, Any] = {
         **scheme_options,
         "registry": registry,
@@ -252,16 +255,17 @@ def quantize(
     if kv_scheme is not None:
         torch.manual_seed(seed)
         model = kv_scheme.quantize_kv_cache(model, calibration, options)
-    model.config["quantization"] = {
-        **model.config["quantization"],
-        "calibration": {
-            "dataset": calibration.source,
-            "num_samples": calibration.num_samples,
-            "num_tokens": calibration.num_tokens,
-            "max_seq_length": calib_max_seq_length,
-            "seed": seed,
-        },
+    summary = {
+        "dataset": calibration.source,
+        "num_samples": calibration.num_samples,
+        "num_tokens": calibration.num_tokens,
+        "max_seq_length": calib_max_seq_length,
+        "seed": seed,
     }
+    quantization = model.config.quantization
+    model.config = replace(
+        model.config, quantization=replace(quantization, extras={**quantization.extras, "calibration": summary})
+    )
     check_quantized(registry, model)
     with atomic_output_dir(Path(output_dir), CHECKPOINT_OUTPUT, inputs) as tmp:
         write_model(registry, model, tmp, mapping, show_progress)

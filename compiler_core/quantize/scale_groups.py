@@ -40,7 +40,9 @@ def derive_scale_groups(graph: Graph, ops: Mapping[str, OpSpec]) -> list[ScaleGr
 def scale_groups_for(
     arch: Architecture, graph: Graph, config: dict[str, Any], ops: Mapping[str, OpSpec]
 ) -> tuple[list[ScaleGroup], str]:
-    """The groups for ``graph`` and where they came from (``FROM_ARCHITECTURE`` or ``FROM_GRAPH``)."""
+    """The groups for ``graph`` and where they came from (``FROM_ARCHITECTURE`` or ``FROM_GRAPH``).
+
+    ``config`` is the checkpoint config's family section (``CheckpointConfig.model``)."""
     named = arch.scale_groups(graph, config)
     if named is not None:
         return list(named), FROM_ARCHITECTURE

@@ -9,7 +9,6 @@ import torch
 from compiler_core.backends.torch.cpu_linear import bf16_kernel, held_for_cpu
 from compiler_core.formats.checkpoint import load_rank_weights, rank_file, read_config
 from compiler_core.host import load_registry
-from compiler_core.mapping import Mapping
 from compiler_core.model import rank_graph
 from compiler_core.registry import Registry
 from compiler_core.runtime.runner import LocalRunner
@@ -24,7 +23,6 @@ def checkpoint_runner(checkpoint_dir: Path, device: str = "cpu", registry: Regis
     registry = registry or load_registry()
     checkpoint_dir = Path(checkpoint_dir)
     config = read_config(checkpoint_dir)
-    mapping = Mapping.from_json(config["mapping"])
     sessions = [
         TorchSession(
             registry,
@@ -32,9 +30,9 @@ def checkpoint_runner(checkpoint_dir: Path, device: str = "cpu", registry: Regis
             load_weights_for(rank_file(checkpoint_dir, rank), device),
             device,
         )
-        for rank in mapping.ranks()
+        for rank in config.mapping.ranks()
     ]
-    return LocalRunner(sessions, mapping)
+    return LocalRunner(sessions, config.mapping)
 
 
 def load_weights_for(path: Path, device: str | torch.device) -> dict[str, torch.Tensor]:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from compiler_core.build.engine import engine_mapping, load_rank_session, read_engine_config
+from compiler_core.build.engine import engine_checkpoint, engine_mapping, load_rank_session, read_engine_config
 from compiler_core.errors import MissingDependencyError, TokenizerError, UsageError
 from compiler_core.formats.checkpoint import TOKENIZER_DIR
 from compiler_core.graph_attrs import stop_token_ids
@@ -120,7 +120,7 @@ def load_tokenizer(engine_dir: Path, tokenizer_dir: Path | None = None, required
 
 def stop_ids(engine_config: dict[str, Any], tokenizer=None) -> tuple[int, ...]:
     """Every stop token: the model config's eos ids (one or several), else the tokenizer's eos."""
-    ids = stop_token_ids(engine_config["checkpoint"], "engine config.json")
+    ids = stop_token_ids(engine_checkpoint(engine_config).model, "engine config.json")
     if not ids and tokenizer is not None and tokenizer.eos_token_id is not None:
         ids = (tokenizer.eos_token_id,)
     return ids
@@ -131,7 +131,7 @@ def special_ids(engine_config: dict[str, Any], tokenizer=None) -> tuple[int | No
     the tokenizer's; pad falls back to end."""
     stops = stop_ids(engine_config, tokenizer)
     end_id = stops[0] if stops else None
-    pad_id = engine_config["checkpoint"].get("pad_token_id")
+    pad_id = engine_checkpoint(engine_config).model.get("pad_token_id")
     if pad_id is None and tokenizer is not None:
         pad_id = tokenizer.pad_token_id
     return end_id, end_id if pad_id is None else pad_id

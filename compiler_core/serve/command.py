@@ -91,7 +91,7 @@ def serve_command(
         import uvicorn  # noqa: F401  (checked before the engine loads)
     except ImportError as exc:
         raise UsageError(f"modelc serve needs uvicorn and starlette ({exc.name} is missing): {INSTALL_HINT}") from None
-    from compiler_core.build.engine import read_engine_config
+    from compiler_core.build.engine import engine_checkpoint, read_engine_config
     from compiler_core.runtime.open import load_tokenizer, mpi_rank, open_runner, special_ids, stop_ids
     from compiler_core.serve.protocol import ServedModel
     from compiler_core.serve.server import serve
@@ -112,7 +112,7 @@ def serve_command(
     model = ServedModel(
         name=served_model_name or Path(engine_dir).resolve().name,
         tokenizer=tokenizer,
-        vocab_size=int(engine_config["checkpoint"]["vocab_size"]),
+        vocab_size=int(engine_checkpoint(engine_config).model["vocab_size"]),
         max_input_len=min(int(build["max_input_len"]), max_seq_len),
         max_seq_len=max_seq_len,
         max_batch_size=max_batch_size,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -30,10 +31,10 @@ from modelc_plugins.quant_awq.transform import (
     DEFAULT_GROUP_SIZE,
     QUANT_ALGO,
     SCHEME_NAME,
+    awq_quantization,
     check_groups,
     output_heads,
     quantizable_linears,
-    quantization_section,
 )
 
 
@@ -64,7 +65,7 @@ class Int4AwqScheme(QuantScheme):
         device = options.get("device") or "cpu"
         show = bool(options.get("show_progress", True))
         registry: Registry = options["registry"]
-        arch = registry.architecture(model.config["architecture"], "config.json")
+        arch = registry.architecture(model.config.architecture, "config.json")
 
         graph = model_graph(registry, model)
         exclude = options.get("exclude_modules")
@@ -75,7 +76,7 @@ class Int4AwqScheme(QuantScheme):
         self._check_split(registry, model, linears, group_size, exclude, options.get("mapping"))
         quantized = {n.name for n in linears}
 
-        groups, source = scale_groups_for(arch, graph, model.config, registry.ops)
+        groups, source = scale_groups_for(arch, graph, model.config.model, registry.ops)
         plans = plan_scales(graph, groups, quantized)
         stats = observe_inputs(
             registry,
@@ -108,11 +109,9 @@ class Int4AwqScheme(QuantScheme):
             }
             for n in linears
         }
-        model.config["quantization"] = {
-            **model.config["quantization"],
-            **quantization_section(group_size, exclude, prequant),
-            "scale_groups": describe_scale_groups(groups, source),
-        }
+        quantization = awq_quantization(model.config.quantization, group_size, exclude, prequant)
+        extras = {**quantization.extras, "scale_groups": describe_scale_groups(groups, source)}
+        model.config = replace(model.config, quantization=replace(quantization, extras=extras))
         quantized_graph = quantize_layers(registry, model, graph, self, layer_stats, show_progress=show)
         expected = transform.transform_graph(graph, model.config)
         if quantized_graph.nodes != expected.nodes:
@@ -129,10 +128,10 @@ class Int4AwqScheme(QuantScheme):
             check_groups(node, in_features, group_size, 1)
         if mapping is None or mapping.tp_size == 1:
             return
-        preview = {
-            **model.config,
-            "mapping": mapping.to_json(),
-            "quantization": {**model.config["quantization"], **quantization_section(group_size, exclude, ())},
-        }
+        preview = replace(
+            model.config,
+            mapping=mapping,
+            quantization=awq_quantization(model.config.quantization, group_size, exclude, ()),
+        )
         for rank in mapping.ranks():
             rank_graph(registry, preview, rank)

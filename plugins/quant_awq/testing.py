@@ -77,14 +77,16 @@ def dequantized_hf(hf: Path, checkpoint: Path):
         base = ir.removesuffix(".weight")
         if ir.endswith(".weight") and f"{base}.weights_scaling_factor" in weights:
             scales = weights[f"{base}.weights_scaling_factor"]
-            dense = dequantize_packed(weights[ir], scales, config["quantization"]["group_size"], torch.float32)
+            dense = dequantize_packed(weights[ir], scales, config.quantization.group_size, torch.float32)
             prequant = weights.get(f"{base}.prequant_scaling_factor")
             if prequant is not None:
                 dense = dense * prequant
         else:
             dense = weights[ir]
         if ".attention.qkv." in ir:
-            dense = planar_to_grouped(dense, config["num_attention_heads"], config["num_kv_heads"], config["head_dim"])
+            model_fields = config.model
+            heads = (model_fields["num_attention_heads"], model_fields["num_kv_heads"], model_fields["head_dim"])
+            dense = planar_to_grouped(dense, *heads)
         state[name] = dense
     model.load_state_dict(state)
     return model

@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from compiler_core.errors import UsageError
+from compiler_core.formats.checkpoint_config import CheckpointConfig, QuantConfig
 from compiler_core.ir import Graph, Node, OpSpec, Param
 from modelc_plugins.quant_awq.int4 import num_groups
 
@@ -50,25 +52,25 @@ AWQ_LINEAR = OpSpec(
 )
 
 
-def is_awq(config: Mapping[str, Any]) -> bool:
+def is_awq(config: CheckpointConfig) -> bool:
     """True when a checkpoint config's ``quantization`` section is this scheme's."""
-    return (config.get("quantization") or {}).get("quant_algo") == QUANT_ALGO
+    return config.quantization.quant_algo == QUANT_ALGO
 
 
-def quantization_section(
-    group_size: int, exclude_modules: Iterable[str], pre_quant_scale_modules: Iterable[str]
-) -> dict[str, Any]:
-    """The config.json ``quantization`` fields this scheme writes (TensorRT-LLM's names, plus the
-    list of linears that carry a ``prequant_scaling_factor``)."""
+def awq_quantization(
+    base: QuantConfig, group_size: int, exclude_modules: Iterable[str], pre_quant_scale_modules: Iterable[str]
+) -> QuantConfig:
+    """``base`` with the ``quantization`` fields this scheme writes (TensorRT-LLM's names, plus the
+    list of linears that carry a ``prequant_scaling_factor`` among the scheme's extras)."""
     prequant = sorted(pre_quant_scale_modules)
-    return {
-        "quant_algo": QUANT_ALGO,
-        "group_size": int(group_size),
-        "has_zero_point": False,
-        "pre_quant_scale": bool(prequant),
-        "exclude_modules": list(exclude_modules),
-        "pre_quant_scale_modules": prequant,
-    }
+    extras = {**base.extras, "has_zero_point": False, "pre_quant_scale": bool(prequant)}
+    return replace(
+        base,
+        quant_algo=QUANT_ALGO,
+        group_size=int(group_size),
+        exclude_modules=tuple(exclude_modules),
+        extras={**extras, "pre_quant_scale_modules": prequant},
+    )
 
 
 def is_excluded(name: str, patterns: Iterable[str]) -> bool:
@@ -135,18 +137,18 @@ def quantizable_linears(graph: Graph, exclude_modules: Iterable[str]) -> list[No
     return [n for n in graph.nodes_of("linear") if not is_excluded(n.name, patterns)]
 
 
-def transform_graph(graph: Graph, config: Mapping[str, Any]) -> Graph:
+def transform_graph(graph: Graph, config: CheckpointConfig) -> Graph:
     """Rewrite every non-excluded ``linear`` of a rank's graph into ``awq_linear`` per ``config``."""
     if not is_awq(config):
         return graph
-    q = config["quantization"]
-    group_size = int(q.get("group_size", DEFAULT_GROUP_SIZE))
-    prequant = set(q.get("pre_quant_scale_modules") or ())
+    q = config.quantization
+    group_size = DEFAULT_GROUP_SIZE if q.group_size is None else q.group_size
+    prequant = set(q.extras.get("pre_quant_scale_modules") or ())
     tp_size = int((graph.attrs.get("mapping") or {}).get("tp_size", 1))
-    dtype = graph.attrs.get("dtype", config["dtype"])
+    dtype = graph.attrs.get("dtype", config.dtype)
     params = dict(graph.params)
     replaced = {}
-    for node in quantizable_linears(graph, q.get("exclude_modules") or ()):
+    for node in quantizable_linears(graph, q.exclude_modules or ()):
         check_groups(node, params[node.params["weight"]].shape[1], group_size, tp_size)
         new, new_params = quantized_node(node, params, group_size, node.name in prequant, dtype)
         replaced[node.name] = new

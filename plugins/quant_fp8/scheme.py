@@ -19,12 +19,14 @@ cannot drift apart.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from compiler_core.api import QuantScheme
 from compiler_core.errors import ModelcError
+from compiler_core.formats.checkpoint_config import CheckpointConfig, QuantConfig
 from compiler_core.ir import Graph, Node, OpSpec, Param
 from compiler_core.quantize.calibration import collect_stats, model_graph, real_tokens, token_mask
 from compiler_core.quantize.ptq import excluded, quantize_layers
@@ -77,13 +79,13 @@ def _scale_param(name: str) -> Param:
     return Param(name, (1,), "float32")
 
 
-def rewrite_graph(graph: Graph, quantization: Mapping[str, Any]) -> Graph:
+def rewrite_graph(graph: Graph, quantization: QuantConfig) -> Graph:
     """Apply ``quantization``'s FP8 parts (weights and/or KV cache) to a full-precision graph."""
-    fp8_weights = quantization.get("quant_algo") == QUANT_ALGO
-    fp8_kv = quantization.get("kv_cache_quant_algo") == KV_CACHE_QUANT_ALGO
+    fp8_weights = quantization.quant_algo == QUANT_ALGO
+    fp8_kv = quantization.kv_cache_quant_algo == KV_CACHE_QUANT_ALGO
     if not (fp8_weights or fp8_kv):
         return graph
-    skip = quantization.get("exclude_modules") or ()
+    skip = quantization.exclude_modules or ()
     params = dict(graph.params)
     nodes = []
     for node in graph.nodes:
@@ -154,8 +156,8 @@ class FP8Scheme(QuantScheme):
     description = "FP8 E4M3 weights and activations, per-tensor amax/448 scales; optional FP8 KV cache"
     kv_cache_dtypes = ("fp8",)
 
-    def transform_graph(self, graph: Graph, config: dict[str, Any]) -> Graph:
-        return rewrite_graph(graph, config.get("quantization") or {})
+    def transform_graph(self, graph: Graph, config: CheckpointConfig) -> Graph:
+        return rewrite_graph(graph, config.quantization)
 
     def quantize_layer(self, node: Node, graph: Graph, weights, stats):
         """A linear with ``input_amax`` stats becomes ``fp8_linear``; an attention node with ``kv_amax``
@@ -196,11 +198,8 @@ class FP8Scheme(QuantScheme):
             for n in targets
         }
         quantize_layers(registry, model, graph, self, stats, show_progress=options.get("show_progress", True))
-        model.config["quantization"] = {
-            **model.config["quantization"],
-            "quant_algo": QUANT_ALGO,
-            "exclude_modules": skip,
-        }
+        quantization = replace(model.config.quantization, quant_algo=QUANT_ALGO, exclude_modules=tuple(skip))
+        model.config = replace(model.config, quantization=quantization)
         return model
 
     def quantize_kv_cache(self, model, calibration, options: dict[str, Any]):
@@ -230,5 +229,6 @@ class FP8Scheme(QuantScheme):
         )
         stats = {n.name: {"kv_amax": amax.get(n.name)} for n in attention}
         quantize_layers(registry, model, graph, self, stats, show_progress=options.get("show_progress", True))
-        model.config["quantization"] = {**model.config["quantization"], "kv_cache_quant_algo": KV_CACHE_QUANT_ALGO}
+        quantization = replace(model.config.quantization, kv_cache_quant_algo=KV_CACHE_QUANT_ALGO)
+        model.config = replace(model.config, quantization=quantization)
         return model

@@ -12,15 +12,8 @@ import torch
 from compiler_core import hookimpl
 from compiler_core.convert.from_hf import convert
 from compiler_core.errors import UsageError
-from compiler_core.formats.checkpoint import (
-    FORMAT_VERSION,
-    load_rank_weights,
-    make_config,
-    rank_file,
-    read_config,
-    save_rank_weights,
-    write_config,
-)
+from compiler_core.formats.checkpoint import load_rank_weights, rank_file, read_config, save_rank_weights
+from compiler_core.formats.checkpoint_config import FORMAT_VERSION, QuantConfig
 from compiler_core.formats.fileio import OutputKind, atomic_output_dir
 from compiler_core.host import Host
 from compiler_core.mapping import Mapping
@@ -99,20 +92,30 @@ def test_unreadable_rank_file_is_named(tmp_path):
 
 
 def _write_checkpoint(directory: Path, layout: Mapping, **overrides) -> dict:
+    """A checkpoint whose config.json is the object convert writes, with ``overrides`` applied."""
     directory.mkdir()
-    config = {**make_config({"architecture": "falcon"}, "float16", layout), **overrides}
-    write_config(directory, config)
+    config = {
+        "format": "modelc-checkpoint",
+        "format_version": 1,
+        "architecture": "falcon",
+        "dtype": "float16",
+        "mapping": layout.to_json(),
+        "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
+        **overrides,
+    }
+    (directory / "config.json").write_text(json.dumps(config))
     for r in layout.ranks():
         save_rank_weights(rank_file(directory, r), {"w": torch.zeros(1)})
     return config
 
 
 def test_config_round_trip(tmp_path):
-    written = _write_checkpoint(tmp_path / "c", Mapping.create(2, 2), quantization={"quant_algo": "FP8"})
+    fp8 = {"quant_algo": "FP8", "kv_cache_quant_algo": None}
+    written = _write_checkpoint(tmp_path / "c", Mapping.create(2, 2), quantization=fp8)
     read = read_config(tmp_path / "c")
-    assert read == written
-    assert read["format_version"] == FORMAT_VERSION
-    assert read["mapping"] == {"world_size": 4, "tp_size": 2, "pp_size": 2}
+    assert read.to_json() == written
+    assert read.format_version == FORMAT_VERSION
+    assert read.mapping == Mapping.create(2, 2)
 
 
 def test_every_rank_file_must_be_present(tmp_path):
@@ -216,7 +219,7 @@ def test_successful_conversion_replaces_the_old_output(tiny_falcon, tmp_path):
     convert(tiny_falcon, out, dtype="float16", mapping=Mapping.create(1, 1), show_progress=False)
     assert not (out / "stale.txt").exists()
     assert not rank_file(out, 1).exists()
-    assert read_config(out)["dtype"] == "float16"
+    assert read_config(out).dtype == "float16"
     assert siblings(out) == ["out"]
 
 
@@ -292,10 +295,11 @@ def test_a_failed_run_removes_the_parents_it_created(tmp_path):
 def test_converted_checkpoint_is_complete(falcon_checkpoint_tp2, tiny_falcon):
     config = read_config(falcon_checkpoint_tp2)
     hf = json.loads((tiny_falcon / "config.json").read_text())
-    assert config["architecture"] == "falcon"
-    assert config["format"] == "modelc-checkpoint"
-    assert config["hidden_size"] == hf["hidden_size"]
-    assert config["quantization"] == {"quant_algo": None, "kv_cache_quant_algo": None}
+    assert config.architecture == "falcon"
+    assert json.loads((falcon_checkpoint_tp2 / "config.json").read_text())["format"] == "modelc-checkpoint"
+    assert config.model["hidden_size"] == hf["hidden_size"]
+    assert config.quantization == QuantConfig()
+    assert config.quantization.to_json() == {"quant_algo": None, "kv_cache_quant_algo": None}
     assert (falcon_checkpoint_tp2 / "tokenizer" / "tokenizer.json").is_file()
     r0, r1 = (
         load_rank_weights(rank_file(falcon_checkpoint_tp2, 0)),

@@ -9,6 +9,7 @@ import pytest
 from compiler_core import hookimpl
 from compiler_core.api import Architecture
 from compiler_core.errors import ModelcError, UsageError
+from compiler_core.formats.checkpoint_config import CheckpointConfig
 from compiler_core.host import Host
 from compiler_core.ir import Graph, GraphBuilder
 from compiler_core.mapping import Mapping
@@ -58,8 +59,10 @@ def bare_registry(attrs: dict[str, Any]):
     return Host.with_plugins({"bare": BarePlugin(attrs)}).registry
 
 
-def config(**fields: Any) -> dict[str, Any]:
+def config_json(**fields: Any) -> dict[str, Any]:
+    """A Bare checkpoint's config.json object, with ``fields`` set."""
     base = {
+        "format_version": 1,
         "architecture": ARCH,
         "num_hidden_layers": 3,
         "hidden_size": 4,
@@ -70,6 +73,10 @@ def config(**fields: Any) -> dict[str, Any]:
         "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
     }
     return {**base, **fields}
+
+
+def config(**fields: Any) -> CheckpointConfig:
+    return CheckpointConfig.from_json(config_json(**fields), "config.json")
 
 
 def test_the_core_fills_in_what_the_runtime_reads():
@@ -88,12 +95,12 @@ def test_the_core_fills_in_what_the_runtime_reads():
 
 
 def test_a_size_in_neither_graph_nor_config_is_one_error_naming_it():
-    fields = config()
+    fields = config_json()
     del fields["hidden_size"]
     registry = bare_registry({})
     with pytest.raises(UsageError, match=r"^ckpt/config\.json: graph attribute 'hidden_size' is missing"):
-        rank_graph(registry, fields, 0, "ckpt/config.json")
-    assert rank_graph(registry, fields | {"hidden_size": 4}, 0).attrs["hidden_size"] == 4
+        rank_graph(registry, CheckpointConfig.from_json(fields, "ckpt/config.json"), 0, "ckpt/config.json")
+    assert rank_graph(registry, config(hidden_size=4), 0).attrs["hidden_size"] == 4
 
 
 def test_an_attribute_that_contradicts_the_core_is_an_error_naming_it():

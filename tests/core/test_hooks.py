@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -15,6 +15,7 @@ from compiler_core import hookimpl
 from compiler_core.api import Architecture, Backend, QuantScheme, ScaleGroup
 from compiler_core.backends.torch.kernels import TorchLowering
 from compiler_core.convert.from_hf import convert, model_config_from_hf
+from compiler_core.formats.checkpoint_config import CheckpointConfig
 from compiler_core.host import Host
 from compiler_core.ir import Graph, GraphBuilder, Node, validate
 from compiler_core.mapping import Mapping
@@ -24,7 +25,7 @@ from compiler_core.runtime.context import ForwardContext
 
 
 @pytest.fixture(scope="module")
-def falcon_config(registry, tiny_falcon) -> dict[str, Any]:
+def falcon_config(registry, tiny_falcon) -> CheckpointConfig:
     return model_config_from_hf(registry, tiny_falcon, "float32", Mapping.create(2, 1))
 
 
@@ -94,8 +95,8 @@ def test_unknown_registered_name_lists_the_known_ones(registry):
 
 
 def test_map_weight_is_answered_by_the_architecture(falcon, falcon_config):
-    w = torch.randn(falcon_config["vocab_size"], falcon_config["hidden_size"])
-    mapped = falcon.map_weight(falcon_config, "transformer.word_embeddings.weight", w)
+    w = torch.randn(falcon_config.model["vocab_size"], falcon_config.model["hidden_size"])
+    mapped = falcon.map_weight(falcon_config.model, "transformer.word_embeddings.weight", w)
     assert set(mapped) == {"embed.weight", "lm_head.weight"}  # tied embeddings feed both
     assert torch.equal(mapped["embed.weight"], w)
 
@@ -188,24 +189,24 @@ class RegistersBackHeavy:
 
 
 def test_pipeline_layer_ranges_default_and_override(falcon, falcon_config):
-    config = {**falcon_config, "num_hidden_layers": 5}
-    assert falcon.pipeline_layer_ranges(config, 2) == [range(0, 3), range(3, 5)]
-    assert falcon.pipeline_layer_ranges(config, 3) == [range(0, 2), range(2, 4), range(4, 5)]
+    config = replace(falcon_config, model={**falcon_config.model, "num_hidden_layers": 5})
+    assert falcon.pipeline_layer_ranges(config.model, 2) == [range(0, 3), range(3, 5)]
+    assert falcon.pipeline_layer_ranges(config.model, 3) == [range(0, 2), range(2, 4), range(4, 5)]
     heavy = back_heavy_falcon()
-    assert heavy.pipeline_layer_ranges(config, 2) == [range(0, 1), range(1, 5)]
-    assert heavy.pipeline_layer_ranges(config, 3) == [range(0, 2), range(2, 4), range(4, 5)]
+    assert heavy.pipeline_layer_ranges(config.model, 2) == [range(0, 1), range(1, 5)]
+    assert heavy.pipeline_layer_ranges(config.model, 3) == [range(0, 2), range(2, 4), range(4, 5)]
     # The core asks the architecture a config names and hands build_graph that stage's layers.
     registry = Host.load(extra={"stages": RegistersBackHeavy()}).registry
-    pp2 = {**config, "architecture": "falcon_back_heavy", "mapping": Mapping.create(1, 2).to_json()}
+    pp2 = replace(config, architecture="falcon_back_heavy", mapping=Mapping.create(1, 2))
     assert rank_graph(registry, pp2, 1).attrs["layers"] == [1, 5]
-    assert rank_graph(registry, {**pp2, "architecture": "falcon"}, 1).attrs["layers"] == [3, 5]
+    assert rank_graph(registry, replace(pp2, architecture="falcon"), 1).attrs["layers"] == [3, 5]
 
 
 def test_default_stages_refuse_more_stages_than_layers(falcon, falcon_config):
     from compiler_core.errors import UsageError
 
     with pytest.raises(UsageError, match="pp_size 3 exceeds the number of layers"):
-        falcon.pipeline_layer_ranges({**falcon_config, "num_hidden_layers": 2}, 3)
+        falcon.pipeline_layer_ranges({**falcon_config.model, "num_hidden_layers": 2}, 3)
 
 
 # --- Architecture.shard_param ------------------------------------------------------------------
@@ -215,22 +216,22 @@ def test_shard_param_core_default_splits_by_shape(registry, falcon, falcon_confi
     mapping = Mapping.create(2, 1)
     graph = rank_graph(registry, falcon_config, 1)
     full_fc = torch.arange(256 * 64, dtype=torch.float32).reshape(256, 64)
-    part = falcon.shard_param("layers.0.mlp.fc.weight", full_fc, graph, falcon_config, mapping, 1)
+    part = falcon.shard_param("layers.0.mlp.fc.weight", full_fc, graph, falcon_config.model, mapping, 1)
     assert torch.equal(part, full_fc[128:])  # column parallel: rows split
     full_proj = torch.randn(64, 256)
-    part = falcon.shard_param("layers.0.mlp.proj.weight", full_proj, graph, falcon_config, mapping, 1)
+    part = falcon.shard_param("layers.0.mlp.proj.weight", full_proj, graph, falcon_config.model, mapping, 1)
     assert torch.equal(part, full_proj[:, 128:])  # row parallel: columns split
     ln = torch.randn(64)
-    part = falcon.shard_param("layers.0.input_layernorm.weight", ln, graph, falcon_config, mapping, 1)
+    part = falcon.shard_param("layers.0.input_layernorm.weight", ln, graph, falcon_config.model, mapping, 1)
     assert part is ln  # same shape on every rank: replicated
 
 
 def test_shard_param_pads_an_uneven_vocabulary(registry, falcon, falcon_config):
-    config = {**falcon_config, "vocab_size": 391, "mapping": Mapping.create(2, 1).to_json()}
+    config = replace(falcon_config, model={**falcon_config.model, "vocab_size": 391}, mapping=Mapping.create(2, 1))
     graph = rank_graph(registry, config, 1)
     assert graph.params["lm_head.weight"].shape == (196, 64)
     full = torch.randn(391, 64)
-    part = falcon.shard_param("lm_head.weight", full, graph, config, Mapping.create(2, 1), 1)
+    part = falcon.shard_param("lm_head.weight", full, graph, config.model, Mapping.create(2, 1), 1)
     assert torch.equal(part[:195], full[196:])
     assert torch.equal(part[195], torch.zeros(64))
 
@@ -260,13 +261,14 @@ def test_falcon_reorders_the_fused_qkv_and_leaves_the_rest_to_the_default(regist
 
     mapping = Mapping.create(2, 1)
     graph = rank_graph(registry, falcon_config, 1)
-    heads, kv, head_dim = (falcon_config[k] for k in ("num_attention_heads", "num_kv_heads", "head_dim"))
-    qkv = torch.randn((heads + 2 * kv) * head_dim, falcon_config["hidden_size"])
-    part = falcon.shard_param("layers.0.attention.qkv.weight", qkv, graph, falcon_config, mapping, 1)
+    model = falcon_config.model
+    heads, kv, head_dim = (model[k] for k in ("num_attention_heads", "num_kv_heads", "head_dim"))
+    qkv = torch.randn((heads + 2 * kv) * head_dim, model["hidden_size"])
+    part = falcon.shard_param("layers.0.attention.qkv.weight", qkv, graph, model, mapping, 1)
     assert torch.equal(part, rank_qkv(qkv, heads, kv, head_dim, 2, 1))
     proj = torch.randn(64, 256)
-    base = Architecture.shard_param(falcon, "layers.0.mlp.proj.weight", proj, graph, falcon_config, mapping, 1)
-    assert torch.equal(falcon.shard_param("layers.0.mlp.proj.weight", proj, graph, falcon_config, mapping, 1), base)
+    base = Architecture.shard_param(falcon, "layers.0.mlp.proj.weight", proj, graph, model, mapping, 1)
+    assert torch.equal(falcon.shard_param("layers.0.mlp.proj.weight", proj, graph, model, mapping, 1), base)
 
 
 # --- QuantScheme.quantize_layer ------------------------------------------------------------------
@@ -286,7 +288,7 @@ class ToyInt8(ToyScheme):
 def test_quantize_layers_asks_the_scheme_for_each_node(registry, falcon_config):
     from compiler_core.convert.from_hf import LoadedModel
 
-    graph = rank_graph(registry, {**falcon_config, "mapping": Mapping().to_json()}, 0)
+    graph = rank_graph(registry, replace(falcon_config, mapping=Mapping()), 0)
     weights = {name: torch.randn(p.shape) for name, p in graph.params.items()}
     model = LoadedModel(falcon_config, dict(weights))
     stats = {"layers.0.mlp.fc": {}, "layers.0.input_layernorm": {}}
@@ -304,9 +306,8 @@ def test_quantize_layers_asks_the_scheme_for_each_node(registry, falcon_config):
 
 
 def test_scale_groups_from_the_architecture(registry, falcon, falcon_config):
-    config = {**falcon_config, "mapping": Mapping().to_json()}
-    graph = rank_graph(registry, config, 0)
-    groups = falcon.scale_groups(graph, config)
+    graph = rank_graph(registry, replace(falcon_config, mapping=Mapping()), 0)
+    groups = falcon.scale_groups(graph, falcon_config.model)
     assert all(isinstance(g, ScaleGroup) for g in groups)
     by_producer = {g.producer: g.linears for g in groups}
     # Falcon-RW is sequential: ln -> qkv, post ln -> fc, activation -> proj, in every layer.
@@ -325,10 +326,9 @@ def test_scale_groups_derived_from_the_graph_are_what_falcon_names(registry, fal
     ln_f -> lm_head, which Falcon leaves out and AWQ skips anyway (lm_head is not quantized)."""
     from compiler_core.quantize.scale_groups import derive_scale_groups
 
-    config = {**falcon_config, "mapping": Mapping().to_json()}
-    graph = rank_graph(registry, config, 0)
+    graph = rank_graph(registry, replace(falcon_config, mapping=Mapping()), 0)
     derived = derive_scale_groups(graph, registry.ops)
-    assert [g for g in derived if g.producer != "ln_f"] == falcon.scale_groups(graph, config)
+    assert [g for g in derived if g.producer != "ln_f"] == falcon.scale_groups(graph, falcon_config.model)
     assert ScaleGroup("ln_f", ("lm_head",)) in derived
 
 
@@ -339,7 +339,7 @@ def test_core_lowerings_run_and_a_plugin_fused_pattern_takes_over_one_op(host, f
     from compiler_core.backends.torch.executor import GraphExecutor
     from compiler_core.lowering import FusedPattern, Pattern
 
-    graph = rank_graph(host.registry, {**falcon_config, "mapping": Mapping().to_json()}, 0)
+    graph = rank_graph(host.registry, replace(falcon_config, mapping=Mapping()), 0)
     weights = {name: torch.randn(p.shape) for name, p in graph.params.items()}
     table = host.registry.lowerings
     assert table.lowering("linear", "torch") is not None and table.lowering("linear", "no_such_backend") is None

@@ -184,7 +184,7 @@ def test_llama_family_as_a_plugin_matches_transformers(llama_registry, llama_dir
         llama_dir, out, dtype="float32", mapping=mapping, load_by_shard=by_shard, show_progress=False,
         registry=llama_registry,
     )  # fmt: skip
-    assert config["architecture"] == ARCH
+    assert config.architecture == ARCH
     graph = rank_graph(llama_registry, config, 0)
     assert {"concat", "rms_norm", "silu", "mul"} <= {n.op for n in graph.nodes}
 
@@ -229,7 +229,7 @@ def test_awq_derives_scale_groups_for_a_family_that_names_none(llama_dir, llama_
     scheme = llama_registry.quant_scheme("int4_awq", "--qformat")
     options = {"group_size": 16, "device": "cpu", "show_progress": False, "registry": llama_registry}
     quantized = scheme.quantize(model, calibration, options)
-    used = quantized.config["quantization"]["scale_groups"]
+    used = quantized.config.quantization.extras["scale_groups"]
     assert used["source"] == "graph"
     attn = "layers.0.self_attn"
     assert used["groups"]["layers.0.input_layernorm"] == [f"{attn}.q_proj", f"{attn}.k_proj", f"{attn}.v_proj"]

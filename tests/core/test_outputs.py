@@ -313,7 +313,7 @@ def test_runs_finishing_at_the_same_moment_leave_one_complete_output(tmp_path, t
     (winner,) = (d for d, code in codes.items() if code == 0)
     (loser,) = (d for d, code in codes.items() if code == 1)
     assert_one_error(runs[loser].stderr, str(out), "another run wrote this directory")
-    assert read_config(out)["dtype"] == winner  # complete: every rank file its mapping names is there
+    assert read_config(out).dtype == winner  # complete: every rank file its mapping names is there
     assert left_beside(out) == []
 
 

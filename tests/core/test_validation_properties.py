@@ -186,10 +186,11 @@ def test_a_mutated_hf_config_is_refused_cleanly_or_gives_a_buildable_model(regis
             graph = rank_graph(registry, fields, 0)
         except ModelcError:
             return
+    model = fields.model
     for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_kv_heads"):
-        assert isinstance(fields[key], int) and not isinstance(fields[key], bool) and fields[key] >= 1, key
-    assert fields["num_attention_heads"] * fields["head_dim"] == fields["hidden_size"]
-    assert math.isfinite(fields["layer_norm_epsilon"]) and fields["layer_norm_epsilon"] > 0
+        assert isinstance(model[key], int) and not isinstance(model[key], bool) and model[key] >= 1, key
+    assert model["num_attention_heads"] * model["head_dim"] == model["hidden_size"]
+    assert math.isfinite(model["layer_norm_epsilon"]) and model["layer_norm_epsilon"] > 0
     assert graph.params and all(d >= 1 for p in graph.params.values() for d in p.shape)
 
 

@@ -194,7 +194,7 @@ def test_bfloat16_engine_takes_the_kernel_within_verify_tolerance(variant, tp, b
         return kernel(*args)
 
     monkeypatch.setattr(cpu_linear_module, "bf16_kernel", lambda: counted)
-    batch = make_batch(hf_dir, hf_dir, {"vocab_size": 10**9})
+    batch = make_batch(hf_dir, hf_dir, 10**9)
     runner = checkpoint_runner(tmp_path / "ckpt")
     got = runner_trace(runner, batch, 8)
     assert calls.count(len(batch.ids)) >= 7  # every decode step's linears ran through the kernel

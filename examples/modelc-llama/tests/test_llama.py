@@ -71,7 +71,7 @@ def test_logits_match_transformers(llama_registry, tmp_path, tied, tp, pp):
     out = tmp_path / "ckpt"
     mapping = Mapping.create(tp, pp)
     config = convert(hf_dir, out, dtype="float32", mapping=mapping, show_progress=False, registry=llama_registry)
-    assert config["architecture"] == "llama" and config["eos_token_id"] == [5, 6]
+    assert config.architecture == "llama" and config.model["eos_token_id"] == [5, 6]
     attention = rank_graph(llama_registry, config, 0).node("layers.0.self_attn.core")
     assert "rope_inv_freq" in attention.attrs and "rope_scaling" not in attention.attrs
     if tp == 2:  # 97 rows do not split in two: the graph declares its padded head

@@ -53,7 +53,7 @@ def batch(tiny):
     from compiler_core.evaluate.verify import make_batch
 
     model_dir = tiny("rw")
-    return make_batch(model_dir, model_dir, {"vocab_size": 10**9})
+    return make_batch(model_dir, model_dir, 10**9)
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from compiler_core.cli import cli
 from compiler_core.formats.checkpoint import rank_file, read_config
+from compiler_core.mapping import Mapping
 from compiler_core.runtime.context import positions_from_mask
 from compiler_core.runtime.loading import checkpoint_runner
 
@@ -39,7 +40,7 @@ def names(ckpt: Path, rank: int) -> set[str]:
 
 def rank_bytes(ckpt: Path) -> list[bytes]:
     config = read_config(ckpt)
-    return [rank_file(ckpt, r).read_bytes() for r in range(config["mapping"]["world_size"])]
+    return [rank_file(ckpt, r).read_bytes() for r in config.mapping.ranks()]
 
 
 def test_falcon_is_an_installed_entry_point():
@@ -147,7 +148,7 @@ def test_dtype_auto_follows_the_hf_torch_dtype(source, expected, tiny, converted
     hf = json.loads((model_dir / "config.json").read_text())
     assert (hf.get("torch_dtype") or hf.get("dtype")) == source
     ckpt = converted(model_dir, 1, 1, "auto")
-    assert read_config(ckpt)["dtype"] == source
+    assert read_config(ckpt).dtype == source
     with safe_open(str(rank_file(ckpt, 0)), "pt") as f:
         assert {f.get_slice(n).get_dtype() for n in f.keys()} == {expected}
 
@@ -256,7 +257,7 @@ def test_cli_convert_both_spellings_progress_and_message(tiny, tmp_path):
     assert "converted falcon (float16, tp=2 pp=1)" in result.stdout
     assert "convert" in result.stderr  # the progress bar
     config = read_config(out)
-    assert config["mapping"] == {"world_size": 2, "tp_size": 2, "pp_size": 1}
+    assert config.mapping == Mapping.create(2, 1)
     assert (out / "tokenizer" / "tokenizer.json").is_file()
 
 

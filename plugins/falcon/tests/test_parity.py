@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from compiler_core.evaluate.verify import FP32_ATOL, compare, runner_trace
-from compiler_core.formats.checkpoint import mapping_of, rank_file, read_config
+from compiler_core.formats.checkpoint import rank_file, read_config
 from compiler_core.runtime.loading import checkpoint_runner
 from modelc_plugins.falcon.testing import SPLITS, STEPS
 from modelc_plugins.falcon.tiny import VARIANTS
@@ -38,8 +38,8 @@ def test_half_precision_dtypes_and_tolerance(variant, dtype, tiny, batch, refere
     model_dir = tiny(variant)
     ckpt = converted(model_dir, 2, 2, dtype)
     config = read_config(ckpt)
-    assert config["dtype"] == dtype
-    for rank in mapping_of(config).ranks():
+    assert config.dtype == dtype
+    for rank in config.mapping.ranks():
         with safe_open(str(rank_file(ckpt, rank)), "pt") as f:
             dtypes = {f.get_slice(name).get_dtype() for name in f.keys()}
         assert dtypes == {"F16" if dtype == "float16" else "BF16"}

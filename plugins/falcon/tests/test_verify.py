@@ -100,15 +100,15 @@ def test_tokenizer_from_the_checkpoint_else_fixed_ids(tiny, converted, tmp_path)
     model_dir = tiny("falcon2")
     ckpt = converted(model_dir, 2, 1)
     bare = _without_tokenizer(model_dir, tmp_path / "bare")
-    config = {"vocab_size": 390}
-    from_ckpt = verify_module.make_batch(bare, ckpt, config)
+    vocab_size = 390
+    from_ckpt = verify_module.make_batch(bare, ckpt, vocab_size)
     assert from_ckpt.source == "prompts"
-    assert torch.equal(from_ckpt.ids, verify_module.make_batch(model_dir, tmp_path, config).ids)
-    fixed = verify_module.make_batch(bare, tmp_path, config)
+    assert torch.equal(from_ckpt.ids, verify_module.make_batch(model_dir, tmp_path, vocab_size).ids)
+    fixed = verify_module.make_batch(bare, tmp_path, vocab_size)
     assert fixed.source == "fixed ids" and fixed.lengths == [11, 6]
     assert int(fixed.ids.max()) < 390
     with pytest.raises(Exception, match="no tokenizer to encode --prompts"):
-        verify_module.make_batch(bare, tmp_path, config, prompts=["hi"])
+        verify_module.make_batch(bare, tmp_path, vocab_size, prompts=["hi"])
     shutil.copytree(ckpt, tmp_path / "ck")
     shutil.rmtree(tmp_path / "ck" / "tokenizer")
     result = modelc("verify", "--model_dir", bare, "--checkpoint_dir", tmp_path / "ck", "--steps", 4)

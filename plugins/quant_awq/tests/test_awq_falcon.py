@@ -25,7 +25,8 @@ VARIANTS = ["rw", "7b", "40b", "180b", "falcon2"]
 def test_checkpoint_format(awq_dir) -> None:
     ckpt = awq_dir("7b")
     config = read_config(ckpt)
-    q = config["quantization"]
+    assert config.quantization.exclude_modules == ("lm_head",)
+    q = config.quantization.to_json()  # the section as config.json holds it
     assert q["quant_algo"] == "W4A16_AWQ"
     assert q["group_size"] == GROUP_SIZE and q["has_zero_point"] is False
     assert q["exclude_modules"] == ["lm_head"]
@@ -98,7 +99,7 @@ def test_excluded_linear_in_a_folded_group_keeps_its_scale(hf_dir, eval_ids, tmp
         show_progress=False,
         **CALIB,
     )
-    assert config["quantization"]["exclude_modules"] == ["lm_head", "*.mlp.fc"]
+    assert config.quantization.exclude_modules == ("lm_head", "*.mlp.fc")
     weights = load_rank_weights(rank_file(tmp_path / "ckpt", 0))
     assert weights["layers.0.mlp.fc.weight"].dtype == torch.float32
     assert "layers.0.mlp.fc.weights_scaling_factor" not in weights

@@ -90,7 +90,7 @@ def test_checkpoint_has_ragged_groups_with_short_group_scales(ragged_hf, ragged_
     is ``W * s`` exactly.
     """
     config = read_config(ragged_ckpt)
-    assert config["quantization"]["group_size"] == GROUP
+    assert config.quantization.group_size == GROUP
     w = load_rank_weights(rank_file(ragged_ckpt, 0))
     rows = (HEADS + 2 * KV_HEADS) * HEAD_DIM
     for name, out, inp in [

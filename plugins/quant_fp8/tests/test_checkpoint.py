@@ -205,7 +205,7 @@ def test_fp8_kv_cache_on_top_of_another_weight_format(registry, hf_dir, tmp_path
         hf_dir("7b"), out, qformat="int4_awq", kv_cache_dtype="fp8", group_size=16, device="cpu",
         show_progress=False, **CALIB,
     )  # fmt: skip
-    assert (config["quantization"]["quant_algo"], config["quantization"]["kv_cache_quant_algo"]) == ("W4A16_AWQ", "FP8")
+    assert (config.quantization.quant_algo, config.quantization.kv_cache_quant_algo) == ("W4A16_AWQ", "FP8")
     tensors = rank_dtypes(out / "rank0.safetensors")
     assert tensors["layers.1.attention.core.kv_cache_scaling_factor"] == ("F32", [1])
     assert not any(k.endswith("activation_scaling_factor") for k in tensors)  # the linears are AWQ's

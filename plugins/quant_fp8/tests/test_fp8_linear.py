@@ -8,6 +8,7 @@ import torch
 
 from compiler_core.backends.torch.executor import GraphExecutor
 from compiler_core.backends.torch.fused import fp8
+from compiler_core.formats.checkpoint_config import QuantConfig
 from compiler_core.ir import GraphBuilder, validate
 from compiler_core.runtime.context import ForwardContext
 from modelc_plugins.quant_fp8 import numerics
@@ -46,7 +47,7 @@ def numpy_fp8_linear(x: torch.Tensor, weights) -> np.ndarray:
 
 
 def test_rewrite_turns_linears_into_fp8_linear_with_scales(registry):
-    graph = rewrite_graph(linear_graph("float32"), {"quant_algo": "FP8", "exclude_modules": []})
+    graph = rewrite_graph(linear_graph("float32"), QuantConfig(quant_algo="FP8", exclude_modules=()))
     validate(graph, registry.ops)
     (node,) = graph.nodes
     assert node.op == "fp8_linear" and node.attrs == {"parallel": "column"}
@@ -58,15 +59,15 @@ def test_rewrite_turns_linears_into_fp8_linear_with_scales(registry):
     ):
         assert node.params[role] == name
         assert (graph.params[name].shape, graph.params[name].dtype) == ((1,), "float32")
-    untouched = rewrite_graph(linear_graph("float32"), {"quant_algo": "FP8", "exclude_modules": ["f*"]})
+    untouched = rewrite_graph(linear_graph("float32"), QuantConfig(quant_algo="FP8", exclude_modules=("f*",)))
     assert untouched.nodes[0].op == "linear"
-    assert rewrite_graph(linear_graph("float32"), {"quant_algo": "W4A16_AWQ"}) == linear_graph("float32")
+    assert rewrite_graph(linear_graph("float32"), QuantConfig(quant_algo="W4A16_AWQ")) == linear_graph("float32")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_torch_kernel_is_the_fp8_gemm(registry, dtype):
     torch_dtype = getattr(torch, dtype)
-    graph = rewrite_graph(linear_graph(dtype), {"quant_algo": "FP8", "exclude_modules": []})
+    graph = rewrite_graph(linear_graph(dtype), QuantConfig(quant_algo="FP8", exclude_modules=()))
     weights = quantized_weights(torch_dtype)
     x = (torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(1)) * 2).to(torch_dtype)
     x[0, 0, 0] = 50.0  # beyond the calibrated range: saturates at 448 * scale
@@ -80,7 +81,7 @@ def test_torch_kernel_is_the_fp8_gemm(registry, dtype):
 
 def test_float16_kernel_does_not_overflow_on_full_range_codes(registry):
     """A dot product of 32 codes of 448 is 6.4e6, far beyond float16's 65504; the scaled result is small."""
-    graph = rewrite_graph(linear_graph("float16"), {"quant_algo": "FP8", "exclude_modules": []})
+    graph = rewrite_graph(linear_graph("float16"), QuantConfig(quant_algo="FP8", exclude_modules=()))
     weights = quantized_weights(torch.float16)
     weights["fc.weight"] = torch.full((48, 32), 448.0).to(torch.float8_e4m3fn)
     weights["fc.weights_scaling_factor"] = torch.tensor([1 / 448])
@@ -112,7 +113,7 @@ def test_scaled_mm_kernel_agrees_with_the_emulated_one():
 
 
 def test_cpu_never_takes_the_scaled_mm_path(registry):
-    graph = rewrite_graph(linear_graph("float32"), {"quant_algo": "FP8", "exclude_modules": []})
+    graph = rewrite_graph(linear_graph("float32"), QuantConfig(quant_algo="FP8", exclude_modules=()))
     executor = GraphExecutor(registry, graph, quantized_weights(torch.float32))
     ((step, kernel),) = zip(executor.steps, executor.kernels, strict=True)
     assert step.fused is fp8.FP8_GEMM
