@@ -55,12 +55,13 @@ NO_TRITON = "_no_triton"
 def loaded_model(registry: Registry, hf, dtype: torch.dtype):
     """The HF model's weights as a modelc LoadedModel (IR names, tp1; views where the layout allows)."""
     from compiler_core.convert.from_hf import LoadedModel, map_tensors
-    from compiler_core.formats.checkpoint import make_config
+    from compiler_core.formats.checkpoint_config import CheckpointConfig
     from compiler_core.mapping import Mapping
 
     hf_dict = hf.config.to_dict()
     arch = registry.architecture_for_hf(hf_dict, "bench")
-    config = make_config(arch.config_from_hf(hf_dict), str(dtype).removeprefix("torch."), Mapping())
+    fields = arch.config_from_hf(hf_dict)
+    config = CheckpointConfig.from_model_fields(fields, str(dtype).removeprefix("torch."), Mapping(), "bench")
     state = {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}  # tied to the embedding
     return LoadedModel(config, dict(map_tensors(arch, config, state.items(), "bench")))
 
@@ -80,7 +81,7 @@ def quantized(registry: Registry, model, side: str, device: str, vocab: int):
     """A copy of ``model`` quantized for engine ``side`` by the project's own scheme."""
     from compiler_core.convert.from_hf import LoadedModel
 
-    copy = LoadedModel(dict(model.config), dict(model.weights))
+    copy = LoadedModel(model.config, dict(model.weights))
     calib = calibration(vocab, 4, 64)
     common = {"registry": registry, "device": device, "show_progress": False}
     if side == "int4_awq":
@@ -263,7 +264,7 @@ def gemm_rows(model, args) -> list[dict[str, Any]]:
     from modelc_plugins.quant_awq.int4 import pack_int4, quantize_groups
     from modelc_plugins.quant_fp8 import numerics
 
-    c = model.config
+    c = model.config.model
     hidden, hd, nh, nkv = c["hidden_size"], c["head_dim"], c["num_attention_heads"], c["num_kv_heads"]
     linears = {
         "qkv": ((nh + 2 * nkv) * hd, hidden),

@@ -23,6 +23,7 @@ Stated tolerances (prompt logits, ‖cuda - cpu‖ / ‖cpu‖):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
@@ -56,7 +57,7 @@ def loaded_model(registry: Registry, variant: str):
     from transformers import FalconForCausalLM
 
     from compiler_core.convert.from_hf import LoadedModel, map_tensors
-    from compiler_core.formats.checkpoint import make_config
+    from compiler_core.formats.checkpoint_config import CheckpointConfig
     from compiler_core.mapping import Mapping
     from modelc_plugins.falcon.tiny import randomize_norms_and_biases, tiny_config
 
@@ -65,7 +66,7 @@ def loaded_model(registry: Registry, variant: str):
     randomize_norms_and_biases(hf)
     hf_dict = hf.config.to_dict()
     arch = registry.architecture_for_hf(hf_dict, "test")
-    config = make_config(arch.config_from_hf(hf_dict), "float32", Mapping())
+    config = CheckpointConfig.from_model_fields(arch.config_from_hf(hf_dict), "float32", Mapping(), "test")
     state = {k: v.detach() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
     return LoadedModel(config, dict(map_tensors(arch, config, state.items(), "test")))
 
@@ -87,7 +88,7 @@ def model_of(registry: Registry, variant: str, qformat: str):
 def quantized(registry: Registry, model, qformat: str):
     from compiler_core.convert.from_hf import LoadedModel
 
-    copy = LoadedModel(dict(model.config), dict(model.weights))
+    copy = LoadedModel(model.config, dict(model.weights))
     scheme = registry.quant_schemes["int4_awq" if qformat == "int4_awq" else "fp8"]
     options = {
         "registry": registry,
@@ -113,7 +114,7 @@ def runner(registry: Registry, model, device, dtype: torch.dtype | None = None):
     from compiler_core.runtime.session import TorchSession
 
     if dtype is not None:
-        config = {**model.config, "dtype": str(dtype).removeprefix("torch.")}
+        config = dataclasses.replace(model.config, dtype=str(dtype).removeprefix("torch."))
         declared = rank_graph(registry, config, 0).params
         # Every wide float weight as the graph of that dtype declares it (FP8 scales stay float32).
         cast = {

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from modelc_plugins.quant_awq.int4 import dequantize_packed, pack_int4, quantize_groups
-from modelc_plugins.quant_awq.transform import quantization_section, transform_graph
+from modelc_plugins.quant_awq.transform import awq_quantization, transform_graph
 
 triton = pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot run")
 pytestmark = pytest.mark.skipif(
@@ -31,7 +31,9 @@ from compiler_core.backends.torch import kernels  # noqa: E402
 from compiler_core.backends.torch.cuda import decode_attention, fp8_gemm, int4_gemm, timing  # noqa: E402
 from compiler_core.backends.torch.executor import GraphExecutor  # noqa: E402
 from compiler_core.backends.torch.fused import fp8, int4  # noqa: E402
+from compiler_core.formats.checkpoint_config import CheckpointConfig, QuantConfig  # noqa: E402
 from compiler_core.ir import Graph, GraphBuilder  # noqa: E402
+from compiler_core.mapping import Mapping  # noqa: E402
 from compiler_core.runtime.context import ForwardContext  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("gpu_engines", Path(__file__).with_name("test_engines.py"))
@@ -95,7 +97,9 @@ def awq_layer(dtype: str, out_features: int, in_features: int, group: int) -> Gr
     b = g.param("fc.bias", [out_features], dtype)
     y = g.add("linear", ["x"], name="fc", params={"weight": w, "bias": b}, parallel="column")
     graph = g.build(["x"], [y], attrs={"dtype": dtype})
-    return transform_graph(graph, {"dtype": dtype, "quantization": quantization_section(group, [], ["fc"])})
+    quantization = awq_quantization(QuantConfig(), group, [], ["fc"])
+    config = CheckpointConfig("test", dtype, Mapping(), {}, quantization)
+    return transform_graph(graph, config)
 
 
 def test_int4_gemm_pattern_takes_the_triton_kernel_on_a_ragged_layer(registry, counted):
