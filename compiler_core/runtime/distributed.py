@@ -71,11 +71,6 @@ class DistributedRunner(ModelRunner):
         self.tp_rank = mapping.tp_rank(rank)
         self.stage = mapping.pp_rank(rank)
 
-    @property
-    def is_main(self) -> bool:
-        """Whether this process prints and writes outputs (rank 0)."""
-        return self.rank == 0
-
     def allocate(self, batch: int, max_len: int) -> None:
         self.session.allocate(batch, max_len)
 

@@ -99,10 +99,6 @@ class GenerationRequest:
     stream: bool
     include_usage: bool
 
-    @property
-    def sequence_count(self) -> int:
-        return len(self.prompts) * self.n
-
 
 def parse_json(raw: bytes) -> dict[str, Any]:
     """The request body as a JSON object, else a RequestError."""

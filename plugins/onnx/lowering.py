@@ -260,13 +260,6 @@ class OnnxLowering:
             self._dtypes[name] = vtype.dtype
         return name
 
-    def graph_output(self, name: str, value: str, vtype: ValueType) -> str:
-        """Expose ``value`` as graph output ``name`` (an Identity when the names differ)."""
-        if value != name:
-            self.emit("Identity", [value], outputs=[name])
-        self.outputs_made[name] = vtype
-        return name
-
     @property
     def positions(self) -> str:
         """Position ids of the new tokens, int64 [batch, seq] (a graph input)."""

@@ -21,7 +21,7 @@ def test_defaults_follow_openai_and_the_engine(model):
     chat = parse_chat({"messages": [{"role": "user", "content": "Hi"}]}, model)
     assert chat.params.max_tokens == 64 - len(chat.prompts[0])  # chat: the rest of max_seq_len
     batch = parse_completion({"prompt": ["a", "b"], "n": 2, "max_tokens": 3}, model)
-    assert batch.sequence_count == 4 and len(batch.prompts) == 2
+    assert batch.n * len(batch.prompts) == 4 and len(batch.prompts) == 2
 
 
 @pytest.mark.parametrize(
