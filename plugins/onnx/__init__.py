@@ -24,9 +24,15 @@ def register_backends(register) -> None:
 
 @hookimpl
 def register_lowerings(register) -> None:
-    from modelc_plugins.onnx.ops import CORE_LOWERINGS
-    from modelc_plugins.onnx.quant import DEQUANTIZED_MATMUL, QUANT_LOWERINGS
-
+    try:
+        from modelc_plugins.onnx.ops import CORE_LOWERINGS
+        from modelc_plugins.onnx.quant import DEQUANTIZED_MATMUL, QUANT_LOWERINGS
+    except ModuleNotFoundError as exc:
+        # The onnx extra is optional: without the onnx package there is nothing to lower with, and
+        # the backend says what to install when it is asked for (OnnxBackend.unavailable_reason).
+        if exc.name != "onnx" and not (exc.name or "").startswith("onnx."):
+            raise
+        return
     for op, lower in {**CORE_LOWERINGS, **QUANT_LOWERINGS}.items():
         register(Lowering(op, "onnx", lower))
     register(DEQUANTIZED_MATMUL)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import json
+import subprocess
 import sys
 import textwrap
 from dataclasses import dataclass
@@ -403,3 +404,22 @@ def test_plugins_text_lists_each_plugin_version_and_provides(host):
             assert f"    {kind.replace('_', ' ')}: {', '.join(provided)}" in block
     assert any(line.startswith("falcon ") for line in lines)
     assert "    architectures: falcon" in lines
+
+
+def test_the_cli_works_without_an_optional_backend_package(falcon_checkpoint_tp2, tmp_path):
+    """README command 1 installs no onnx: the onnx plugin then registers no lowerings (nothing to
+    lower with) instead of failing the whole registry, and asking for its backend says what to install."""
+    blocked = "import sys; sys.modules['onnx'] = None; from compiler_core.cli import main; main()"
+    listed = subprocess.run(
+        [sys.executable, "-c", blocked, "plugins", "--json"], capture_output=True, text=True, timeout=120
+    )
+    assert listed.returncode == 0, listed.stderr
+    onnx = next(p for p in json.loads(listed.stdout) if p["name"] == "onnx")
+    assert onnx["status"] == "loaded" and "lowerings" not in onnx["provides"]
+    args = ["build", "--checkpoint_dir", str(falcon_checkpoint_tp2), "--output_dir", str(tmp_path / "e")]
+    refused = subprocess.run(
+        [sys.executable, "-c", blocked, *args, "--backend", "onnx"], capture_output=True, text=True, timeout=120
+    )
+    assert refused.returncode == 2, refused.stderr
+    assert "onnx" in refused.stderr and "pip install 'modelc[onnx]'" in refused.stderr
+    assert "Traceback" not in refused.stderr and not (tmp_path / "e").exists()
