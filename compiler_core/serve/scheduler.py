@@ -151,11 +151,9 @@ class Scheduler:
         # The engine thread must run on the runner's GPU; "cuda" without an index means the device
         # current here, at construction, since a new thread starts on GPU 0.
         device = slots.device
-        self._cuda_index = (
-            (device.index if device.index is not None else torch.cuda.current_device())
-            if (device.type == "cuda")
-            else None
-        )
+        self._cuda_index: int | None = None
+        if device.type == "cuda":
+            self._cuda_index = torch.cuda.current_device() if device.index is None else device.index
 
     # --- the HTTP side -----------------------------------------------------------------------
 
