@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import ctypes
 import multiprocessing
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
@@ -48,7 +50,8 @@ def map_in_processes(
         min(workers, len(jobs)), mp_context=context, initializer=_worker_setup, initargs=(os.getpid(),)
     )
     try:
-        futures = [pool.submit(function, *job) for job in jobs]
+        with _spawned_ignoring_sigint():
+            futures = [pool.submit(function, *job) for job in jobs]
         done = concurrent.futures.as_completed(futures)
         for future in progress(done, total=len(futures), desc=desc, unit=unit, enable=show_progress):
             future.result()
@@ -63,6 +66,25 @@ def map_in_processes(
         raise
     finally:
         pool.shutdown(wait=True)
+
+
+@contextlib.contextmanager
+def _spawned_ignoring_sigint() -> Iterator[None]:
+    """Processes spawned inside start with SIGINT ignored.
+
+    An ignored signal stays ignored across exec, and Python then installs no KeyboardInterrupt
+    handler of its own, so a Ctrl-C that reaches a worker while its interpreter is still starting
+    (before ``_worker_setup`` runs) cannot print a traceback from it. The pool spawns its workers
+    in ``submit``; a Ctrl-C in those few milliseconds is lost rather than half-handled.
+    """
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _worker_setup(parent_pid: int) -> None:
