@@ -25,7 +25,9 @@ import torch
 import torch.nn.functional as F
 
 # Re-exported: the AWQ code and its tests use the core's int4 storage through this module.
+from compiler_core.formats.int4 import num_groups as num_groups
 from compiler_core.formats.int4 import pack_int4 as pack_int4
+from compiler_core.formats.int4 import scale_groups_ as scale_groups_
 from compiler_core.formats.int4 import unpack_int4 as unpack_int4
 
 INT4_MIN, INT4_MAX = -8, 7
@@ -35,11 +37,6 @@ def check_group_size(group_size: int) -> None:
     """Raise ValueError unless ``group_size`` is a positive even number."""
     if group_size <= 0 or group_size % 2:
         raise ValueError(f"group_size must be a positive even number, got {group_size}")
-
-
-def num_groups(in_features: int, group_size: int) -> int:
-    """Groups per row, ``ceil(in_features / group_size)`` (the last one ragged when it does not divide)."""
-    return -(-in_features // group_size)
 
 
 def grouped(t: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -102,26 +99,6 @@ def quantize_groups(
     scales = scales_from_amax(group_amax(w, group_size) if amax is None else amax, scale_dtype)
     q = _grouped_codes(w, group_size, amax, scales.float())
     return ungrouped(q.to(torch.int8), w.shape[1]), scales
-
-
-def scale_groups_(w: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Multiply ``w [out, in]`` (codes in a float dtype) in place by its group scales; return ``w``.
-
-    Whole groups are scaled through a grouped view and a ragged last group on its own, so no
-    padded copy of ``w`` or expanded copy of ``scales`` is made.
-    """
-    out, inp = w.shape
-    if tuple(scales.shape) != (out, num_groups(inp, group_size)):
-        raise ValueError(
-            f"scales {list(scales.shape)} do not match a [{out}, {inp}] weight in groups of {group_size} "
-            f"(expected [{out}, {num_groups(inp, group_size)}])"
-        )
-    whole = inp // group_size
-    if whole:
-        w[:, : whole * group_size].unflatten(1, (whole, group_size)).mul_(scales[:, :whole, None])
-    if inp % group_size:
-        w[:, whole * group_size :].mul_(scales[:, whole:])
-    return w
 
 
 def dequantize_codes(

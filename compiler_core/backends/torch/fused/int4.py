@@ -37,7 +37,7 @@ from compiler_core.backends.torch.cuda.tiling import MIN_GROUP_SIZE
 from compiler_core.backends.torch.fused.dense import dequantized_weight, is_int4_groups
 from compiler_core.backends.torch.kernels import Kernel, TorchLowering, dense_linear
 from compiler_core.backends.torch.quant import out_dtype_of
-from compiler_core.formats.int4 import unpack_int4
+from compiler_core.formats.int4 import scale_groups_, unpack_int4
 from compiler_core.lowering import FusedPattern, Match, Pattern
 
 #: Tokens per call up to which the CUDA int4 GEMM is used; larger calls are compute-bound and
@@ -55,14 +55,7 @@ def dequantize_in_dtype(
     Computed in ``dtype``, in place on the codes' temporary: no full-size copy of the scales.
     A code in [-8, 7] times a scale rounds once, so this equals the float32 product rounded.
     """
-    w = unpack_int4(packed).to(dtype)
-    inp = w.shape[1]
-    whole = inp // group_size
-    if whole:
-        w[:, : whole * group_size].unflatten(1, (whole, group_size)).mul_(scales[:, :whole, None])
-    if inp % group_size:
-        w[:, whole * group_size :].mul_(scales[:, whole:])
-    return w
+    return scale_groups_(unpack_int4(packed).to(dtype), scales, group_size)
 
 
 def tinygemm_codes(packed: torch.Tensor, groups: int, group_size: int) -> torch.Tensor:
