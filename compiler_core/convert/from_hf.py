@@ -21,7 +21,6 @@ mapped once and every rank is cut from it. ``--workers N`` converts ranks in N p
 from __future__ import annotations
 
 import contextlib
-import os
 import pickle
 import shutil
 from collections.abc import Callable, Collection, Iterable, Iterator
@@ -44,7 +43,7 @@ from compiler_core.formats.checkpoint import (
 from compiler_core.formats.checkpoint_config import CheckpointConfig
 from compiler_core.formats.fileio import atomic_output_dir, read_json
 from compiler_core.formats.hf_index import weight_files
-from compiler_core.formats.safetensors_header import open_weights, read_header
+from compiler_core.formats.safetensors_header import tensors_of
 from compiler_core.formats.safetensors_io import SafetensorsReader, SafetensorsWriter
 from compiler_core.host import load_registry
 from compiler_core.ir import Graph
@@ -247,12 +246,7 @@ def check_source_weights(
     expected = rank_graph(registry, replace(config, mapping=Mapping()), 0).params
     found: set[str] = set()
     for path in files:
-        fd = open_weights(path)
-        try:
-            header, _ = read_header(fd, str(path))
-        finally:
-            os.close(fd)
-        for name, entry in header.items():
+        for name, entry in tensors_of(path).items():
             meta = torch.empty(entry.shape, dtype=entry.torch_dtype, device="meta")
             for ir_name, t in map_tensors(arch, config, [(name, meta)], str(path), frozenset(expected)):
                 want = expected[ir_name]

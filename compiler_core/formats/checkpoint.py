@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from collections.abc import Mapping as AbcMapping
 from pathlib import Path
@@ -14,7 +13,7 @@ from compiler_core.dtypes import torch_dtype
 from compiler_core.errors import UsageError, WeightFileError
 from compiler_core.formats.checkpoint_config import FORMAT, CheckpointConfig
 from compiler_core.formats.fileio import OutputKind, read_json, write_json
-from compiler_core.formats.safetensors_header import open_weights, read_header
+from compiler_core.formats.safetensors_header import tensors_of
 from compiler_core.formats.safetensors_io import SafetensorsReader, SafetensorsWriter
 
 #: What convert and quantize write; only an earlier checkpoint (or an empty directory) is replaced.
@@ -88,11 +87,7 @@ def check_rank_file(path: Path, params: AbcMapping[str, Any]) -> None:
     """Check a rank file's header against the graph's parameters (name -> IR ``Param``), before it is read."""
     if not Path(path).is_file():
         raise WeightFileError(f"{path}: rank weights not found")
-    fd = open_weights(path)
-    try:
-        header, _ = read_header(fd, str(path))
-    finally:
-        os.close(fd)
+    header = tensors_of(path)
     for name, param in params.items():
         entry = header.get(name)
         if entry is None:

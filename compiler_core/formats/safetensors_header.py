@@ -143,3 +143,12 @@ def open_weights(path: os.PathLike | str) -> int:
         os.close(fd)
         raise WeightFileError(f"{path}: not a regular file")
     return fd
+
+
+def tensors_of(path: os.PathLike | str) -> dict[str, TensorEntry]:
+    """The validated header of the safetensors file ``path``: its tensors, without reading their data."""
+    fd = open_weights(path)
+    try:
+        return read_header(fd, str(path))[0]
+    finally:
+        os.close(fd)
