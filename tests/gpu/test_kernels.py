@@ -23,7 +23,13 @@ import triton.language as tl  # noqa: E402
 
 from compiler_core.backends.torch.cuda.decode_attention import decode_attention  # noqa: E402
 from compiler_core.backends.torch.cuda.fp8_gemm import fp8_linear, round_to_e4m3  # noqa: E402
-from compiler_core.backends.torch.cuda.int4_gemm import int4_linear, prepare_int4_weight  # noqa: E402
+from compiler_core.backends.torch.cuda.int4_gemm import (  # noqa: E402
+    dequantize_int4,
+    int4_linear,
+    prepare_int4_weight,
+)
+from compiler_core.backends.torch.cuda.tiling import Config  # noqa: E402
+from compiler_core.backends.torch.fused.int4 import dequantize_in_dtype  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 BF16_TOL, FP32_TOL = 1e-2, 1e-5
@@ -73,6 +79,58 @@ def test_int4_ragged_padding_is_zero_weight(device):
     got = int4_linear(x.to(device), weight).cpu()
     want = x.double() @ dequantize_packed(packed, scales, group, torch.float64).T
     assert relative_error(got, want) < FP32_TOL
+
+
+#: (config, group): both INT4 GEMM forms (block_k 0: one group per tile, rescaled in float32; else
+#: codes scaled in registers) with K tiles of several groups, exactly one and part of one, explicit
+#: and automatic split-K, row tiles smaller than M.
+INT4_CONFIGS = [
+    (Config(16, 32, 0, 2, 4, 2), 32),
+    (Config(16, 32, 128, 0, 4, 2), 32),
+    (Config(32, 16, 64, 3, 4, 2), 64),
+    (Config(16, 32, 32, 1, 4, 2), 128),
+    (Config(64, 32, 256, 1, 4, 2), 128),
+]
+#: M from 1 to 70 (across 16-, 32- and 64-row tiles and past them).
+INT4_ROWS = (1, 2, 3, 7, 16, 17, 31, 33, 64, 70)
+
+
+@pytest.mark.parametrize(("config", "group"), INT4_CONFIGS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int4_linear_configs(device, config, group, dtype):
+    """Every launch form against float64, with N off the column tile and a ragged last group."""
+    n, k = 40, 3 * group + group // 2  # 40: not a multiple of 16 or 32 columns; K: 3.5 groups
+    gen = torch.Generator().manual_seed(group + config.block_k)
+    codes, scales = quantize_groups(torch.randn(n, k, generator=gen), group, scale_dtype=torch.bfloat16)
+    packed = pack_int4(codes)
+    weight = prepare_int4_weight(packed.to(device), scales.to(dtype).to(device), group)
+    bias = torch.randn(n, generator=gen).to(dtype)
+    w = dequantize_packed(packed, scales, group, torch.float64)
+    for m in INT4_ROWS:
+        x = torch.randn(m, k, generator=gen).to(dtype)
+        got = int4_linear(x.to(device), weight, bias.to(device), config).cpu()
+        want = x.double() @ w.T + bias.double()
+        assert got.shape == (m, n) and got.dtype == dtype
+        assert relative_error(got, want) < (BF16_TOL if dtype == torch.bfloat16 else FP32_TOL), (m, config)
+
+
+def test_int4_linear_rejects_unusable_k_tiles(device):
+    weight = prepare_int4_weight(torch.zeros(8, 32, dtype=torch.int8, device=device), torch.ones(8, 1), 64)
+    with pytest.raises(ValueError, match="block_k 48"):
+        int4_linear(torch.zeros(1, 64, device=device), weight, None, Config(16, 16, 48, 1, 4, 2))
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_dequantize_int4_is_bit_exact(device, group, dtype):
+    """The prefill path's dense weight is dequantize_in_dtype's, bit for bit (ragged last group too)."""
+    n, k = 37, 2 * group + group // 2
+    gen = torch.Generator().manual_seed(group)
+    # Scales of wide range, so that code * scale rounds (ties included) in bfloat16 / float16.
+    scales = (torch.rand(n, 3, generator=gen) * 4 + 0.01).to(dtype)
+    packed = torch.randint(-128, 128, (n, k // 2), generator=gen, dtype=torch.int8)
+    got = dequantize_int4(prepare_int4_weight(packed.to(device), scales.to(device), group), dtype).cpu()
+    assert torch.equal(got, dequantize_in_dtype(packed, scales, group, dtype))
 
 
 def fp8_case(m: int, n: int, k: int, dtype: torch.dtype, gen: torch.Generator):

@@ -54,7 +54,13 @@ def force_triton(monkeypatch, ready: bool) -> None:
 def counted(monkeypatch) -> Counter:
     """Calls of each Triton kernel, with the lowerings told the kernels are ready and faster."""
     calls: Counter = Counter()
-    for module, name in ((fp8_gemm, "fp8_linear"), (decode_attention, "decode_attention"), (int4_gemm, "int4_linear")):
+    wrapped_kernels = (
+        (fp8_gemm, "fp8_linear"),
+        (decode_attention, "decode_attention"),
+        (int4_gemm, "int4_linear"),
+        (int4_gemm, "dequantize_int4"),
+    )
+    for module, name in wrapped_kernels:
         original = getattr(module, name)
 
         def wrapped(*args, _original=original, _name=name, **kwargs):
@@ -144,3 +150,32 @@ def test_one_row_int4_calls_take_the_faster_kernel(monkeypatch, triton_faster):
     kernel(None, torch.zeros(1, 1, 8))
     kernel(None, torch.zeros(2, 1, 8))
     assert taken == (["triton", "triton"] if triton_faster else ["tinygemm", "triton"])
+
+
+@pytest.mark.parametrize("dequant_faster", [True, False])
+def test_int4_prefill_takes_dequantize_and_cublas_from_the_timed_threshold(
+    registry, counted, monkeypatch, dequant_faster
+):
+    """Calls of at least the layer's timed threshold run dequantize_int4 + F.linear, and match the reference."""
+    monkeypatch.setattr(timing, "first_is_faster", lambda first, second, device: dequant_faster)
+    codes, scales = quantize_groups(torch.randn(40, 96), 64, scale_dtype=torch.bfloat16)  # one ragged group
+    weights = {
+        "fc.weight": pack_int4(codes),
+        "fc.weights_scaling_factor": scales,
+        "fc.prequant_scaling_factor": torch.ones(96).bfloat16(),
+        "fc.bias": torch.randn(40).bfloat16(),
+    }
+    executor = GraphExecutor(registry, awq_layer("bfloat16", 40, 96, 64), weights, "cpu")
+    assert counted["dequantize_int4"] == 1  # the load-time bit-exactness check
+    gemm_calls = counted["int4_linear"]
+    rows = int4.PREFILL_PROBE_ROWS[0]
+    x = torch.randn(2, rows // 2 + 1, 96).bfloat16()  # just past the threshold, over two sequences
+    (got,) = executor.run({"x": x}, ForwardContext.for_prompt(torch.ones(2, rows // 2 + 1, dtype=torch.long))).values()
+    want = (
+        x.double() @ dequantize_packed(weights["fc.weight"], scales, 64, torch.float64).T + weights["fc.bias"].double()
+    )
+    assert engines.relative_error(got, want) < 1e-2
+    if dequant_faster:
+        assert (counted["dequantize_int4"], counted["int4_linear"]) == (2, gemm_calls)
+    else:
+        assert (counted["dequantize_int4"], counted["int4_linear"]) == (1, gemm_calls + 1)

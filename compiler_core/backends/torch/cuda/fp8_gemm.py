@@ -17,11 +17,10 @@ import triton.language as tl
 
 from compiler_core.backends.torch.cuda.capability import interpreting
 from compiler_core.backends.torch.cuda.dot import tile_dot
-from compiler_core.backends.torch.cuda.tiling import k_range, plan
+from compiler_core.backends.torch.cuda.tiling import Config, config_for, k_range, resolve
 
 #: A constexpr: the kernels read it (Triton kernels see only constexpr globals).
 E4M3_MAX = tl.constexpr(448.0)
-BLOCK_K = 128
 
 
 @triton.jit
@@ -96,10 +95,12 @@ def fp8_linear(
     w_scale: torch.Tensor,
     x_scale: torch.Tensor,
     bias: torch.Tensor | None = None,
+    config: Config | None = None,
 ) -> torch.Tensor:
     """``sat(x / x_scale) @ weight.T * (x_scale * w_scale) (+ bias)`` in ``x``'s dtype.
 
     ``weight`` is float8_e4m3fn ``[out, in]`` (row-major), the scales float32 tensors of one element.
+    ``config``: the launch (default: the tiling table's row; its ``block_k`` a power of two >= 16).
     """
     lead = x.shape[:-1]
     n, k = weight.shape
@@ -107,8 +108,10 @@ def fp8_linear(
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    k_tiles = -(-k // BLOCK_K)
-    tiling = plan(m, n, k_tiles, x.device)
+    if config is None:
+        config = config_for("fp8", m, n, k)
+    k_tiles = -(-k // config.block_k)
+    tiling = resolve(config, m, n, k_tiles, config.block_k, x.device)
     per_split = k_range(k_tiles, tiling.split_k)
     splits = -(-k_tiles // per_split)
     dtype = x.dtype if splits == 1 else torch.float32
@@ -133,7 +136,7 @@ def fp8_linear(
         BLOCK_M=tiling.block_m,
         BLOCK_N=tiling.block_n,
         HAS_BIAS=bias is not None,
-        BLOCK_K=BLOCK_K,
+        BLOCK_K=tiling.block_k,
         WIDEN=interpreting(),
         num_warps=tiling.num_warps,
         num_stages=tiling.num_stages,

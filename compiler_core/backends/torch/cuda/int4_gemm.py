@@ -1,20 +1,30 @@
-"""INT4 weight-only GEMM for every M: the packed weight and its group scales are read directly.
+"""INT4 weight-only GEMM for every M, and the one-pass dequantization behind prefill.
 
 The weight layout is the checkpoint's (``plugins/quant_awq/int4.py``): int8 ``[out, in / 2]``,
 byte ``j`` of a row holding code ``2j`` in its low nibble and ``2j + 1`` in its high nibble, one
 scale per group of ``group_size`` input channels. :func:`prepare_int4_weight` pads each row once,
 at lowering time, to whole groups with zero codes (falcon-7b's 4544 inputs are 35 groups of 128
-and a ragged one of 64), so every K tile of the kernel is one whole group; the activation is
-never padded: its loads past ``in_features`` are masked to zero.
+and a ragged one of 64); the activation is never padded: its loads past ``in_features`` are
+masked to zero, and so are the weight loads past the padded row when a K tile spans several groups.
 
-Per K tile (one group) a program unpacks the codes in registers, multiplies them (exact small
-integers in the activation dtype) with the activation tile on the tensor cores, and scales the
-partial product by the group's scale in float32, so the weight is never dequantized to memory.
+The GEMM has two forms, chosen per launch by the tiling table (:mod:`.tiling`, ``block_k``):
+
+* ``block_k == 0`` (the original form): each K tile is one group; the codes (exact small integers
+  in the activation dtype) meet the activation on the tensor cores and the partial product is
+  scaled by the group's scale in float32.
+* ``block_k > 0``: the codes are scaled in registers into the compute dtype, ``(code * scale)``
+  rounded once, which is exactly the reference dequantization (``dequantize_in_dtype``), so one
+  tensor-core product covers a K tile of several groups (or part of one) and the per-group
+  float32 rescale of the accumulator disappears. ``block_k`` must be a multiple of the group
+  size or divide it.
+
 (A variant that built the floats from bit patterns and split the activation into even and odd
 columns, to avoid integer-to-float conversions and the interleave, measured slower on an H200 at
 every M: see docs/PERFORMANCE.md.)
-Small M splits the K loop across programs (see :mod:`.tiling`); the partial sums are added in
-float32 afterwards.
+Small M splits the K loop across programs; the partial sums are added in float32 afterwards.
+
+:func:`dequantize_int4` writes the dense weight in the compute dtype with one kernel, bit-exact
+with ``dequantize_in_dtype``: prefill calls (compute-bound) run it and then cuBLAS.
 """
 
 from __future__ import annotations
@@ -28,7 +38,11 @@ import triton.language as tl
 
 from compiler_core.backends.torch.cuda.capability import interpreting
 from compiler_core.backends.torch.cuda.dot import tile_dot
-from compiler_core.backends.torch.cuda.tiling import MIN_GROUP_SIZE, k_range, plan
+from compiler_core.backends.torch.cuda.tiling import MIN_GROUP_SIZE, Config, config_for, k_range, resolve
+
+#: Columns of the dense weight one dequantization program writes per row block (at least one group).
+DEQUANT_BLOCK_K = 128
+DEQUANT_BLOCK_N = 32
 
 
 @dataclass(frozen=True)
@@ -44,6 +58,11 @@ class Int4Weight:
     def out_features(self) -> int:
         return self.packed.shape[0]
 
+    @property
+    def padded_in(self) -> int:
+        """The row length in codes after padding to whole groups."""
+        return self.packed.shape[1] * 2
+
 
 def prepare_int4_weight(packed: torch.Tensor, scales: torch.Tensor, group_size: int) -> Int4Weight:
     """The kernel's operands of a checkpoint int4 weight (``[out, in / 2]`` int8, ``[out, groups]`` scales)."""
@@ -52,6 +71,45 @@ def prepare_int4_weight(packed: torch.Tensor, scales: torch.Tensor, group_size: 
     # A zero byte holds two zero codes: the padded inputs meet a weight of exactly 0.
     padded = F.pad(packed, (0, pad_codes // 2)) if pad_codes else packed
     return Int4Weight(padded.contiguous(), scales.float().contiguous(), in_features, group_size)
+
+
+@triton.jit
+def _unpack(p):
+    """int8 bytes ``[R, C]`` -> int32 codes ``[R, 2C]`` (low nibble first), sign-extended."""
+    p = p.to(tl.int32)  # sign-extends the byte: its high nibble is then p >> 4 (arithmetic)
+    return tl.interleave((p << 28) >> 28, p >> 4)
+
+
+@triton.jit
+def _cast(v, dtype: tl.constexpr, EXACT_BF16: tl.constexpr):
+    """float32 ``v`` rounded to nearest even in ``dtype``.
+
+    A GPU's float32 -> bfloat16 conversion rounds to nearest even; Triton 3.6's interpreter
+    truncates. ``EXACT_BF16`` (set under the interpreter) rounds on the bit pattern first, so the
+    conversion that follows is exact there too (finite values only, as products of codes and
+    scales are).
+    """
+    if EXACT_BF16 and dtype == tl.bfloat16:
+        bits = v.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536  # -65536 = 0xFFFF0000: sign, exponent, 7 bits
+        v = bits.to(tl.float32, bitcast=True)
+    return v.to(dtype)
+
+
+@triton.jit
+def _scaled(codes, s_ptr, rn, n_ok, stride_sn, k0, groups, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+    """float32 ``codes [BLOCK_N, BLOCK_K]`` (K columns from ``k0``) times their groups' scales."""
+    if BLOCK_K >= GROUP:
+        # Whole groups per tile: one scale per (row, group), broadcast over the group's columns.
+        PER_TILE: tl.constexpr = BLOCK_K // GROUP
+        g = k0 // GROUP + tl.arange(0, PER_TILE)
+        s = tl.load(s_ptr + rn[:, None] * stride_sn + g[None, :], mask=n_ok[:, None] & (g[None, :] < groups), other=0.0)
+        out = tl.reshape(tl.reshape(codes, (codes.shape[0], PER_TILE, GROUP)) * s[:, :, None], codes.shape)
+    else:
+        # The tile lies inside one group.
+        s = tl.load(s_ptr + rn * stride_sn + k0 // GROUP, mask=n_ok, other=0.0)
+        out = codes * s[:, None]
+    return out
 
 
 @triton.jit
@@ -64,6 +122,7 @@ def _int4_gemm_kernel(
     M,
     N,
     K,
+    K_PADDED,
     stride_xm,
     stride_wn,
     stride_sn,
@@ -74,6 +133,8 @@ def _int4_gemm_kernel(
     GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SCALE_CODES: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     WIDEN: tl.constexpr,
 ):
@@ -82,23 +143,33 @@ def _int4_gemm_kernel(
     pid_k = tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, GROUP)
-    rb = tl.arange(0, GROUP // 2)
+    rk = tl.arange(0, BLOCK_K)
+    rb = tl.arange(0, BLOCK_K // 2)
     m_ok = rm < M
     n_ok = rn < N
+    groups = K_PADDED // GROUP
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     first = pid_k * tiles_per_split
     last = tl.minimum(first + tiles_per_split, k_tiles)
     for t in range(first, last):
-        k = t * GROUP + rk
+        k0 = t * BLOCK_K
+        k = k0 + rk
         x = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & (k[None, :] < K), other=0.0)
-        p = tl.load(w_ptr + rn[:, None] * stride_wn + t * (GROUP // 2) + rb[None, :], mask=n_ok[:, None], other=0)
-        p = p.to(tl.int32)  # sign-extends the byte: its high nibble is then p >> 4 (arithmetic)
-        lo = (p << 28) >> 28
-        hi = p >> 4
-        codes = tl.interleave(lo, hi).to(tl.float32).to(x.dtype)
-        scale = tl.load(s_ptr + rn * stride_sn + t, mask=n_ok, other=0.0)
-        acc += tile_dot(x, tl.trans(codes), WIDEN) * scale[None, :]
+        b = t * (BLOCK_K // 2) + rb
+        p = tl.load(
+            w_ptr + rn[:, None] * stride_wn + b[None, :],
+            mask=n_ok[:, None] & (b[None, :] < K_PADDED // 2),
+            other=0,
+        )
+        codes = _unpack(p).to(tl.float32)
+        if SCALE_CODES:
+            # (code * scale) is exact in float32 (a 4-bit times a bf16/fp16 significand); the cast
+            # rounds it once, as dequantize_in_dtype does.
+            w = _cast(_scaled(codes, s_ptr, rn, n_ok, stride_sn, k0, groups, GROUP, BLOCK_K), x.dtype, WIDEN)
+            acc += tile_dot(x, tl.trans(w), WIDEN)
+        else:
+            scale = tl.load(s_ptr + rn * stride_sn + t, mask=n_ok, other=0.0)
+            acc += tile_dot(x, tl.trans(codes.to(x.dtype)), WIDEN) * scale[None, :]
     if HAS_BIAS:
         # Only the first K split adds the bias: the splits' partial sums are added afterwards.
         acc += tl.load(bias_ptr + rn, mask=n_ok & (pid_k == 0), other=0.0).to(tl.float32)[None, :]
@@ -106,9 +177,18 @@ def _int4_gemm_kernel(
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def int4_linear(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+def check_config(config: Config, group_size: int) -> None:
+    """Raise ValueError unless ``config`` can run the INT4 GEMM at ``group_size``."""
+    bk = config.block_k
+    if bk and (bk < 16 or bk & (bk - 1) or (bk % group_size and group_size % bk)):
+        raise ValueError(f"block_k {bk}: not 0, nor a power of two >= 16 dividing or a multiple of {group_size}")
+
+
+def int4_linear(
+    x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None = None, config: Config | None = None
+) -> torch.Tensor:
     """``x @ W.T (+ bias)`` for the int4 weight ``W``; ``x [..., in_features]`` in bfloat16, float16 or float32
-    (group size at least :data:`MIN_GROUP_SIZE`)."""
+    (group size at least :data:`MIN_GROUP_SIZE`). ``config``: the launch (default: the tiling table's)."""
     if weight.group_size < MIN_GROUP_SIZE:
         raise ValueError(f"group size {weight.group_size} is below the kernel's minimum {MIN_GROUP_SIZE}")
     lead = x.shape[:-1]
@@ -116,14 +196,16 @@ def int4_linear(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None =
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m, n = x2.shape[0], weight.out_features
-    k_tiles = weight.packed.shape[1] * 2 // weight.group_size
-    tiling = plan(m, n, k_tiles, x.device)
+    if config is None:
+        config = config_for("int4", m, n, weight.in_features)
+    check_config(config, weight.group_size)
+    block_k = config.block_k or weight.group_size
+    k_tiles = -(-weight.padded_in // block_k)
+    tiling = resolve(config, m, n, k_tiles, block_k, x.device)
     per_split = k_range(k_tiles, tiling.split_k)
     splits = -(-k_tiles // per_split)
-    if splits == 1:
-        y = torch.empty((1, m, n), dtype=x.dtype, device=x.device)
-    else:
-        y = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
+    dtype = x.dtype if splits == 1 else torch.float32
+    y = torch.empty((splits, m, n), dtype=dtype, device=x.device)
     grid = (-(-n // tiling.block_n), -(-m // tiling.block_m), splits)
     _int4_gemm_kernel[grid](
         x2,
@@ -134,6 +216,7 @@ def int4_linear(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None =
         m,
         n,
         weight.in_features,
+        weight.padded_in,
         x2.stride(0),
         weight.packed.stride(0),
         weight.scales.stride(0),
@@ -144,6 +227,8 @@ def int4_linear(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None =
         GROUP=weight.group_size,
         BLOCK_M=tiling.block_m,
         BLOCK_N=tiling.block_n,
+        BLOCK_K=block_k,
+        SCALE_CODES=config.block_k > 0,
         HAS_BIAS=bias is not None,
         WIDEN=interpreting(),
         num_warps=tiling.num_warps,
@@ -151,3 +236,63 @@ def int4_linear(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None =
     )
     out = y[0] if splits == 1 else y.sum(0).to(x.dtype)
     return out.reshape(*lead, n)
+
+
+@triton.jit
+def _int4_dequant_kernel(
+    w_ptr,
+    s_ptr,
+    out_ptr,
+    N,
+    K,
+    K_PADDED,
+    stride_wn,
+    stride_sn,
+    stride_on,
+    GROUP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EXACT_BF16: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    k0 = pid_k * BLOCK_K
+    k = k0 + tl.arange(0, BLOCK_K)
+    b = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+    b_ok = b[None, :] < K_PADDED // 2
+    p = tl.load(w_ptr + rn[:, None] * stride_wn + b[None, :], mask=n_ok[:, None] & b_ok, other=0)
+    codes = _unpack(p).to(tl.float32)
+    w = _scaled(codes, s_ptr, rn, n_ok, stride_sn, k0, K_PADDED // GROUP, GROUP, BLOCK_K)
+    # Exact in float32, rounded once by the cast: dequantize_in_dtype's rounding.
+    w = _cast(w, out_ptr.dtype.element_ty, EXACT_BF16)
+    tl.store(out_ptr + rn[:, None] * stride_on + k[None, :], w, mask=n_ok[:, None] & (k[None, :] < K))
+
+
+def dequantize_int4(weight: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """The dense ``[out, in_features]`` weight in ``dtype`` (one kernel; bit-exact with ``dequantize_in_dtype``
+    on the same scales in ``dtype``)."""
+    n, k = weight.out_features, weight.in_features
+    out = torch.empty((n, k), dtype=dtype, device=weight.packed.device)
+    block_k = max(DEQUANT_BLOCK_K, weight.group_size)  # whole groups per tile
+    if block_k % weight.group_size:
+        raise ValueError(f"group size {weight.group_size} does not divide the dequantization tile {block_k}")
+    grid = (-(-n // DEQUANT_BLOCK_N), -(-k // block_k))
+    _int4_dequant_kernel[grid](
+        weight.packed,
+        weight.scales,
+        out,
+        n,
+        k,
+        weight.padded_in,
+        weight.packed.stride(0),
+        weight.scales.stride(0),
+        out.stride(0),
+        GROUP=weight.group_size,
+        BLOCK_N=DEQUANT_BLOCK_N,
+        BLOCK_K=block_k,
+        EXACT_BF16=interpreting(),
+        num_warps=4,
+    )
+    return out

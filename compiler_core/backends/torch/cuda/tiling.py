@@ -1,9 +1,15 @@
-"""Tile shapes and split-K factors of the GEMM kernels, chosen from the problem size.
+"""Tile shapes and split-K factors of the GEMM kernels, read from one table by kernel, size and M.
 
 Small-M GEMMs (decode) are weight-streaming problems: one tile of rows and a narrow column block
 per program leaves most multiprocessors idle for the qkv and dense shapes, so the K loop is split
 across programs until there are a few programs per multiprocessor, and the partial sums are added
 afterwards. Large-M GEMMs (prefill) are compute-bound and take square tiles without a split.
+
+:data:`TABLE` is the only place launch parameters are kept: ``TABLE[kernel][size class]`` is a
+list of ``(largest M, Config)`` rows, the first row whose M bound covers the call wins. The size
+class (:func:`size_class`) separates the 4.5k x 4.5k attention linears from the 4.5k x 18k MLP
+ones, whose best split differs in principle; both classes hold the same values until an H200 sweep
+(``bench/gpu_tune.py``, which prints a table in this form) says otherwise.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-#: Programs per multiprocessor a split-K plan aims for (enough loads in flight to stream memory).
+#: Programs per multiprocessor an automatic split-K plan aims for (enough loads in flight to stream memory).
 PROGRAMS_PER_SM = 4
 #: Multiprocessors assumed under the interpreter (small, so that tests exercise split-K).
 INTERPRETER_SMS = 4
@@ -20,14 +26,41 @@ INTERPRETER_SMS = 4
 #: results were wrong on an H200 (cause not found; float32 and groups of 32+ were right), and
 #: tinygemm's smallest group is 32 as well.
 MIN_GROUP_SIZE = 32
+#: Split-K cap of the automatic plan (more splits add float32 partial sums to write and add).
+MAX_AUTO_SPLIT = 16
+#: Weights of at least this many elements (out x in) are "large" (falcon-7b's fc/proj: 82.6M;
+#: qkv/dense: 21.2M).
+LARGE_WEIGHT = 1 << 26
+#: Largest M bound in the table (every call is covered).
+ANY_M = 1 << 62
+
+
+@dataclass(frozen=True)
+class Config:
+    """One row of :data:`TABLE`: launch parameters of a GEMM kernel.
+
+    ``block_k``: the K tile. For the FP8 GEMM any power of two >= 16. For the INT4 GEMM, 0 means
+    one group per K tile with the partial sum rescaled per group in float32 (the original form);
+    a power of two >= 16 means the codes are scaled into the compute dtype in registers, so one
+    tile may span several groups or part of one. ``split_k``: K splits, 0 = automatic
+    (:data:`PROGRAMS_PER_SM` programs per multiprocessor, capped at :data:`MAX_AUTO_SPLIT`).
+    """
+
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int
+    num_stages: int
 
 
 @dataclass(frozen=True)
 class Tiling:
-    """One launch's tile shape (rows x columns; K tiles are the kernel's own) and split-K factor."""
+    """One launch's tile shape, K tile and resolved split-K factor."""
 
     block_m: int
     block_n: int
+    block_k: int
     split_k: int
     num_warps: int
     num_stages: int
@@ -37,6 +70,30 @@ class Tiling:
         return (-(-n // self.block_n), -(-m // self.block_m), self.split_k)
 
 
+def _rows(decode: Config, small_batch: Config, prefill: Config) -> tuple[tuple[int, Config], ...]:
+    return ((16, decode), (64, small_batch), (ANY_M, prefill))
+
+
+# The values measured before the table existed (docs/PERFORMANCE.md, "GPU fast path"), for every
+# size class; replace rows with bench/gpu_tune.py's suggestions from the device.
+_INT4 = _rows(Config(16, 64, 0, 0, 4, 4), Config(64, 64, 0, 0, 4, 3), Config(128, 128, 0, 1, 8, 3))
+_FP8 = _rows(Config(16, 64, 128, 0, 4, 4), Config(64, 64, 128, 0, 4, 3), Config(128, 128, 128, 1, 8, 3))
+TABLE: dict[str, dict[str, tuple[tuple[int, Config], ...]]] = {
+    "int4": {"small": _INT4, "large": _INT4},
+    "fp8": {"small": _FP8, "large": _FP8},
+}
+
+
+def size_class(n: int, k: int) -> str:
+    """``"large"`` for weights of at least :data:`LARGE_WEIGHT` elements, else ``"small"``."""
+    return "large" if n * k >= LARGE_WEIGHT else "small"
+
+
+def config_for(kernel: str, m: int, n: int, k: int) -> Config:
+    """The :data:`TABLE` row of ``kernel`` (``"int4"`` / ``"fp8"``) for an [m, k] x [k, n] GEMM."""
+    return next(config for max_m, config in TABLE[kernel][size_class(n, k)] if m <= max_m)
+
+
 def multiprocessors(device: torch.device) -> int:
     """The device's multiprocessor count (:data:`INTERPRETER_SMS` off CUDA)."""
     if device.type != "cuda":
@@ -44,20 +101,18 @@ def multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def plan(m: int, n: int, k_tiles: int, device: torch.device) -> Tiling:
-    """The tiling of an [m, n] output whose K loop has ``k_tiles`` tiles."""
-    if m <= 16:
-        block_m, block_n, warps, stages = 16, 64, 4, 4
-    elif m <= 64:
-        block_m, block_n, warps, stages = 64, 64, 4, 3
-    else:
-        block_m, block_n, warps, stages = 128, 128, 8, 3
-    blocks = -(-n // block_n) * -(-m // block_m)
-    split = 1
-    if m <= 64:
-        wanted = PROGRAMS_PER_SM * multiprocessors(device)
-        split = max(1, min(k_tiles, wanted // blocks, 16))
-    return Tiling(block_m, block_n, split, warps, stages)
+def resolve(config: Config, m: int, n: int, k_tiles: int, block_k: int, device: torch.device) -> Tiling:
+    """The launch of ``config`` for an [m, n] output whose K loop has ``k_tiles`` tiles of ``block_k``.
+
+    An automatic split-K (0) aims at :data:`PROGRAMS_PER_SM` programs per multiprocessor; any
+    split is capped at ``k_tiles`` (one tile per split at least).
+    """
+    split = config.split_k
+    if split == 0:
+        blocks = -(-n // config.block_n) * -(-m // config.block_m)
+        split = max(1, min(MAX_AUTO_SPLIT, PROGRAMS_PER_SM * multiprocessors(device) // blocks))
+    split = max(1, min(split, k_tiles))
+    return Tiling(config.block_m, config.block_n, block_k, split, config.num_warps, config.num_stages)
 
 
 def k_range(k_tiles: int, split_k: int) -> int:

@@ -8,10 +8,12 @@ CUDA: the weight stays int4 in device memory (a quarter of the fp16 bytes).
 
 * Models in bfloat16, float16 or float32 with groups of 32+ on sm_89+ GPUs with Triton installed
   use the Triton INT4 GEMM (``compiler_core/backends/torch/cuda/int4_gemm.py``): it reads the
-  packed weight and scales directly at every M (split-K at decode, tiled at prefill). A ragged
-  layer's rows are padded to whole groups once, at lowering time. Each layer compares it once
-  with the reference dequantization on probe inputs and falls back (with a warning) to the paths
-  below; one-row calls take tinygemm instead where that measured faster at load time.
+  packed weight and scales directly (split-K at decode). A ragged layer's rows are padded to
+  whole groups once, at lowering time. Each layer compares it once with the reference
+  dequantization on probe inputs and falls back (with a warning) to the paths below; one-row
+  calls take tinygemm instead where that measured faster at load time. Calls of many rows
+  (prefill, from a threshold each layer times at load) dequantize the weight with one Triton
+  kernel into a temporary and run cuBLAS (see :func:`triton_int4_kernel`).
 * Otherwise, bfloat16 models with group size 32/64/128/256 use PyTorch's int4 GEMM
   (``aten._weight_int4pack_mm``, the "tinygemm" kernel behind gpt-fast and torchao) for calls
   of at most ``TINYGEMM_MAX_ROWS`` tokens (decode): it reads the packed weight directly. Its
@@ -164,34 +166,82 @@ def int4_gemm(match: Match, low: TorchLowering) -> Kernel:
     return fallback
 
 
+#: Row counts at which each layer times dequantize + cuBLAS against the Triton GEMM at lowering:
+#: the smallest where the former is faster becomes the layer's prefill threshold. A dense GEMM of
+#: M rows costs ~M x the weight's FLOPs while the dequantization is a fixed ~2.5 bytes per weight
+#: (int4 read, bf16 written), so once cuBLAS wins at some M it wins at every larger M; two probes
+#: bound where that happens without timing every M (on an H200 the Triton GEMM lost to it at
+#: 1024 rows by ~3x: docs/PERFORMANCE.md).
+PREFILL_PROBE_ROWS = (128, 512)
+
+
 def triton_int4_kernel(
     packed: torch.Tensor, scales: torch.Tensor, group_size: int, bias: torch.Tensor | None, name: str
 ) -> Kernel | None:
-    """The Triton INT4 GEMM kernel of one layer, or None (with a warning) if it fails or disagrees
-    with the reference dequantization on probe inputs (``scales`` in the compute dtype)."""
-    from compiler_core.backends.torch.cuda.int4_gemm import int4_linear, prepare_int4_weight
+    """The Triton INT4 kernel of one layer, or None (with a warning) if it fails or disagrees
+    with the reference dequantization on probe inputs (``scales`` in the compute dtype).
 
+    Calls of at least the layer's prefill threshold (see :data:`PREFILL_PROBE_ROWS`; stored as the
+    kernel's ``prefill_rows``, None for never) dequantize the weight with one Triton kernel into a
+    temporary in the compute dtype (bit-exact with :func:`dequantize_in_dtype`, checked here) and
+    run cuBLAS on it; smaller calls run the Triton INT4 GEMM.
+    """
+    from compiler_core.backends.torch.cuda.int4_gemm import dequantize_int4, int4_linear, prepare_int4_weight
+
+    dtype = scales.dtype
     weight = prepare_int4_weight(packed, scales, group_size)
+    reference = dequantize_in_dtype(packed, scales, group_size, dtype)
 
-    def int4_kernel(ctx, x: torch.Tensor) -> torch.Tensor:
+    def int4_gemm_kernel(ctx, x: torch.Tensor) -> torch.Tensor:
         return int4_linear(x, weight, bias)
 
-    dense = dequantize_in_dtype(packed, scales, group_size, scales.dtype).float()
+    def dequant_kernel(ctx, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, dequantize_int4(weight, dtype), bias)
+
+    dense = reference.float()
     gen = torch.Generator(device=packed.device).manual_seed(0)
     try:
         for rows in TRITON_PROBE_ROWS:
-            probe = torch.randn(rows, weight.in_features, generator=gen, device=packed.device).to(scales.dtype)
+            probe = torch.randn(rows, weight.in_features, generator=gen, device=packed.device).to(dtype)
             want = probe.float() @ dense.T
             if bias is not None:
                 want = want + bias.float()
-            got = int4_kernel(None, probe).float()
+            got = int4_gemm_kernel(None, probe).float()
             if not torch.allclose(got, want, rtol=2e-2, atol=2e-2 * float(want.abs().max())):
                 warnings.warn(f"{name}: the Triton int4 GEMM disagrees with the reference; not using it", stacklevel=2)
                 return None
     except Exception as exc:  # a Triton compile or launch failure on this GPU: keep the other kernels
         warnings.warn(f"{name}: the Triton int4 GEMM failed ({type(exc).__name__}: {exc}); not using it", stacklevel=2)
         return None
+    prefill_rows = prefill_threshold(weight, reference, int4_gemm_kernel, dequant_kernel, name)
+
+    def int4_kernel(ctx, x: torch.Tensor) -> torch.Tensor:
+        if prefill_rows is not None and x.numel() >= prefill_rows * x.shape[-1]:
+            return dequant_kernel(ctx, x)
+        return int4_gemm_kernel(ctx, x)
+
+    int4_kernel.prefill_rows = prefill_rows  # type: ignore[attr-defined]  # for tests and benchmarks
     return int4_kernel
+
+
+def prefill_threshold(weight, reference: torch.Tensor, gemm: Kernel, dequant: Kernel, name: str) -> int | None:
+    """The smallest of :data:`PREFILL_PROBE_ROWS` at which ``dequant`` (dequantize + cuBLAS) times
+    faster than ``gemm``, or None: never, also when the dequantization kernel fails or is not
+    bit-exact with ``reference`` (with a warning)."""
+    from compiler_core.backends.torch.cuda import int4_gemm
+    from compiler_core.backends.torch.cuda.timing import first_is_faster
+
+    try:
+        if not torch.equal(int4_gemm.dequantize_int4(weight, reference.dtype), reference):
+            warnings.warn(f"{name}: the int4 dequantization kernel disagrees with the reference", stacklevel=3)
+            return None
+        for rows in PREFILL_PROBE_ROWS:
+            probe = torch.randn(1, rows, weight.in_features, device=reference.device).to(reference.dtype)
+            if first_is_faster(lambda p=probe: dequant(None, p), lambda p=probe: gemm(None, p), reference.device):
+                return rows
+    except Exception as exc:  # a compile, launch or capture failure: prefill keeps the Triton GEMM
+        warnings.warn(f"{name}: the int4 prefill path failed ({type(exc).__name__}: {exc}); not using it", stacklevel=3)
+    return None
 
 
 def with_faster_gemv(triton_kernel: Kernel, fallback: Kernel, probe: torch.Tensor) -> Kernel:
