@@ -8,8 +8,8 @@ afterwards. Large-M GEMMs (prefill) are compute-bound and take square tiles with
 :data:`TABLE` is the only place launch parameters are kept: ``TABLE[kernel][size class]`` is a
 list of ``(largest M, Config)`` rows, the first row whose M bound covers the call wins. The size
 class (:func:`size_class`) separates the 4.5k x 4.5k attention linears from the 4.5k x 18k MLP
-ones, whose best split differs in principle; both classes hold the same values until an H200 sweep
-(``bench/gpu_tune.py``, which prints a table in this form) says otherwise.
+ones, whose best splits differ; the values come from an H200 sweep (``bench/gpu_tune.py``, which
+prints a table in this form).
 """
 
 from __future__ import annotations
@@ -70,17 +70,44 @@ class Tiling:
         return (-(-n // self.block_n), -(-m // self.block_m), self.split_k)
 
 
-def _rows(decode: Config, small_batch: Config, prefill: Config) -> tuple[tuple[int, Config], ...]:
-    return ((16, decode), (64, small_batch), (ANY_M, prefill))
-
-
-# The values measured before the table existed (docs/PERFORMANCE.md, "GPU fast path"), for every
-# size class; replace rows with bench/gpu_tune.py's suggestions from the device.
-_INT4 = _rows(Config(16, 64, 0, 0, 4, 4), Config(64, 64, 0, 0, 4, 3), Config(128, 128, 0, 1, 8, 3))
-_FP8 = _rows(Config(16, 64, 128, 0, 4, 4), Config(64, 64, 128, 0, 4, 3), Config(128, 128, 128, 1, 8, 3))
+# Measured on one NVIDIA H200 by bench/gpu_tune.py (falcon-7b's linears, 2026-12-02; the search and
+# its table are in docs/PERFORMANCE.md): "small" from qkv/dense, "large" from fc/proj. Rows above 64
+# (prefill) keep the square tiles measured before the sweep; INT4 prefill mostly takes the
+# dequantize + cuBLAS path instead (fused/int4.py).
 TABLE: dict[str, dict[str, tuple[tuple[int, Config], ...]]] = {
-    "int4": {"small": _INT4, "large": _INT4},
-    "fp8": {"small": _FP8, "large": _FP8},
+    "int4": {
+        "small": (
+            (2, Config(16, 64, 0, 8, 4, 3)),
+            (8, Config(16, 64, 128, 8, 4, 3)),
+            (16, Config(16, 64, 0, 8, 4, 3)),
+            (32, Config(32, 64, 128, 8, 4, 3)),
+            (64, Config(64, 64, 128, 8, 4, 3)),
+            (ANY_M, Config(128, 128, 0, 1, 8, 3)),
+        ),
+        "large": (
+            (1, Config(16, 64, 0, 16, 4, 3)),
+            (8, Config(16, 64, 128, 16, 4, 3)),
+            (16, Config(16, 64, 0, 16, 4, 3)),
+            (32, Config(32, 64, 256, 4, 4, 2)),
+            (64, Config(64, 64, 128, 0, 4, 4)),
+            (ANY_M, Config(128, 128, 0, 1, 8, 3)),
+        ),
+    },
+    "fp8": {
+        "small": (
+            (32, Config(16, 128, 64, 8, 4, 3)),
+            (64, Config(64, 128, 64, 8, 8, 5)),
+            (ANY_M, Config(128, 128, 128, 1, 8, 3)),
+        ),
+        "large": (
+            (1, Config(16, 64, 128, 16, 4, 3)),
+            (4, Config(16, 128, 128, 16, 8, 5)),
+            (16, Config(16, 64, 128, 16, 4, 3)),
+            (32, Config(16, 128, 64, 16, 4, 3)),
+            (64, Config(64, 128, 64, 4, 8, 5)),
+            (ANY_M, Config(128, 128, 128, 1, 8, 3)),
+        ),
+    },
 }
 
 
