@@ -7,6 +7,7 @@ kernel ``fn(ctx, *inputs) -> output``. Weights are looked up once, at lowering t
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -79,7 +80,45 @@ def lower_embedding(node: Node, low: TorchLowering) -> Kernel:
 
 def lower_layer_norm(node: Node, low: TorchLowering) -> Kernel:
     weight, bias, eps = low.param(node, "weight"), low.param(node, "bias"), float(node.attrs["eps"])
-    return lambda ctx, x: F.layer_norm(x, weight.shape, weight, bias, eps)
+
+    def torch_layer_norm(ctx: ForwardContext, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, weight.shape, weight, bias, eps)
+
+    if triton_ready(low.device):
+        fast = triton_layer_norm(node.name, weight, bias, eps, low.compute_dtype, torch_layer_norm)
+        if fast is not None:
+            return fast
+    return torch_layer_norm
+
+
+def triton_layer_norm(
+    name: str, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, dtype: torch.dtype, reference: Kernel
+) -> Kernel | None:
+    """The one-program-per-row Triton LayerNorm (``cuda/layer_norm.py``), or None (with a warning) when
+    the row does not fit it, or it fails or disagrees with ``reference`` on a probe."""
+    from compiler_core.backends.torch.cuda import layer_norm as triton_ln
+
+    if not triton_ln.supported(weight.shape[0]):
+        return None
+
+    def layer_norm(ctx: ForwardContext, x: torch.Tensor) -> torch.Tensor:
+        return triton_ln.layer_norm(x, weight, bias, eps)
+
+    gen = torch.Generator(device=weight.device).manual_seed(0)
+    probe = (torch.randn(3, weight.shape[0], generator=gen, device=weight.device) * 4 + 1).to(dtype)
+    try:
+        got, want = layer_norm(None, probe).float(), reference(None, probe).float()
+    except Exception as exc:  # a Triton compile or launch failure on this GPU: keep the torch kernel
+        warnings.warn(
+            f"node {name}: the Triton LayerNorm failed ({type(exc).__name__}: {exc}); not using it", stacklevel=3
+        )
+        return None
+    # Statistics summed in another order than ATen's: an ulp of the activation dtype at most.
+    ulp = torch.finfo(dtype).eps
+    if not torch.allclose(got, want, rtol=2 * ulp, atol=2 * ulp * float(want.abs().max())):
+        warnings.warn(f"node {name}: the Triton LayerNorm disagrees with the reference; not using it", stacklevel=3)
+        return None
+    return layer_norm
 
 
 def lower_rms_norm(node: Node, low: TorchLowering) -> Kernel:

@@ -22,6 +22,7 @@ and rounded to nearest even):
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -153,6 +154,31 @@ def _quantize(x: torch.Tensor, a_scale: torch.Tensor) -> torch.Tensor:
     return quantize_codes(x, a_scale, _FP8_PER_TENSOR)
 
 
+def activation_quantizer(a_scale: torch.Tensor, compute: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> FP8 codes of x / a_scale``: the one-kernel Triton quantization where it is ready and gives
+    the same codes as the torch expression on a probe (every E4M3 boundary and tie, saturation), else
+    the torch expression (four elementwise kernels)."""
+    if not triton_ready(a_scale.device):
+        return lambda x: _quantize(x, a_scale)
+    from compiler_core.backends.torch.cuda.fp8_quant import quantize_e4m3
+
+    codes = torch.arange(256, dtype=torch.uint8, device=a_scale.device).view(torch.float8_e4m3fn).float()
+    codes = codes[codes.isfinite()]
+    # Every code, the midpoints between neighbours (ties), values past saturation, times the scale.
+    midpoints = (codes.sort().values[1:] + codes.sort().values[:-1]) / 2
+    probe = (torch.cat([codes, midpoints, torch.tensor([500.0, -1e4], device=a_scale.device)]) * a_scale).to(compute)
+    try:
+        same = torch.equal(quantize_e4m3(probe, a_scale).view(torch.uint8), _quantize(probe, a_scale).view(torch.uint8))
+    except Exception as exc:  # a Triton compile or launch failure on this GPU: keep the torch expression
+        warnings.warn(f"the Triton FP8 quantization failed ({type(exc).__name__}: {exc}); not using it", stacklevel=3)
+        same = None
+    if same is False:
+        warnings.warn("the Triton FP8 quantization disagrees with the torch expression; not using it", stacklevel=3)
+    if not same:
+        return lambda x: _quantize(x, a_scale)
+    return lambda x: quantize_e4m3(x, a_scale)
+
+
 def emulated_kernel(weight, bias, w_scale, a_scale, compute) -> Kernel:
     """The FP8 GEMM on widened codes (any device)."""
     gemm_dtype = torch.float32 if compute == torch.float16 else compute
@@ -170,13 +196,14 @@ def emulated_kernel(weight, bias, w_scale, a_scale, compute) -> Kernel:
 
 
 def scaled_mm_kernel(weight, bias, w_scale, a_scale, compute) -> Kernel:
-    """The FP8 GEMM through ``torch._scaled_mm``."""
+    """The FP8 GEMM through ``torch._scaled_mm``, its activation quantized by :func:`activation_quantizer`."""
     # _scaled_mm wants the second operand column-major: the transpose of the row-major [out, in] weight.
     weight_t = weight.t()
+    quantize = activation_quantizer(a_scale, compute)
 
     def fp8_gemm(ctx, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        xq = _quantize(x.reshape(-1, x.shape[-1]), a_scale)
+        xq = quantize(x.reshape(-1, x.shape[-1]))
         y = torch._scaled_mm(xq, weight_t, scale_a=a_scale, scale_b=w_scale, out_dtype=compute)
         if bias is not None:
             y = y + bias
