@@ -28,7 +28,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 from compiler_core.backends.torch import kernels  # noqa: E402
-from compiler_core.backends.torch.cuda import decode_attention, fp8_gemm, int4_gemm, timing  # noqa: E402
+from compiler_core.backends.torch.cuda import decode_attention, fp8_gemm, int4_gemm, rope_cache, timing  # noqa: E402
 from compiler_core.backends.torch.executor import GraphExecutor  # noqa: E402
 from compiler_core.backends.torch.fused import fp8, int4  # noqa: E402
 from compiler_core.formats.checkpoint_config import CheckpointConfig, QuantConfig  # noqa: E402
@@ -54,7 +54,12 @@ def force_triton(monkeypatch, ready: bool) -> None:
 def counted(monkeypatch) -> Counter:
     """Calls of each Triton kernel, with the lowerings told the kernels are ready and faster."""
     calls: Counter = Counter()
-    for module, name in ((fp8_gemm, "fp8_linear"), (decode_attention, "decode_attention"), (int4_gemm, "int4_linear")):
+    for module, name in (
+        (fp8_gemm, "fp8_linear"),
+        (decode_attention, "decode_attention"),
+        (rope_cache, "rope_cache_write"),
+        (int4_gemm, "int4_linear"),
+    ):
         original = getattr(module, name)
 
         def wrapped(*args, _original=original, _name=name, **kwargs):
@@ -81,6 +86,7 @@ def small_engine_run(registry, monkeypatch, qformat: str):
 def test_engine_takes_the_triton_kernels_and_matches_the_reference(registry, counted, monkeypatch, qformat, kernel):
     fast_logits, fast_tokens = small_engine_run(registry, monkeypatch, qformat)
     assert counted[kernel] > 0 and counted["decode_attention"] > 0
+    assert counted["rope_cache_write"] == counted["decode_attention"]  # every static step's layers
 
     force_triton(monkeypatch, False)
     counted.clear()
@@ -88,6 +94,29 @@ def test_engine_takes_the_triton_kernels_and_matches_the_reference(registry, cou
     assert not counted  # the reference run really is the path without Triton
     assert engines.relative_error(fast_logits, ref_logits) < 1e-4
     assert fast_tokens == ref_tokens
+
+
+@pytest.mark.parametrize("qformat", ["float32", "kv_fp8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_static_decode_step_takes_the_fused_rotary_cache_write(registry, counted, monkeypatch, qformat, dtype):
+    """The tiny falcon-7b-shaped engine's static step (rotary attention on one KV head; a float or
+    an FP8 cache) runs rope_cache_write in every layer, and the first layer (whose input both paths
+    compute with the same kernels) writes exactly the cache entries the torch path writes."""
+    monkeypatch.setattr(engines, "PROMPTS", [[5, 17, 99, 3, 250], [44, 2]])
+    model = engines.model_of(registry, "7b", qformat)
+    fast_logits, fast_cache = engines.static_step(registry, model, "cpu", dtype)
+    assert counted["rope_cache_write"] == counted["decode_attention"] == engines.LAYERS
+
+    force_triton(monkeypatch, False)
+    counted.clear()
+    ref_logits, ref_cache = engines.static_step(registry, model, "cpu", dtype)
+    assert not counted
+    first = next(iter(ref_cache))
+    for got, want in zip(fast_cache[first], ref_cache[first], strict=True):
+        assert torch.equal(got[:, :, 5].view(torch.uint8), want[:, :, 5].view(torch.uint8))
+    # Later layers see the decode attention's output, which sums in another order than SDPA.
+    assert engines.relative_error(fast_logits, ref_logits) < (1e-5 if dtype == torch.float32 else 2e-2)
+    assert torch.equal(fast_logits.argmax(-1), ref_logits.argmax(-1))
 
 
 def awq_layer(dtype: str, out_features: int, in_features: int, group: int) -> Graph:
