@@ -15,8 +15,9 @@ It computes what the torch path computes, bit for bit: the same cos/sin tables (
 forward pass memoises), each product and the sum rounded to the activation dtype as torch's
 eager ops round them, the FP8 encoding of :meth:`compiler_core.runtime.context.CacheSlot._encode`
 (float32 true division, saturation to +-448, round to nearest even). Roundings to bfloat16 and
-E4M3 are done in float32 arithmetic because Triton's interpreter truncates (bfloat16) or rounds
-ties away (float8) in its own conversions; on a GPU the conversions that follow are then exact.
+E4M3 are done in float32 arithmetic (:mod:`.rounding`, ``round_to_e4m3``) because Triton's
+interpreter truncates (bfloat16) or rounds ties away (float8) in its own conversions; on a GPU the
+conversions that follow are then exact.
 """
 
 from __future__ import annotations
@@ -26,28 +27,7 @@ import triton
 import triton.language as tl
 
 from compiler_core.backends.torch.cuda.fp8_gemm import E4M3_MAX, round_to_e4m3
-
-
-@triton.jit
-def round_to_bf16(v):
-    """float32 ``v`` rounded to the nearest bfloat16 value, ties to even, still float32 (NaN stays NaN).
-
-    bfloat16 is float32's top 16 bits, so rounding is on the bit pattern, subnormals and the carry
-    into the exponent included; the interpreter's own float32 -> bfloat16 conversion truncates.
-    """
-    bits = v.to(tl.int32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536  # -65536 = 0xFFFF0000: sign, exponent, 7 bits
-    return tl.where(v != v, v, bits.to(tl.float32, bitcast=True))
-
-
-@triton.jit
-def _rounded(v, DTYPE: tl.constexpr):
-    """float32 ``v`` rounded to ``DTYPE`` as torch's cast rounds it, in the dtype ``DTYPE``."""
-    if DTYPE == tl.bfloat16:
-        out = round_to_bf16(v).to(tl.bfloat16)
-    else:
-        out = v.to(DTYPE)
-    return out
+from compiler_core.backends.torch.cuda.rounding import rounded
 
 
 @triton.jit
@@ -103,11 +83,11 @@ def _rope_cache_kernel(
         s = tl.load(sin_ptr + row * stride_cb + rd * stride_cd, mask=in_rot, other=0.0).to(tl.float32)
         # Each product of two activation-dtype values is exact in float32; rounding it (and the
         # sum) to the activation dtype is what torch's three eager kernels do.
-        a = _rounded(y * c, dtype).to(tl.float32)
-        b = _rounded(xp * s, dtype).to(tl.float32)
-        y = tl.where(in_rot, _rounded(a + b, dtype).to(tl.float32), y)
+        a = rounded(y * c, dtype).to(tl.float32)
+        b = rounded(xp * s, dtype).to(tl.float32)
+        y = tl.where(in_rot, rounded(a + b, dtype).to(tl.float32), y)
     if head < num_heads:
-        tl.store(q_ptr + row * stride_qb + head * head_dim + rd, _rounded(y, dtype), mask=d_ok)
+        tl.store(q_ptr + row * stride_qb + head * head_dim + rd, rounded(y, dtype), mask=d_ok)
     else:
         col = tl.load(start_ptr)
         is_k = head < num_heads + num_kv
@@ -120,7 +100,7 @@ def _rope_cache_kernel(
             code = tl.clamp(tl.math.div_rn(y, tl.load(scale_ptr)), -E4M3_MAX, E4M3_MAX)
             value = round_to_e4m3(code).to(tl.float8e4nv)
         else:
-            value = _rounded(y, k_ptr.dtype.element_ty)
+            value = rounded(y, k_ptr.dtype.element_ty)
         # A column past the cache would write another row's (or no tensor's) memory; index_copy_
         # raises there, this kernel writes nothing.
         tl.store(out, value, mask=d_ok & (col >= 0) & (col < max_len))
