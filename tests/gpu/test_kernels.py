@@ -1,5 +1,5 @@
-"""The Triton kernels against float64 references (the fused rotary + KV-cache write against the
-torch path it replaces, bit for bit), over awkward shapes.
+"""The Triton kernels against float64 references (the fused rotary + KV-cache write and the fused
+residual add against the torch ops they replace, bit for bit), over awkward shapes.
 
 On a CUDA GPU they run there; elsewhere under Triton's interpreter on CPU tensors (see
 conftest.py), with shapes kept small because the interpreter is slow. Each case draws fresh
@@ -25,6 +25,7 @@ import triton.language as tl  # noqa: E402
 from compiler_core.backends.torch.cuda.decode_attention import decode_attention  # noqa: E402
 from compiler_core.backends.torch.cuda.fp8_gemm import fp8_linear, round_to_e4m3  # noqa: E402
 from compiler_core.backends.torch.cuda.int4_gemm import int4_linear, prepare_int4_weight  # noqa: E402
+from compiler_core.backends.torch.cuda.residual_add import residual_add  # noqa: E402
 from compiler_core.backends.torch.cuda.rope_cache import rope_cache_write  # noqa: E402
 from compiler_core.backends.torch.kernels import apply_rotary, rotary_tables  # noqa: E402
 from compiler_core.runtime.context import CacheSlot  # noqa: E402
@@ -237,3 +238,16 @@ def test_rope_cache_write_is_the_torch_path(
         assert torch.equal(as_bytes(q), as_bytes(q_want))
         assert torch.equal(as_bytes(got.k), as_bytes(want.k))
         assert torch.equal(as_bytes(got.v), as_bytes(want.v))
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 4544), (3, 5, 96), (2, 1, 1030)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_residual_add_is_two_torch_adds(device, shape, dtype):
+    """``x + (a + b)`` with both of torch's roundings: a residual stream much larger than the two
+    branch outputs, so that rounding the inner sum first (or not) changes the result."""
+    gen = torch.Generator().manual_seed(shape[-1])
+    x = (torch.randn(shape, generator=gen) * 300).to(dtype).to(device)
+    a, b = ((torch.randn(shape, generator=gen) * 0.7).to(dtype).to(device) for _ in range(2))
+    got = residual_add(x, a, b)
+    assert got.shape == shape and got.dtype == dtype
+    assert torch.equal(as_bytes(got), as_bytes(x + (a + b)))
