@@ -86,6 +86,8 @@ def model_of(registry: Registry, variant: str, qformat: str):
 
 
 def quantized(registry: Registry, model, qformat: str):
+    """``model`` quantized as ``qformat``: "int4_awq", "fp8" (weights), "fp8_kv" (weights and the KV
+    cache) or "kv_fp8" (the KV cache alone, float weights)."""
     from compiler_core.convert.from_hf import LoadedModel
 
     copy = LoadedModel(model.config, dict(model.weights))
@@ -100,6 +102,8 @@ def quantized(registry: Registry, model, qformat: str):
     if qformat == "int4_awq":
         return scheme.quantize(copy, calibration(), {**options, "awq_max_tokens": 128})
     options["kv_cache_dtype"] = "fp8"
+    if qformat == "kv_fp8":
+        return scheme.quantize_kv_cache(copy, calibration(), options)
     out = scheme.quantize(copy, calibration(), options)
     return scheme.quantize_kv_cache(out, calibration(), options) if qformat == "fp8_kv" else out
 
@@ -183,3 +187,45 @@ def test_bfloat16_engine_on_cuda_matches_cpu(registry, variant, qformat):
     assert relative_error(got, want) < (1e-1 if fp8 else 3e-2)
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= (0.8 if fp8 else 0.9)
     assert len(greedy(cuda)[1]) == NEW_TOKENS
+
+
+def static_step(registry: Registry, model, device, dtype: torch.dtype, decode_mode: str = "static"):
+    """(float32 logits, {slot: (k, v)} caches) after PROMPTS and one static decode step of ``model``
+    on ``device`` in ``dtype``; the new token of each row is written at cache column ``width``."""
+    run = runner(registry, model, device, dtype)
+    session = run.sessions[0]
+    session.decode_mode = decode_mode
+    prompt_logits(run)  # fills the cache columns 0 .. width - 1 (left-padded prompts)
+    width = max(len(p) for p in PROMPTS)
+    mask = (torch.arange(width + 1)[None, :] >= torch.tensor([width - len(p) for p in PROMPTS])[:, None]).long()
+    ids = torch.tensor([[7], [300]][: len(PROMPTS)])
+    positions = torch.tensor([[len(p)] for p in PROMPTS])
+    with torch.inference_mode():
+        logits = run.logits(ids, positions, mask, width).float().cpu()
+    return logits, {name: (slot.k.cpu(), slot.v.cpu()) for name, slot in session.cache.slots.items()}
+
+
+@pytest.mark.parametrize("qformat", ["float32", "kv_fp8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rotary_cache_write_is_the_torch_path_on_cuda(registry, monkeypatch, qformat, dtype):
+    """The static step's fused rotary + KV-cache write (rope_cache_write) against the torch kernels
+    it replaces, both on this GPU: the first layer, whose input both compute alike, writes the same
+    cache bytes (an FP8 cache too); the logits differ only by the decode attention's summation."""
+    from compiler_core.backends.torch import kernels
+    from compiler_core.backends.torch.cuda import rope_cache
+
+    calls = []
+    original = rope_cache.rope_cache_write
+    monkeypatch.setattr(rope_cache, "rope_cache_write", lambda *a, **k: calls.append(1) or original(*a, **k))
+    model = model_of(registry, "7b", qformat)
+    fast_logits, fast_cache = static_step(registry, model, CUDA, dtype)
+    assert len(calls) == LAYERS
+    # The torch path on the same GPU: rotary, write_at and the FP8 encoding as separate kernels.
+    monkeypatch.setattr(kernels, "triton_ready", lambda device: False)
+    ref_logits, ref_cache = static_step(registry, model, CUDA, dtype)
+    assert len(calls) == LAYERS
+    width = max(len(p) for p in PROMPTS)
+    first = next(iter(ref_cache))
+    for got, want in zip(fast_cache[first], ref_cache[first], strict=True):
+        assert torch.equal(got[:, :, width].view(torch.uint8), want[:, :, width].view(torch.uint8))
+    assert relative_error(fast_logits, ref_logits) < (1e-4 if dtype == torch.float32 else 3e-2)

@@ -1,4 +1,5 @@
-"""The Triton kernels against float64 references, over awkward shapes.
+"""The Triton kernels against float64 references (the fused rotary + KV-cache write and the fused
+residual add against the torch ops they replace, bit for bit), over awkward shapes.
 
 On a CUDA GPU they run there; elsewhere under Triton's interpreter on CPU tensors (see
 conftest.py), with shapes kept small because the interpreter is slow. Each case draws fresh
@@ -28,8 +29,12 @@ from compiler_core.backends.torch.cuda.int4_gemm import (  # noqa: E402
     int4_linear,
     prepare_int4_weight,
 )
+from compiler_core.backends.torch.cuda.residual_add import residual_add  # noqa: E402
+from compiler_core.backends.torch.cuda.rope_cache import rope_cache_write  # noqa: E402
 from compiler_core.backends.torch.cuda.tiling import Config  # noqa: E402
 from compiler_core.backends.torch.fused.int4 import dequantize_in_dtype  # noqa: E402
+from compiler_core.backends.torch.kernels import apply_rotary, rotary_tables  # noqa: E402
+from compiler_core.runtime.context import CacheSlot  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 BF16_TOL, FP32_TOL = 1e-2, 1e-5
@@ -225,3 +230,82 @@ def test_decode_attention(device, batch, heads, kv_heads, head_dim, length, cach
     # bf16; the output, an average of random values, is ~1/sqrt(length) of them, so that rounding
     # shows twice as large relative to it as in a GEMM. float32 checks the algorithm itself.
     assert relative_error(got, want) < (ATTENTION_BF16_TOL if dtype == torch.bfloat16 else FP32_TOL)
+
+
+#: (batch, heads, kv heads, head_dim, rotary dim, cache rows): falcon-7b's MQA (71 on one), GQA
+#: with an odd head_dim (a masked 128-wide block), partial rotary, MHA at head_dim 128, caches
+#: with more rows than the step has (the rows past the batch must stay untouched).
+ROPE_CACHE_SHAPES = [(1, 71, 1, 64, 64, 1), (3, 8, 2, 80, 80, 4), (3, 8, 2, 64, 32, 3), (1, 4, 4, 128, 128, 2)]
+#: (activation, cache): the activation dtype's own cache, a bfloat16 cache of a float32 engine
+#: (the cast rounds), FP8 caches (divide, saturate, round to nearest even).
+ROPE_CACHE_DTYPES = [
+    (torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, torch.float8_e4m3fn),
+    (torch.float32, torch.float32),
+    (torch.float32, torch.bfloat16),
+    (torch.float32, torch.float8_e4m3fn),
+]
+
+
+def rope_cache_reference(qkv, cos, sin, slot, index, heads, kv_heads, head_dim):
+    """The torch path ``lower_attention`` runs without the kernel: rotate, ``write_at``, Q's view."""
+    b = qkv.shape[0]
+    x = qkv[..., : (heads + kv_heads) * head_dim].view(b, 1, heads + kv_heads, head_dim).transpose(1, 2)
+    if cos is not None:
+        x = apply_rotary(x, cos, sin)
+    q, k = x[:, :heads], x[:, heads:]
+    v = qkv[..., (heads + kv_heads) * head_dim :].view(b, 1, kv_heads, head_dim).transpose(1, 2)
+    slot.write_at(k, v, index)
+    return q[:, :, 0]
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s bits as integers: an exact comparison that also tells NaNs and signed zeros apart."""
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+@pytest.mark.parametrize(("batch", "heads", "kv_heads", "head_dim", "rot_dim", "rows"), ROPE_CACHE_SHAPES)
+@pytest.mark.parametrize(("dtype", "cache_dtype"), ROPE_CACHE_DTYPES)
+@pytest.mark.parametrize("rotary", [True, False])
+def test_rope_cache_write_is_the_torch_path(
+    device, batch, heads, kv_heads, head_dim, rot_dim, rows, dtype, cache_dtype, rotary
+):
+    """Bit for bit what rotary + ``CacheSlot.write_at`` give (Q, and every byte of both caches),
+    at the first, a middle and the last cache column, for the step's rows of a larger cache."""
+    gen = torch.Generator().manual_seed(batch * 100 + heads + head_dim + rot_dim)
+    width, length = (heads + 2 * kv_heads) * head_dim, 9
+    # Outliers too (the FP8 scale below saturates them); the fused projection is a column slice of a
+    # wider row, as a strided qkv would be.
+    qkv = (torch.randn(batch, 1, width + 5, generator=gen) * torch.rand(width + 5, generator=gen) * 4).to(dtype)
+    qkv = qkv.to(device)[..., :width]
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, rot_dim, 2, dtype=torch.float32) / rot_dim))
+    positions = torch.randint(0, 4000, (batch, 1), generator=gen).to(device)
+    cos, sin = rotary_tables(positions, inv_freq, None, dtype) if rotary else (None, None)
+    fp8 = cache_dtype == torch.float8_e4m3fn
+    scale = None if not fp8 else torch.tensor(float(qkv.float().abs().max()) * 0.6 / 448, device=device)
+    # Garbage, not zeros, in the caches: a write to a wrong column or row shows.
+    k0, v0 = (torch.randn(rows, kv_heads, length, head_dim, generator=gen).to(cache_dtype) for _ in range(2))
+    want = CacheSlot(k0.to(device), v0.to(device), scale)
+    got = CacheSlot(want.k.clone(), want.v.clone(), scale)  # (.to of a CPU tensor to the CPU is no copy)
+    for column in (0, 4, length - 1):
+        index = torch.tensor([column], device=device)
+        step = CacheSlot(want.k[:batch], want.v[:batch], scale)  # the torch path writes the step's rows
+        q_want = rope_cache_reference(qkv, cos, sin, step, index, heads, kv_heads, head_dim)
+        q = rope_cache_write(qkv, cos, sin, got.k, got.v, index, heads, kv_heads, head_dim, scale)
+        assert q.shape == (batch, heads, head_dim) and q.dtype == dtype and q.is_contiguous()
+        assert torch.equal(as_bytes(q), as_bytes(q_want))
+        assert torch.equal(as_bytes(got.k), as_bytes(want.k))
+        assert torch.equal(as_bytes(got.v), as_bytes(want.v))
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 4544), (3, 5, 96), (2, 1, 1030)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_residual_add_is_two_torch_adds(device, shape, dtype):
+    """``x + (a + b)`` with both of torch's roundings: a residual stream much larger than the two
+    branch outputs, so that rounding the inner sum first (or not) changes the result."""
+    gen = torch.Generator().manual_seed(shape[-1])
+    x = (torch.randn(shape, generator=gen) * 300).to(dtype).to(device)
+    a, b = ((torch.randn(shape, generator=gen) * 0.7).to(dtype).to(device) for _ in range(2))
+    got = residual_add(x, a, b)
+    assert got.shape == shape and got.dtype == dtype
+    assert torch.equal(as_bytes(got), as_bytes(x + (a + b)))

@@ -28,9 +28,16 @@ pytestmark = pytest.mark.skipif(
 )
 
 from compiler_core.backends.torch import kernels  # noqa: E402
-from compiler_core.backends.torch.cuda import decode_attention, fp8_gemm, int4_gemm, timing  # noqa: E402
+from compiler_core.backends.torch.cuda import (  # noqa: E402
+    decode_attention,
+    fp8_gemm,
+    int4_gemm,
+    residual_add,
+    rope_cache,
+    timing,
+)
 from compiler_core.backends.torch.executor import GraphExecutor  # noqa: E402
-from compiler_core.backends.torch.fused import fp8, int4  # noqa: E402
+from compiler_core.backends.torch.fused import fp8, int4, residual  # noqa: E402
 from compiler_core.formats.checkpoint_config import CheckpointConfig, QuantConfig  # noqa: E402
 from compiler_core.ir import Graph, GraphBuilder  # noqa: E402
 from compiler_core.mapping import Mapping  # noqa: E402
@@ -41,7 +48,7 @@ engines = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(engines)
 
 #: The modules whose lowerings check ``triton_ready`` (each imports it by name).
-HOOKED = (kernels, fp8, int4)
+HOOKED = (kernels, fp8, int4, residual)
 
 
 def force_triton(monkeypatch, ready: bool) -> None:
@@ -57,6 +64,8 @@ def counted(monkeypatch) -> Counter:
     wrapped_kernels = (
         (fp8_gemm, "fp8_linear"),
         (decode_attention, "decode_attention"),
+        (rope_cache, "rope_cache_write"),
+        (residual_add, "residual_add"),
         (int4_gemm, "int4_linear"),
         (int4_gemm, "dequantize_int4"),
     )
@@ -87,6 +96,7 @@ def small_engine_run(registry, monkeypatch, qformat: str):
 def test_engine_takes_the_triton_kernels_and_matches_the_reference(registry, counted, monkeypatch, qformat, kernel):
     fast_logits, fast_tokens = small_engine_run(registry, monkeypatch, qformat)
     assert counted[kernel] > 0 and counted["decode_attention"] > 0
+    assert counted["rope_cache_write"] == counted["decode_attention"]  # every static step's layers
 
     force_triton(monkeypatch, False)
     counted.clear()
@@ -94,6 +104,54 @@ def test_engine_takes_the_triton_kernels_and_matches_the_reference(registry, cou
     assert not counted  # the reference run really is the path without Triton
     assert engines.relative_error(fast_logits, ref_logits) < 1e-4
     assert fast_tokens == ref_tokens
+
+
+@pytest.mark.parametrize("qformat", ["float32", "kv_fp8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_static_decode_step_takes_the_fused_rotary_cache_write(registry, counted, monkeypatch, qformat, dtype):
+    """The tiny falcon-7b-shaped engine's static step (rotary attention on one KV head; a float or
+    an FP8 cache) runs rope_cache_write in every layer, and the first layer (whose input both paths
+    compute with the same kernels) writes exactly the cache entries the torch path writes."""
+    monkeypatch.setattr(engines, "PROMPTS", [[5, 17, 99, 3, 250], [44, 2]])
+    model = engines.model_of(registry, "7b", qformat)
+    counted.clear()  # (the KV-cache calibration that made the model may have run kernels too)
+    fast_logits, fast_cache = engines.static_step(registry, model, "cpu", dtype)
+    assert counted["rope_cache_write"] == counted["decode_attention"] == engines.LAYERS
+    assert counted["residual_add"] == 2 * engines.LAYERS  # the parallel-attention residuals: prompt, step
+
+    force_triton(monkeypatch, False)
+    counted.clear()
+    ref_logits, ref_cache = engines.static_step(registry, model, "cpu", dtype)
+    assert not counted
+    first = next(iter(ref_cache))
+    for got, want in zip(fast_cache[first], ref_cache[first], strict=True):
+        assert torch.equal(got[:, :, 5].view(torch.uint8), want[:, :, 5].view(torch.uint8))
+    # Later layers see the decode attention's output, which sums in another order than SDPA.
+    assert engines.relative_error(fast_logits, ref_logits) < (1e-5 if dtype == torch.float32 else 2e-2)
+    assert torch.equal(fast_logits.argmax(-1), ref_logits.argmax(-1))
+
+
+def residual_graph(dtype: str) -> Graph:
+    """``out = add(x, add(m, a))``, as Falcon's parallel-attention layer ends at tp1 without biases."""
+    g = GraphBuilder("residual")
+    y = g.add("add", ["m", "a"], name="attn_plus_mlp")
+    out = g.add("add", ["x", y], name="residual")
+    return g.build(["x", "m", "a"], [out], attrs={"dtype": dtype})
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_residual_add_pattern_takes_the_triton_kernel(registry, counted, dtype):
+    executor = GraphExecutor(registry, residual_graph(dtype), {}, "cpu")
+    assert [step.fused for step in executor.steps] == [residual.RESIDUAL_ADD]
+    ctx = ForwardContext.for_prompt(torch.ones(2, 3, dtype=torch.long))
+    x, m, a = (torch.randn(2, 3, 40).to(getattr(torch, dtype)) * scale for scale in (100, 1, 1))
+    (got,) = executor.run({"x": x, "m": m, "a": a}, ctx).values()
+    assert counted["residual_add"] == 1
+    assert torch.equal(got, x + (m + a))
+    # Inputs the kernel does not take (a broadcast branch) run as the two torch adds.
+    (got,) = executor.run({"x": x, "m": m, "a": a[:1, :1]}, ctx).values()
+    assert counted["residual_add"] == 1
+    assert torch.equal(got, x + (m + a[:1, :1]))
 
 
 def awq_layer(dtype: str, out_features: int, in_features: int, group: int) -> Graph:

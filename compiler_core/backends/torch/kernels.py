@@ -262,19 +262,31 @@ def lower_attention(node: Node, low: TorchLowering) -> Kernel:
         alibi_key = ("alibi", offset, nh)
         alibi = (slopes.to(low.device), float(a.get("alibi_scale", 1.0)), compute)
     groups = nh // nkv
-    fast_decode = None
+    fast_decode = fast_rope_cache = None
     if alibi is None and triton_ready(low.device):
         # The Triton decode kernel reads the static cache as stored (an FP8 one too); ALiBi's
-        # additive bias is not part of it.
+        # additive bias is not part of it. Before it, one Triton kernel rotates Q and K, writes
+        # K and V into the cache and lays Q out for it: the torch path below runs ~7 small kernels
+        # for that (~15 with an FP8 cache), a large part of a batch-1 decode step.
         from compiler_core.backends.torch.cuda.decode_attention import decode_attention as fast_decode
+        from compiler_core.backends.torch.cuda.rope_cache import rope_cache_write as fast_rope_cache
+
+    def tables(ctx: ForwardContext, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (*rope_key, dtype)
+        if key not in ctx.memo:
+            ctx.memo[key] = rotary_tables(ctx.positions, frequencies, divisor, dtype)
+        return ctx.memo[key]
 
     def attention(ctx: ForwardContext, qkv: torch.Tensor) -> torch.Tensor:
         b, s, _ = qkv.shape
+        if fast_decode is not None and s == 1 and ctx.cache is not None and ctx.start_index is not None:
+            cache = ctx.cache.slots[slot]
+            cos, sin = tables(ctx, qkv.dtype) if kind == "rope" else (None, None)
+            q = fast_rope_cache(qkv, cos, sin, cache.k, cache.v, ctx.start_index, nh, nkv, hd, cache.scale)
+            out = fast_decode(q, cache.k, cache.v, ctx.attention_mask, scale, cache.scale)
+            return out.view(b, 1, nh * hd)  # decode_attention's output is contiguous: a view, no copy
         if kind == "rope":
-            key = (*rope_key, qkv.dtype)
-            if key not in ctx.memo:
-                ctx.memo[key] = rotary_tables(ctx.positions, frequencies, divisor, qkv.dtype)
-            cos, sin = ctx.memo[key]
+            cos, sin = tables(ctx, qkv.dtype)
             # Q and K heads are adjacent in the fused projection: rotate them in one pass.
             qk = apply_rotary(qkv[..., : (nh + nkv) * hd].view(b, s, nh + nkv, hd).transpose(1, 2), cos, sin)
             q, k = qk[:, :nh], qk[:, nh:]
@@ -285,9 +297,6 @@ def lower_attention(node: Node, low: TorchLowering) -> Kernel:
         if ctx.cache is not None and ctx.start_index is not None:
             cache = ctx.cache.slots[slot]
             cache.write_at(k, v, ctx.start_index)
-            if fast_decode is not None and s == 1:
-                out = fast_decode(q[:, :, 0], cache.k, cache.v, ctx.attention_mask, scale, cache.scale)
-                return out.reshape(b, 1, nh * hd)
             k, v = cache.read_all(q.dtype)
         elif ctx.cache is not None:
             cache = ctx.cache.slots[slot]

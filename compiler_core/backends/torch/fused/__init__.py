@@ -10,6 +10,8 @@ one. A pattern's kernel must compute what those nodes compute (tests compare the
   ``torch._scaled_mm`` beyond on sm_89+, emulated elsewhere.
 * :mod:`.int4`: blocked INT4 weight x activation: the Triton INT4 GEMM on sm_89+, the CUDA int4
   GEMM (tinygemm) for decode on other GPUs (and at one row where it measured faster).
+* :mod:`.residual`: ``add(x, add(a, b))`` (Falcon's parallel-attention residual) as one Triton
+  elementwise kernel on sm_89+, the two torch adds elsewhere.
 
 The Triton kernels themselves live in :mod:`compiler_core.backends.torch.cuda`; the patterns take
 them behind its ``triton_ready`` check, after a probe against the other kernel.
@@ -26,5 +28,6 @@ from __future__ import annotations
 from compiler_core.backends.torch.fused.dense import DEQUANTIZED_GEMM
 from compiler_core.backends.torch.fused.fp8 import FP8_GEMM
 from compiler_core.backends.torch.fused.int4 import INT4_GEMM
+from compiler_core.backends.torch.fused.residual import RESIDUAL_ADD
 
-PATTERNS = (FP8_GEMM, INT4_GEMM, DEQUANTIZED_GEMM)
+PATTERNS = (FP8_GEMM, INT4_GEMM, DEQUANTIZED_GEMM, RESIDUAL_ADD)
