@@ -79,7 +79,7 @@ def _fp8_gemm_kernel(
         k_ok = k < K
         x = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptr + rn[:, None] * stride_wn + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        xq = round_to_e4m3(tl.clamp(x.to(tl.float32) / x_scale, -E4M3_MAX, E4M3_MAX)).to(tl.float8e4nv)
+        xq = round_to_e4m3(tl.clamp(tl.math.div_rn(x.to(tl.float32), x_scale), -E4M3_MAX, E4M3_MAX)).to(tl.float8e4nv)
         acc += tile_dot(xq, tl.trans(w), WIDEN)
     acc = acc * (x_scale * tl.load(w_scale_ptr))
     if HAS_BIAS:
