@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 #: What a tokenizer decodes an incomplete UTF-8 sequence to: held back until the next token completes it.
@@ -27,6 +29,7 @@ class TextStream:
 
     def __init__(self, tokenizer: Any, stop: tuple[str, ...] = ()) -> None:
         self.tokenizer = tokenizer
+        self._decode = decoder(tokenizer)
         self.stop = tuple(s for s in stop if s)
         self.ids: list[int] = []
         self.stopped = False
@@ -70,9 +73,6 @@ class TextStream:
         held, self._held = self._held + rest, ""
         return self._release(held)
 
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
     def _offer(self, new: str) -> str:
         """Release what of the unreleased text ``held + new`` can no longer become a stop string."""
         tail = self._held + new
@@ -104,3 +104,21 @@ class TextStream:
                     longest = n
                     break
         return longest
+
+
+def decoder(tokenizer: Any) -> Callable[[list[int]], str]:
+    """``tokenizer.decode(ids, skip_special_tokens=True)``, through the Rust tokenizer directly when
+    that is all transformers' decode does (a fast tokenizer that does not clean up spaces, whose
+    class keeps transformers' own decode): the Python wrapper costs several times the decode of a
+    few ids, once per token."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and getattr(tokenizer, "clean_up_tokenization_spaces", True) is False:
+        owners = {name: next((c for c in type(tokenizer).__mro__ if name in vars(c)), None) for name in _DECODES}
+        if all(c is not None and c.__module__.startswith("transformers.") for c in owners.values()):
+            if owners["_decode"].__name__ in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+                return functools.partial(backend.decode, skip_special_tokens=True)
+    return functools.partial(tokenizer.decode, skip_special_tokens=True)
+
+
+#: transformers' methods between ``decode`` and the Rust tokenizer.
+_DECODES = ("decode", "_decode")
