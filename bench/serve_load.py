@@ -4,21 +4,27 @@ A random-weight Falcon of ``--shape`` (see common.py) is saved with a tiny token
 and built into a torch engine (max_batch_size = ``--clients``) under ``--work_dir``. First the
 engine's offline throughput is timed in this process: ``generate`` on ``--clients`` prompts at
 once, greedy, ``--output_len`` new tokens (best of ``--repeat``). Then ``modelc serve`` starts on a
-free loopback port and ``--clients`` clients each send ``--requests`` streaming completions one
-after another (random token-id prompts of ``--prompt_len``, ``max_tokens=--output_len``,
-``ignore_eos``), stopping early once ``--duration`` seconds have passed. The server sends one
-event per token, so the client sees every token's arrival.
+free loopback port, answers one warm-up request (on CUDA its first decode step captures the
+graph), and ``--clients`` clients each send ``--requests`` streaming completions one after another
+(random token-id prompts of ``--prompt_len``, ``max_tokens=--output_len``, ``ignore_eos``),
+stopping early once ``--duration`` seconds have passed. The clients run in ``--client_procs``
+processes of their own (bench/serve_clients.py: plain asyncio HTTP/1.1, no httpx), so that the
+load generator costs the server little CPU. The server sends one event per token (several in
+one write when they piled up), so the client sees every token's arrival.
 
     aggregate tok/s   output tokens of all requests / wall time of the load phase
     TTFT              request sent -> first token event (p50, p99)
     ITL               gap between consecutive token events of one request (p50, p99)
     scheduler tok/s   the server's scheduler on the same prompts, in this process, without HTTP
     offline tok/s     clients x output_len / time of one generate() call at batch = clients
+    graph steps       the server's decode steps during the load that replayed a CUDA graph
 
-Loopback only, bounded in requests and time. ``--json F`` writes the numbers.
+and served / offline against issue 13's target (>= 0.80). Loopback only, bounded in requests and
+time: the server's start, each request and the whole load have time limits, and a server that
+exits or hangs ends the run with an error and its log's tail. ``--json F`` writes the numbers.
 
     python bench/serve_load.py                                   # CPU, overhead shape, 32 clients
-    python bench/serve_load.py --device cuda --shape small --json serve.json
+    python bench/serve_load.py --device cuda:0 --shape small --json serve.json
 """
 
 from __future__ import annotations
