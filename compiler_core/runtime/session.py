@@ -110,6 +110,12 @@ class TorchSession(RankSession):
         (out,) = self.executor.run({self.graph.inputs[0]: x}, ctx, last_only=last_only).values()
         return out
 
+    @property
+    def replays_graph(self) -> bool:
+        """Whether one-token steps replay a captured CUDA graph now (the last one did, and the next will)."""
+        step = self._step
+        return self.decode_mode == "graph" and step is not None and step.graph is not None
+
     def shift_cache(self, offset: int) -> None:
         if self.cache is not None:
             self.cache.shift(offset)  # in place: a captured step keeps reading the same storage

@@ -1,28 +1,29 @@
 """The ASGI app: OpenAI's /v1/completions, /v1/chat/completions and /v1/models, and /health.
 
 Handlers run on the event loop; generation runs on the scheduler's engine thread, which hands
-each token to the request's asyncio queue. A request whose client goes away (a closed stream, or
-a disconnect while a non-streamed answer is pending) cancels its sequences, which frees their
-slots at the scheduler's next iteration.
+the tokens of each iteration, for all sequences at once, to the loop (:class:`_Outbox`); each
+request takes its events when the loop gets to it, and a stream sends all it has in one write.
+A request whose client goes away (a closed stream, or a disconnect while a non-streamed answer
+is pending) cancels its sequences, which frees their slots at the scheduler's next iteration.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import functools
 import json
-import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from compiler_core.serve.protocol import (
     GenerationRequest,
@@ -40,30 +41,38 @@ from compiler_core.serve.scheduler import Finished, NotAccepting, QueueFull, Sch
 from compiler_core.serve.text import TextStream
 
 
-class _Mailbox:
-    """Hands events from the engine thread to the event loop's queues, waking the loop once per batch
-    of events (a decode step emits one per running sequence) instead of once per event."""
+class _Outbox:
+    """Hands events from the engine thread to the event loop once per engine iteration.
+
+    The sinks, called on the engine thread, only append to a list; the scheduler's step hook
+    (:meth:`flush`) passes the whole list to the loop in one ``call_soon_threadsafe``, where every
+    generation gets its events and its stream is woken once. No lock: only the engine thread
+    appends to and swaps the list. Every wake-up of the loop costs the engine thread the GIL
+    for a while, so one per step instead of one per token matters.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self._pending: collections.deque[tuple[asyncio.Queue, Any]] = collections.deque()
-        self._lock = threading.Lock()
-        self._wakeup_pending = False
+        self._pending: list[tuple[_Generation, int, Token | Finished]] = []
 
-    def post(self, queue: asyncio.Queue, item: Any) -> None:
-        with self._lock:
-            self._pending.append((queue, item))
-            if self._wakeup_pending:
-                return
-            self._wakeup_pending = True
-        self.loop.call_soon_threadsafe(self._deliver)
+    def post(self, generation: _Generation, index: int, event: Token | Finished) -> None:
+        self._pending.append((generation, index, event))  # on the engine thread
 
-    def _deliver(self) -> None:
-        with self._lock:
-            self._wakeup_pending = False
-            items, self._pending = self._pending, collections.deque()
-        for queue, item in items:
-            queue.put_nowait(item)
+    def flush(self) -> None:
+        """Hand what the sinks collected to the loop (on the engine thread, after each iteration)."""
+        if not self._pending:
+            return
+        items, self._pending = self._pending, []
+        try:
+            self.loop.call_soon_threadsafe(_deliver, items)
+        except RuntimeError:  # the loop has closed (the server is exiting): nobody is left to read them
+            pass
+
+
+def _deliver(items: list[tuple[_Generation, int, Token | Finished]]) -> None:
+    for generation, index, event in items:
+        generation.pending.append((index, event))
+        generation.wake()
 
 
 @dataclass
@@ -80,12 +89,14 @@ class _Generation:
     """The sequences of one request, their events, and the OpenAI documents built from them."""
 
     def __init__(
-        self, request: GenerationRequest, model: ServedModel, scheduler: Scheduler, mailbox: _Mailbox, chat: bool
+        self, request: GenerationRequest, model: ServedModel, scheduler: Scheduler, outbox: _Outbox, chat: bool
     ) -> None:
         self.request, self.model, self.scheduler, self.chat = request, model, scheduler, chat
         self.id = new_id("chatcmpl" if chat else "cmpl")
         self.created = now()
-        self.events: asyncio.Queue[tuple[int, Token | Finished]] = asyncio.Queue()
+        #: (choice index, event) delivered by the outbox and not yet taken by :meth:`advance`.
+        self.pending: list[tuple[int, Token | Finished]] = []
+        self._waiter: asyncio.Future[None] | None = None
         self.sequences: list[Sequence] = []
         self.choices: list[_Choice] = []
         for prompt in request.prompts:
@@ -94,37 +105,62 @@ class _Generation:
                 params = request.params
                 if params.seed is not None and j:  # n samples of one seeded request differ, reproducibly
                     params = dataclasses.replace(params, seed=params.seed + j)
-                sink = functools.partial(self._receive, mailbox, index)
+                sink = functools.partial(outbox.post, self, index)
                 self.sequences.append(Sequence(prompt, params, sink))
                 logprobs = None if params.logprobs is None else {k: [] for k in _LOGPROB_KEYS}
                 self.choices.append(_Choice(TextStream(model.tokenizer, request.stop_strings), logprobs=logprobs))
+        self._unfinished = len(self.choices)
 
-    def _receive(self, mailbox: _Mailbox, index: int, event: Token | Finished) -> None:
-        mailbox.post(self.events, (index, event))  # on the engine thread
+    @property
+    def finished(self) -> bool:
+        """Every choice has its finish reason."""
+        return not self._unfinished
+
+    def wake(self, *_: object) -> None:
+        """Wake :meth:`wait` (new events, or the client went away)."""
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self) -> None:
+        """Until there are events to take, or :meth:`wake` is called."""
+        if not self.pending:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
 
     def cancel(self) -> None:
         """Free the slots of every sequence still running (the client went away)."""
-        self.scheduler.cancel([s for s, c in zip(self.sequences, self.choices, strict=True) if c.finish is None])
+        running = [s for s, c in zip(self.sequences, self.choices, strict=True) if c.finish is None]
+        if running:
+            self.scheduler.cancel(running)
 
-    async def deltas(self) -> AsyncIterator[tuple[int, str, dict | None]]:
-        """(choice index, new text, new logprobs) as tokens arrive, until every choice has finished."""
-        while any(c.finish is None for c in self.choices):
-            index, event = await self.events.get()
+    def advance(self) -> list[tuple[int, str, dict | None, str | None]]:
+        """Take the pending events: (choice index, new text, new logprobs, finish reason) per event
+        that adds to a choice, in order (a token's text may be empty while a character or a
+        possible stop string is held back)."""
+        events, self.pending = self.pending, []
+        deltas: list[tuple[int, str, dict | None, str | None]] = []
+        for index, event in events:
             choice = self.choices[index]
             if choice.finish is not None:
                 continue
-            if isinstance(event, Token):
+            if type(event) is Token:
                 choice.token_ids.append(event.id)
-                offset = len(choice.text.text)
+                offset = choice.text.released
                 text = choice.text.push(event.id)
-                logprobs = self._logprobs(choice, event, offset)
+                logprobs = None if choice.logprobs is None else self._logprobs(choice, event, offset)
                 if choice.text.stopped:  # a stop string: the sequence ends here, its slot frees now
-                    choice.finish = "stop"
+                    self._finish(choice, "stop")
                     self.scheduler.cancel([self.sequences[index]])
-                yield index, text, logprobs
+                deltas.append((index, text, logprobs, choice.finish))
             elif event.reason != "cancelled":
-                choice.finish = event.reason
-                yield index, choice.text.flush(), None
+                self._finish(choice, event.reason)
+                deltas.append((index, choice.text.flush(), None, event.reason))
+        return deltas
+
+    def _finish(self, choice: _Choice, reason: str) -> None:
+        choice.finish = reason
+        self._unfinished -= 1
 
     def _logprobs(self, choice: _Choice, token: Token, offset: int) -> dict | None:
         if choice.logprobs is None:
@@ -162,9 +198,8 @@ class _Generation:
             choices.append(choice)
         return {**self._envelope(choices, chunk=False), "usage": self.usage()}
 
-    def chunk(self, index: int, text: str, logprobs: dict | None, first: bool) -> dict[str, Any]:
+    def chunk(self, index: int, text: str, logprobs: dict | None, finish: str | None, first: bool) -> dict[str, Any]:
         """One server-sent event's document: new text (and the finish reason once there is one)."""
-        finish = self.choices[index].finish
         if self.chat:
             delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
             choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
@@ -179,18 +214,74 @@ class _Generation:
 _LOGPROB_KEYS = ("tokens", "token_logprobs", "top_logprobs", "text_offset")
 
 
-class _EventStream(StreamingResponse):
-    """Server-sent events that cancel the request's sequences however the response ends."""
+#: A text no template field holds: chunk documents made with it as the text, dumped and split
+#: there, give the constant JSON around each token's text.
+_SLOT = "\x00modelc-text\x00"
+_SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
 
-    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
-        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        self.on_close = on_close
 
-    async def __call__(self, scope, receive, send) -> None:
+class _Events:
+    """The server-sent events of one streamed generation: one OpenAI chunk per delta, each its own
+    ``data:`` line, with the JSON around an ordinary token's text made once per choice."""
+
+    def __init__(self, run: _Generation) -> None:
+        self.run = run
+        indices = range(len(run.choices))
+        self.started = [False for _ in indices]
+        quoted = json.dumps(_SLOT)
+        self._around = [_sse(run.chunk(i, _SLOT, None, None, first=False)).split(quoted) for i in indices]
+        # A chat delta without text is {} rather than {"content": ""}.
+        self._empty = [_sse(run.chunk(i, "", None, None, first=False)) for i in indices]
+
+    def encode(self, deltas: list[tuple[int, str, dict | None, str | None]]) -> str:
+        """The events of ``deltas``, in order, as one string (one ASGI send however many there are)."""
+        parts: list[str] = []
+        started, around, chat = self.started, self._around, self.run.chat
+        for index, text, logprobs, finish in deltas:
+            if finish is None and logprobs is None and started[index]:
+                if chat and not text:
+                    parts.append(self._empty[index])
+                else:
+                    before, after = around[index]
+                    parts += (before, encode_basestring_ascii(text), after)  # what json.dumps does to a str
+            else:  # the first, the last, or one with logprobs: rare enough to build whole
+                parts.append(_sse(self.run.chunk(index, text, logprobs, finish, first=not started[index])))
+                started[index] = True
+        return "".join(parts)
+
+
+class _EventStream:
+    """The streamed answer: an ASGI response that sends whatever events are pending at once.
+
+    A decode step delivers one token per running sequence; the stream sends its events as soon
+    as the loop gets to them, and when it falls behind (a slow client blocks the send, or a busy
+    loop) the events that piled up meanwhile go out in one send. However the response ends, the
+    request's sequences still running are cancelled, so a client that goes away frees its slots
+    at the scheduler's next iteration."""
+
+    def __init__(self, run: _Generation) -> None:
+        self.run = run
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        run, events = self.run, _Events(self.run)
+        watcher = asyncio.ensure_future(_until_disconnected(receive))
+        watcher.add_done_callback(run.wake)
         try:
-            await super().__call__(scope, receive, send)
+            await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+            while not watcher.done():
+                await run.wait()
+                body = events.encode(run.advance())
+                if run.finished:
+                    if run.request.include_usage:
+                        body += _sse(run.usage_chunk())
+                    body += _sse("[DONE]")
+                    await send({"type": "http.response.body", "body": body.encode(), "more_body": False})
+                    return
+                if body:
+                    await send({"type": "http.response.body", "body": body.encode(), "more_body": True})
         finally:
-            self.on_close()
+            watcher.cancel()
+            run.cancel()
 
 
 def _sse(document: dict[str, Any] | str) -> str:
@@ -201,8 +292,8 @@ def _error(status: int, message: str, kind: str, param: str | None = None, code:
     return JSONResponse(error_body(message, kind, param, code), status_code=status)
 
 
-async def _until_disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
+async def _until_disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
         pass
 
 
@@ -212,8 +303,8 @@ def build_app(model: ServedModel, scheduler: Scheduler, api_key: str | None = No
     def authorized(request: Request) -> bool:
         return api_key is None or request.headers.get("authorization") == f"Bearer {api_key}"
 
-    def guarded(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
-        async def route(request: Request) -> Response:
+    def guarded(handler: Callable[[Request], Awaitable[ASGIApp]]) -> Callable[[Request], Awaitable[ASGIApp]]:
+        async def route(request: Request) -> ASGIApp:
             if not authorized(request):
                 message = "missing or wrong API key (send Authorization: Bearer KEY)"
                 return _error(401, message, "invalid_request_error", code="invalid_api_key")
@@ -243,14 +334,18 @@ def build_app(model: ServedModel, scheduler: Scheduler, api_key: str | None = No
         }
         return JSONResponse({"object": "list", "data": [card]})
 
-    mailboxes: dict[asyncio.AbstractEventLoop, _Mailbox] = {}
+    outboxes: dict[asyncio.AbstractEventLoop, _Outbox] = {}
+
+    def outbox_of(loop: asyncio.AbstractEventLoop) -> _Outbox:
+        if loop not in outboxes:
+            outboxes[loop] = _Outbox(loop)
+            scheduler.add_step_hook(outboxes[loop].flush)
+        return outboxes[loop]
 
     def generation_route(parse: Callable[[dict, ServedModel], GenerationRequest], chat: bool):
-        async def handler(request: Request) -> Response:
+        async def handler(request: Request) -> Response | _EventStream:
             parsed = parse(parse_json(await request.body()), model)
-            loop = asyncio.get_running_loop()
-            mailbox = mailboxes.setdefault(loop, _Mailbox(loop))
-            run = _Generation(parsed, model, scheduler, mailbox, chat)
+            run = _Generation(parsed, model, scheduler, outbox_of(asyncio.get_running_loop()), chat)
             try:
                 scheduler.submit(run.sequences)
             except QueueFull as exc:
@@ -259,7 +354,7 @@ def build_app(model: ServedModel, scheduler: Scheduler, api_key: str | None = No
             except NotAccepting as exc:
                 return _error(503, str(exc), "service_unavailable")
             if parsed.stream:
-                return _EventStream(_stream(run), run.cancel)
+                return _EventStream(run)
             return await _complete(request, run)
 
         return guarded(handler)
@@ -278,30 +373,18 @@ def build_app(model: ServedModel, scheduler: Scheduler, api_key: str | None = No
     )
 
 
-async def _stream(run: _Generation) -> AsyncIterator[str]:
-    # One event per generated token (its text may be empty while a character or a possible stop
-    # string is held back), so clients can time every token.
-    started: set[int] = set()
-    async for index, text, logprobs in run.deltas():
-        yield _sse(run.chunk(index, text, logprobs, first=index not in started))
-        started.add(index)
-    if run.request.include_usage:
-        yield _sse(run.usage_chunk())
-    yield _sse("[DONE]")
-
-
 async def _complete(request: Request, run: _Generation) -> Response:
-    async def collect() -> None:
-        async for _ in run.deltas():
-            pass
-
-    collecting = asyncio.ensure_future(collect())
-    watching = asyncio.ensure_future(_until_disconnected(request))
-    await asyncio.wait({collecting, watching}, return_when=asyncio.FIRST_COMPLETED)
-    watching.cancel()
-    if not collecting.done():  # the client went away: nobody will read the answer
-        collecting.cancel()
-        run.cancel()
+    watcher = asyncio.ensure_future(_until_disconnected(request.receive))
+    watcher.add_done_callback(run.wake)
+    try:
+        while not run.finished and not watcher.done():
+            await run.wait()
+            run.advance()
+    finally:
+        watcher.cancel()
+        if not run.finished:  # the client went away (or the server cancelled us): nobody will read the answer
+            run.cancel()
+    if not run.finished:
         return Response(status_code=499)
     if any(c.finish == "error" for c in run.choices):
         return _error(500, "the engine failed while generating; see the server's log", "server_error")

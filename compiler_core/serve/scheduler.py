@@ -147,6 +147,9 @@ class Scheduler:
         self._accepting = True
         self._deadline: float | None = None
         self._thread = threading.Thread(target=self._run, name="modelc-engine", daemon=True)
+        self._step_hooks: tuple[Callable[[], None], ...] = ()
+        #: Set by cancel(): the next iteration looks for cancelled rows (no scan of every row each step).
+        self._cancel_pending = False
         self.failure: BaseException | None = None
         # The engine thread must run on the runner's GPU; "cuda" without an index means the device
         # current here, at construction, since a new thread starts on GPU 0.
@@ -159,6 +162,12 @@ class Scheduler:
 
     def start(self) -> None:
         self._thread.start()
+
+    def add_step_hook(self, hook: Callable[[], None]) -> None:
+        """Call ``hook`` on the engine thread after every iteration, and once more after the last
+        events at shutdown: a consumer whose sinks only collect events hands them on from there,
+        once per iteration for all sequences instead of once per token."""
+        self._step_hooks = (*self._step_hooks, hook)  # one assignment: the engine thread reads it unlocked
 
     def submit(self, sequences: list[Sequence]) -> None:
         """Queue ``sequences`` (all or none); raises QueueFull or NotAccepting."""
@@ -175,6 +184,7 @@ class Scheduler:
         with self._wake:
             for seq in sequences:
                 seq.cancelled = True
+            self._cancel_pending = True  # after the flags: the engine clears this before it scans them
             self._wake.notify()
 
     def drain(self, timeout: float) -> None:
@@ -195,9 +205,17 @@ class Scheduler:
         return self._accepting
 
     def stats(self) -> dict[str, int]:
-        """Slots in use, sequences waiting and tokens generated so far (for /health)."""
+        """Slots in use, sequences waiting, tokens generated so far, and decode steps run (all, and
+        those that replayed a captured CUDA graph) (for /health)."""
         busy = sum(seq is not None for seq in self._rows)
-        return {"slots": len(self._rows), "busy": busy, "waiting": len(self._waiting), "generated": self._generated}
+        return {
+            "slots": len(self._rows),
+            "busy": busy,
+            "waiting": len(self._waiting),
+            "generated": self._generated,
+            "decode_steps": self.slots.decode_steps,
+            "graph_steps": self.slots.graph_steps,
+        }
 
     # --- the engine thread -------------------------------------------------------------------
 
@@ -208,6 +226,8 @@ class Scheduler:
                 torch.cuda.set_device(self._cuda_index)
             while self._wait_for_work():
                 self.step()
+                for hook in self._step_hooks:
+                    hook()
         except BaseException as exc:
             self.failure = exc
             print(f"modelc: error: the engine failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
@@ -216,6 +236,8 @@ class Scheduler:
             self._end_all(Finished("error"))
         else:
             self._end_all(Finished("abort"))
+        for hook in self._step_hooks:
+            hook()
 
     def _wait_for_work(self) -> bool:
         """Block until there is something to do; False when the engine should stop."""
@@ -238,11 +260,15 @@ class Scheduler:
     def step(self) -> None:
         """One iteration: retire cancelled sequences, admit, one prefill chunk each, one decode step.
 
-        The engine thread's loop body; tests drive it directly to control when requests arrive."""
-        for seq in self._rows:
-            if seq is not None and seq.cancelled:
-                self._retire(seq, Finished("cancelled"))
-        self._admit()
+        The engine thread's loop body (it calls the step hooks after it); tests drive it directly to
+        control when requests arrive."""
+        if self._cancel_pending:
+            self._cancel_pending = False
+            for seq in self._rows:
+                if seq is not None and seq.cancelled:
+                    self._retire(seq, Finished("cancelled"))
+        if self._waiting:  # read unlocked: a sequence queued just now is admitted next iteration
+            self._admit()
         groups = self._prefill_groups()
         for group in groups:
             self._prefill_chunk(group)

@@ -7,7 +7,8 @@ import contextlib
 import signal
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
+from typing import Any
 
 import click
 import uvicorn
@@ -72,9 +73,13 @@ def serve(
     shutdown_timeout: float,
 ) -> None:
     """Serve ``model`` on ``listener`` until a signal; print one line once requests are accepted."""
-    # The engine thread and the event loop share the GIL. At Python's default 5 ms switch interval a
-    # decode step's tokens wait for the engine thread's time slice to run out before the loop can
-    # send them; 0.5 ms cut the inter-token latency by a third on the CPU benchmark.
+    # The engine thread and the event loop share the GIL: a thread that wants it waits for the
+    # holder to block or for the switch interval to pass. With a token per request per event, at
+    # Python's default 5 ms the loop's sends waited on the engine's time slices (0.5 ms cut the
+    # inter-token latency by a third). With one hand-off per step and one send per stream the
+    # loop holds the GIL less and the setting matters less: on the 2-core VM, 32 clients of the
+    # overhead shape, served/offline was 0.61 and 0.65 at 0.5 ms, 0.59 and 0.65 at 1 ms, 0.59 and
+    # 0.49 at 5 ms, 0.58 and 0.49 at 0.2 ms (noisy; 0.5 ms is never worse).
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     scheduler = Scheduler(slots, model.max_seq_len, prefill_chunk, max_queue)
     config = uvicorn.Config(
@@ -91,9 +96,23 @@ def serve(
     try:
         with server.stopping_on_signals():
             click.echo(f"modelc: serving {model.name} on http://{shown}:{port} ({slots.rows} slots)")
-            asyncio.run(server.serve(sockets=[listener]))
+            _run(server.serve(sockets=[listener]), config)
     finally:
         scheduler.drain(0.0)
         scheduler.join()
     if scheduler.failure is not None:
         raise ModelcError(f"the engine failed: {type(scheduler.failure).__name__}: {scheduler.failure}")
+
+
+def _run(main: Coroutine[Any, Any, None], config: uvicorn.Config) -> None:
+    """Run ``main`` on the event loop uvicorn picks (uvloop when installed), as ``uvicorn.run`` does.
+
+    asyncio.run alone gave the default loop, not the uvloop that the docs' benchmark lists: the
+    server now runs on what ``uvicorn.run`` would run it on. (Its effect on the CPU benchmark was
+    within the VM's noise, a few per cent.)"""
+    factory = config.get_loop_factory() if hasattr(config, "get_loop_factory") else None
+    if factory is None or sys.version_info < (3, 11):
+        asyncio.run(main)
+        return
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main)

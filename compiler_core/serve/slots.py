@@ -26,6 +26,11 @@ class SlotRunner:
         self.device = runner.device
         runner.allocate(rows, width)
         self._columns = torch.arange(width, device=self.device)
+        #: Decode steps run, and those of them that replayed a captured CUDA graph on every rank
+        #: session here (shown by /health, so that a benchmark can tell graphs were used).
+        self.decode_steps = 0
+        self.graph_steps = 0
+        self._sessions = list(getattr(runner, "sessions", ()))
 
     @torch.inference_mode()
     def prefill(self, rows: range, ids: list[list[int]], region_start: int, start: int) -> torch.Tensor:
@@ -47,7 +52,11 @@ class SlotRunner:
         starts = torch.tensor([0 if s is None else s for s in region_starts], dtype=torch.long, device=self.device)
         mask = (self._columns[None, : cursor + 1] >= starts[:, None]).long()
         positions = (cursor - starts)[:, None]
-        return self.runner.last_logits(ids, positions, mask, cursor).float()
+        logits = self.runner.last_logits(ids, positions, mask, cursor).float()
+        self.decode_steps += 1
+        if self._sessions and all(getattr(s, "replays_graph", False) for s in self._sessions):
+            self.graph_steps += 1
+        return logits
 
     def shift(self, offset: int) -> None:
         """Move every row's cache entries ``offset`` columns (left when negative)."""

@@ -61,3 +61,24 @@ def test_text_stream_holds_back_a_possible_stop_string_and_cuts_before_it(tokeni
     assert "".join(released) == stream.text and stream.flush() == ""
     plain = TextStream(tokenizer)
     assert "".join(plain.push(t) for t in ids) + plain.flush() == tokenizer.decode(ids)
+
+
+def test_text_stream_decodes_incrementally_as_the_whole_text_decodes(tokenizer):
+    """Only a short window is decoded per token; the text still equals decoding everything at once,
+    multi-byte characters split over tokens and ids that decode to nothing included."""
+    import random
+
+    from compiler_core.serve.text import WINDOW, decoder
+
+    rng = random.Random(0)
+    words = tokenizer("the river ran past the old mill: ünïcödé ✓ 日本語, and on")["input_ids"]
+    for trial in range(200):
+        if trial % 2:
+            ids = [rng.randrange(len(tokenizer)) for _ in range(rng.randint(1, 10 * WINDOW))]
+        else:
+            ids = [rng.choice(words) for _ in range(rng.randint(1, 10 * WINDOW))]
+        stream = TextStream(tokenizer)
+        released = "".join(stream.push(t) for t in ids) + stream.flush()
+        whole = tokenizer.decode(ids, skip_special_tokens=True)
+        assert released == stream.text == whole, ids
+        assert decoder(tokenizer)(ids) == whole
