@@ -53,8 +53,9 @@ SHAPES = shapes("overhead", "tiny", "small", "7b")
 TARGET = 0.8
 
 
-def build(shape: str, dtype: str, batch: int, max_seq_len: int, work_dir: Path) -> Path:
-    """The engine of a random Falcon of ``shape`` (built once per settings under ``work_dir``)."""
+def build(shape: str, dtype: str, batch: int, max_seq_len: int, work_dir: Path, device: str = "cpu") -> Path:
+    """The engine of a random Falcon of ``shape`` (built once per settings under ``work_dir``); its random
+    weights are drawn on ``device`` (a 7B model is initialised in seconds on a GPU, minutes on a CPU)."""
     from compiler_core.build.engine import build_engine, choose_backend
     from compiler_core.convert.from_hf import convert
     from modelc_plugins.falcon.tiny import train_tokenizer
@@ -64,7 +65,7 @@ def build(shape: str, dtype: str, batch: int, max_seq_len: int, work_dir: Path) 
         return engine
     hf_dir = work_dir / f"{shape}-{dtype}-hf"
     if not (hf_dir / "config.json").is_file():
-        hf, _ = make_hf(shape, getattr(torch, dtype), "cpu")
+        hf, _ = make_hf(shape, getattr(torch, dtype), device)
         hf.save_pretrained(hf_dir)
         train_tokenizer().save_pretrained(hf_dir)  # a small vocabulary: larger ids decode to no text
         del hf
