@@ -258,7 +258,7 @@ def main() -> None:
     args.work_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
 
-    engine = build(args.shape, dtype, args.clients, max_seq_len, args.work_dir)
+    engine = build(args.shape, dtype, args.clients, max_seq_len, args.work_dir, device)
     vocab = SHAPES[args.shape]["vocab_size"]
     prompts = torch.randint(100, vocab, (args.clients, args.prompt_len), generator=torch.Generator().manual_seed(0))
     offline_tps = offline(engine, device, prompts.tolist(), args.output_len, args.repeat)
