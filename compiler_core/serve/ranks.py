@@ -30,6 +30,9 @@ def call_group() -> Any:
 class LeaderSlots(SlotRunner):
     """Rank 0's SlotRunner: announces every call to the other ranks, then makes it."""
 
+    #: The other ranks get each step's tokens in the announcement, so they must be on the host.
+    takes_device_tokens = False
+
     def __init__(self, runner: ModelRunner, rows: int, width: int, pad_id: int, group: Any) -> None:
         super().__init__(runner, rows, width, pad_id)
         self.group = group

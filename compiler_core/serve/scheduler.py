@@ -104,12 +104,48 @@ class Sequence:
     #: The sequences admitted with this one into consecutive rows, prefilled together.
     group: list[Sequence] = field(default_factory=list)
     last_token: int = 0
+    #: Decode steps queued for this sequence whose token the host has not read yet (0 or 1).
+    in_flight: int = 0
     generator: torch.Generator | None = None
 
     @property
     def end(self) -> int:
         """One past the last cache column this sequence may write."""
         return self.region_start + len(self.prompt) + self.params.max_tokens
+
+
+class _Empty:
+    """A free row, for the per-row flags of a pipelined step."""
+
+    in_flight = 0
+
+
+_EMPTY = _Empty()
+
+
+@dataclass
+class _QueuedStep:
+    """A decode step queued on the device: its rows and chosen tokens, on their way to the host."""
+
+    rows: list[Sequence]
+    tokens: torch.Tensor
+    host: torch.Tensor
+    ready: torch.cuda.Event | None
+
+    @classmethod
+    def of(cls, rows: list[Sequence], tokens: torch.Tensor) -> _QueuedStep:
+        if tokens.device.type != "cuda":
+            return cls(rows, tokens, tokens, None)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return cls(rows, tokens, host, ready)
+
+    def host_tokens(self) -> list[int]:
+        if self.ready is not None:
+            self.ready.synchronize()  # waits with the GIL released, so the HTTP side runs meanwhile
+        return self.host.tolist()
 
 
 class QueueFull(Exception):
@@ -150,6 +186,8 @@ class Scheduler:
         self._step_hooks: tuple[Callable[[], None], ...] = ()
         #: Set by cancel(): the next iteration looks for cancelled rows (no scan of every row each step).
         self._cancel_pending = False
+        #: The decode step queued on the device whose tokens the host reads after queueing the next one.
+        self._queued: _QueuedStep | None = None
         self.failure: BaseException | None = None
         # The engine thread must run on the runner's GPU; "cuda" without an index means the device
         # current here, at construction, since a new thread starts on GPU 0.
@@ -235,6 +273,7 @@ class Scheduler:
                 self._accepting = False
             self._end_all(Finished("error"))
         else:
+            self._collect()
             self._end_all(Finished("abort"))
         for hook in self._step_hooks:
             hook()
@@ -273,9 +312,8 @@ class Scheduler:
         for group in groups:
             self._prefill_chunk(group)
         decoding = [s for s in self._rows if s is not None and s.state is _State.DECODE]
-        if decoding:
-            self._decode(decoding)
-        if groups or decoding:
+        stepped = self._decode(decoding) if decoding or self._queued is not None else False
+        if groups or stepped:
             self._cursor += 1
 
     def _prefill_groups(self) -> list[list[Sequence]]:
@@ -368,21 +406,70 @@ class Scheduler:
                     seq.state = _State.DECODE
                     self._emit(seq, logits[i], None)
 
-    def _decode(self, decoding: list[Sequence]) -> None:
+    def _decode(self, decoding: list[Sequence]) -> bool:
+        """One decode step of ``decoding``; True if a step ran.
+
+        Greedy steps without logprobs on a runner that takes device tokens are pipelined: the step
+        is fed the previous step's tokens where they are still on the device and queued before the
+        host reads those (:meth:`_collect`), so the host's work per step overlaps the GPU's. A row
+        whose queued token turns out to be a stop token has run one step for nothing, into its own
+        region; one that will have reached ``max_tokens`` is not queued again.
+        """
+        pipelined = self.slots.takes_device_tokens and all(
+            s.params.greedy and s.params.logprobs is None for s in decoding
+        )
+        if not pipelined:
+            self._collect()
+            decoding = [s for s in decoding if s.state is _State.DECODE]
+        stepping = [s for s in decoding if s.generated + s.in_flight < s.params.max_tokens]
+        if not stepping:
+            self._collect()
+            return False
         tokens: list[int | None] = [None] * len(self._rows)
         starts: list[int | None] = [None] * len(self._rows)
-        for seq in decoding:
+        for seq in stepping:
             tokens[seq.row], starts[seq.row] = seq.last_token, seq.region_start
-        logits = self.slots.decode(tokens, starts, self._cursor)
-        greedy = logits.argmax(-1).tolist() if any(s.params.greedy for s in decoding) else None
-        for seq in decoding:
-            self._emit(seq, logits[seq.row], None if greedy is None else greedy[seq.row])
+        if not pipelined:
+            logits = self.slots.decode(tokens, starts, self._cursor)
+            greedy = logits.argmax(-1).tolist() if any(s.params.greedy for s in stepping) else None
+            for seq in stepping:
+                self._emit(seq, logits[seq.row], None if greedy is None else greedy[seq.row])
+            return True
+        queued = self._queued
+        fed = self.slots.to_device([self.slots.pad_id if t is None else t for t in tokens])
+        if queued is not None:
+            from_device = self.slots.to_device([int(s.in_flight > 0) for s in self._row_list()]).bool()
+            fed = torch.where(from_device, queued.tokens, fed)
+        next_tokens = self.slots.decode(fed, starts, self._cursor).argmax(-1)
+        for seq in stepping:
+            seq.in_flight += 1
+        self._queued = _QueuedStep.of(stepping, next_tokens)
+        if queued is not None:
+            self._read(queued)
+        return True
 
-    def _emit(self, seq: Sequence, logits: torch.Tensor, argmax: int | None) -> None:
-        """Pick the next token of ``seq`` from its ``logits`` [vocab], hand it on, retire ``seq`` when done."""
+    def _row_list(self) -> list[Sequence | _Empty]:
+        return [_EMPTY if s is None else s for s in self._rows]
+
+    def _collect(self) -> None:
+        """Read the queued decode step's tokens, if one is queued, and hand them on."""
+        if self._queued is not None:
+            queued, self._queued = self._queued, None
+            self._read(queued)
+
+    def _read(self, queued: _QueuedStep) -> None:
+        tokens = queued.host_tokens()
+        for seq in queued.rows:
+            seq.in_flight -= 1
+            if seq.state is _State.DECODE:  # not retired meanwhile (cancelled, or a stop before)
+                self._emit(seq, None, tokens[seq.row])
+
+    def _emit(self, seq: Sequence, logits: torch.Tensor | None, argmax: int | None) -> None:
+        """Pick the next token of ``seq`` from its ``logits`` [vocab] (or take ``argmax``, for a greedy
+        sequence without logprobs), hand it on, retire ``seq`` when done."""
         params = seq.params
         if params.greedy:
-            token = int(logits.argmax()) if argmax is None else argmax
+            token = argmax if argmax is not None else int(logits.argmax())
         else:
             config = GenerationConfig(
                 max_new_tokens=params.max_tokens, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p

@@ -18,6 +18,10 @@ from compiler_core.runtime.runner import ModelRunner
 class SlotRunner:
     """Prefill chunks, decode steps and cache shifts over ``rows`` slots of ``width`` columns."""
 
+    #: Whether :meth:`decode` may be fed the previous step's tokens as a device tensor, so that the
+    #: scheduler can queue a step before it has read the last one's tokens on the host.
+    takes_device_tokens = True
+
     def __init__(self, runner: ModelRunner, rows: int, width: int, pad_id: int) -> None:
         self.runner = runner
         self.rows = rows
@@ -38,18 +42,24 @@ class SlotRunner:
         chunks of one length), each row's sequence beginning at column ``region_start``; return the
         float32 logits [len(rows), vocab] after the last of them."""
         end = start + len(ids[0])
-        tokens = torch.tensor(ids, dtype=torch.long, device=self.device)
+        tokens = self.to_device(ids)
         mask = (self._columns[:end] >= region_start).long()[None].expand(len(rows), -1)
         positions = torch.arange(start - region_start, end - region_start, device=self.device)[None]
         return self.runner.row_logits(rows, tokens, positions.expand(len(rows), -1), mask, start).float()
 
     @torch.inference_mode()
-    def decode(self, tokens: list[int | None], region_starts: list[int | None], cursor: int) -> torch.Tensor:
+    def decode(
+        self, tokens: list[int | None] | torch.Tensor, region_starts: list[int | None], cursor: int
+    ) -> torch.Tensor:
         """One step of every row at column ``cursor``: row ``r`` feeds ``tokens[r]`` as the token after
         its region ``[region_starts[r], cursor)``; rows given None run padding that nobody reads.
+        ``tokens`` may also be a device tensor [rows] (see :attr:`takes_device_tokens`).
         Returns the float32 logits [rows, vocab]."""
-        ids = torch.tensor([[self.pad_id if t is None else t] for t in tokens], dtype=torch.long, device=self.device)
-        starts = torch.tensor([0 if s is None else s for s in region_starts], dtype=torch.long, device=self.device)
+        if isinstance(tokens, torch.Tensor):
+            ids = tokens[:, None]
+        else:
+            ids = self.to_device([[self.pad_id if t is None else t] for t in tokens])
+        starts = self.to_device([0 if s is None else s for s in region_starts])
         mask = (self._columns[None, : cursor + 1] >= starts[:, None]).long()
         positions = (cursor - starts)[:, None]
         logits = self.runner.last_logits(ids, positions, mask, cursor).float()
@@ -57,6 +67,15 @@ class SlotRunner:
         if self._sessions and all(getattr(s, "replays_graph", False) for s in self._sessions):
             self.graph_steps += 1
         return logits
+
+    def to_device(self, data: list) -> torch.Tensor:
+        """``data`` as an int64 tensor on the device, copied without waiting for the GPU's queued work.
+
+        From pageable memory a host-to-device copy first waits for the stream to drain, which would
+        stall the host behind a decode step still in flight; from pinned memory it is queued."""
+        if self.device.type != "cuda":
+            return torch.tensor(data, dtype=torch.long)
+        return torch.tensor(data, dtype=torch.long, pin_memory=True).to(self.device, non_blocking=True)
 
     def shift(self, offset: int) -> None:
         """Move every row's cache entries ``offset`` columns (left when negative)."""

@@ -162,3 +162,110 @@ def test_a_failing_engine_ends_every_request_with_an_error_instead_of_hanging(en
     assert {e.reason for e in ended.values()} == {"error"}
     assert isinstance(scheduler.failure, RuntimeError)
     assert not scheduler.accepting
+
+
+class PipelineCountingSlots(SlotRunner):
+    """Counts the decode steps fed the previous step's tokens on the device (pipelined) and on the host."""
+
+    fed_from_device = 0
+    fed_from_host = 0
+    row_steps = 0
+
+    def decode(self, tokens, region_starts, cursor):
+        self.row_steps += sum(start is not None for start in region_starts)
+        if isinstance(tokens, list):
+            self.fed_from_host += 1
+        else:
+            self.fed_from_device += 1
+        return super().decode(tokens, region_starts, cursor)
+
+
+def test_pipelined_steps_stop_on_time_and_hand_over_to_host_steps(engine):
+    """Greedy steps run pipelined (each queued before the host reads the last one's tokens): a
+    sequence whose stop token is only seen a step later, and ones whose budget runs out, end with
+    exactly ``generate``'s tokens; a sampled newcomer turns the steps back to host-fed ones and the
+    greedy sequences around it are unaffected; a sequence cancelled while its token is in flight
+    ends cancelled without it."""
+    engine_dir = engine("7b")
+    runner, config = open_runner(engine_dir, "cpu")
+    end_id, pad_id = special_ids(config)
+    vocab = config["checkpoint"]["vocab_size"]
+    rng = random.Random(5)
+    prompts = [[rng.randrange(vocab) for _ in range(rng.randint(3, 12))] for _ in range(4)]
+    # A stop id that greedy decoding of prompt 0 produces at its 5th token: it must end there.
+    stop = alone(engine_dir, prompts[0], 20, end_id)[4]
+    slots = PipelineCountingSlots(runner, rows=4, width=128, pad_id=pad_id)
+    scheduler = Scheduler(slots, max_seq_len=64, prefill_chunk=64, max_queue=16)
+    outputs: list[list[int]] = [[] for _ in range(5)]
+    finished: list[str | None] = [None] * 5
+
+    def sink(i):
+        def receive(event):
+            if isinstance(event, Token):
+                outputs[i].append(event.id)
+            else:
+                finished[i] = event.reason
+
+        return receive
+
+    greedy = [
+        SamplingParams(max_tokens=20, temperature=0, stop_ids=frozenset({stop})),
+        SamplingParams(max_tokens=1, temperature=0),
+        SamplingParams(max_tokens=2, temperature=0),
+        SamplingParams(max_tokens=9, temperature=0),
+    ]
+    sequences = [Sequence(p, params, sink(i)) for i, (p, params) in enumerate(zip(prompts, greedy, strict=True))]
+    scheduler.submit(sequences)
+    for _ in range(3):
+        scheduler.step()
+    assert slots.fed_from_device > 0, "greedy steps should be pipelined"
+    scheduler.cancel([sequences[3]])  # its token of the queued step is never handed on
+    sampled = Sequence(prompts[1], SamplingParams(max_tokens=6, temperature=1.0, seed=3), sink(4))
+    scheduler.submit([sampled])
+    host_before = slots.fed_from_host
+    steps = 0
+    while None in finished:
+        scheduler.step()
+        steps += 1
+        assert steps < 200
+    assert slots.fed_from_host > host_before, "a sampled sequence needs its logits on the host"
+
+    want = alone(engine_dir, prompts[0], 20, end_id)
+    assert outputs[0] == want[: want.index(stop) + 1] and finished[0] == "stop"
+    assert outputs[1] == alone(engine_dir, prompts[1], 1, end_id) and finished[1] == "length"
+    assert outputs[2] == alone(engine_dir, prompts[2], 2, end_id) and finished[2] == "length"
+    assert finished[3] == "cancelled" and len(outputs[3]) <= 3
+    assert outputs[3] == alone(engine_dir, prompts[3], 9, end_id)[: len(outputs[3])]
+    assert len(outputs[4]) == 6 and finished[4] == "length"
+    assert not scheduler.stats()["busy"]
+    # Decode steps per row: one per token after the first (the prefill's), plus the one step run
+    # for nothing after the stop token and at most one after the cancel; none past a budget.
+    # One decode step per row for each token after the first (the prefill's), plus at most the
+    # step run for nothing after the stop token and the one in flight at the cancel.
+    assert slots.row_steps <= sum(len(o) - 1 for o in outputs) + 2
+
+
+def test_pipelined_steps_never_run_a_row_past_its_budget(engine):
+    """A row is not queued again once its queued token will be its last: budgets of 2, 3 and 9
+    tokens take exactly 1, 2 and 8 decode steps of their row, and give ``generate``'s tokens."""
+    engine_dir = engine("7b")
+    runner, config = open_runner(engine_dir, "cpu")
+    end_id, pad_id = special_ids(config)
+    prompts = [[11, 12, 13], [21, 22, 23, 24], [31, 32]]
+    budgets = [2, 3, 9]
+    slots = PipelineCountingSlots(runner, rows=3, width=128, pad_id=pad_id)
+    scheduler = Scheduler(slots, max_seq_len=64, prefill_chunk=64, max_queue=16)
+    outputs: list[list[int]] = [[] for _ in prompts]
+    sinks = [lambda event, i=i: outputs[i].append(event.id) if isinstance(event, Token) else None for i in range(3)]
+    scheduler.submit(
+        [
+            Sequence(p, SamplingParams(max_tokens=b, temperature=0), sinks[i])
+            for i, (p, b) in enumerate(zip(prompts, budgets, strict=True))
+        ]
+    )
+    while scheduler.stats()["busy"] or scheduler.stats()["waiting"]:
+        scheduler.step()
+    assert slots.fed_from_device > 0
+    assert slots.row_steps == sum(b - 1 for b in budgets)
+    for prompt, budget, out in zip(prompts, budgets, outputs, strict=True):
+        assert out == alone(engine_dir, prompt, budget, end_id)
