@@ -31,12 +31,16 @@ def round_to_e4m3(v):
     interpreter converts with ties away from zero and drops the carry into the exponent; on a GPU
     the conversion that follows is then exact on both paths. Normal values keep 3 of float32's 23
     mantissa bits (round to nearest even on the bit pattern); below 2**-6 the codes are subnormal,
-    multiples of 2**-9, which adding and subtracting 1.5 * 2**14 rounds to.
+    multiples of 2**-9, which adding and subtracting 1.5 * 2**14 rounds to. A value that rounds to
+    zero keeps its sign, as torch's cast keeps it (-0 is a code of its own in a KV cache).
     """
     bits = v.to(tl.int32, bitcast=True)
-    bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576  # -1048576 = 0xFFF00000: sign, exponent, 3 bits
+    rounded = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576  # -1048576 = 0xFFF00000: sign, exponent, 3 bits
     subnormal = (v + 24576.0) - 24576.0
-    return tl.where(tl.abs(v) < 0.015625, subnormal, bits.to(tl.float32, bitcast=True))
+    out = tl.where(tl.abs(v) < 0.015625, subnormal, rounded.to(tl.float32, bitcast=True))
+    # The sign bit of v onto the result: only a +0 from the subnormal sum changes (Triton negates as
+    # 0 - x, which would give +0 again).
+    return (out.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
 
 
 @triton.jit

@@ -4,8 +4,9 @@ The torch expression of the ``quantize`` primitive, ``(x.float() / scale).clamp(
 a cast, is four elementwise kernels (widen, divide, clamp, narrow); before each cuBLASLt FP8 GEMM
 of a decode step that is four launches for a few kilobytes. This kernel reads ``x`` once and
 writes the codes, with the same numerics: an IEEE float32 division, saturation, and rounding to
-nearest even (through :func:`~compiler_core.backends.torch.cuda.fp8_gemm.round_to_e4m3`, which
-the interpreter also rounds correctly with).
+nearest even with the sign of zero kept (through
+:func:`~compiler_core.backends.torch.cuda.fp8_gemm.round_to_e4m3`, which the interpreter also
+rounds correctly with).
 """
 
 from __future__ import annotations
@@ -25,10 +26,7 @@ def _quantize_e4m3_kernel(x_ptr, scale_ptr, q_ptr, n, BLOCK: tl.constexpr):
     ok = offsets < n
     x = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
     scaled = tl.clamp(tl.math.div_rn(x, tl.load(scale_ptr)), -E4M3_MAX, E4M3_MAX)
-    rounded = round_to_e4m3(scaled).to(tl.int32, bitcast=True)
-    # Values that round to zero keep their sign (-0 is a code of its own, as torch's cast writes it).
-    signed = rounded | (scaled.to(tl.int32, bitcast=True) & -2147483648)
-    tl.store(q_ptr + offsets, signed.to(tl.float32, bitcast=True).to(tl.float8e4nv), mask=ok)
+    tl.store(q_ptr + offsets, round_to_e4m3(scaled).to(tl.float8e4nv), mask=ok)
 
 
 def quantize_e4m3(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
