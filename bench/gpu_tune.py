@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -37,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from compiler_core.testing import use_triton_interpreter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -68,24 +69,6 @@ TINY_SEARCH = {"int4": {"block_k": (0, 16, 64)}, "fp8": {"block_k": (32, 64)}}
 TOLERANCE = 1e-2
 #: Bytes of weights per rotation: well beyond an H200's 60 MiB L2, so every call reads HBM.
 ROTATION_BYTES = 256 << 20
-
-
-def interpreter_setup() -> None:
-    """Run the kernels under Triton's interpreter, with tests/gpu/conftest.py's numpy 2.4 fix
-    (triton-lang/triton#9172: one-element arrays as loop bounds)."""
-    os.environ["TRITON_INTERPRET"] = "1"
-    from triton.runtime import interpreter
-
-    original = interpreter._patch_lang_tensor
-    if getattr(original, "modelc_index_fix", False):
-        return
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched.modelc_index_fix = True
-    interpreter._patch_lang_tensor = patched
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -349,7 +332,7 @@ def main() -> None:
     device = torch.device(args.device)
     timing = device.type == "cuda"
     if not timing:
-        interpreter_setup()
+        use_triton_interpreter()
     rows = [int(r) for r in (args.rows or ("1,3" if args.tiny else "1,2,4,8,16,32,64")).split(",")]
     kernels = args.kernels.split(",")
     shapes, group = (TINY, TINY_GROUP) if args.tiny else (FALCON_7B, GROUP)

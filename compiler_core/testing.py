@@ -283,3 +283,27 @@ def hf_greedy(model_dir: Path, prompts: list[list[int]], new_tokens: int, end_id
     model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa").eval()
     rows = hf_generate(model, prompts, end_id, max_new_tokens=new_tokens, do_sample=False, eos_token_id=end_id)
     return [row[: row.index(end_id) + 1] if end_id in row else row for row in rows]
+
+
+def use_triton_interpreter() -> None:
+    """Run Triton kernels under Triton's CPU interpreter from here on (``TRITON_INTERPRET=1``, read
+    when a kernel is defined, so call this before the kernel modules are imported), with a fix for
+    triton 3.6's interpreter under numpy 2.4.
+
+    That interpreter converts one-element arrays to ints with ``int(array)``, which numpy 2.4
+    turned into a TypeError (triton-lang/triton#9171, fixed upstream by #9172 after 3.6): any loop
+    with a run-time bound failed there.
+    """
+    os.environ["TRITON_INTERPRET"] = "1"
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "modelc_index_fix", False):
+        return
+
+    def patched(tensor: Any, scope: Any) -> None:
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched.modelc_index_fix = True  # type: ignore[attr-defined]
+    interpreter._patch_lang_tensor = patched

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from compiler_core.testing import use_triton_interpreter
+
 pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot run")
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
@@ -39,7 +41,7 @@ def test_failing_configs_are_skipped(monkeypatch):
 
     from compiler_core.backends.torch.cuda.tiling import Config
 
-    gpu_tune.interpreter_setup()
+    use_triton_interpreter()
     linear = gpu_tune.Linear("qkv", 24, 80, 32, torch.device("cpu"), 1)
     sweep = gpu_tune.Sweep(timing=False)
     assert sweep.measure(linear, "int4", 2, Config(16, 32, 48, 1, 4, 1)) is None  # 48: not a power of two

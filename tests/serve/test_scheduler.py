@@ -30,6 +30,23 @@ class CountingSlots(SlotRunner):
         return super().prefill(rows, ids, region_start, start)
 
 
+def recorder(outputs: list[list[int]], finished: list[str | None]):
+    """``sink(i)``: a sequence sink that appends token ids to ``outputs[i]`` and puts the finish
+    reason in ``finished[i]``."""
+
+    def sink(i: int):
+        def receive(event):
+            if isinstance(event, Token):
+                outputs[i].append(event.id)
+            else:
+                assert isinstance(event, Finished)
+                finished[i] = event.reason
+
+        return receive
+
+    return sink
+
+
 def alone(engine_dir, prompt: list[int], max_tokens: int, end_id: int) -> list[int]:
     runner, _ = open_runner(engine_dir, "cpu")
     config = GenerationConfig(max_new_tokens=max_tokens, temperature=0, end_id=end_id, pad_id=end_id)
@@ -59,15 +76,7 @@ def test_greedy_tokens_equal_each_prompt_alone(engine, variant, decode_mode):
     outputs: list[list[int]] = [[] for _ in prompts]
     finished: list[str | None] = [None] * len(prompts)
 
-    def sink(i):
-        def receive(event):
-            if isinstance(event, Token):
-                outputs[i].append(event.id)
-            else:
-                assert isinstance(event, Finished)
-                finished[i] = event.reason
-
-        return receive
+    sink = recorder(outputs, finished)
 
     step = 0
     while None in finished:
@@ -106,14 +115,7 @@ def test_prompts_of_one_length_prefill_together_and_survive_a_cancelled_member(e
     outputs: list[list[int]] = [[] for _ in prompts]
     finished: list[str | None] = [None] * len(prompts)
 
-    def sink(i):
-        def receive(event):
-            if isinstance(event, Token):
-                outputs[i].append(event.id)
-            else:
-                finished[i] = event.reason
-
-        return receive
+    sink = recorder(outputs, finished)
 
     params = SamplingParams(max_tokens=12, temperature=0, stop_ids=frozenset({end_id}))
     sequences = [Sequence(p, params, sink(i)) for i, p in enumerate(prompts)]
@@ -199,14 +201,7 @@ def test_pipelined_steps_stop_on_time_and_hand_over_to_host_steps(engine):
     outputs: list[list[int]] = [[] for _ in range(5)]
     finished: list[str | None] = [None] * 5
 
-    def sink(i):
-        def receive(event):
-            if isinstance(event, Token):
-                outputs[i].append(event.id)
-            else:
-                finished[i] = event.reason
-
-        return receive
+    sink = recorder(outputs, finished)
 
     greedy = [
         SamplingParams(max_tokens=20, temperature=0, stop_ids=frozenset({stop})),
