@@ -90,9 +90,13 @@ def offline(engine: Path, device: str, prompts: list[list[int]], output_len: int
     return len(prompts) * output_len / best
 
 
-def scheduled(engine: Path, device: str, prompts: list[list[int]], output_len: int, repeat: int) -> float:
-    """Output tokens/s of the server's scheduler on the same prompts in this process, without HTTP:
-    how much of the gap to offline is in-flight batching and how much is serving."""
+def scheduled(
+    engine: Path, device: str, prompts: list[list[int]], output_len: int, repeat: int
+) -> tuple[float, dict[str, float]]:
+    """Output tokens/s of the server's scheduler on the same prompts in this process, without HTTP
+    (how much of the gap to offline is in-flight batching and how much is serving), and the host
+    time of its iterations in the best run: the median, the slowest (the prefill) and the count.
+    Where the median is far below the step's GPU time, the host waits on the GPU inside it."""
     from compiler_core.runtime.open import open_runner
     from compiler_core.serve.scheduler import SamplingParams, Scheduler, Sequence
     from compiler_core.serve.slots import SlotRunner
@@ -101,15 +105,28 @@ def scheduled(engine: Path, device: str, prompts: list[list[int]], output_len: i
     max_seq_len = len(prompts[0]) + output_len
     scheduler = Scheduler(SlotRunner(runner, len(prompts), 2 * max_seq_len, 0), max_seq_len, 128, len(prompts))
     params = SamplingParams(max_tokens=output_len, temperature=0)
+    steps: list[float] = []
 
     def run() -> None:
+        steps.clear()
         scheduler.submit([Sequence(p, params, lambda event: None) for p in prompts])
         while scheduler.stats()["busy"] or scheduler.stats()["waiting"]:
+            start = time.perf_counter()
             scheduler.step()
+            steps.append(time.perf_counter() - start)
 
     run()  # warm-up
-    best = min(timed(run, device)[0] for _ in range(repeat))
-    return len(prompts) * output_len / best
+    best, best_steps = float("inf"), []
+    for _ in range(repeat):
+        seconds = timed(run, device)[0]
+        if seconds < best:
+            best, best_steps = seconds, sorted(steps)
+    iterations = {
+        "count": len(best_steps),
+        "median_ms": 1e3 * best_steps[len(best_steps) // 2],
+        "slowest_ms": 1e3 * best_steps[-1],
+    }
+    return len(prompts) * output_len / best, iterations
 
 
 def start_server(
@@ -262,7 +279,7 @@ def main() -> None:
     vocab = SHAPES[args.shape]["vocab_size"]
     prompts = torch.randint(100, vocab, (args.clients, args.prompt_len), generator=torch.Generator().manual_seed(0))
     offline_tps = offline(engine, device, prompts.tolist(), args.output_len, args.repeat)
-    scheduled_tps = scheduled(engine, device, prompts.tolist(), args.output_len, args.repeat)
+    scheduled_tps, iterations = scheduled(engine, device, prompts.tolist(), args.output_len, args.repeat)
     if device.startswith("cuda"):
         gc.collect()
         torch.cuda.empty_cache()  # the offline runners are gone: leave the GPU to the server
@@ -298,6 +315,7 @@ def main() -> None:
         "output_len": args.output_len,
         "offline_tps": offline_tps,
         "scheduler_tps": scheduled_tps,
+        "scheduler_iterations": iterations,
         **served,
         "decode_steps": steps,
         "graph_steps": graph_steps,
@@ -315,7 +333,10 @@ def main() -> None:
         f"{'modelc serve':24}{served['aggregate_tps']:>10.1f}{ttft['p50']:>10.1f}{ttft['p99']:>10.1f}"
         f"{itl['p50']:>10.2f}{itl['p99']:>10.2f}"
     )
-    print(f"{'scheduler, no HTTP':24}{scheduled_tps:>10.1f}")
+    print(
+        f"{'scheduler, no HTTP':24}{scheduled_tps:>10.1f}  ({iterations['count']} iterations: median "
+        f"{iterations['median_ms']:.2f} ms, slowest {iterations['slowest_ms']:.2f} ms on the host)"
+    )
     print(f"{f'offline generate b={args.clients}':24}{offline_tps:>10.1f}")
     print(f"server decode steps: {steps}, of which replayed a CUDA graph: {graph_steps}")
     counts = f"{served['requests']} requests, {served['error_count']} errors"
