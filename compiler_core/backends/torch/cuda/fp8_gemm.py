@@ -17,7 +17,7 @@ import triton.language as tl
 
 from compiler_core.backends.torch.cuda.capability import interpreting
 from compiler_core.backends.torch.cuda.dot import tile_dot
-from compiler_core.backends.torch.cuda.tiling import Config, config_for, k_range, resolve
+from compiler_core.backends.torch.cuda.tiling import Config, config_for, resolve, sum_splits
 
 #: A constexpr: the kernels read it (Triton kernels see only constexpr globals).
 E4M3_MAX = tl.constexpr(448.0)
@@ -116,12 +116,8 @@ def fp8_linear(
         config = config_for("fp8", m, n, k)
     k_tiles = -(-k // config.block_k)
     tiling = resolve(config, m, n, k_tiles, config.block_k, x.device)
-    per_split = k_range(k_tiles, tiling.split_k)
-    splits = -(-k_tiles // per_split)
-    dtype = x.dtype if splits == 1 else torch.float32
-    y = torch.empty((splits, m, n), dtype=dtype, device=x.device)
-    grid = (-(-n // tiling.block_n), -(-m // tiling.block_m), splits)
-    _fp8_gemm_kernel[grid](
+    y = tiling.output(m, n, x)
+    _fp8_gemm_kernel[tiling.grid(m, n)](
         x2,
         weight,
         x_scale,
@@ -136,7 +132,7 @@ def fp8_linear(
         y.stride(0),
         y.stride(1),
         k_tiles,
-        per_split,
+        tiling.tiles_per_split,
         BLOCK_M=tiling.block_m,
         BLOCK_N=tiling.block_n,
         HAS_BIAS=bias is not None,
@@ -145,5 +141,4 @@ def fp8_linear(
         num_warps=tiling.num_warps,
         num_stages=tiling.num_stages,
     )
-    out = y[0] if splits == 1 else y.sum(0).to(x.dtype)
-    return out.reshape(*lead, n)
+    return sum_splits(y, x.dtype).reshape(*lead, n)

@@ -38,7 +38,7 @@ import triton.language as tl
 
 from compiler_core.backends.torch.cuda.capability import interpreting
 from compiler_core.backends.torch.cuda.dot import tile_dot
-from compiler_core.backends.torch.cuda.tiling import MIN_GROUP_SIZE, Config, config_for, k_range, resolve
+from compiler_core.backends.torch.cuda.tiling import MIN_GROUP_SIZE, Config, config_for, resolve, sum_splits
 
 #: Columns of the dense weight one dequantization program writes per row block (at least one group).
 DEQUANT_BLOCK_K = 128
@@ -202,12 +202,8 @@ def int4_linear(
     block_k = config.block_k or weight.group_size
     k_tiles = -(-weight.padded_in // block_k)
     tiling = resolve(config, m, n, k_tiles, block_k, x.device)
-    per_split = k_range(k_tiles, tiling.split_k)
-    splits = -(-k_tiles // per_split)
-    dtype = x.dtype if splits == 1 else torch.float32
-    y = torch.empty((splits, m, n), dtype=dtype, device=x.device)
-    grid = (-(-n // tiling.block_n), -(-m // tiling.block_m), splits)
-    _int4_gemm_kernel[grid](
+    y = tiling.output(m, n, x)
+    _int4_gemm_kernel[tiling.grid(m, n)](
         x2,
         weight.packed,
         weight.scales,
@@ -223,7 +219,7 @@ def int4_linear(
         y.stride(0),
         y.stride(1),
         k_tiles,
-        per_split,
+        tiling.tiles_per_split,
         GROUP=weight.group_size,
         BLOCK_M=tiling.block_m,
         BLOCK_N=tiling.block_n,
@@ -234,8 +230,7 @@ def int4_linear(
         num_warps=tiling.num_warps,
         num_stages=tiling.num_stages,
     )
-    out = y[0] if splits == 1 else y.sum(0).to(x.dtype)
-    return out.reshape(*lead, n)
+    return sum_splits(y, x.dtype).reshape(*lead, n)
 
 
 @triton.jit

@@ -56,18 +56,32 @@ class Config:
 
 @dataclass(frozen=True)
 class Tiling:
-    """One launch's tile shape, K tile and resolved split-K factor."""
+    """One launch's tile shape, K tile and split-K: ``split_k`` splits of ``tiles_per_split`` K tiles
+    each (the last may get fewer; none gets none)."""
 
     block_m: int
     block_n: int
     block_k: int
     split_k: int
+    tiles_per_split: int
     num_warps: int
     num_stages: int
 
     def grid(self, m: int, n: int) -> tuple[int, int, int]:
         """(column blocks, row blocks, K splits) of an [m, n] output."""
         return (-(-n // self.block_n), -(-m // self.block_m), self.split_k)
+
+    def output(self, m: int, n: int, x: torch.Tensor) -> torch.Tensor:
+        """The kernel's output ``[split_k, m, n]``: in ``x``'s dtype without a split, else the splits'
+        float32 partial sums (see :func:`sum_splits`)."""
+        dtype = x.dtype if self.split_k == 1 else torch.float32
+        return torch.empty((self.split_k, m, n), dtype=dtype, device=x.device)
+
+
+def sum_splits(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The ``[m, n]`` result of a :meth:`Tiling.output`: its one split, or the partial sums added in
+    float32 and rounded once to ``dtype``."""
+    return y[0] if y.shape[0] == 1 else y.sum(0).to(dtype)
 
 
 # Measured on one NVIDIA H200 by bench/gpu_tune.py (falcon-7b's linears, 2026-12-02; the search and
@@ -138,10 +152,6 @@ def resolve(config: Config, m: int, n: int, k_tiles: int, block_k: int, device: 
     if split == 0:
         blocks = -(-n // config.block_n) * -(-m // config.block_m)
         split = max(1, min(MAX_AUTO_SPLIT, PROGRAMS_PER_SM * multiprocessors(device) // blocks))
-    split = max(1, min(split, k_tiles))
-    return Tiling(config.block_m, config.block_n, block_k, split, config.num_warps, config.num_stages)
-
-
-def k_range(k_tiles: int, split_k: int) -> int:
-    """K tiles each split handles (the last split may get fewer)."""
-    return -(-k_tiles // split_k)
+    per_split = -(-k_tiles // max(1, min(split, k_tiles)))
+    split = -(-k_tiles // per_split)  # every split then holds at least one tile and writes its partials
+    return Tiling(config.block_m, config.block_n, block_k, split, per_split, config.num_warps, config.num_stages)
