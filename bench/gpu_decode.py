@@ -66,6 +66,21 @@ def loaded_model(registry: Registry, hf, dtype: torch.dtype):
     return LoadedModel(config, dict(map_tensors(arch, config, state.items(), "bench")))
 
 
+def model_dtype(device: str) -> torch.dtype:
+    """The benchmarks' model dtype: bfloat16 on CUDA, float32 on a CPU."""
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+def bench_model(args) -> tuple[Registry, Any, Any]:
+    """(registry, random HF Falcon, its modelc LoadedModel) of ``args.shape`` on ``args.device``; an
+    unset ``args.shape`` becomes ``7b`` on CUDA, ``tiny`` on a CPU."""
+    args.shape = args.shape or ("7b" if args.device.startswith("cuda") else "tiny")
+    dtype = model_dtype(args.device)
+    registry = load_registry()
+    hf, _ = make_hf(args.shape, dtype, args.device)
+    return registry, hf, loaded_model(registry, hf, dtype)
+
+
 def calibration(vocab: int, blocks: int, length: int):
     from compiler_core.quantize.calibration import CalibrationBatch, CalibrationSet
 
@@ -353,14 +368,11 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=Path("gpu_decode.json"))
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
-    shape = args.shape or ("7b" if cuda else "tiny")
-    dtype = torch.bfloat16 if cuda else torch.float32
 
     import transformers
 
-    registry = load_registry()
-    hf, _ = make_hf(shape, dtype, args.device)
-    model = loaded_model(registry, hf, dtype)
+    registry, hf, model = bench_model(args)
+    shape, dtype = args.shape, model_dtype(args.device)
     card = torch.cuda.get_device_name(args.device) if cuda else (platform.processor() or platform.machine())
     result: dict[str, Any] = {
         "shape": shape,

@@ -20,10 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import make_hf, shapes, sync
-from gpu_decode import build_side, loaded_model
-
-from compiler_core.host import load_registry
+from common import shapes, sync
+from gpu_decode import bench_model, build_side
 
 SHAPES = shapes("overhead", "tiny", "small", "7b")
 
@@ -102,14 +100,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
-    shape = args.shape or ("7b" if cuda else "tiny")
-    dtype = torch.bfloat16 if cuda else torch.float32
-    registry = load_registry()
-    hf, _ = make_hf(shape, dtype, args.device)
-    model = loaded_model(registry, hf, dtype)
+    registry, hf, model = bench_model(args)
     vocab = hf.config.vocab_size
     prompts = torch.randint(100, vocab, (args.batch, args.prompt_len), generator=torch.Generator().manual_seed(3))
-    result: dict[str, Any] = {"shape": shape, "batch": args.batch, "sides": {}}
+    result: dict[str, Any] = {"shape": args.shape, "batch": args.batch, "sides": {}}
     made: dict[str, Any] = {}
     for name in args.sides.split(","):
         gen, _ = build_side(registry, name, hf, model, args, made)

@@ -29,3 +29,19 @@ def test_gpu_decode_runs_on_cpu(tmp_path):
         assert row["prefill"]["ms"] > 0
         assert row["weight_bytes"] > 0
     assert all(f"| {side} |" in proc.stdout for side in SIDES)
+
+
+def test_profile_step_runs_on_cpu(tmp_path):
+    """bench/profile_step.py (it shares gpu_decode's model and sides) lists each side's ops of a decode step."""
+    out = tmp_path / "profile.json"
+    args = ["--device", "cpu", "--shape", "overhead", "--sides", "bf16,int4_awq", "--steps", "2"]
+    args += ["--prompt_len", "8", "--top", "3", "--json", str(out)]
+    script = BENCH.with_name("profile_step.py")
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["shape"] == "overhead" and set(result["sides"]) == {"bf16", "int4_awq"}
+    for side in result["sides"].values():
+        assert side["launches_per_step"] > 0 and side["wall_ms_per_step"] > 0
+        assert any("linear" in k["kernel"] for k in side["kernels"])  # a decode step's matrix products
+    assert "## bf16:" in proc.stdout and "## int4_awq:" in proc.stdout
