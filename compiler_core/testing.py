@@ -166,8 +166,11 @@ def run_mpi(
     return subprocess.run(command, env=mpi_env(), capture_output=True, text=True, timeout=timeout)
 
 
-def build_engine_dir(hf_dir: Path, out: Path, tp: int = 1, pp: int = 1, dtype: str = "float32") -> Path:
-    """Convert ``hf_dir`` at tp x pp and build a torch engine at ``out`` (once; reused if present)."""
+def build_engine_dir(
+    hf_dir: Path, out: Path, tp: int = 1, pp: int = 1, dtype: str = "float32", limits: dict[str, int] | None = None
+) -> Path:
+    """Convert ``hf_dir`` at tp x pp and build a torch engine at ``out`` with build ``limits`` (default:
+    the builder's), once: an engine already at ``out`` is reused."""
     from compiler_core.build.engine import build_engine, choose_backend
     from compiler_core.convert.from_hf import convert
     from compiler_core.mapping import Mapping
@@ -176,7 +179,7 @@ def build_engine_dir(hf_dir: Path, out: Path, tp: int = 1, pp: int = 1, dtype: s
         checkpoint = out.with_name(out.name + "-ckpt")
         convert(hf_dir, checkpoint, dtype=dtype, mapping=Mapping.create(tp, pp), show_progress=False)
         backend, _ = choose_backend("torch")
-        build_engine(checkpoint, out, backend, {}, show_progress=False)
+        build_engine(checkpoint, out, backend, dict(limits or {}), show_progress=False)
     return out
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from compiler_core.testing import build_engine_dir
 from modelc_plugins.falcon.testing import single_torch_thread, tiny_hf_dirs
 
 #: Prompts of very different lengths, so left padding, positions and masks all matter.
@@ -48,21 +49,10 @@ def hf_dir(tmp_path_factory, tokenizer) -> Callable[[str], Path]:
 @pytest.fixture(scope="session")
 def engine_dir(tmp_path_factory, hf_dir) -> Callable[..., Path]:
     """(variant, tp=1) -> an fp32 torch engine built from ``hf_dir(variant)`` (once per session)."""
-    from compiler_core.build.engine import build_engine, choose_backend
-    from compiler_core.convert.from_hf import convert
-    from compiler_core.mapping import Mapping
-
-    root, made = tmp_path_factory.mktemp("engines"), {}
+    root = tmp_path_factory.mktemp("engines")
 
     def get(variant: str, tp: int = 1) -> Path:
-        key = (variant, tp)
-        if key not in made:
-            ckpt = root / f"{variant}-tp{tp}-ckpt"
-            convert(hf_dir(variant), ckpt, dtype="float32", mapping=Mapping.create(tp, 1), show_progress=False)
-            backend, _ = choose_backend("torch")
-            build_engine(ckpt, root / f"{variant}-tp{tp}", backend, {}, show_progress=False)
-            made[key] = root / f"{variant}-tp{tp}"
-        return made[key]
+        return build_engine_dir(hf_dir(variant), root / f"{variant}-tp{tp}", tp)
 
     return get
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from compiler_core.testing import build_engine_dir
 from modelc_plugins.falcon.testing import single_torch_thread, tiny_hf_dirs
 
 #: Build limits small enough that tests reach them: prompts over 40 tokens or past 64 in all are refused.
@@ -34,22 +35,10 @@ def hf_dir(tmp_path_factory, tokenizer) -> Callable[[str], Path]:
 @pytest.fixture(scope="session")
 def engine(tmp_path_factory, hf_dir) -> Callable[..., Path]:
     """(variant, tp=1, pp=1, max_seq_len=64) -> an fp32 torch engine with :data:`LIMITS` (built once per session)."""
-    from compiler_core.build.engine import build_engine, choose_backend
-    from compiler_core.convert.from_hf import convert
-    from compiler_core.mapping import Mapping
-
-    root, made = tmp_path_factory.mktemp("serve-engines"), {}
+    root = tmp_path_factory.mktemp("serve-engines")
 
     def get(variant: str, tp: int = 1, pp: int = 1, max_seq_len: int = LIMITS["max_seq_len"]) -> Path:
-        key = (variant, tp, pp, max_seq_len)
-        if key not in made:
-            name = f"{variant}-tp{tp}pp{pp}-seq{max_seq_len}"
-            ckpt = root / f"{name}-ckpt"
-            convert(hf_dir(variant), ckpt, dtype="float32", mapping=Mapping.create(tp, pp), show_progress=False)
-            backend, _ = choose_backend("torch")
-            limits = {**LIMITS, "max_seq_len": max_seq_len}
-            build_engine(ckpt, root / name, backend, limits, show_progress=False)
-            made[key] = root / name
-        return made[key]
+        out = root / f"{variant}-tp{tp}pp{pp}-seq{max_seq_len}"
+        return build_engine_dir(hf_dir(variant), out, tp, pp, limits={**LIMITS, "max_seq_len": max_seq_len})
 
     return get
