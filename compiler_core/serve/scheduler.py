@@ -114,15 +114,6 @@ class Sequence:
         return self.region_start + len(self.prompt) + self.params.max_tokens
 
 
-class _Empty:
-    """A free row, for the per-row flags of a pipelined step."""
-
-    in_flight = 0
-
-
-_EMPTY = _Empty()
-
-
 @dataclass
 class _QueuedStep:
     """A decode step queued on the device: its rows and chosen tokens, on their way to the host."""
@@ -436,10 +427,14 @@ class Scheduler:
                 self._emit(seq, logits[seq.row], None if greedy is None else greedy[seq.row])
             return True
         queued = self._queued
-        fed = self.slots.to_device([self.slots.pad_id if t is None else t for t in tokens])
+        # -1 (no token id) marks the rows whose input is the queued step's token, still on the device.
+        ids = [self.slots.pad_id if t is None else t for t in tokens]
+        for row, seq in enumerate(self._rows):
+            if seq is not None and seq.in_flight:
+                ids[row] = -1
+        fed = self.slots.to_device(ids)
         if queued is not None:
-            from_device = self.slots.to_device([int(s.in_flight > 0) for s in self._row_list()]).bool()
-            fed = torch.where(from_device, queued.tokens, fed)
+            fed = torch.where(fed < 0, queued.tokens, fed)
         next_tokens = self.slots.decode(fed, starts, self._cursor).argmax(-1)
         for seq in stepping:
             seq.in_flight += 1
@@ -447,9 +442,6 @@ class Scheduler:
         if queued is not None:
             self._read(queued)
         return True
-
-    def _row_list(self) -> list[Sequence | _Empty]:
-        return [_EMPTY if s is None else s for s in self._rows]
 
     def _collect(self) -> None:
         """Read the queued decode step's tokens, if one is queued, and hand them on."""
