@@ -1,66 +1,32 @@
-"""Running the app under uvicorn on a listening socket, with the shutdown that serving needs."""
+"""Serving in two processes: this one steps the engine, a child runs the HTTP frontend.
+
+:func:`serve` starts the scheduler's engine thread here and the frontend (frontend.py) in a
+spawned process, joined by the link of link.py; see there for why they are apart. This process
+owns the signals: the first SIGTERM/SIGINT stops the frontend accepting and lets running requests
+finish within ``shutdown_timeout`` (the engine aborts what is left after that), a second aborts at
+once; serving ends when the frontend has sent its last answer and exited.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import multiprocessing
 import signal
 import socket
-import sys
-from collections.abc import Coroutine, Iterator
-from typing import Any
+import time
+from collections.abc import Iterator
 
 import click
-import uvicorn
 
 from compiler_core.errors import ModelcError
-from compiler_core.serve.app import build_app
+from compiler_core.serve.frontend import run_frontend
+from compiler_core.serve.link import EngineEndpoint
 from compiler_core.serve.protocol import ServedModel
 from compiler_core.serve.scheduler import Scheduler
 from compiler_core.serve.slots import SlotRunner
 
-#: How often (s) a thread holding the GIL hands it over to another that waits for it.
-GIL_SWITCH_INTERVAL_S = 0.0005
-
-
-class DrainingServer(uvicorn.Server):
-    """uvicorn's server over a scheduler, stopped by SIGTERM/SIGINT (see :meth:`stopping_on_signals`)
-    or by the engine failing.
-
-    The first signal drains the scheduler (running requests finish within ``shutdown_timeout``)
-    and stops accepting; a second aborts at once. uvicorn's own handler would re-raise the
-    signal after shutting down, which ends the process with the signal's status instead of 0; and
-    it is installed only once the loop runs, after the ready line.
-    """
-
-    def __init__(self, config: uvicorn.Config, scheduler: Scheduler, shutdown_timeout: float) -> None:
-        super().__init__(config)
-        self.scheduler = scheduler
-        self.shutdown_timeout = shutdown_timeout
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield  # see stopping_on_signals
-
-    @contextlib.contextmanager
-    def stopping_on_signals(self) -> Iterator[None]:
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-    def _on_signal(self, sig: int, frame: object) -> None:
-        if self.should_exit:
-            self.force_exit = True
-            self.scheduler.drain(0.0)
-        else:
-            self.scheduler.drain(self.shutdown_timeout)
-        self.should_exit = True
-
-    async def on_tick(self, counter: int) -> bool:
-        return await super().on_tick(counter) or self.scheduler.failure is not None
+#: Longest the frontend process may take to start (imports, then uvicorn's startup), in seconds.
+FRONTEND_START_TIMEOUT_S = 120.0
 
 
 def serve(
@@ -73,46 +39,73 @@ def serve(
     shutdown_timeout: float,
 ) -> None:
     """Serve ``model`` on ``listener`` until a signal; print one line once requests are accepted."""
-    # The engine thread and the event loop share the GIL: a thread that wants it waits for the
-    # holder to block or for the switch interval to pass. With a token per request per event, at
-    # Python's default 5 ms the loop's sends waited on the engine's time slices (0.5 ms cut the
-    # inter-token latency by a third). With one hand-off per step and one send per stream the
-    # loop holds the GIL less and the setting matters less: on the 2-core VM, 32 clients of the
-    # overhead shape, served/offline was 0.61 and 0.65 at 0.5 ms, 0.59 and 0.65 at 1 ms, 0.59 and
-    # 0.49 at 5 ms, 0.58 and 0.49 at 0.2 ms (noisy; 0.5 ms is never worse).
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-    scheduler = Scheduler(slots, model.max_seq_len, prefill_chunk, max_queue)
-    config = uvicorn.Config(
-        build_app(model, scheduler, api_key),
-        log_level="warning",
-        lifespan="off",
-        # uvicorn cancels what still runs shortly after the scheduler has aborted it.
-        timeout_graceful_shutdown=int(shutdown_timeout) + 2,
+    # The frontend bounds the queue (link.py); the scheduler's bound only has to hold what it lets through.
+    scheduler = Scheduler(slots, model.max_seq_len, prefill_chunk, slots.rows + max_queue)
+    ours, theirs = multiprocessing.Pipe(duplex=True)
+    endpoint = EngineEndpoint(scheduler, ours)
+    # spawn, not fork: this process has CUDA (and maybe MPI) state that a forked child must not inherit.
+    frontend = multiprocessing.get_context("spawn").Process(
+        target=run_frontend,
+        args=(theirs, listener, model, api_key, slots.rows, max_queue, shutdown_timeout),
+        name="modelc-http",
+        daemon=True,
     )
-    server = DrainingServer(config, scheduler, shutdown_timeout)
-    scheduler.start()
-    host, port = listener.getsockname()[:2]
-    shown = f"[{host}]" if ":" in host else host
+    stopping = _Stopping(scheduler, endpoint, shutdown_timeout)
     try:
-        with server.stopping_on_signals():
+        with stopping.on_signals():
+            frontend.start()
+            theirs.close()
+            scheduler.start()
+            endpoint.start()
+            _wait_until_ready(frontend, endpoint)
+            host, port = listener.getsockname()[:2]
+            # The frontend has its own descriptor now; with this one open, connections made once it
+            # stops accepting would wait in the backlog instead of being refused.
+            listener.close()
+            shown = f"[{host}]" if ":" in host else host
             click.echo(f"modelc: serving {model.name} on http://{shown}:{port} ({slots.rows} slots)")
-            _run(server.serve(sockets=[listener]), config)
+            while frontend.is_alive():
+                frontend.join(0.2)
     finally:
         scheduler.drain(0.0)
         scheduler.join()
+        if frontend.is_alive():
+            frontend.terminate()
+            frontend.join(10)
+        ours.close()
     if scheduler.failure is not None:
         raise ModelcError(f"the engine failed: {type(scheduler.failure).__name__}: {scheduler.failure}")
+    if frontend.exitcode != 0 and not stopping.signalled:
+        raise ModelcError(f"the HTTP frontend exited with status {frontend.exitcode}; its error is above")
 
 
-def _run(main: Coroutine[Any, Any, None], config: uvicorn.Config) -> None:
-    """Run ``main`` on the event loop uvicorn picks (uvloop when installed), as ``uvicorn.run`` does.
+def _wait_until_ready(frontend: multiprocessing.process.BaseProcess, endpoint: EngineEndpoint) -> None:
+    deadline = time.monotonic() + FRONTEND_START_TIMEOUT_S
+    while not endpoint.ready.wait(0.2):
+        if not frontend.is_alive():
+            raise ModelcError(f"the HTTP frontend exited with status {frontend.exitcode} while starting")
+        if time.monotonic() > deadline:
+            raise ModelcError(f"the HTTP frontend did not start within {FRONTEND_START_TIMEOUT_S:.0f} s")
 
-    asyncio.run alone gave the default loop, not the uvloop that the docs' benchmark lists: the
-    server now runs on what ``uvicorn.run`` would run it on. (Its effect on the CPU benchmark was
-    within the VM's noise, a few per cent.)"""
-    factory = config.get_loop_factory() if hasattr(config, "get_loop_factory") else None
-    if factory is None or sys.version_info < (3, 11):
-        asyncio.run(main)
-        return
-    with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(main)
+
+class _Stopping:
+    """What SIGTERM and SIGINT do here: drain, then abort on a second signal."""
+
+    def __init__(self, scheduler: Scheduler, endpoint: EngineEndpoint, shutdown_timeout: float) -> None:
+        self.scheduler, self.endpoint, self.shutdown_timeout = scheduler, endpoint, shutdown_timeout
+        self.signalled = 0
+
+    @contextlib.contextmanager
+    def on_signals(self) -> Iterator[None]:
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _on_signal(self, sig: int, frame: object) -> None:
+        self.signalled += 1
+        force = self.signalled > 1
+        self.scheduler.drain(0.0 if force else self.shutdown_timeout)
+        self.endpoint.send("drain", force)
