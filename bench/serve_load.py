@@ -18,6 +18,7 @@ one write when they piled up), so the client sees every token's arrival.
     scheduler tok/s   the server's scheduler on the same prompts, in this process, without HTTP
     offline tok/s     clients x output_len / time of one generate() call at batch = clients
     graph steps       the server's decode steps during the load that replayed a CUDA graph
+    engine busy       the share of the load's wall time the server's engine thread spent in iterations
 
 and served / offline against issue 13's target (>= 0.80). Loopback only, bounded in requests and
 time: the server's start, each request and the whole load have time limits, and a server that
@@ -91,7 +92,7 @@ def offline(engine: Path, device: str, prompts: list[list[int]], output_len: int
 
 
 def scheduled(
-    engine: Path, device: str, prompts: list[list[int]], output_len: int, repeat: int
+    engine: Path, device: str, prompts: list[list[int]], output_len: int, repeat: int, prefill_chunk: int
 ) -> tuple[float, dict[str, float]]:
     """Output tokens/s of the server's scheduler on the same prompts in this process, without HTTP
     (how much of the gap to offline is in-flight batching and how much is serving), and the host
@@ -103,7 +104,9 @@ def scheduled(
 
     runner, _ = open_runner(engine, device)
     max_seq_len = len(prompts[0]) + output_len
-    scheduler = Scheduler(SlotRunner(runner, len(prompts), 2 * max_seq_len, 0), max_seq_len, 128, len(prompts))
+    scheduler = Scheduler(
+        SlotRunner(runner, len(prompts), 2 * max_seq_len, 0), max_seq_len, prefill_chunk, len(prompts)
+    )
     params = SamplingParams(max_tokens=output_len, temperature=0)
     steps: list[float] = []
 
@@ -130,11 +133,12 @@ def scheduled(
 
 
 def start_server(
-    engine: Path, device: str, max_seq_len: int, log: Path, timeout: float
+    engine: Path, device: str, max_seq_len: int, prefill_chunk: int, log: Path, timeout: float
 ) -> tuple[subprocess.Popen, str]:
     """``modelc serve`` on a free loopback port: (process, base URL) once it printed its ready line."""
     command = [sys.executable, "-m", "compiler_core", "serve", "--engine_dir", str(engine), "--port", "0"]
     command += ["--device", device, "--max_seq_len", str(max_seq_len), "--max_queue", "1024"]
+    command += ["--prefill_chunk", str(prefill_chunk)]
     with open(log, "w") as err:
         server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, text=True)
     line = _readline(server.stdout, timeout)
@@ -258,6 +262,7 @@ def main() -> None:
     parser.add_argument("--prompt_len", type=int, default=32)
     parser.add_argument("--output_len", type=int, default=64)
     parser.add_argument("--duration", type=float, default=120.0, help="stop sending new requests after this (s)")
+    parser.add_argument("--prefill_chunk", type=int, default=128, help="the server's (and scheduler's) --prefill_chunk")
     parser.add_argument("--repeat", type=int, default=2, help="offline generate timings (best is kept)")
     parser.add_argument(
         "--client_procs", type=int, default=None, help="processes the clients run in [default: 1 per 16 clients]"
@@ -279,13 +284,15 @@ def main() -> None:
     vocab = SHAPES[args.shape]["vocab_size"]
     prompts = torch.randint(100, vocab, (args.clients, args.prompt_len), generator=torch.Generator().manual_seed(0))
     offline_tps = offline(engine, device, prompts.tolist(), args.output_len, args.repeat)
-    scheduled_tps, iterations = scheduled(engine, device, prompts.tolist(), args.output_len, args.repeat)
+    scheduled_tps, iterations = scheduled(
+        engine, device, prompts.tolist(), args.output_len, args.repeat, args.prefill_chunk
+    )
     if device.startswith("cuda"):
         gc.collect()
         torch.cuda.empty_cache()  # the offline runners are gone: leave the GPU to the server
 
     log = args.work_dir / "serve.stderr"
-    server, url = start_server(engine, device, max_seq_len, log, args.start_timeout)
+    server, url = start_server(engine, device, max_seq_len, args.prefill_chunk, log, args.start_timeout)
     try:
         # One request first: the first decode step captures the CUDA graph, which is no part of serving.
         warmup = {"prompt": prompts[0, :4].tolist(), "max_tokens": 4, "temperature": 0, "ignore_eos": True}
@@ -303,6 +310,10 @@ def main() -> None:
             server.wait(30)
     steps = after.get("decode_steps", 0) - before.get("decode_steps", 0)
     graph_steps = after.get("graph_steps", 0) - before.get("graph_steps", 0)
+    engine_iterations = after.get("iterations", 0) - before.get("iterations", 0)
+    # The share of the load's wall time the engine thread spent in iterations (not waiting for work):
+    # near 1, the engine bounds the throughput; well below it, requests reach it too slowly.
+    engine_busy = (after.get("busy_s", 0.0) - before.get("busy_s", 0.0)) / served["wall_s"]
 
     result = {
         "device": f"{device} ({device_name}, {os.cpu_count()} cores)",
@@ -312,6 +323,7 @@ def main() -> None:
         "clients": args.clients,
         "client_procs": args.client_procs,
         "prompt_len": args.prompt_len,
+        "prefill_chunk": args.prefill_chunk,
         "output_len": args.output_len,
         "offline_tps": offline_tps,
         "scheduler_tps": scheduled_tps,
@@ -319,6 +331,8 @@ def main() -> None:
         **served,
         "decode_steps": steps,
         "graph_steps": graph_steps,
+        "engine_iterations": engine_iterations,
+        "engine_busy": engine_busy,
         "served_vs_offline": served["aggregate_tps"] / offline_tps,
     }
     result["target_met"] = result["served_vs_offline"] >= TARGET
@@ -339,6 +353,11 @@ def main() -> None:
     )
     print(f"{f'offline generate b={args.clients}':24}{offline_tps:>10.1f}")
     print(f"server decode steps: {steps}, of which replayed a CUDA graph: {graph_steps}")
+    per_iteration = 1e3 * engine_busy * served["wall_s"] / max(engine_iterations, 1)
+    print(
+        f"server engine: {engine_iterations} iterations, busy {100 * engine_busy:.0f}% of the load's wall time "
+        f"({per_iteration:.2f} ms per iteration)"
+    )
     counts = f"{served['requests']} requests, {served['error_count']} errors"
     verdict = "met" if result["target_met"] else "not met"
     print(f"served / offline: {result['served_vs_offline']:.2f}  (target >= {TARGET:.2f}: {verdict}; {counts})")

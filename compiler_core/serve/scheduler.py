@@ -116,26 +116,28 @@ class Sequence:
 
 @dataclass
 class _QueuedStep:
-    """A decode step queued on the device: its rows and chosen tokens, on their way to the host."""
+    """Tokens chosen on the device for ``rows``, on their way to the host: a decode step's (indexed
+    by cache row) or a prompt pass's first tokens (indexed by row - ``first_row``)."""
 
     rows: list[Sequence]
-    tokens: torch.Tensor
     host: torch.Tensor
     ready: torch.cuda.Event | None
+    first_row: int = 0
 
     @classmethod
-    def of(cls, rows: list[Sequence], tokens: torch.Tensor) -> _QueuedStep:
+    def of(cls, rows: list[Sequence], tokens: torch.Tensor, first_row: int = 0) -> _QueuedStep:
         if tokens.device.type != "cuda":
-            return cls(rows, tokens, tokens, None)
+            return cls(rows, tokens, None, first_row)
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
         host.copy_(tokens, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
-        return cls(rows, tokens, host, ready)
+        return cls(rows, host, ready, first_row)
 
     def host_tokens(self) -> list[int]:
+        """The tokens by position (the GPU's work up to them done first)."""
         if self.ready is not None:
-            self.ready.synchronize()  # waits with the GIL released, so the HTTP side runs meanwhile
+            self.ready.synchronize()  # waits with the GIL released, so the other threads run meanwhile
         return self.host.tolist()
 
 
@@ -169,6 +171,8 @@ class Scheduler:
         self._rows: list[Sequence | None] = [None] * slots.rows
         self._cursor = 0
         self._generated = 0
+        self._iterations = 0
+        self._busy_s = 0.0
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._wake = threading.Condition()
         self._accepting = True
@@ -179,6 +183,10 @@ class Scheduler:
         self._cancel_pending = False
         #: The decode step queued on the device whose tokens the host reads after queueing the next one.
         self._queued: _QueuedStep | None = None
+        #: Prompt passes of this iteration whose first tokens stay on the device until the decode step is queued.
+        self._prefilled: list[_QueuedStep] = []
+        #: Per cache row, the last token chosen on the device (the input of a row whose token is in flight).
+        self._feed: torch.Tensor | None = None
         self.failure: BaseException | None = None
         # The engine thread must run on the runner's GPU; "cuda" without an index means the device
         # current here, at construction, since a new thread starts on GPU 0.
@@ -233,15 +241,19 @@ class Scheduler:
         """False once draining (or failed): new requests are refused."""
         return self._accepting
 
-    def stats(self) -> dict[str, int]:
-        """Slots in use, sequences waiting, tokens generated so far, and decode steps run (all, and
-        those that replayed a captured CUDA graph) (for /health)."""
+    def stats(self) -> dict[str, int | float]:
+        """Slots in use, sequences waiting, tokens generated so far, the engine thread's iterations
+        and the seconds it spent in them (not waiting for work), and decode steps run (all, and those
+        that replayed a captured CUDA graph) (for /health: a benchmark tells from two readings how
+        busy the engine was)."""
         busy = sum(seq is not None for seq in self._rows)
         return {
             "slots": len(self._rows),
             "busy": busy,
             "waiting": len(self._waiting),
             "generated": self._generated,
+            "iterations": self._iterations,
+            "busy_s": round(self._busy_s, 6),
             "decode_steps": self.slots.decode_steps,
             "graph_steps": self.slots.graph_steps,
         }
@@ -254,7 +266,10 @@ class Scheduler:
                 # CUDA graph capture works on the current device's streams.
                 torch.cuda.set_device(self._cuda_index)
             while self._wait_for_work():
+                start = time.perf_counter()
                 self.step()
+                self._busy_s += time.perf_counter() - start
+                self._iterations += 1
                 for hook in self._step_hooks:
                     hook()
         except BaseException as exc:
@@ -390,25 +405,46 @@ class Scheduler:
             ids = [s.prompt[filled : filled + size] for s in run]
             rows = range(run[0].row, run[-1].row + 1)
             logits = self.slots.prefill(rows, ids, region_start, region_start + filled)
-            for i, seq in enumerate(run):
+            for seq in run:
                 seq.chunks.pop(0)
                 seq.filled += size
-                if not seq.chunks:
-                    seq.state = _State.DECODE
+            if run[0].chunks:  # one group's members share their chunks: all of them go on, or none
+                continue
+            for seq in run:
+                seq.state = _State.DECODE
+            if self._pipelines(run):
+                # The first tokens stay on the device: this iteration's decode step takes them
+                # from there, queued behind this pass, and the host reads them after queueing it.
+                first = logits.argmax(-1)
+                self._device_feed()[rows.start : rows.stop] = first
+                for seq in run:
+                    seq.in_flight += 1
+                self._prefilled.append(_QueuedStep.of(run, first, rows.start))
+            else:
+                for i, seq in enumerate(run):
                     self._emit(seq, logits[i], None)
+
+    def _pipelines(self, sequences: list[Sequence]) -> bool:
+        """Whether the tokens of ``sequences`` may stay on the device: greedy, without logprobs, on
+        a runner whose decode step takes device tokens."""
+        return self.slots.takes_device_tokens and all(s.params.greedy and s.params.logprobs is None for s in sequences)
+
+    def _device_feed(self) -> torch.Tensor:
+        if self._feed is None:
+            self._feed = torch.zeros(len(self._rows), dtype=torch.long, device=self.slots.device)
+        return self._feed
 
     def _decode(self, decoding: list[Sequence]) -> bool:
         """One decode step of ``decoding``; True if a step ran.
 
         Greedy steps without logprobs on a runner that takes device tokens are pipelined: the step
-        is fed the previous step's tokens where they are still on the device and queued before the
-        host reads those (:meth:`_collect`), so the host's work per step overlaps the GPU's. A row
-        whose queued token turns out to be a stop token has run one step for nothing, into its own
-        region; one that will have reached ``max_tokens`` is not queued again.
+        is fed the previous step's tokens (or a prompt pass's first token) where they are still on
+        the device and queued before the host reads those (:meth:`_collect`), so the host's work per
+        step overlaps the GPU's. A row whose queued token turns out to be a stop token has run one
+        step for nothing, into its own region; one that will have reached ``max_tokens`` is not
+        queued again.
         """
-        pipelined = self.slots.takes_device_tokens and all(
-            s.params.greedy and s.params.logprobs is None for s in decoding
-        )
+        pipelined = self._pipelines(decoding)
         if not pipelined:
             self._collect()
             decoding = [s for s in decoding if s.state is _State.DECODE]
@@ -426,35 +462,43 @@ class Scheduler:
             for seq in stepping:
                 self._emit(seq, logits[seq.row], None if greedy is None else greedy[seq.row])
             return True
-        queued = self._queued
-        # -1 (no token id) marks the rows whose input is the queued step's token, still on the device.
+        # -1 (no token id) marks the rows whose input is a token still on the device.
         ids = [self.slots.pad_id if t is None else t for t in tokens]
         for row, seq in enumerate(self._rows):
             if seq is not None and seq.in_flight:
                 ids[row] = -1
         fed = self.slots.to_device(ids)
-        if queued is not None:
-            fed = torch.where(fed < 0, queued.tokens, fed)
+        fed = torch.where(fed < 0, self._device_feed(), fed)
         next_tokens = self.slots.decode(fed, starts, self._cursor).argmax(-1)
         for seq in stepping:
             seq.in_flight += 1
-        self._queued = _QueuedStep.of(stepping, next_tokens)
+        queued, self._queued = self._queued, _QueuedStep.of(stepping, next_tokens)
+        # Rows that join later write their first token into this tensor, after the copy to the host.
+        self._feed = next_tokens
+        self._read_prefilled()
         if queued is not None:
             self._read(queued)
         return True
 
     def _collect(self) -> None:
-        """Read the queued decode step's tokens, if one is queued, and hand them on."""
+        """Read the tokens still on their way (prompt passes' first ones, then the queued decode
+        step's) and hand them on."""
+        self._read_prefilled()
         if self._queued is not None:
             queued, self._queued = self._queued, None
             self._read(queued)
+
+    def _read_prefilled(self) -> None:
+        prefilled, self._prefilled = self._prefilled, []
+        for step in prefilled:
+            self._read(step)
 
     def _read(self, queued: _QueuedStep) -> None:
         tokens = queued.host_tokens()
         for seq in queued.rows:
             seq.in_flight -= 1
             if seq.state is _State.DECODE:  # not retired meanwhile (cancelled, or a stop before)
-                self._emit(seq, None, tokens[seq.row])
+                self._emit(seq, None, tokens[seq.row - queued.first_row])
 
     def _emit(self, seq: Sequence, logits: torch.Tensor | None, argmax: int | None) -> None:
         """Pick the next token of ``seq`` from its ``logits`` [vocab] (or take ``argmax``, for a greedy

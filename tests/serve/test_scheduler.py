@@ -233,8 +233,6 @@ def test_pipelined_steps_stop_on_time_and_hand_over_to_host_steps(engine):
     assert outputs[3] == alone(engine_dir, prompts[3], 9, end_id)[: len(outputs[3])]
     assert len(outputs[4]) == 6 and finished[4] == "length"
     assert not scheduler.stats()["busy"]
-    # Decode steps per row: one per token after the first (the prefill's), plus the one step run
-    # for nothing after the stop token and at most one after the cancel; none past a budget.
     # One decode step per row for each token after the first (the prefill's), plus at most the
     # step run for nothing after the stop token and the one in flight at the cancel.
     assert slots.row_steps <= sum(len(o) - 1 for o in outputs) + 2
@@ -264,3 +262,38 @@ def test_pipelined_steps_never_run_a_row_past_its_budget(engine):
     assert slots.row_steps == sum(b - 1 for b in budgets)
     for prompt, budget, out in zip(prompts, budgets, outputs, strict=True):
         assert out == alone(engine_dir, prompt, budget, end_id)
+
+
+def test_a_newcomers_first_token_stays_on_the_device_until_its_first_step_is_queued(engine):
+    """The decode step of the iteration that ends a prompt's pass takes that pass's first token
+    from the device: when the step is queued, the host has handed on no token of the newcomer
+    yet; right after the iteration it has the first one, and every sequence ends with
+    ``generate``'s tokens."""
+    engine_dir = engine("7b")
+    runner, config = open_runner(engine_dir, "cpu")
+    end_id, pad_id = special_ids(config)
+    prompts = [[11, 12, 13, 14], [21, 22, 23], [31, 32, 33, 34, 35]]
+    outputs: list[list[int]] = [[] for _ in prompts]
+    finished: list[str | None] = [None] * len(prompts)
+    seen_at_decode: list[list[int]] = []
+
+    class Watching(SlotRunner):
+        def decode(self, tokens, region_starts, cursor):
+            assert not isinstance(tokens, list), "greedy steps are fed from the device"
+            seen_at_decode.append([len(o) for o in outputs])
+            return super().decode(tokens, region_starts, cursor)
+
+    scheduler = Scheduler(Watching(runner, 3, 128, pad_id), max_seq_len=64, prefill_chunk=64, max_queue=16)
+    sink = recorder(outputs, finished)
+    params = SamplingParams(max_tokens=6, temperature=0)
+    scheduler.submit([Sequence(prompts[0], params, sink(0))])
+    scheduler.step()  # its pass, and its first decode step fed the pass's token
+    assert seen_at_decode == [[0, 0, 0]] and len(outputs[0]) == 1
+    scheduler.step()
+    scheduler.submit([Sequence(p, params, sink(i + 1)) for i, p in enumerate(prompts[1:])])
+    scheduler.step()  # the newcomers' passes (one per prompt length), then the step of all three
+    assert seen_at_decode[-1][1:] == [0, 0] and [len(o) for o in outputs[1:]] == [1, 1]
+    while None in finished:
+        scheduler.step()
+    for prompt, out, why in zip(prompts, outputs, finished, strict=True):
+        assert out == alone(engine_dir, prompt, 6, end_id) and why == "length"

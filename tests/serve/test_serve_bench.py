@@ -26,4 +26,6 @@ def test_serve_load_bench_runs_on_cpu(tmp_path):
     assert result["served_vs_offline"] == pytest.approx(result["aggregate_tps"] / result["offline_tps"])
     assert result["served_vs_offline"] > 0
     assert result["decode_steps"] > 0 and result["graph_steps"] == 0  # no CUDA graphs on a CPU
+    assert result["engine_iterations"] >= result["decode_steps"] / 2  # a decode step per iteration, at most
+    assert 0 < result["engine_busy"] <= 1
     assert "served / offline" in done.stdout
