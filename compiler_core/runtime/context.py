@@ -57,13 +57,26 @@ class CacheSlot:
     def read(self, end: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return self._decode(self.k.narrow(2, 0, end), dtype), self._decode(self.v.narrow(2, 0, end), dtype)
 
-    def write_at(self, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor) -> None:
-        """Write one step's K/V at the offset held in device tensor ``index`` [1] (graph-capturable)."""
-        _bytes(self.k).index_copy_(2, index, _bytes(self._encode(k)))
-        _bytes(self.v).index_copy_(2, index, _bytes(self._encode(v)))
+    def write_at(self, k: torch.Tensor, v: torch.Tensor, columns: torch.Tensor) -> None:
+        """Write K/V [b, heads, n, dim] at the columns held in device tensor ``columns`` [n] (graph-capturable)."""
+        _bytes(self.k).index_copy_(2, columns, _bytes(self._encode(k)))
+        _bytes(self.v).index_copy_(2, columns, _bytes(self._encode(v)))
 
     def read_all(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return self._decode(self.k, dtype), self._decode(self.v, dtype)
+
+    def gather_rows(self, rows: torch.Tensor) -> CacheSlot:
+        """A copy of the cache rows held in device tensor ``rows`` (graph-capturable; see :meth:`scatter_rows`)."""
+        return CacheSlot(
+            _bytes(self.k).index_select(0, rows).view(self.k.dtype),
+            _bytes(self.v).index_select(0, rows).view(self.v.dtype),
+            self.scale,
+        )
+
+    def scatter_rows(self, rows: torch.Tensor, gathered: CacheSlot) -> None:
+        """Put the rows of ``gathered`` (from :meth:`gather_rows` with the same ``rows``) back."""
+        _bytes(self.k).index_copy_(0, rows, _bytes(gathered.k))
+        _bytes(self.v).index_copy_(0, rows, _bytes(gathered.v))
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
@@ -151,10 +164,13 @@ class ForwardContext:
     ids [batch, seq]. Kernels memoise derived tensors (rotary tables, masks) in ``memo`` so
     each is computed once per forward, not once per layer.
 
-    With ``start_index`` set (a device tensor [1] holding the cache offset) the forward is a
-    static-shape decode step, as CUDA graphs need: one new token per row is written at that
-    offset, attention covers the whole cache, and ``attention_mask`` spans the whole cache
-    with 0 for every slot that is padding or not yet written.
+    With ``start_index`` set (a device tensor [1] holding the cache offset) the forward has static
+    shapes, as CUDA graphs need: the new tokens of each row are written from that offset on,
+    attention covers the whole cache (causal among the new tokens), and ``attention_mask`` spans
+    the whole cache with 0 for every slot that is padding or not yet written. That is a decode
+    step, or a prompt chunk of cache rows ``row_index`` (a device tensor [rows]; the batch is
+    those rows) whose real last token is at ``last_index`` (a device tensor [1]: the chunk may end
+    in padding).
     """
 
     positions: torch.Tensor
@@ -164,6 +180,16 @@ class ForwardContext:
     comm: Communicator | None = None
     memo: dict[Any, torch.Tensor] = field(default_factory=dict)
     start_index: torch.Tensor | None = None
+    row_index: torch.Tensor | None = None
+    last_index: torch.Tensor | None = None
+
+    def columns(self, seq: int) -> torch.Tensor:
+        """The cache columns ``start_index + [0, seq)`` a static forward writes (made once per forward)."""
+        key = ("columns", seq)
+        if key not in self.memo:
+            assert self.start_index is not None
+            self.memo[key] = self.start_index + torch.arange(seq, device=self.start_index.device)
+        return self.memo[key]
 
     @classmethod
     def for_prompt(cls, attention_mask: torch.Tensor, **kw: Any) -> ForwardContext:

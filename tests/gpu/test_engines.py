@@ -249,3 +249,36 @@ def test_fused_rotary_cache_write_is_the_torch_path_on_cuda(registry, monkeypatc
     for got, want in zip(fast_cache[first], ref_cache[first], strict=True):
         assert torch.equal(got[:, :, width].view(torch.uint8), want[:, :, width].view(torch.uint8))
     assert relative_error(fast_logits, ref_logits) < (1e-4 if dtype == torch.float32 else 3e-2)
+
+
+@pytest.mark.parametrize("variant", ("7b", "rw", "40b"))
+def test_served_prompt_chunks_replay_graphs_and_keep_greedy_tokens(registry, variant):
+    """In-flight batching on CUDA: prompt chunks run as CUDA graphs (padded to a power of two) and
+    decode steps as the captured step; every sequence gets the tokens of the prompt decoded alone
+    on the CPU (float32)."""
+    from compiler_core.runtime.generation import GenerationConfig, generate
+    from compiler_core.serve.scheduler import SamplingParams, Scheduler, Sequence, Token
+    from compiler_core.serve.slots import SlotRunner
+
+    model = model_of(registry, variant, "float32")
+    cuda, cpu = runner(registry, model, CUDA), runner(registry, model, "cpu")
+    prompts = [
+        torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (3, 21, 9, 30)
+    ]
+    outputs: list[list[int]] = [[] for _ in prompts]
+    scheduler = Scheduler(SlotRunner(cuda, 3, 128, 0), max_seq_len=64, prefill_chunk=8, max_queue=8)
+    params = SamplingParams(max_tokens=10, temperature=0)
+    sequences = [
+        Sequence(p, params, lambda e, i=i: outputs[i].append(e.id) if isinstance(e, Token) else None)
+        for i, p in enumerate(prompts)
+    ]
+    scheduler.submit(sequences[:2])
+    for _ in range(3):
+        scheduler.step()
+    scheduler.submit(sequences[2:])
+    while scheduler.stats()["busy"] or scheduler.stats()["waiting"]:
+        scheduler.step()
+    chunks = cuda.sessions[0]._chunks
+    assert chunks and all(step.graph is not None for step in chunks.values())
+    for prompt, out in zip(prompts, outputs, strict=True):
+        assert out == generate(cpu, [prompt], GenerationConfig(10, temperature=0))[0][0]

@@ -55,10 +55,11 @@ def alone(engine_dir, prompt: list[int], max_tokens: int, end_id: int) -> list[i
 
 @pytest.mark.parametrize(
     ("variant", "decode_mode"),
-    [("7b", "dynamic"), ("rw", "dynamic"), ("40b", "dynamic"), ("7b", "static"), ("rw", "static")],
+    [("7b", "dynamic"), ("rw", "dynamic"), ("40b", "dynamic"), ("7b", "static"), ("rw", "static"), ("40b", "static")],
 )
 def test_greedy_tokens_equal_each_prompt_alone(engine, variant, decode_mode):
-    """``static`` decode steps are the fixed-shape steps that CUDA captures as a graph (run eagerly here)."""
+    """``static`` decode steps and prompt chunks are the fixed-shape forwards that CUDA captures as
+    graphs (run eagerly here; a chunk is padded to a power of two, its padding written past it)."""
     engine_dir = engine(variant)
     runner, config = open_runner(engine_dir, "cpu")
     for session in runner.sessions:
@@ -93,6 +94,7 @@ def test_greedy_tokens_equal_each_prompt_alone(engine, variant, decode_mode):
         assert outputs[i] == alone(engine_dir, prompt, budgets[i], end_id), f"prompt {i} (length {len(prompt)})"
         assert finished[i] == ("stop" if outputs[i][-1] == end_id else "length")
     assert (runner.sessions[0]._step is not None) == (decode_mode == "static")
+    assert bool(runner.sessions[0]._chunks) == (decode_mode == "static")
 
 
 def test_chunks_cover_the_prompt_and_last_chunk_outlasts_the_steps():

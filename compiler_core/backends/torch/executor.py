@@ -101,7 +101,7 @@ class GraphExecutor:
         values: dict[str, torch.Tensor] = dict(inputs)
         for i, (step, kernel, dead) in enumerate(zip(self.steps, self.kernels, self._free_after, strict=True)):
             if last_only and i == self._tail_start:
-                values = self._last_position(values)
+                values = self._last_position(values, ctx)
             out = kernel(ctx, *(values[v] for v in step.inputs))
             if len(step.outputs) == 1:
                 values[step.outputs[0]] = out
@@ -110,11 +110,14 @@ class GraphExecutor:
             for v in dead:
                 del values[v]
         if last_only and self._tail_start == len(self.steps):
-            values = self._last_position(values)
+            values = self._last_position(values, ctx)
         return {name: values[name] for name in self.graph.outputs}
 
-    def _last_position(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {name: v if name in self._weight_values else v[:, -1:] for name, v in values.items()}
+    def _last_position(self, values: dict[str, torch.Tensor], ctx: ForwardContext) -> dict[str, torch.Tensor]:
+        def last(v: torch.Tensor) -> torch.Tensor:  # the last real position (a padded chunk says where)
+            return v[:, -1:] if ctx.last_index is None else v.index_select(1, ctx.last_index)
+
+        return {name: v if name in self._weight_values else last(v) for name, v in values.items()}
 
 
 def _held_weights(

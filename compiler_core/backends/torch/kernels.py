@@ -236,8 +236,11 @@ def attention_bias(
     mask = ctx.attention_mask
     total = mask.shape[1]
     if ctx.start_index is not None:
-        # Static decode: the mask already hides every slot after the new token.
+        # Static shapes: the mask already hides every slot after the new tokens.
         allowed = (mask != 0)[:, None, None, :]
+        if seq > 1:  # a prompt chunk: each token sees itself and the ones before it
+            key_pos = torch.arange(total, device=mask.device)
+            allowed = allowed & (key_pos[None, :] <= ctx.columns(seq)[:, None])[None, None]
     else:
         query_pos = torch.arange(ctx.start, ctx.start + seq, device=mask.device)
         key_pos = torch.arange(total, device=mask.device)
@@ -304,8 +307,14 @@ def lower_attention(node: Node, low: TorchLowering) -> Kernel:
         v = qkv[..., (nh + nkv) * hd :].view(b, s, nkv, hd).transpose(1, 2)
         if ctx.cache is not None and ctx.start_index is not None:
             cache = ctx.cache.slots[slot]
-            cache.write_at(k, v, ctx.start_index)
-            k, v = cache.read_all(q.dtype)
+            if ctx.row_index is None:
+                cache.write_at(k, v, ctx.columns(s))
+                k, v = cache.read_all(q.dtype)
+            else:  # a static prompt chunk of some rows: through a copy of theirs, put back after
+                rows = cache.gather_rows(ctx.row_index)
+                rows.write_at(k, v, ctx.columns(s))
+                cache.scatter_rows(ctx.row_index, rows)
+                k, v = rows.read_all(q.dtype)
         elif ctx.cache is not None:
             cache = ctx.cache.slots[slot]
             cache.write(k, v, ctx.start)
