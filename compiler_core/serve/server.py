@@ -55,6 +55,7 @@ def serve(
         with stopping.on_signals():
             frontend.start()
             theirs.close()
+            slots.warm_up(prefill_chunk)  # while the frontend starts
             scheduler.start()
             endpoint.start()
             _wait_until_ready(frontend, endpoint)

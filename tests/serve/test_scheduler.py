@@ -299,3 +299,30 @@ def test_a_newcomers_first_token_stays_on_the_device_until_its_first_step_is_que
         scheduler.step()
     for prompt, out, why in zip(prompts, outputs, finished, strict=True):
         assert out == alone(engine_dir, prompt, 6, end_id) and why == "length"
+
+
+def test_the_warm_up_prepares_every_chunk_length_and_changes_no_answer(engine):
+    """``warm_up`` runs (on CUDA: captures) the static decode step and a one-row prompt chunk of
+    each padded length up to the chunk size; sequences served after it get ``generate``'s tokens,
+    and the step counts of /health start at 0."""
+    engine_dir = engine("7b")
+    runner, config = open_runner(engine_dir, "cpu")
+    session = runner.sessions[0]
+    session.decode_mode = "static"
+    end_id, pad_id = special_ids(config)
+    slots = SlotRunner(runner, 3, 128, pad_id)
+    slots.warm_up(prefill_chunk=40)
+    assert session._step is not None
+    assert sorted(key[1] for key in session._chunks if key[0] == 1) == [16, 32, 64]
+    assert slots.decode_steps == 0
+    prompts = [[7, 8, 9], list(range(40, 75))]
+    outputs: list[list[int]] = [[] for _ in prompts]
+    finished: list[str | None] = [None] * len(prompts)
+    sink = recorder(outputs, finished)
+    scheduler = Scheduler(slots, max_seq_len=64, prefill_chunk=40, max_queue=4)
+    params = SamplingParams(max_tokens=8, temperature=0)
+    scheduler.submit([Sequence(p, params, sink(i)) for i, p in enumerate(prompts)])
+    while None in finished:
+        scheduler.step()
+    for prompt, out in zip(prompts, outputs, strict=True):
+        assert out == alone(engine_dir, prompt, 8, end_id)
