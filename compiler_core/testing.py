@@ -219,10 +219,11 @@ def _serving_pid(process: subprocess.Popen) -> int:
 
 @contextlib.contextmanager
 def serving(
-    engine_dir: Path, *args: str, ranks: int = 1, log_dir: Path, timeout: float = 180
+    engine_dir: Path, *args: str, ranks: int = 1, log_dir: Path, timeout: float = 180, new_session: bool = False
 ) -> Iterator[ServerProcess]:
     """Start ``modelc serve --engine_dir E --port 0 ARGS`` (under ``mpirun -n RANKS`` when > 1), wait for
-    its ready line, yield it, and stop it (SIGTERM) on exit. Loopback only; the port is the one it printed."""
+    its ready line, yield it, and stop it (SIGTERM) on exit. Loopback only; the port is the one it printed.
+    ``new_session``: the server leads a process group of its own (as a terminal's foreground job does)."""
     import re
     import selectors
 
@@ -236,7 +237,9 @@ def serving(
         env = mpi_env()
     stderr = Path(log_dir) / "serve.stderr"
     with open(stderr, "w") as err:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=err, text=True, env=env, start_new_session=new_session
+        )
     try:
         selector = selectors.DefaultSelector()
         selector.register(process.stdout, selectors.EVENT_READ)

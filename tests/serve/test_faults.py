@@ -9,6 +9,7 @@ import threading
 import time
 
 import httpx
+import psutil
 import pytest
 
 from compiler_core.testing import serving
@@ -115,4 +116,42 @@ def test_sigterm_aborts_requests_that_outlast_the_shutdown_timeout(long_engine, 
         client.close()
         assert [e["choices"][0]["finish_reason"] for e in rest if e["choices"]][-1] == "abort"
         assert rest[-1]["usage"]["completion_tokens"] < LONG
+        assert server.process.wait(60) == 0
+
+
+def frontend_of(server) -> psutil.Process:
+    """The server's HTTP frontend: the child process that multiprocessing spawned."""
+    children = psutil.Process(server.process.pid).children()
+    (frontend,) = [p for p in children if "spawn_main" in " ".join(p.cmdline())]
+    return frontend
+
+
+def test_a_frontend_that_dies_ends_the_server_with_an_error(long_engine, tmp_path):
+    with serving(long_engine, log_dir=tmp_path) as server:
+        frontend_of(server).kill()
+        assert server.process.wait(60) == 1
+        assert "the HTTP frontend exited with status -9" in server.stderr.read_text()
+
+
+def test_the_frontend_exits_when_the_engine_process_dies(long_engine, tmp_path):
+    with serving(long_engine, log_dir=tmp_path) as server:
+        client, _ = start_stream(server.url)
+        frontend = frontend_of(server)
+        server.process.kill()  # no chance to tell the frontend anything
+        server.process.wait(60)
+        frontend.wait(30)  # raises psutil.TimeoutExpired if it lingers on with the port
+        client.close()
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(server.url + "/health")
+
+
+def test_ctrl_c_in_a_terminal_drains_both_processes_and_exits_0(long_engine, tmp_path):
+    """A terminal's Ctrl-C sends SIGINT to the whole foreground group, the frontend included: the
+    frontend leaves it to the engine process, which lets the running request finish."""
+    with serving(long_engine, "--max_batch_size", "2", log_dir=tmp_path, new_session=True) as server:
+        client, lines = start_stream(server.url, max_tokens=200)
+        os.killpg(server.process.pid, signal.SIGINT)
+        rest = events(lines)
+        client.close()
+        assert rest[-1]["usage"]["completion_tokens"] == 200
         assert server.process.wait(60) == 0
