@@ -50,10 +50,10 @@ class RankSession(ABC):
 
 #: Static-shape (graph) decode allocates caches in multiples of this many tokens.
 GRAPH_LEN_STEP = 64
-#: Static prompt chunks are padded to a power of two of at least this many tokens (a handful of
-#: graphs per row count covers every chunk length); longer chunks than the maximum run eagerly,
-#: where the GPU's work outweighs the host's anyway.
-CHUNK_MIN_WIDTH, CHUNK_MAX_WIDTH = 16, 512
+#: Static prompt passes are padded to a power of two of at least this many tokens (a handful of
+#: graphs per row count covers every length); those of more rows x padded tokens than the maximum
+#: run eagerly, where the GPU's work outweighs the host's anyway and a graph's buffers grow large.
+CHUNK_MIN_WIDTH, CHUNK_MAX_TOKENS = 16, 4096
 
 
 class TorchSession(RankSession):
@@ -86,7 +86,7 @@ class TorchSession(RankSession):
         graphs_on = os.environ.get("MODELC_CUDA_GRAPHS", "1") != "0"
         self.decode_mode = "graph" if self.device.type == "cuda" and graphs_on else "dynamic"
         self._step: _StaticStep | None = None
-        #: Static prompt chunks of some cache rows (in-flight batching), by (rows, padded length, input).
+        #: Static prompt passes, by (whole batch?, rows, padded length, input, last position only).
         self._chunks: dict[tuple, _StaticStep] = {}
         self._chunk_graphs_on = True
         self._pool: tuple | None = None  # the memory pool all chunk graphs share (they never overlap)
@@ -110,9 +110,12 @@ class TorchSession(RankSession):
         static = self.decode_mode != "dynamic" and x.shape[1] == 1 and capturable
         if static and rows is None and self.cache is not None:
             return self._static_forward(x, positions, attention_mask, start)
-        if rows is not None and self.decode_mode != "dynamic" and capturable and self.cache is not None:
+        if self.decode_mode != "dynamic" and capturable and self.cache is not None:
             width = max(CHUNK_MIN_WIDTH, 1 << (x.shape[1] - 1).bit_length())
-            if width <= CHUNK_MAX_WIDTH and start + width <= self.cache.max_len:
+            whole = rows is None and x.shape[0] == self.cache.batch
+            batch = x.shape[0] if rows is None else len(rows)
+            fits = batch * width <= CHUNK_MAX_TOKENS and start + width <= self.cache.max_len
+            if fits and (rows is not None or whole):
                 return self._static_chunk(x, positions, attention_mask, start, rows, width, last_only)
         ctx = ForwardContext(
             positions=positions.to(self.device),
@@ -175,24 +178,28 @@ class TorchSession(RankSession):
         (out,) = self.executor.run({self.graph.inputs[0]: step.x}, ctx).values()
         return out
 
-    # --- static-shape prompt chunks of some rows (in-flight batching) --------------------------
+    # --- static-shape prompt passes (a whole batch's, or a chunk of some rows) ----------------
 
-    def _static_chunk(self, x, positions, attention_mask, start, rows: range, width: int, last_only: bool):
-        """A prompt chunk of cache rows ``rows``, padded to ``width`` tokens and run with static shapes:
-        replayed as a CUDA graph per (rows, width), so the chunk costs the GPU's time rather than
+    def _static_chunk(self, x, positions, attention_mask, start, rows: range | None, width: int, last_only: bool):
+        """A prompt pass of every row (``rows`` None) or of cache rows ``rows`` (in-flight
+        batching), padded to ``width`` tokens and run with static shapes: from its second use on,
+        replayed as a CUDA graph per (rows, width), so the pass costs the GPU's time rather than
         the host's (an eager 128-token chunk of falcon-7b took ~29 ms of host time for ~6 ms of GPU
-        work on an H200). The padding writes K/V past the chunk in its own rows, where the next
+        work on an H200). A shape seen once runs without capturing (a one-off prompt would pay
+        three runs for it). The padding writes K/V past the pass in its own rows, where the next
         chunk or decode step writes before anything reads."""
-        key = (len(rows), width, x.dtype, tuple(x.shape[2:]), last_only)
+        batch = x.shape[0] if rows is None else len(rows)
+        key = (rows is None, batch, width, x.dtype, tuple(x.shape[2:]), last_only)
         step = self._chunks.get(key)
         if step is None:
             step = self._chunks[key] = _StaticStep(
-                (len(rows), width, *x.shape[2:]), x.dtype, self.cache.max_len, self.device
+                (batch, width, *x.shape[2:]), x.dtype, self.cache.max_len, self.device
             )
         n = x.shape[1]
         step.load(x, positions, attention_mask, start, rows)
-        run = functools.partial(self._run_chunk, last_only=last_only)
-        if self.decode_mode == "graph" and self._chunk_graphs_on and step.graph is None:
+        step.uses += 1
+        run = functools.partial(self._run_chunk, last_only=last_only, by_rows=rows is not None)
+        if self.decode_mode == "graph" and self._chunk_graphs_on and step.graph is None and step.uses > 1:
             try:
                 if self._pool is None:
                     self._pool = torch.cuda.graph_pool_handle()
@@ -211,14 +218,14 @@ class TorchSession(RankSession):
             out = run(step)
         return out.clone() if last_only else out[:, :n].clone()
 
-    def _run_chunk(self, step: _StaticStep, last_only: bool) -> torch.Tensor:
+    def _run_chunk(self, step: _StaticStep, last_only: bool, by_rows: bool) -> torch.Tensor:
         ctx = ForwardContext(
             positions=step.positions,
             attention_mask=step.mask,
             cache=self.cache,
             comm=self.comm,
             start_index=step.start,
-            row_index=step.rows,
+            row_index=step.rows if by_rows else None,
             last_index=step.last,
         )
         (out,) = self.executor.run({self.graph.inputs[0]: step.x}, ctx, last_only=last_only).values()
@@ -227,8 +234,8 @@ class TorchSession(RankSession):
 
 class _StaticStep:
     """Fixed input buffers of a static forward and, once captured, its CUDA graph: a one-token
-    decode step of every row, or a prompt chunk of some rows (``rows``, ``last``) padded to a
-    fixed length."""
+    decode step of every row, or a prompt pass (of every row, or of ``rows``) padded to a fixed
+    length, its last real position at ``last``."""
 
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, max_len: int, device: torch.device) -> None:
         batch, width = shape[:2]
@@ -240,6 +247,7 @@ class _StaticStep:
         self.last = torch.zeros((1,), dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: torch.Tensor | None = None
+        self.uses = 0
 
     def load(self, x, positions, attention_mask, start: int, rows: range | None = None) -> None:
         n = x.shape[1]
@@ -254,6 +262,7 @@ class _StaticStep:
         self.start.fill_(start)
         if rows is not None:
             self.rows.copy_(torch.arange(rows.start, rows.stop, device=self.rows.device))
+        if self.x.shape[1] > 1:  # a prompt pass (a decode step's one position is its last)
             self.last.fill_(n - 1)
 
     def capture(self, run, pool: tuple | None = None) -> None:

@@ -78,7 +78,8 @@ class SlotRunner:
         longest = min(prefill_chunk, self.width)
         lengths = [1 << i for i in range(longest.bit_length()) if 1 << i < longest] + [longest]
         for length in lengths:
-            self.prefill(range(0, 1), [[self.pad_id] * length], 0, 0)
+            for _ in range(2):  # a prompt shape is captured at its second use
+                self.prefill(range(0, 1), [[self.pad_id] * length], 0, 0)
         self.decode([None] * self.rows, [None] * self.rows, 0)
         self.decode_steps = self.graph_steps = 0  # what /health counts starts with serving
 

@@ -279,6 +279,8 @@ def test_served_prompt_chunks_replay_graphs_and_keep_greedy_tokens(registry, var
     while scheduler.stats()["busy"] or scheduler.stats()["waiting"]:
         scheduler.step()
     chunks = cuda.sessions[0]._chunks
-    assert chunks and all(step.graph is not None for step in chunks.values())
+    # A shape is captured at its second use: every one used again replays a graph.
+    assert any(step.graph is not None for step in chunks.values())
+    assert all(step.graph is not None for step in chunks.values() if step.uses > 1)
     for prompt, out in zip(prompts, outputs, strict=True):
         assert out == generate(cpu, [prompt], GenerationConfig(10, temperature=0))[0][0]

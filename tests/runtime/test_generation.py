@@ -222,8 +222,9 @@ def test_last_logits_skips_the_tail_without_changing_results(registry, variant, 
 
 @pytest.mark.parametrize("variant", ["rw", "7b", "40b"])
 def test_static_shape_decode_equals_dynamic_decode(variant, engine_dir, prompt_ids):
-    """The fixed-shape decode step that CUDA graphs capture (device-held cache offset, attention over
-    the whole cache under a mask) gives the tokens of the default step, greedy and with beams."""
+    """The fixed-shape decode step and prompt pass that CUDA graphs capture (device-held cache
+    offset, attention over the whole cache under a mask, the prompt padded to a power of two)
+    give the tokens of the default ones, greedy and with beams."""
     runner, _ = open_runner(engine_dir(variant), "cpu")
     session = runner.sessions[0]
     assert session.decode_mode == "dynamic"  # the CPU default
@@ -237,3 +238,27 @@ def test_static_shape_decode_equals_dynamic_decode(variant, engine_dir, prompt_i
     session.decode_mode = "static"
     assert [generate(runner, p, c) for p, c in runs] == dynamic
     assert session._step is not None  # the static path really ran
+    assert any(whole for whole, *_ in session._chunks)  # and the static prompt pass
+
+
+@pytest.mark.parametrize("variant", ["7b", "rw", "40b"])
+def test_static_prompt_pass_gives_every_positions_logits(variant, engine_dir, prompt_ids):
+    """The static prompt pass (padded to a power of two, attention over the whole cache) returns
+    the logits of every real position, as the default pass does, left padding included."""
+    import torch
+
+    from compiler_core.runtime.context import positions_from_mask
+    from compiler_core.testing import left_padded
+
+    runner, _ = open_runner(engine_dir(variant), "cpu")
+    ids, mask = left_padded(prompt_ids, 0)
+    out = {}
+    for mode in ("dynamic", "static"):
+        runner.sessions[0].decode_mode = mode
+        runner.allocate(len(prompt_ids), 128)  # room for the padding to a power of two
+        with torch.inference_mode():
+            out[mode] = runner.logits(ids, positions_from_mask(mask), mask, 0)
+    assert runner.sessions[0]._chunks  # the static pass ran
+    assert out["static"].shape == out["dynamic"].shape
+    real = mask.bool()
+    torch.testing.assert_close(out["static"][real], out["dynamic"][real], rtol=1e-5, atol=1e-5)

@@ -313,7 +313,8 @@ def test_the_warm_up_prepares_every_chunk_length_and_changes_no_answer(engine):
     slots = SlotRunner(runner, 3, 128, pad_id)
     slots.warm_up(prefill_chunk=40)
     assert session._step is not None
-    assert sorted(key[1] for key in session._chunks if key[0] == 1) == [16, 32, 64]
+    one_row = {key[2]: step for key, step in session._chunks.items() if key[:2] == (False, 1)}
+    assert sorted(one_row) == [16, 32, 64] and all(step.uses >= 2 for step in one_row.values())
     assert slots.decode_steps == 0
     prompts = [[7, 8, 9], list(range(40, 75))]
     outputs: list[list[int]] = [[] for _ in prompts]
