@@ -63,7 +63,9 @@ class TorchSession(RankSession):
     far; the default on CPU), ``"static"`` (fixed shapes: write at a device-held offset, attend
     over the whole cache under a mask) or ``"graph"`` (static, captured once per cache
     allocation as a CUDA graph and replayed; the default on CUDA, where a tensor-parallel rank's
-    collectives are captured with the step when its communicator allows it).
+    collectives are captured with the step when its communicator allows it). Out of
+    ``"dynamic"``, prompt passes that fit run with static shapes too, padded to a power of two
+    (:meth:`_static_chunk`), and under ``"graph"`` are captured at their second use.
     ``MODELC_CUDA_GRAPHS=0`` turns graphs off.
     """
 

@@ -233,8 +233,9 @@ class Scheduler:
             self._wake.notify()
 
     def join(self) -> None:
-        """Wait for the engine thread, which ends once drained."""
-        self._thread.join()
+        """Wait for the engine thread, which ends once drained (at once if it never started)."""
+        if self._thread.ident is not None:
+            self._thread.join()
 
     @property
     def accepting(self) -> bool:

@@ -58,15 +58,15 @@ def serve(
             slots.warm_up(prefill_chunk)  # while the frontend starts
             scheduler.start()
             endpoint.start()
-            _wait_until_ready(frontend, endpoint)
-            host, port = listener.getsockname()[:2]
-            # The frontend has its own descriptor now; with this one open, connections made once it
-            # stops accepting would wait in the backlog instead of being refused.
-            listener.close()
-            shown = f"[{host}]" if ":" in host else host
-            click.echo(f"modelc: serving {model.name} on http://{shown}:{port} ({slots.rows} slots)")
-            while frontend.is_alive():
-                frontend.join(0.2)
+            if _wait_until_ready(frontend, endpoint, stopping):
+                host, port = listener.getsockname()[:2]
+                # The frontend has its own descriptor now; with this one open, connections made once
+                # it stops accepting would wait in the backlog instead of being refused.
+                listener.close()
+                shown = f"[{host}]" if ":" in host else host
+                click.echo(f"modelc: serving {model.name} on http://{shown}:{port} ({slots.rows} slots)")
+                while frontend.is_alive():
+                    frontend.join(0.2)
     finally:
         scheduler.drain(0.0)
         scheduler.join()
@@ -80,13 +80,19 @@ def serve(
         raise ModelcError(f"the HTTP frontend exited with status {frontend.exitcode}; its error is above")
 
 
-def _wait_until_ready(frontend: multiprocessing.process.BaseProcess, endpoint: EngineEndpoint) -> None:
+def _wait_until_ready(
+    frontend: multiprocessing.process.BaseProcess, endpoint: EngineEndpoint, stopping: _Stopping
+) -> bool:
+    """True once the frontend accepts requests; False if a signal stopped it before that."""
     deadline = time.monotonic() + FRONTEND_START_TIMEOUT_S
     while not endpoint.ready.wait(0.2):
         if not frontend.is_alive():
+            if stopping.signalled:  # told to stop before it was up: nothing to report
+                return False
             raise ModelcError(f"the HTTP frontend exited with status {frontend.exitcode} while starting")
         if time.monotonic() > deadline:
             raise ModelcError(f"the HTTP frontend did not start within {FRONTEND_START_TIMEOUT_S:.0f} s")
+    return True
 
 
 class _Stopping:
