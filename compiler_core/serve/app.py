@@ -1,8 +1,11 @@
 """The ASGI app: OpenAI's /v1/completions, /v1/chat/completions and /v1/models, and /health.
 
-Handlers run on the event loop; generation runs on the scheduler's engine thread, which hands
-the tokens of each iteration, for all sequences at once, to the loop (:class:`_Outbox`); each
-request takes its events when the loop gets to it, and a stream sends all it has in one write.
+Handlers run on the event loop. Generation runs in the engine, which ``build_app`` is given as
+``scheduler``: in the server an :class:`~compiler_core.serve.link.EngineClient` for the engine's
+own process (its events arrive on the loop), or a :class:`Scheduler` with its engine thread in
+this process. Either hands over the tokens of each iteration, for all sequences at once
+(:class:`_Outbox`); each request takes its events when the loop gets to it, and a stream sends
+all it has in one write.
 A request whose client goes away (a closed stream, or a disconnect while a non-streamed answer
 is pending) cancels its sequences, which frees their slots at the scheduler's next iteration.
 """
@@ -42,13 +45,14 @@ from compiler_core.serve.text import TextStream
 
 
 class _Outbox:
-    """Hands events from the engine thread to the event loop once per engine iteration.
+    """Hands events to the event loop once per engine iteration.
 
-    The sinks, called on the engine thread, only append to a list; the scheduler's step hook
-    (:meth:`flush`) passes the whole list to the loop in one ``call_soon_threadsafe``, where every
-    generation gets its events and its stream is woken once. No lock: only the engine thread
-    appends to and swaps the list. Every wake-up of the loop costs the engine thread the GIL
-    for a while, so one per step instead of one per token matters.
+    The sinks, called where the engine's events arrive (a Scheduler's engine thread, or the loop
+    itself for an EngineClient), only append to a list; the step hook (:meth:`flush`) passes the
+    whole list to the loop in one ``call_soon_threadsafe``, where every generation gets its
+    events and its stream is woken once. No lock: only that one thread appends to and swaps the
+    list. With an engine thread in this process every wake-up of the loop costs it the GIL for a
+    while, so one per step instead of one per token matters.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
