@@ -26,7 +26,7 @@ def test_gpu_decode_runs_on_cpu(tmp_path):
     for row in result["rows"]:
         assert "error" not in row, row
         assert set(row["decode"]) == {"1", "2"}  # JSON keys of the batch sizes
-        assert row["prefill"]["ms"] > 0
+        assert row["prefill"]["ms"] > 0 and row["prefill"]["first_ms"] > 0
         assert row["weight_bytes"] > 0
     assert all(f"| {side} |" in proc.stdout for side in SIDES)
 
