@@ -169,15 +169,19 @@ class TorchSession(RankSession):
         step.graph.replay()
         return step.out.clone()
 
-    def _run_static(self, step: _StaticStep) -> torch.Tensor:
+    def _run_static(self, step: _StaticStep, last_only: bool = False, by_rows: bool = False) -> torch.Tensor:
+        """One static forward of ``step``'s buffers: a decode step of every row, or a prompt pass
+        (of ``step.rows`` when ``by_rows``; ``last_only`` keeps its last real position)."""
         ctx = ForwardContext(
             positions=step.positions,
             attention_mask=step.mask,
             cache=self.cache,
             comm=self.comm,
             start_index=step.start,
+            row_index=step.rows if by_rows else None,
+            last_index=step.last,
         )
-        (out,) = self.executor.run({self.graph.inputs[0]: step.x}, ctx).values()
+        (out,) = self.executor.run({self.graph.inputs[0]: step.x}, ctx, last_only=last_only).values()
         return out
 
     # --- static-shape prompt passes (a whole batch's, or a chunk of some rows) ----------------
@@ -200,7 +204,7 @@ class TorchSession(RankSession):
         n = x.shape[1]
         step.load(x, positions, attention_mask, start, rows)
         step.uses += 1
-        run = functools.partial(self._run_chunk, last_only=last_only, by_rows=rows is not None)
+        run = functools.partial(self._run_static, last_only=last_only, by_rows=rows is not None)
         if self.decode_mode == "graph" and self._chunk_graphs_on and step.graph is None and step.uses > 1:
             try:
                 if self._pool is None:
@@ -219,19 +223,6 @@ class TorchSession(RankSession):
         else:
             out = run(step)
         return out.clone() if last_only else out[:, :n].clone()
-
-    def _run_chunk(self, step: _StaticStep, last_only: bool, by_rows: bool) -> torch.Tensor:
-        ctx = ForwardContext(
-            positions=step.positions,
-            attention_mask=step.mask,
-            cache=self.cache,
-            comm=self.comm,
-            start_index=step.start,
-            row_index=step.rows if by_rows else None,
-            last_index=step.last,
-        )
-        (out,) = self.executor.run({self.graph.inputs[0]: step.x}, ctx, last_only=last_only).values()
-        return out
 
 
 class _StaticStep:

@@ -134,7 +134,7 @@ class EngineClient:
         self._accepting = True
         self._stats: dict[str, int | float] = {"slots": slots, "busy": 0, "waiting": 0, "generated": 0}
         self._sequences: dict[int, Sequence] = {}
-        self._ids: dict[int, int] = {}  # id(sequence) -> its id on the link
+        self._ids: dict[Sequence, int] = {}  # each open sequence's id on the link
         self._next_id = 0
         self._step_hooks: tuple[Callable[[], None], ...] = ()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -170,12 +170,12 @@ class EngineClient:
         for seq in sequences:
             sid, self._next_id = self._next_id, self._next_id + 1
             self._sequences[sid] = seq
-            self._ids[id(seq)] = sid
+            self._ids[seq] = sid
             items.append((sid, seq.prompt, seq.params))
         self._send("submit", items)
 
     def cancel(self, sequences: list[Sequence]) -> None:
-        sids = [self._ids[id(seq)] for seq in sequences if id(seq) in self._ids]
+        sids = [self._ids[seq] for seq in sequences if seq in self._ids]
         for seq in sequences:
             seq.cancelled = True
         if sids:
@@ -206,7 +206,7 @@ class EngineClient:
                     continue
                 if type(event) is Finished:
                     del self._sequences[sid]
-                    del self._ids[id(seq)]
+                    del self._ids[seq]
                 seq.sink(event)
             for hook in self._step_hooks:
                 hook()
