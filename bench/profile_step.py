@@ -7,7 +7,12 @@ replayed graph launches). It prints, per side, every kernel name with its launch
 microseconds per step, the kernel count and GPU time per step, and the step's wall time (from the
 same runs, unprofiled), so the gap between the two is launch and host time.
 
+With ``--prefill_len N`` it profiles a prompt pass instead: one ``N``-token prompt's ``generate``
+of one token (after two untimed ones, so on CUDA the pass replays its graph), its kernels and
+their GPU time against its wall time.
+
     python bench/profile_step.py --device cuda --batch 1 --sides bf16,fp8,fp8_kv,int4_awq
+    python bench/profile_step.py --device cuda --prefill_len 1024 --sides bf16,fp8
 """
 
 from __future__ import annotations
@@ -77,10 +82,25 @@ def profile_side(gen, prompts: list[list[int]], steps: int, device: str) -> dict
     }
 
 
-def report(name: str, prof: dict[str, Any], top: int) -> str:
+def profile_prefill(gen, prompts: list[list[int]], device: str) -> dict[str, Any]:
+    """The kernels of one prompt pass of ``prompts`` (a one-token ``generate``), as "one step"."""
+    for _ in range(2):  # the second use of a prompt shape captures its graph on CUDA
+        gen(prompts, 1)
+    launches, micros = kernel_totals(lambda: gen(prompts, 1), device)
+    kernels = [{"kernel": k, "per_step": float(launches[k]), "us_per_step": micros[k]} for k in launches]
+    kernels.sort(key=lambda k: -k["us_per_step"])
+    return {
+        "kernels": kernels,
+        "launches_per_step": sum(launches.values()),
+        "gpu_us_per_step": sum(micros.values()),
+        "wall_ms_per_step": wall_ms(lambda: gen(prompts, 1), device),
+    }
+
+
+def report(name: str, prof: dict[str, Any], top: int, what: str = "step") -> str:
     lines = [
         f"## {name}: {prof['launches_per_step']:.0f} kernels, {prof['gpu_us_per_step'] / 1e3:.3f} ms of GPU time "
-        f"per step; wall {prof['wall_ms_per_step']:.3f} ms per step",
+        f"per {what}; wall {prof['wall_ms_per_step']:.3f} ms per {what}",
         f"{'launches':>9} {'us/step':>9}  kernel",
     ]
     for k in prof["kernels"][:top]:
@@ -95,6 +115,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--prompt_len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--prefill_len", type=int, default=0, help="profile a prompt pass of this many tokens instead")
     parser.add_argument("--sides", default="bf16,fp8,fp8_kv,int4_awq")
     parser.add_argument("--top", type=int, default=25, help="kernels listed per side")
     parser.add_argument("--json", type=Path, default=None)
@@ -102,13 +123,18 @@ def main() -> None:
     cuda = args.device.startswith("cuda")
     registry, hf, model = bench_model(args)
     vocab = hf.config.vocab_size
-    prompts = torch.randint(100, vocab, (args.batch, args.prompt_len), generator=torch.Generator().manual_seed(3))
-    result: dict[str, Any] = {"shape": args.shape, "batch": args.batch, "sides": {}}
+    length = args.prefill_len or args.prompt_len
+    prompts = torch.randint(100, vocab, (args.batch, length), generator=torch.Generator().manual_seed(3)).tolist()
+    what = "prompt pass" if args.prefill_len else "step"
+    result: dict[str, Any] = {"shape": args.shape, "batch": args.batch, "prefill_len": args.prefill_len, "sides": {}}
     made: dict[str, Any] = {}
     for name in args.sides.split(","):
         gen, _ = build_side(registry, name, hf, model, args, made)
-        result["sides"][name] = profile_side(gen, prompts.tolist(), args.steps, args.device)
-        print(report(name, result["sides"][name], args.top), flush=True)
+        if args.prefill_len:
+            result["sides"][name] = profile_prefill(gen, prompts, args.device)
+        else:
+            result["sides"][name] = profile_side(gen, prompts, args.steps, args.device)
+        print(report(name, result["sides"][name], args.top, what), flush=True)
         if cuda:
             torch.cuda.empty_cache()
     if args.json is not None:

@@ -50,6 +50,8 @@ class RankSession(ABC):
 
 #: Static-shape (graph) decode allocates caches in multiples of this many tokens.
 GRAPH_LEN_STEP = 64
+#: A static-shape session keeps a cache up to this many times longer than a run needs (see allocate).
+CACHE_SLACK = 2
 #: Static prompt passes are padded to a power of two of at least this many tokens (a handful of
 #: graphs per row count covers every length); those of more rows x padded tokens than the maximum
 #: run eagerly, where the GPU's work outweighs the host's anyway and a graph's buffers grow large.
@@ -96,10 +98,15 @@ class TorchSession(RankSession):
     def allocate(self, batch: int, max_len: int) -> None:
         # Static steps get lengths rounded up, so that prompts of similar lengths share one cache
         # and one captured step. A cache that already fits is kept: stale entries are never read
-        # (prefill rewrites the prompt's slots, and reads stop at, or masks hide, the rest).
+        # (prefill rewrites the prompt's slots, and reads stop at, or masks hide, the rest). Under
+        # static shapes, one up to CACHE_SLACK times longer than needed is kept too, with its
+        # captured graphs: the Triton decode attention stops at the step's offset, and on the
+        # torch paths attending over the masked rest costs less than recapturing for runs that
+        # alternate lengths (a 1-token and a 128-token generate of one prompt, say).
         rounded = -(-max_len // GRAPH_LEN_STEP) * GRAPH_LEN_STEP
         cache = self.cache
-        if cache is not None and cache.batch == batch and max_len <= cache.max_len <= rounded:
+        longest = rounded if self.decode_mode == "dynamic" else CACHE_SLACK * rounded
+        if cache is not None and cache.batch == batch and max_len <= cache.max_len <= longest:
             return
         self.cache = self.executor.allocate_cache(batch, max_len if self.decode_mode == "dynamic" else rounded)
         self._step = None  # a captured step refers to the previous cache's storage

@@ -233,6 +233,25 @@ def test_decode_attention(device, batch, heads, kv_heads, head_dim, length, cach
     ).cpu()
     want = attention_reference(q, k_read, v_read, mask, 0.125)
     assert got.shape == q.shape and got.dtype == dtype
+    # Bounded at a column, the kernel reads nothing after it: mask and cache there hold values that
+    # would change the output, and NaN keys, which would poison it, if they were read.
+    last = length // 2 + 1
+    open_mask, poisoned_k = mask.clone(), k.clone()
+    open_mask[:, last + 1 :] = 1
+    poisoned_k[:, :, last + 1 :] = float("nan")
+    bounded = decode_attention(
+        q.to(device),
+        poisoned_k.to(device),
+        v.to(device),
+        open_mask.to(device),
+        0.125,
+        None if kv_scale is None else kv_scale.to(device),
+        torch.tensor([last], device=device),
+    ).cpu()
+    cut = mask.clone()
+    cut[:, last + 1 :] = 0
+    want_bounded = attention_reference(q, k_read, v_read, cut, 0.125)
+    assert relative_error(bounded, want_bounded) < (ATTENTION_BF16_TOL if dtype == torch.bfloat16 else FP32_TOL)
     # bf16 rounds the softmax weights (relative 2^-9 each) before the V product, as SDPA does in
     # bf16; the output, an average of random values, is ~1/sqrt(length) of them, so that rounding
     # shows twice as large relative to it as in a GEMM. float32 checks the algorithm itself.

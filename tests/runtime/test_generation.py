@@ -9,6 +9,7 @@ import pytest
 from compiler_core.errors import UsageError
 from compiler_core.runtime.generation import GenerationConfig, generate
 from compiler_core.runtime.open import open_runner, special_ids
+from compiler_core.runtime.session import GRAPH_LEN_STEP
 from compiler_core.testing import hf_generate, strip_padding
 
 VARIANTS = ["rw", "7b", "40b", "180b", "falcon2"]
@@ -239,6 +240,26 @@ def test_static_shape_decode_equals_dynamic_decode(variant, engine_dir, prompt_i
     assert [generate(runner, p, c) for p, c in runs] == dynamic
     assert session._step is not None  # the static path really ran
     assert any(whole for whole, *_ in session._chunks)  # and the static prompt pass
+
+
+def test_static_session_keeps_its_cache_and_step_across_shorter_runs(engine_dir, prompt_ids):
+    """Runs that alternate a long and a short generation share one static cache and its captured
+    step (on CUDA, recapturing for each would cost more than the run), with the tokens of the
+    dynamic path; a run needing more room than the cache has gets a new one."""
+    runner, _ = open_runner(engine_dir("7b"), "cpu")
+    session = runner.sessions[0]
+    # The long run's cache is a rounding step longer than the 1- and 2-token runs would allocate.
+    long = GRAPH_LEN_STEP + NEW_TOKENS
+    lengths = [long, 1, long, 2]
+    dynamic = [generate(runner, prompt_ids, GenerationConfig(n)) for n in lengths]
+    session.decode_mode = "static"
+    static = [generate(runner, prompt_ids, GenerationConfig(lengths[0]))]
+    cache, step = session.cache, session._step
+    static += [generate(runner, prompt_ids, GenerationConfig(n)) for n in lengths[1:]]
+    assert static == dynamic
+    assert session.cache is cache and session._step is step
+    runner.allocate(len(prompt_ids), cache.max_len + 1)
+    assert session.cache is not cache and session.cache.max_len > cache.max_len
 
 
 @pytest.mark.parametrize("variant", ["7b", "rw", "40b"])

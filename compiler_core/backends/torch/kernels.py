@@ -294,7 +294,7 @@ def lower_attention(node: Node, low: TorchLowering) -> Kernel:
             cache = ctx.cache.slots[slot]
             cos, sin = tables(ctx, qkv.dtype) if kind == "rope" else (None, None)
             q = fast_rope_cache(qkv, cos, sin, cache.k, cache.v, ctx.start_index, nh, nkv, hd, cache.scale)
-            out = fast_decode(q, cache.k, cache.v, ctx.attention_mask, scale, cache.scale)
+            out = fast_decode(q, cache.k, cache.v, ctx.attention_mask, scale, cache.scale, ctx.start_index)
             return out.view(b, 1, nh * hd)  # decode_attention's output is contiguous: a view, no copy
         if kind == "rope":
             cos, sin = tables(ctx, qkv.dtype)

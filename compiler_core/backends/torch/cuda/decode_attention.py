@@ -8,7 +8,9 @@ is split across programs (flash-decoding) so that batch 1 fills the GPU; a secon
 the splits' partial softmaxes.
 
 The mask is the static decode step's: ``[batch, cache_len]``, nonzero for the slots a row may
-attend (its real tokens so far). Only additive-free masks are handled here (no ALiBi bias); the
+attend (its real tokens so far). Given the step's write offset (a device tensor, as the captured
+step holds it), the programs stop there: no slot after it can be attended, so a cache allocated
+longer than the sequences costs no reads. Only additive-free masks are handled here (no ALiBi bias); the
 lowering keeps such models on the torch kernel.
 """
 
@@ -32,6 +34,7 @@ def _decode_attention_split(
     v_ptr,
     mask_ptr,
     kv_scale_ptr,
+    last_column_ptr,
     acc_ptr,
     ml_ptr,
     groups,
@@ -54,6 +57,7 @@ def _decode_attention_split(
     BLOCK_L: tl.constexpr,
     QUANTIZED: tl.constexpr,
     WIDEN: tl.constexpr,
+    BOUNDED: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)  # batch row * NUM_KV + kv head
     pid_s = tl.program_id(1)
@@ -76,9 +80,14 @@ def _decode_attention_split(
     l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_H, BLOCK_D), dtype=tl.float32)
     first = pid_s * blocks_per_split
-    for blk in range(first, first + blocks_per_split):
+    stop = first + blocks_per_split
+    end = cache_len
+    if BOUNDED:  # nothing after the last attendable column is read, whole blocks not even visited
+        end = tl.minimum(cache_len, tl.load(last_column_ptr).to(tl.int32) + 1)
+        stop = tl.minimum(stop, (end + BLOCK_L - 1) // BLOCK_L)
+    for blk in range(first, stop):
         pos = blk * BLOCK_L + rl
-        in_cache = pos < cache_len
+        in_cache = pos < end
         allowed = (tl.load(mask_ptr + b * stride_mb + pos, mask=in_cache, other=0) != 0) & in_cache
         kv_mask = in_cache[:, None] & d_ok[None, :]
         k = tl.load(
@@ -150,12 +159,15 @@ def decode_attention(
     mask: torch.Tensor,
     softmax_scale: float,
     kv_scale: torch.Tensor | None = None,
+    last_column: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(q K^T * scale, masked) V for one query token per row.
 
     ``q [batch, heads, head_dim]``; ``k_cache``, ``v_cache [batch, kv_heads, cache_len, head_dim]``
     (the query dtype, or float8_e4m3fn with ``kv_scale``); ``mask [batch, cache_len]`` (nonzero =
-    attend). Query head ``h`` reads KV head ``h // (heads / kv_heads)``. Returns ``[batch, heads,
+    attend). Query head ``h`` reads KV head ``h // (heads / kv_heads)``. ``last_column``, a device
+    tensor [1] (a static decode step's write offset), bounds the columns read: those after it are
+    treated as masked without being loaded. Returns ``[batch, heads,
     head_dim]`` in the query dtype.
     """
     batch, heads, head_dim = q.shape
@@ -179,6 +191,7 @@ def decode_attention(
         v_cache,
         mask,
         kv_scale if quantized else q,
+        q if last_column is None else last_column,
         acc,
         ml,
         groups,
@@ -201,6 +214,7 @@ def decode_attention(
         BLOCK_L=BLOCK_L,
         QUANTIZED=quantized,
         WIDEN=interpreting(),
+        BOUNDED=last_column is not None,
         num_warps=4,
         num_stages=2,
     )
