@@ -57,6 +57,11 @@ class CacheSlot:
     def read(self, end: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return self._decode(self.k.narrow(2, 0, end), dtype), self._decode(self.v.narrow(2, 0, end), dtype)
 
+    def as_stored(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``x`` as a read gives it back after a write: what attention sees of new tokens it does not
+        read from the cache (a quantized cache rounds them on the way in)."""
+        return self._decode(self._encode(x), dtype)
+
     def write_at(self, k: torch.Tensor, v: torch.Tensor, columns: torch.Tensor) -> None:
         """Write K/V [b, heads, n, dim] at the columns held in device tensor ``columns`` [n] (graph-capturable)."""
         _bytes(self.k).index_copy_(2, columns, _bytes(self._encode(k)))
@@ -171,6 +176,10 @@ class ForwardContext:
     step, or a prompt chunk of cache rows ``row_index`` (a device tensor [rows]; the batch is
     those rows) whose real last token is at ``last_index`` (a device tensor [1]: the chunk may end
     in padding).
+
+    ``new_sequences`` says that every row's new tokens begin its sequence: none of them is padding
+    and nothing before them is attended. Attention may then run causally over the new tokens alone
+    (flash attention on CUDA) instead of over the cache under a mask.
     """
 
     positions: torch.Tensor
@@ -182,6 +191,7 @@ class ForwardContext:
     start_index: torch.Tensor | None = None
     row_index: torch.Tensor | None = None
     last_index: torch.Tensor | None = None
+    new_sequences: bool = False
 
     def columns(self, seq: int) -> torch.Tensor:
         """The cache columns ``start_index + [0, seq)`` a static forward writes (made once per forward)."""

@@ -81,8 +81,15 @@ class DistributedRunner(ModelRunner):
     def supports_rows(self) -> bool:
         return self.session.supports_rows
 
-    def row_logits(self, rows, ids, positions, attention_mask, start):
-        return self._forward(ids, positions, attention_mask, start, rows=rows)[:, -1]
+    def row_logits(self, rows, ids, positions, attention_mask, start, new_sequences=False):
+        return self._forward(ids, positions, attention_mask, start, rows=rows, **self._hints(new_sequences))[:, -1]
+
+    def last_logits(self, ids, positions, attention_mask, start, new_sequences=False):
+        return self._forward(ids, positions, attention_mask, start, **self._hints(new_sequences))[:, -1]
+
+    def _hints(self, new_sequences: bool) -> dict[str, bool]:
+        # Every rank decides alike: the ranks of one engine run the same backend.
+        return {"new_sequences": True} if new_sequences and self.session.supports_new_sequences else {}
 
     def shift_cache(self, offset: int) -> None:
         self.session.shift_cache(offset)

@@ -151,11 +151,13 @@ class PromptBatch:
             torch.long
         )
         self.real_len = lengths
+        self.padded = len({len(p) for p in prompts}) > 1
 
     def prefill(self, runner: ModelRunner) -> torch.Tensor:
         """Run the prompts; the next-token logits [rows, vocab] in float32."""
         mask = self.mask[:, : self.prompt_len]
-        return runner.last_logits(self.ids, positions_from_mask(mask), mask, 0).float()
+        fresh = not self.padded
+        return runner.last_logits(self.ids, positions_from_mask(mask), mask, 0, new_sequences=fresh).float()
 
     def step(self, runner: ModelRunner, tokens: torch.Tensor, t: int) -> torch.Tensor:
         """Feed generated token ``t`` (0-based) of every row; the next-token logits in float32."""

@@ -39,11 +39,19 @@ class ModelRunner(ABC):
     def reorder_cache(self, index: torch.Tensor) -> None: ...
 
     def last_logits(
-        self, ids: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor, start: int
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        attention_mask: torch.Tensor,
+        start: int,
+        new_sequences: bool = False,
     ) -> torch.Tensor:
         """Logits [batch, vocab] of the last new token only (what generation needs).
 
-        Runners whose ranks can skip the other positions' output layers override this.
+        ``new_sequences`` promises that every row's new tokens begin its sequence, unpadded (see
+        :class:`~compiler_core.runtime.context.ForwardContext`); ranks that support it attend over
+        the new tokens alone. Runners whose ranks can skip the other positions' output layers
+        override this.
         """
         return self.logits(ids, positions, attention_mask, start)[:, -1]
 
@@ -53,10 +61,16 @@ class ModelRunner(ABC):
         return False
 
     def row_logits(
-        self, rows: range, ids: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor, start: int
+        self,
+        rows: range,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        attention_mask: torch.Tensor,
+        start: int,
+        new_sequences: bool = False,
     ) -> torch.Tensor:
         """Logits [len(rows), vocab] of the last of ``ids`` [len(rows), seq], run against the consecutive
-        cache rows ``rows`` alone.
+        cache rows ``rows`` alone (``new_sequences`` as in :meth:`last_logits`).
 
         The other rows' caches are left as they are, so newcomers' prompts fill their own slots
         between two decode steps of the rest of the batch (in-flight batching).
@@ -132,8 +146,8 @@ class LocalRunner(ModelRunner):
     def supports_rows(self) -> bool:
         return all(s.supports_rows for s in self.sessions)
 
-    def row_logits(self, rows, ids, positions, attention_mask, start):
-        return self._forward(ids, positions, attention_mask, start, self._last_only(), rows=rows)[:, -1]
+    def row_logits(self, rows, ids, positions, attention_mask, start, new_sequences=False):
+        return self._forward(ids, positions, attention_mask, start, self._last_only(), rows, new_sequences)[:, -1]
 
     def shift_cache(self, offset: int) -> None:
         for s in self.sessions:
@@ -142,23 +156,32 @@ class LocalRunner(ModelRunner):
     def logits(self, ids, positions, attention_mask, start):
         return self._forward(ids, positions, attention_mask, start, last_only=False)
 
-    def last_logits(self, ids, positions, attention_mask, start):
-        return self._forward(ids, positions, attention_mask, start, self._last_only())[:, -1]
+    def last_logits(self, ids, positions, attention_mask, start, new_sequences=False):
+        return self._forward(ids, positions, attention_mask, start, self._last_only(), None, new_sequences)[:, -1]
 
     def _last_only(self) -> bool:
         last_stage = [self.sessions[r] for r in self.mapping.tp_group(self.mapping.world_size - 1)]
         return all(s.supports_last_only for s in last_stage)
 
     def _forward(
-        self, ids, positions, attention_mask, start, last_only: bool, rows: range | None = None
+        self,
+        ids,
+        positions,
+        attention_mask,
+        start,
+        last_only: bool,
+        rows: range | None = None,
+        new_sequences: bool = False,
     ) -> torch.Tensor:
         x = ids
         for stage in range(self.mapping.pp_size):
             ranks = [self.mapping.rank(tp, stage) for tp in range(self.mapping.tp_size)]
             # Only the last stage may drop positions: earlier stages feed every position onwards.
-            kw = {"last_only": True} if last_only and stage == self.mapping.pp_size - 1 else {}
+            kw: dict[str, Any] = {"last_only": True} if last_only and stage == self.mapping.pp_size - 1 else {}
             if rows is not None:
                 kw["rows"] = rows
+            if new_sequences and all(self.sessions[r].supports_new_sequences for r in ranks):
+                kw["new_sequences"] = True
             outs = self._run_stage(ranks, x, positions, attention_mask, start, kw)
             x = outs[0]
         return x

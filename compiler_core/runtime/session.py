@@ -23,6 +23,9 @@ class RankSession(ABC):
     #: True when ``forward`` accepts ``last_only=True`` (outputs for the last position only, which
     #: spares the prompt pass the lm_head over every position). Backends without it get full outputs.
     supports_last_only: bool = False
+    #: True when ``forward`` accepts ``new_sequences=True``: every row's new tokens begin its
+    #: sequence, unpadded (see :class:`ForwardContext`). Backends without it are not told.
+    supports_new_sequences: bool = False
 
     @abstractmethod
     def allocate(self, batch: int, max_len: int) -> None:
@@ -73,6 +76,7 @@ class TorchSession(RankSession):
 
     supports_last_only = True
     supports_rows = True
+    supports_new_sequences = True
 
     def __init__(
         self,
@@ -90,7 +94,8 @@ class TorchSession(RankSession):
         graphs_on = os.environ.get("MODELC_CUDA_GRAPHS", "1") != "0"
         self.decode_mode = "graph" if self.device.type == "cuda" and graphs_on else "dynamic"
         self._step: _StaticStep | None = None
-        #: Static prompt passes, by (whole batch?, rows, padded length, input, last position only).
+        #: Static prompt passes, by (whole batch?, rows, padded length, input, last position only,
+        #: new sequences).
         self._chunks: dict[tuple, _StaticStep] = {}
         self._chunk_graphs_on = True
         self._pool: tuple | None = None  # the memory pool all chunk graphs share (they never overlap)
@@ -113,7 +118,16 @@ class TorchSession(RankSession):
         self._chunks.clear()
 
     @torch.inference_mode()
-    def forward(self, x, positions, attention_mask, start, last_only: bool = False, rows: range | None = None):
+    def forward(
+        self,
+        x,
+        positions,
+        attention_mask,
+        start,
+        last_only: bool = False,
+        rows: range | None = None,
+        new_sequences: bool = False,
+    ):
         x = x.to(self.device)
         capturable = self.comm is None or self.comm.graph_capturable
         static = self.decode_mode != "dynamic" and x.shape[1] == 1 and capturable
@@ -125,13 +139,14 @@ class TorchSession(RankSession):
             batch = x.shape[0] if rows is None else len(rows)
             fits = batch * width <= CHUNK_MAX_TOKENS and start + width <= self.cache.max_len
             if fits and (rows is not None or whole):
-                return self._static_chunk(x, positions, attention_mask, start, rows, width, last_only)
+                return self._static_chunk(x, positions, attention_mask, start, rows, width, last_only, new_sequences)
         ctx = ForwardContext(
             positions=positions.to(self.device),
             attention_mask=attention_mask.to(self.device),
             start=start,
             cache=self.cache if rows is None or self.cache is None else self.cache.rows(rows),
             comm=self.comm,
+            new_sequences=new_sequences and x.shape[1] > 1,
         )
         (out,) = self.executor.run({self.graph.inputs[0]: x}, ctx, last_only=last_only).values()
         return out
@@ -176,9 +191,12 @@ class TorchSession(RankSession):
         step.graph.replay()
         return step.out.clone()
 
-    def _run_static(self, step: _StaticStep, last_only: bool = False, by_rows: bool = False) -> torch.Tensor:
+    def _run_static(
+        self, step: _StaticStep, last_only: bool = False, by_rows: bool = False, new_sequences: bool = False
+    ) -> torch.Tensor:
         """One static forward of ``step``'s buffers: a decode step of every row, or a prompt pass
-        (of ``step.rows`` when ``by_rows``; ``last_only`` keeps its last real position)."""
+        (of ``step.rows`` when ``by_rows``; ``last_only`` keeps its last real position;
+        ``new_sequences`` as in :class:`ForwardContext`)."""
         ctx = ForwardContext(
             positions=step.positions,
             attention_mask=step.mask,
@@ -187,13 +205,16 @@ class TorchSession(RankSession):
             start_index=step.start,
             row_index=step.rows if by_rows else None,
             last_index=step.last,
+            new_sequences=new_sequences,
         )
         (out,) = self.executor.run({self.graph.inputs[0]: step.x}, ctx, last_only=last_only).values()
         return out
 
     # --- static-shape prompt passes (a whole batch's, or a chunk of some rows) ----------------
 
-    def _static_chunk(self, x, positions, attention_mask, start, rows: range | None, width: int, last_only: bool):
+    def _static_chunk(
+        self, x, positions, attention_mask, start, rows: range | None, width: int, last_only: bool, new_sequences: bool
+    ):
         """A prompt pass of every row (``rows`` None) or of cache rows ``rows`` (in-flight
         batching), padded to ``width`` tokens and run with static shapes: from its second use on,
         replayed as a CUDA graph per (rows, width), so the pass costs the GPU's time rather than
@@ -202,7 +223,7 @@ class TorchSession(RankSession):
         three runs for it). The padding writes K/V past the pass in its own rows, where the next
         chunk or decode step writes before anything reads."""
         batch = x.shape[0] if rows is None else len(rows)
-        key = (rows is None, batch, width, x.dtype, tuple(x.shape[2:]), last_only)
+        key = (rows is None, batch, width, x.dtype, tuple(x.shape[2:]), last_only, new_sequences)
         step = self._chunks.get(key)
         if step is None:
             step = self._chunks[key] = _StaticStep(
@@ -211,7 +232,9 @@ class TorchSession(RankSession):
         n = x.shape[1]
         step.load(x, positions, attention_mask, start, rows)
         step.uses += 1
-        run = functools.partial(self._run_static, last_only=last_only, by_rows=rows is not None)
+        run = functools.partial(
+            self._run_static, last_only=last_only, by_rows=rows is not None, new_sequences=new_sequences
+        )
         if self.decode_mode == "graph" and self._chunk_graphs_on and step.graph is None and step.uses > 1:
             try:
                 if self._pool is None:

@@ -45,7 +45,9 @@ class SlotRunner:
         tokens = self.to_device(ids)
         mask = (self._columns[:end] >= region_start).long()[None].expand(len(rows), -1)
         positions = torch.arange(start - region_start, end - region_start, device=self.device)[None]
-        return self.runner.row_logits(rows, tokens, positions.expand(len(rows), -1), mask, start).float()
+        fresh = start == region_start  # the first chunk: nothing before it in the row is attended
+        logits = self.runner.row_logits(rows, tokens, positions.expand(len(rows), -1), mask, start, fresh)
+        return logits.float()
 
     @torch.inference_mode()
     def decode(

@@ -40,6 +40,53 @@ def test_greedy_matches_transformers(variant, engine_dir, hf_model, prompt_ids):
     assert sum(len(row) for row in ours) > 2 * NEW_TOKENS
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_unpadded_prompts_match_transformers(variant, mode, engine_dir, hf_model, prompt_ids):
+    """Prompts of one length (each alone, and one repeated) run their prompt pass as new sequences
+    (causal attention over their own tokens, no mask) and give transformers' greedy tokens."""
+    runner, config = open_runner(engine_dir(variant), "cpu")
+    runner.sessions[0].decode_mode = mode
+    end_id, _ = special_ids(config)
+    model = hf_model(variant)
+    batches = [[p] for p in prompt_ids] + [[prompt_ids[1]] * 3]
+    for batch in batches:
+        ours = only(generate(runner, batch, GenerationConfig(NEW_TOKENS, end_id=end_id, pad_id=PAD)))
+        ref = hf_generate(model, batch, PAD, max_new_tokens=NEW_TOKENS, do_sample=False)
+        assert [strip_padding(row, len(seq), {PAD}) for row, seq in zip(ref, ours, strict=True)] == ours
+
+
+@pytest.mark.parametrize("variant", ["7b", "40b", "rw"])
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_new_sequences_attend_causally_to_their_own_tokens(variant, mode, engine_dir, prompt_ids, monkeypatch):
+    """Told that its rows begin their sequences, a prompt pass gives the masked pass's logits and runs
+    attention as unmasked causal SDPA; ALiBi models (rw), whose bias needs the mask, keep the mask."""
+    import torch
+    import torch.nn.functional as F
+
+    from compiler_core.runtime.context import positions_from_mask
+
+    runner, _ = open_runner(engine_dir(variant), "cpu")
+    runner.sessions[0].decode_mode = mode
+    ids = torch.tensor([prompt_ids[1]] * 2)
+    mask = torch.ones_like(ids)
+    runner.allocate(2, 64)
+    causal: list[bool] = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        causal.append(kwargs.get("is_causal", False) and kwargs.get("attn_mask") is None)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    masked = runner.last_logits(ids, positions_from_mask(mask), mask, 0)
+    assert causal and not any(causal)
+    causal.clear()
+    own = runner.last_logits(ids, positions_from_mask(mask), mask, 0, new_sequences=True)
+    assert causal and all(causal) == (variant != "rw") and any(causal) == (variant != "rw")
+    torch.testing.assert_close(own, masked, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("variant", ["rw", "7b", "40b"])
 @pytest.mark.parametrize("beams", [2, 4])
 @pytest.mark.parametrize("early_stopping", [False, True])

@@ -305,20 +305,38 @@ def lower_attention(node: Node, low: TorchLowering) -> Kernel:
             q = qkv[..., : nh * hd].view(b, s, nh, hd).transpose(1, 2)
             k = qkv[..., nh * hd : (nh + nkv) * hd].view(b, s, nkv, hd).transpose(1, 2)
         v = qkv[..., (nh + nkv) * hd :].view(b, s, nkv, hd).transpose(1, 2)
+        # New sequences attend to their own tokens only (as the cache gives them back): causal
+        # attention without a mask, which SDPA runs as flash attention on CUDA, instead of a masked
+        # pass over the cache (on an H200, 8.8 of the 30.5 ms of GPU time of a 1024-token
+        # falcon-7b prompt pass, which ran the memory-efficient kernel with a mask).
+        own = ctx.new_sequences and alibi is None
         if ctx.cache is not None and ctx.start_index is not None:
             cache = ctx.cache.slots[slot]
             if ctx.row_index is None:
                 cache.write_at(k, v, ctx.columns(s))
-                k, v = cache.read_all(q.dtype)
+                if not own:
+                    k, v = cache.read_all(q.dtype)
             else:  # a static prompt chunk of some rows: through a copy of theirs, put back after
                 rows = cache.gather_rows(ctx.row_index)
                 rows.write_at(k, v, ctx.columns(s))
                 cache.scatter_rows(ctx.row_index, rows)
-                k, v = rows.read_all(q.dtype)
+                if not own:
+                    k, v = rows.read_all(q.dtype)
         elif ctx.cache is not None:
             cache = ctx.cache.slots[slot]
             cache.write(k, v, ctx.start)
-            k, v = cache.read(ctx.start + s, q.dtype)
+            if not own:
+                k, v = cache.read(ctx.start + s, q.dtype)
+        if own:
+            if ctx.cache is not None:
+                stored = ctx.cache.slots[slot]
+                k, v = stored.as_stored(k, q.dtype), stored.as_stored(v, q.dtype)
+            if groups > 1:
+                k = k.repeat_interleave(groups, dim=1)
+                v = v.repeat_interleave(groups, dim=1)
+            with sdpa_kernel(SDPA_BACKENDS):
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+            return out.transpose(1, 2).reshape(b, s, nh * hd)
         mask_key = ("mask", alibi_key, q.dtype, s)
         if mask_key not in ctx.memo:
             ctx.memo[mask_key] = attention_bias(ctx, s, q.dtype, alibi)

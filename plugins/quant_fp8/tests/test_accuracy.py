@@ -89,3 +89,19 @@ def test_fp8_engine_equals_transformers_with_fake_quantized_linears(variant, fp8
     assert (got - want).abs().max().item() <= 5e-3 * scale
     assert (got - want).abs().mean().item() <= 1e-5 * scale
     assert (got.argmax(-1) == want.argmax(-1)).float().mean().item() >= 0.995
+
+
+@pytest.mark.parametrize("variant", ["7b", "40b"])
+def test_new_sequences_see_the_fp8_cache_rounding(variant, fp8_dir, eval_ids):
+    """A prompt pass of new sequences attends to its own K/V without reading the cache back, so it
+    must round them as the FP8 cache does: its logits equal those of the pass over the cache."""
+    from compiler_core.runtime.context import positions_from_mask
+    from compiler_core.runtime.loading import checkpoint_runner
+
+    runner = checkpoint_runner(fp8_dir(variant, "full_prec", "fp8"))
+    runner.allocate(eval_ids.shape[0], eval_ids.shape[1])
+    mask = torch.ones_like(eval_ids)
+    args = (eval_ids, positions_from_mask(mask), mask, 0)
+    over_cache = runner.last_logits(*args)
+    own = runner.last_logits(*args, new_sequences=True)
+    torch.testing.assert_close(own, over_cache, rtol=1e-5, atol=1e-5)
