@@ -258,6 +258,31 @@ def test_decode_attention(device, batch, heads, kv_heads, head_dim, length, cach
     assert relative_error(got, want) < (ATTENTION_BF16_TOL if dtype == torch.bfloat16 else FP32_TOL)
 
 
+#: (batch, tokens, heads of Q and K, head_dim, rotary dim): falcon-7b's 71 + 1 heads of 64, a
+#: token count off the 16-token tile, partial rotary, a head_dim not a power of two, MHA at 128.
+ROTARY_SHAPES = [(1, 37, 72, 64, 64), (3, 16, 6, 80, 80), (2, 5, 10, 64, 32), (1, 3, 8, 128, 128)]
+
+
+@pytest.mark.parametrize(("batch", "seq", "heads", "head_dim", "rot_dim"), ROTARY_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shared_positions", [True, False])
+def test_rotary_is_bit_exact_with_the_torch_ops(device, batch, seq, heads, head_dim, rot_dim, dtype, shared_positions):
+    """The prompt pass's rotary kernel gives apply_rotary's values bit for bit, reading the heads as a
+    strided view of a fused projection (V heads after them, unread) with tables per row or shared."""
+    from compiler_core.backends.torch.cuda.rotary import rotary
+
+    gen = torch.Generator().manual_seed(batch * seq + heads)
+    qkv = (torch.randn(batch, seq, (heads + 2) * head_dim, generator=gen) * 3).to(dtype).to(device)
+    x = qkv[..., : heads * head_dim].view(batch, seq, heads, head_dim)
+    positions = torch.randint(0, 2048, (1 if shared_positions else batch, seq), generator=gen).to(device)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, rot_dim, 2, dtype=torch.float32) / rot_dim))
+    cos, sin = rotary_tables(positions, inv_freq.to(device), None, dtype)
+    got = rotary(x, cos, sin)
+    want = apply_rotary(x.transpose(1, 2), cos, sin)
+    assert got.shape == want.shape and got.is_contiguous()
+    assert torch.equal(got.cpu(), want.cpu())
+
+
 #: (batch, heads, kv heads, head_dim, rotary dim, cache rows): falcon-7b's MQA (71 on one), GQA
 #: with an odd head_dim (a masked 128-wide block), partial rotary, MHA at head_dim 128, caches
 #: with more rows than the step has (the rows past the batch must stay untouched).

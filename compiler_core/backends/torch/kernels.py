@@ -273,14 +273,16 @@ def lower_attention(node: Node, low: TorchLowering) -> Kernel:
         alibi_key = ("alibi", offset, nh)
         alibi = (slopes.to(low.device), float(a.get("alibi_scale", 1.0)), compute)
     groups = nh // nkv
-    fast_decode = fast_rope_cache = None
+    fast_decode = fast_rope_cache = fast_rotary = None
     if alibi is None and triton_ready(low.device):
         # The Triton decode kernel reads the static cache as stored (an FP8 one too); ALiBi's
         # additive bias is not part of it. Before it, one Triton kernel rotates Q and K, writes
         # K and V into the cache and lays Q out for it: the torch path below runs ~7 small kernels
-        # for that (~15 with an FP8 cache), a large part of a batch-1 decode step.
+        # for that (~15 with an FP8 cache), a large part of a batch-1 decode step. Prompt passes
+        # rotate Q and K in one Triton kernel instead of the rotary's five.
         from compiler_core.backends.torch.cuda.decode_attention import decode_attention as fast_decode
         from compiler_core.backends.torch.cuda.rope_cache import rope_cache_write as fast_rope_cache
+        from compiler_core.backends.torch.cuda.rotary import rotary as fast_rotary
 
     def tables(ctx: ForwardContext, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         key = (*rope_key, dtype)
@@ -299,7 +301,11 @@ def lower_attention(node: Node, low: TorchLowering) -> Kernel:
         if kind == "rope":
             cos, sin = tables(ctx, qkv.dtype)
             # Q and K heads are adjacent in the fused projection: rotate them in one pass.
-            qk = apply_rotary(qkv[..., : (nh + nkv) * hd].view(b, s, nh + nkv, hd).transpose(1, 2), cos, sin)
+            heads = qkv[..., : (nh + nkv) * hd].view(b, s, nh + nkv, hd)
+            if fast_rotary is not None:
+                qk = fast_rotary(heads, cos, sin)
+            else:
+                qk = apply_rotary(heads.transpose(1, 2), cos, sin)
             q, k = qk[:, :nh], qk[:, nh:]
         else:
             q = qkv[..., : nh * hd].view(b, s, nh, hd).transpose(1, 2)
