@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "gpu_decode.py"
 SIDES = ("bf16", "fp8_kv", "int4_awq", "int4_awq_no_triton", "hf_eager")
 
@@ -31,11 +33,16 @@ def test_gpu_decode_runs_on_cpu(tmp_path):
     assert all(f"| {side} |" in proc.stdout for side in SIDES)
 
 
-def test_profile_step_runs_on_cpu(tmp_path):
-    """bench/profile_step.py (it shares gpu_decode's model and sides) lists each side's ops of a decode step."""
+MODES = {"step": ["--steps", "2", "--prompt_len", "8"], "prefill": ["--prefill_len", "24"]}
+
+
+@pytest.mark.parametrize("mode", MODES.values(), ids=MODES.keys())
+def test_profile_step_runs_on_cpu(tmp_path, mode):
+    """bench/profile_step.py (it shares gpu_decode's model and sides) lists each side's ops of a decode
+    step, or of a prompt pass with ``--prefill_len``."""
     out = tmp_path / "profile.json"
-    args = ["--device", "cpu", "--shape", "overhead", "--sides", "bf16,int4_awq", "--steps", "2"]
-    args += ["--prompt_len", "8", "--top", "3", "--json", str(out)]
+    args = ["--device", "cpu", "--shape", "overhead", "--sides", "bf16,int4_awq", *mode]
+    args += ["--top", "3", "--json", str(out)]
     script = BENCH.with_name("profile_step.py")
     proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -44,4 +51,6 @@ def test_profile_step_runs_on_cpu(tmp_path):
     for side in result["sides"].values():
         assert side["launches_per_step"] > 0 and side["wall_ms_per_step"] > 0
         assert any("linear" in k["kernel"] for k in side["kernels"])  # a decode step's matrix products
-    assert "## bf16:" in proc.stdout and "## int4_awq:" in proc.stdout
+    assert result["prefill_len"] == (24 if "--prefill_len" in mode else 0)
+    what = "per prompt pass" if "--prefill_len" in mode else "per step"
+    assert "## bf16:" in proc.stdout and "## int4_awq:" in proc.stdout and what in proc.stdout
