@@ -10,8 +10,8 @@ the splits' partial softmaxes.
 The mask is the static decode step's: ``[batch, cache_len]``, nonzero for the slots a row may
 attend (its real tokens so far). Given the step's write offset (a device tensor, as the captured
 step holds it), the programs stop there: no slot after it can be attended, so a cache allocated
-longer than the sequences costs no reads. Only additive-free masks are handled here (no ALiBi bias); the
-lowering keeps such models on the torch kernel.
+longer than the sequences costs no reads. Only additive-free masks are handled here (no ALiBi
+bias); the lowering keeps such models on the torch kernel.
 """
 
 from __future__ import annotations
@@ -167,8 +167,7 @@ def decode_attention(
     (the query dtype, or float8_e4m3fn with ``kv_scale``); ``mask [batch, cache_len]`` (nonzero =
     attend). Query head ``h`` reads KV head ``h // (heads / kv_heads)``. ``last_column``, a device
     tensor [1] (a static decode step's write offset), bounds the columns read: those after it are
-    treated as masked without being loaded. Returns ``[batch, heads,
-    head_dim]`` in the query dtype.
+    treated as masked without being loaded. Returns ``[batch, heads, head_dim]`` in the query dtype.
     """
     batch, heads, head_dim = q.shape
     num_kv, cache_len = k_cache.shape[1], k_cache.shape[2]
