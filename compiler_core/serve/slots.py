@@ -71,17 +71,20 @@ class SlotRunner:
         return logits
 
     def warm_up(self, prefill_chunk: int) -> None:
-        """Run the forwards serving runs before the first request comes: a decode step of every row
-        and a one-row prompt chunk of each power-of-two length below ``prefill_chunk`` and of that
-        length itself. On CUDA
-        that captures their graphs (falcon-7b on an H200: 2.6 s for the decode step with its
-        kernels' compilation, ~0.1 s per chunk length), which the first requests would otherwise
-        wait for. It writes only cache entries that are masked until a sequence rewrites them."""
+        """Run the forwards serving runs before the first request comes: a decode step of every row,
+        a one-row first chunk of a prompt of each power-of-two length below ``prefill_chunk`` and of
+        that length itself, and a later chunk of that length (a longer prompt's). On CUDA that
+        captures their graphs (falcon-7b on an H200: 2.6 s for the decode step with its kernels'
+        compilation, ~0.1 s per chunk length), which the first requests would otherwise wait for.
+        It writes only cache entries that are masked until a sequence rewrites them."""
         longest = min(prefill_chunk, self.width)
         lengths = [1 << i for i in range(longest.bit_length()) if 1 << i < longest] + [longest]
-        for length in lengths:
+        chunks = [(length, 0) for length in lengths]  # (tokens, column): first chunks start their row
+        if 2 * longest <= self.width:
+            chunks.append((longest, longest))
+        for length, start in chunks:
             for _ in range(2):  # a prompt shape is captured at its second use
-                self.prefill(range(0, 1), [[self.pad_id] * length], 0, 0)
+                self.prefill(range(0, 1), [[self.pad_id] * length], 0, start)
         self.decode([None] * self.rows, [None] * self.rows, 0)
         self.decode_steps = self.graph_steps = 0  # what /health counts starts with serving
 

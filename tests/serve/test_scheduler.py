@@ -302,9 +302,9 @@ def test_a_newcomers_first_token_stays_on_the_device_until_its_first_step_is_que
 
 
 def test_the_warm_up_prepares_every_chunk_length_and_changes_no_answer(engine):
-    """``warm_up`` runs (on CUDA: captures) the static decode step and a one-row prompt chunk of
-    each padded length up to the chunk size; sequences served after it get ``generate``'s tokens,
-    and the step counts of /health start at 0."""
+    """``warm_up`` runs (on CUDA: captures) the static decode step, a one-row first prompt chunk of
+    each padded length up to the chunk size and a later chunk of the chunk size; sequences served
+    after it get ``generate``'s tokens, and the step counts of /health start at 0."""
     engine_dir = engine("7b")
     runner, config = open_runner(engine_dir, "cpu")
     session = runner.sessions[0]
@@ -313,8 +313,10 @@ def test_the_warm_up_prepares_every_chunk_length_and_changes_no_answer(engine):
     slots = SlotRunner(runner, 3, 128, pad_id)
     slots.warm_up(prefill_chunk=40)
     assert session._step is not None
-    one_row = {key[2]: step for key, step in session._chunks.items() if key[:2] == (False, 1)}
-    assert sorted(one_row) == [16, 32, 64] and all(step.uses >= 2 for step in one_row.values())
+    # Keys: (whole batch?, rows, padded length, dtype, input shape, last only, new sequences).
+    one_row = {(key[2], key[6]): step for key, step in session._chunks.items() if key[:2] == (False, 1)}
+    assert sorted(one_row) == [(16, True), (32, True), (64, False), (64, True)]
+    assert all(step.uses >= 2 for step in one_row.values())
     assert slots.decode_steps == 0
     prompts = [[7, 8, 9], list(range(40, 75))]
     outputs: list[list[int]] = [[] for _ in prompts]
