@@ -72,6 +72,23 @@ def test_mpirun_tokens_equal_single_rank_and_hf(variant, tp, pp, engine, hf_dir,
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize(("variant", "tp", "pp"), [("40b", 2, 1), ("7b", 1, 2)], ids=["40b-tp2", "7b-pp2"])
+def test_mpirun_unpadded_prompt_equals_hf(variant, tp, pp, engine, hf_dir, prompts, tmp_path):
+    """One prompt, unpadded: every rank runs its prompt pass as new sequences (causal attention over
+    its own tokens) and the tokens are transformers'."""
+    from compiler_core.build.engine import read_engine_config
+    from compiler_core.runtime.open import special_ids
+
+    out = tmp_path / "mpi.json"
+    one = [max(prompts, key=len)]
+    args = ["run", "--engine_dir", str(engine(variant, tp, pp)), *ids_args(one)]
+    result = run_mpi(tp * pp, *args, "--max_output_len", str(NEW_TOKENS), "--device", "cpu", "--output_json", str(out))
+    assert result.returncode == 0, result.stderr
+    end_id, _ = special_ids(read_engine_config(engine(variant)))
+    assert json.loads(out.read_text())["output_ids"] == hf_greedy(hf_dir(variant), one, NEW_TOKENS, end_id)
+
+
+@pytest.mark.mpi
 @pytest.mark.parametrize(
     ("variant", "tp", "pp"),
     [("rw", 2, 1), ("40b", 2, 1), ("7b", 1, 2)],
