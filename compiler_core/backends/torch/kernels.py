@@ -337,17 +337,13 @@ def lower_attention(node: Node, low: TorchLowering) -> Kernel:
             if ctx.cache is not None:
                 stored = ctx.cache.slots[slot]
                 k, v = stored.as_stored(k, q.dtype), stored.as_stored(v, q.dtype)
-            if groups > 1:
-                k = k.repeat_interleave(groups, dim=1)
-                v = v.repeat_interleave(groups, dim=1)
-            with sdpa_kernel(SDPA_BACKENDS):
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-            return out.transpose(1, 2).reshape(b, s, nh * hd)
-        mask_key = ("mask", alibi_key, q.dtype, s)
-        if mask_key not in ctx.memo:
-            ctx.memo[mask_key] = attention_bias(ctx, s, q.dtype, alibi)
-        mask = ctx.memo[mask_key]
-        if groups > 1 and s == 1:
+            mask = None  # causal among the new tokens, which is all they attend
+        else:
+            mask_key = ("mask", alibi_key, q.dtype, s)
+            if mask_key not in ctx.memo:
+                ctx.memo[mask_key] = attention_bias(ctx, s, q.dtype, alibi)
+            mask = ctx.memo[mask_key]
+        if groups > 1 and s == 1 and mask is not None:
             # Decode with shared KV heads: a KV head's `groups` query heads become its query rows,
             # so the cache is read as stored instead of being copied `groups` times per layer.
             q = q.reshape(b, nkv, groups, hd)
@@ -360,7 +356,7 @@ def lower_attention(node: Node, low: TorchLowering) -> Kernel:
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
         with sdpa_kernel(SDPA_BACKENDS):
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
         return out.transpose(1, 2).reshape(b, s, nh * hd)
 
     return attention
