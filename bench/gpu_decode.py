@@ -259,7 +259,6 @@ def rotating(fns: list[Callable[[], Any]]) -> Callable[[], Any]:
 def linear_kernels(x, dense, fp8, w_scale, x_scale, prepared, tiny) -> dict[str, list[Callable[[], Any]]]:
     """label -> one call per weight copy, of every kernel compared in the per-linear table."""
     from compiler_core.backends.torch.cuda.fp8_gemm import fp8_linear
-    from compiler_core.backends.torch.cuda.gemv import GEMV_MAX_ROWS, fp8_gemv, int4_gemv
     from compiler_core.backends.torch.cuda.int4_gemm import int4_linear
     from modelc_plugins.quant_fp8 import numerics
 
@@ -273,9 +272,6 @@ def linear_kernels(x, dense, fp8, w_scale, x_scale, prepared, tiny) -> dict[str,
         "fp8 quant + _scaled_mm": [lambda w=w: scaled_mm(w) for w in fp8],
         "int4 triton": [lambda w=w: int4_linear(x, w) for w in prepared],
     }
-    if x.shape[0] <= GEMV_MAX_ROWS:
-        kernels["fp8 triton GEMV"] = [lambda w=w: fp8_gemv(x, w, w_scale, x_scale) for w in fp8]
-        kernels["int4 triton GEMV"] = [lambda w=w: int4_gemv(x, w) for w in prepared]
     if all(t is not None for t in tiny):
         kernels["int4 tinygemm"] = [lambda t=t: t(x) for t in tiny]
     return kernels

@@ -62,27 +62,8 @@ SEARCH: dict[str, dict[str, tuple[int, ...]]] = {
         "num_warps": (4, 8),
         "num_stages": (3, 4, 2, 5),
     },
-    "fp8_gemv": {
-        "block_n": (8, 4, 16, 2, 32),
-        "block_k": (1024, 512, 2048, 256),
-        "num_warps": (4, 8, 2),
-        "num_stages": (1, 2, 3),
-    },
-    "int4_gemv": {
-        "block_n": (8, 4, 16, 2, 32),
-        "block_k": (512, 1024, 256, 2048, 128),
-        "num_warps": (4, 8, 2),
-        "num_stages": (1, 2, 3),
-    },
 }
-TINY_SEARCH = {
-    "int4": {"block_k": (0, 16, 64)},
-    "fp8": {"block_k": (32, 64)},
-    "int4_gemv": {"block_k": (32, 64)},
-    "fp8_gemv": {"block_k": (32, 64)},
-}
-#: The GEMVs (one row per program, no row tile or split-K) and the GEMM whose numerics they share.
-GEMV_OF = {"int4_gemv": "int4", "fp8_gemv": "fp8"}
+TINY_SEARCH = {"int4": {"block_k": (0, 16, 64)}, "fp8": {"block_k": (32, 64)}}
 #: Relative error (Frobenius) a candidate may have against the float32 reference: bfloat16 outputs
 #: are rounded once from a float32 accumulator (see tests/gpu/test_kernels.py).
 TOLERANCE = 1e-2
@@ -99,7 +80,7 @@ class Linear:
 
     def __init__(self, name: str, out: int, inp: int, group: int, device: torch.device, copies_of: int) -> None:
         from compiler_core.backends.torch.cuda.int4_gemm import prepare_int4_weight
-        from compiler_core.backends.torch.fused.int4 import dequantize_in_dtype, tinygemm_matmul
+        from compiler_core.backends.torch.fused.int4 import dequantize_in_dtype
         from modelc_plugins.quant_fp8 import numerics
 
         self.name, self.out, self.inp, self.device = name, out, inp, device
@@ -115,8 +96,6 @@ class Linear:
         scales = [(torch.rand(out, groups, generator=gen, device=device) * 0.004 + 0.002).bfloat16() for _ in packed]
         self.int4 = [prepare_int4_weight(p, s, group) for p, s in zip(packed, scales, strict=True)]
         self.int4_dense = dequantize_in_dtype(packed[0], scales[0], group, torch.bfloat16)
-        # One copy only (its layout is made by aten): a lower bound on its time at this size.
-        self.tinygemm = tinygemm_matmul(packed[0], scales[0], group, name) if device.type == "cuda" else None
         self.dense = [
             torch.randn(out, inp, generator=gen, device=device).bfloat16() * 0.02 for _ in range(dense_copies)
         ]
@@ -137,7 +116,6 @@ class Linear:
         """float32 ``x @ W.T`` of the first weight copy (FP8: the quantized activation's product, scaled)."""
         from modelc_plugins.quant_fp8 import numerics
 
-        kernel = GEMV_OF.get(kernel, kernel)
         if (kernel, m) not in self.want:
             x = self.activation(m)
             if kernel == "int4":
@@ -151,16 +129,11 @@ class Linear:
     def calls(self, kernel: str, m: int, config) -> list[Callable[[], torch.Tensor]]:
         """One call per weight copy of ``kernel`` at ``config`` on the M-row activation."""
         from compiler_core.backends.torch.cuda.fp8_gemm import fp8_linear
-        from compiler_core.backends.torch.cuda.gemv import fp8_gemv, int4_gemv
         from compiler_core.backends.torch.cuda.int4_gemm import int4_linear
 
         x = self.activation(m)
         if kernel == "int4":
             return [lambda w=w: int4_linear(x, w, None, config) for w in self.int4]
-        if kernel == "int4_gemv":
-            return [lambda w=w: int4_gemv(x, w, None, config) for w in self.int4]
-        if kernel == "fp8_gemv":
-            return [lambda w=w: fp8_gemv(x, w, self.w_scale, self.x_scale, None, config) for w in self.fp8]
         return [lambda w=w: fp8_linear(x, w, self.w_scale, self.x_scale, None, config) for w in self.fp8]
 
     def baselines(self, kernel: str, m: int) -> dict[str, list[Callable[[], torch.Tensor]]]:
@@ -168,11 +141,7 @@ class Linear:
 
         x = self.activation(m)
         out = {"bf16 F.linear": [lambda w=w: torch.nn.functional.linear(x, w) for w in self.dense]}
-        if kernel in GEMV_OF:  # the GEMM the GEMV competes with, at its table row
-            out[f"{GEMV_OF[kernel]} GEMM (table)"] = self.calls(GEMV_OF[kernel], m, None)
-        if kernel == "int4_gemv" and self.tinygemm is not None:
-            out["int4 tinygemm"] = [lambda: self.tinygemm(x)]
-        if GEMV_OF.get(kernel, kernel) == "fp8":
+        if kernel == "fp8":
 
             def scaled_mm(w: torch.Tensor) -> torch.Tensor:
                 xq = numerics.quantize(x, self.x_scale)
@@ -300,12 +269,9 @@ def sweep_class(
                 clock["left"] -= 1
                 share = (clock["end"] - time.perf_counter()) / max(1, clock["left"])
                 table = config_for(kernel, m, linear.out, linear.inp)
-                if kernel in GEMV_OF:
-                    start, fields = table, search[kernel]
-                else:
-                    start = replace(table, block_m=block_m_of(m)) if m <= 64 else table
-                    # Row tiles below the one that holds all M rows are tried last (more row blocks re-read the weight).
-                    fields = {**search[kernel], "block_m": tuple(b for b in (16, 32) if b < block_m_of(m))}
+                start = replace(table, block_m=block_m_of(m)) if m <= 64 else table
+                # Row tiles below the one that holds all M rows are tried last (more row blocks re-read the weight).
+                fields = {**search[kernel], "block_m": tuple(b for b in (16, 32) if b < block_m_of(m))}
                 best, best_us = descend(sweep, linear, kernel, m, start, fields, time.perf_counter() + share)
                 row = {
                     "kernel": kernel,
@@ -337,7 +303,7 @@ def suggestion_text(suggested: dict[str, dict[tuple[str, int], Any]], rows: list
     from compiler_core.backends.torch.cuda.tiling import TABLE
 
     lines = ["TABLE = {"]
-    for kernel in ("int4", "fp8", "int4_gemv", "fp8_gemv"):
+    for kernel in ("int4", "fp8"):
         lines.append(f'    "{kernel}": {{')
         for size in ("small", "large"):
             entries = []
@@ -358,7 +324,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="interpreter-sized shapes and a reduced search")
     parser.add_argument("--rows", default=None, help="comma-separated M (default 1,2,4,8,16,32,64; tiny: 1,3)")
-    parser.add_argument("--kernels", default="int4,fp8,int4_gemv,fp8_gemv")
+    parser.add_argument("--kernels", default="int4,fp8")
     parser.add_argument("--budget_s", type=float, default=170.0, help="seconds for the searches (prefill timing aside)")
     parser.add_argument("--prefill_rows", default="128,512,1024", help="M of the INT4 prefill comparison; '' for none")
     parser.add_argument("--json", type=Path, default=Path("gpu_tune.json"))

@@ -24,7 +24,6 @@ import triton.language as tl  # noqa: E402
 
 from compiler_core.backends.torch.cuda.decode_attention import decode_attention  # noqa: E402
 from compiler_core.backends.torch.cuda.fp8_gemm import fp8_linear, round_to_e4m3  # noqa: E402
-from compiler_core.backends.torch.cuda.gemv import fp8_gemv, int4_gemv  # noqa: E402
 from compiler_core.backends.torch.cuda.int4_gemm import (  # noqa: E402
     dequantize_int4,
     int4_linear,
@@ -159,53 +158,6 @@ def test_fp8_linear(device, m, n, k, dtype):
     want = want + bias.double()
     assert got.shape == (m, n) and got.dtype == dtype
     assert relative_error(got, want) < (BF16_TOL if dtype == torch.bfloat16 else FP8_FP32_TOL)
-
-
-#: GEMV launches: column blocks of 4 to 16 (none divides N = 37), K steps inside one group, of one
-#: and of several groups (past the row's end, too), different warps and pipelining depths.
-GEMV_CONFIGS = [Config(1, 4, 64, 1, 4, 1), Config(1, 16, 32, 1, 2, 2), Config(1, 8, 256, 1, 4, 3)]
-#: Rows of a GEMV call: one program row each (1 to the lowering's GEMV_MAX_ROWS and past it).
-GEMV_ROWS = (1, 2, 3, 4, 5)
-
-
-@pytest.mark.parametrize("config", GEMV_CONFIGS)
-@pytest.mark.parametrize("group", [32, 64])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_int4_gemv(device, config, group, dtype):
-    """The INT4 GEMV against float64: a ragged last group, N off the column block, every row written."""
-    n, k = 37, 3 * group + group // 2
-    gen = torch.Generator().manual_seed(group * 7 + config.block_k)
-    codes, scales = quantize_groups(torch.randn(n, k, generator=gen), group, scale_dtype=torch.bfloat16)
-    packed = pack_int4(codes)
-    weight = prepare_int4_weight(packed.to(device), scales.to(dtype).to(device), group)
-    bias = torch.randn(n, generator=gen).to(dtype)
-    w = dequantize_packed(packed, scales, group, torch.float64)
-    for m in GEMV_ROWS:
-        x = torch.randn(m, k, generator=gen).to(dtype)
-        got = int4_gemv(x.to(device), weight, bias.to(device), config).cpu()
-        want = x.double() @ w.T + bias.double()
-        assert got.shape == (m, n) and got.dtype == dtype
-        assert relative_error(got, want) < (BF16_TOL if dtype == torch.bfloat16 else FP32_TOL), (m, config)
-
-
-def test_int4_gemv_rejects_unusable_k_steps(device):
-    weight = prepare_int4_weight(torch.zeros(8, 32, dtype=torch.int8, device=device), torch.ones(8, 1), 64)
-    with pytest.raises(ValueError, match="block_k 48"):
-        int4_gemv(torch.zeros(1, 64, device=device), weight, None, Config(1, 8, 48, 1, 4, 1))
-
-
-@pytest.mark.parametrize("config", GEMV_CONFIGS)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_fp8_gemv(device, config, dtype):
-    """The FP8 GEMV quantizes as numerics.quantize and matches float64 (K off the K step)."""
-    gen = torch.Generator().manual_seed(config.block_k)
-    for m in GEMV_ROWS:
-        x, wq, w_scale, x_scale, bias = fp8_case(m, 37, 300, dtype, gen)
-        got = fp8_gemv(*(t.to(device) for t in (x, wq, w_scale, x_scale, bias)), config=config).cpu()
-        want = numerics.quantize(x, x_scale).double() @ wq.double().T * (x_scale.double() * w_scale.double())
-        want = want + bias.double()
-        assert got.shape == (m, 37) and got.dtype == dtype
-        assert relative_error(got, want) < (BF16_TOL if dtype == torch.bfloat16 else FP32_TOL), (m, config)
 
 
 @triton.jit

@@ -31,7 +31,6 @@ from compiler_core.backends.torch import kernels  # noqa: E402
 from compiler_core.backends.torch.cuda import (  # noqa: E402
     decode_attention,
     fp8_gemm,
-    gemv,
     int4_gemm,
     residual_add,
     rope_cache,
@@ -69,8 +68,6 @@ def counted(monkeypatch) -> Counter:
         (residual_add, "residual_add"),
         (int4_gemm, "int4_linear"),
         (int4_gemm, "dequantize_int4"),
-        (gemv, "fp8_gemv"),
-        (gemv, "int4_gemv"),
     )
     for module, name in wrapped_kernels:
         original = getattr(module, name)
@@ -82,9 +79,6 @@ def counted(monkeypatch) -> Counter:
         monkeypatch.setattr(module, name, wrapped)
     force_triton(monkeypatch, True)
     monkeypatch.setattr(timing, "first_is_faster", lambda first, second, device: True)
-    # The lowerings list their candidates from the general to the specialised (vendor or GEMM
-    # first, the GEMV last): "the last is fastest" takes every Triton kernel where it applies.
-    monkeypatch.setattr(timing, "fastest", lambda candidates, device: len(candidates) - 1)
     return calls
 
 
@@ -98,16 +92,10 @@ def small_engine_run(registry, monkeypatch, qformat: str):
     return engines.prompt_logits(run), engines.greedy(run)
 
 
-@pytest.mark.parametrize(
-    ("qformat", "kernel", "gemv_kernel"),
-    [("fp8_kv", "fp8_linear", "fp8_gemv"), ("int4_awq", "int4_linear", "int4_gemv")],
-)
-def test_engine_takes_the_triton_kernels_and_matches_the_reference(
-    registry, counted, monkeypatch, qformat, kernel, gemv_kernel
-):
+@pytest.mark.parametrize(("qformat", "kernel"), [("fp8_kv", "fp8_linear"), ("int4_awq", "int4_linear")])
+def test_engine_takes_the_triton_kernels_and_matches_the_reference(registry, counted, monkeypatch, qformat, kernel):
     fast_logits, fast_tokens = small_engine_run(registry, monkeypatch, qformat)
-    # Prompt passes take the GEMM, decode steps of two sequences the GEMV.
-    assert counted[kernel] > 0 and counted[gemv_kernel] > 0 and counted["decode_attention"] > 0
+    assert counted[kernel] > 0 and counted["decode_attention"] > 0
     assert counted["rope_cache_write"] == counted["decode_attention"]  # every static step's layers
 
     force_triton(monkeypatch, False)
@@ -212,41 +200,16 @@ def test_int4_gemm_pattern_keeps_the_dense_kernel_when_the_probe_disagrees(regis
     torch.testing.assert_close(got, x @ dequantize_packed(pack_int4(codes), scales, 64, torch.float32).T)
 
 
-@pytest.mark.parametrize("winner", ["fallback", "int4_linear", "int4_gemv"])
-def test_few_row_int4_calls_take_the_kernel_timed_fastest(registry, counted, monkeypatch, winner):
-    """One-row calls take whichever of the dense/tinygemm fallback, the GEMM and the GEMV timed
-    fastest, calls of up to GEMV_MAX_ROWS the faster of the two Triton kernels, and larger calls
-    the GEMM; each gives the reference's result."""
-
-    def fake_fastest(candidates, device):
-        # Runs each candidate once and names it by the kernel it called (the fallback calls none).
-        names = []
-        for run in candidates:
-            before = counted.copy()
-            run()
-            names.append(next(iter(counted - before), "fallback"))
-        preferred = [winner, "int4_gemv", "int4_linear"]
-        return min(range(len(names)), key=lambda i: preferred.index(names[i]) if names[i] in preferred else 9)
-
-    monkeypatch.setattr(timing, "fastest", fake_fastest)
-    codes, scales = quantize_groups(torch.randn(40, 96), 32, scale_dtype=torch.bfloat16)
-    weights = {
-        "fc.weight": pack_int4(codes),
-        "fc.weights_scaling_factor": scales,
-        "fc.prequant_scaling_factor": torch.ones(96).bfloat16(),
-        "fc.bias": torch.randn(40).bfloat16(),
-    }
-    executor = GraphExecutor(registry, awq_layer("bfloat16", 40, 96, 32), weights, "cpu")
-    dense = dequantize_packed(weights["fc.weight"], scales, 32, torch.float64)
-    taken = {}
-    for rows in (1, gemv.GEMV_MAX_ROWS, gemv.GEMV_MAX_ROWS + 1):
-        counted.clear()
-        x = torch.randn(1, rows, 96).bfloat16()
-        (got,) = executor.run({"x": x}, ForwardContext.for_prompt(torch.ones(1, rows, dtype=torch.long))).values()
-        assert engines.relative_error(got, x.double() @ dense.T + weights["fc.bias"].double()) < 1e-2
-        taken[rows] = next(iter(counted), "fallback")
-    few = "int4_gemv" if winner == "fallback" else winner
-    assert taken == {1: winner, gemv.GEMV_MAX_ROWS: few, gemv.GEMV_MAX_ROWS + 1: "int4_linear"}
+@pytest.mark.parametrize("triton_faster", [True, False])
+def test_one_row_int4_calls_take_the_faster_kernel(monkeypatch, triton_faster):
+    monkeypatch.setattr(timing, "first_is_faster", lambda first, second, device: triton_faster)
+    taken = []
+    kernel = int4.with_faster_gemv(
+        lambda ctx, x: taken.append("triton"), lambda ctx, x: taken.append("tinygemm"), torch.zeros(1, 1, 8)
+    )
+    kernel(None, torch.zeros(1, 1, 8))
+    kernel(None, torch.zeros(2, 1, 8))
+    assert taken == (["triton", "triton"] if triton_faster else ["tinygemm", "triton"])
 
 
 @pytest.mark.parametrize("dequant_faster", [True, False])

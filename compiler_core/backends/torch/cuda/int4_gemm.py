@@ -69,10 +69,8 @@ def prepare_int4_weight(packed: torch.Tensor, scales: torch.Tensor, group_size: 
     in_features = packed.shape[1] * 2
     pad_codes = scales.shape[1] * group_size - in_features
     # A zero byte holds two zero codes: the padded inputs meet a weight of exactly 0.
-    padded = F.pad(packed, (0, pad_codes // 2)) if pad_codes else packed.contiguous()
-    if padded.storage_offset() % 4:  # the GEMV reads the rows as 32-bit words
-        padded = padded.clone()
-    return Int4Weight(padded, scales.float().contiguous(), in_features, group_size)
+    padded = F.pad(packed, (0, pad_codes // 2)) if pad_codes else packed
+    return Int4Weight(padded.contiguous(), scales.float().contiguous(), in_features, group_size)
 
 
 @triton.jit

@@ -125,17 +125,6 @@ TABLE: dict[str, dict[str, tuple[tuple[int, Config], ...]]] = {
 }
 
 
-# The GEMVs (gemv.py) serve calls of up to GEMV_MAX_ROWS rows; block_m and split_k are unused there.
-TABLE["fp8_gemv"] = {
-    "small": ((ANY_M, Config(1, 8, 1024, 1, 4, 1)),),
-    "large": ((ANY_M, Config(1, 8, 1024, 1, 4, 1)),),
-}
-TABLE["int4_gemv"] = {
-    "small": ((ANY_M, Config(1, 8, 512, 1, 4, 1)),),
-    "large": ((ANY_M, Config(1, 8, 512, 1, 4, 1)),),
-}
-
-
 def size_class(n: int, k: int) -> str:
     """``"large"`` for weights of at least :data:`LARGE_WEIGHT` elements, else ``"small"``."""
     return "large" if n * k >= LARGE_WEIGHT else "small"

@@ -8,7 +8,7 @@ steps run, so the Python launch cost of either kernel does not decide.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 
@@ -39,12 +39,6 @@ def _graph_seconds(fn: Callable[[], torch.Tensor]) -> float:
         end.synchronize()
         best = min(best, start.elapsed_time(end) / 1e3 / CALLS_PER_GRAPH)
     return best
-
-
-def fastest(candidates: Sequence[Callable[[], torch.Tensor]], device: torch.device) -> int:
-    """The index of the candidate that runs fastest on ``device`` (each timed by :func:`graph_seconds`)."""
-    times = [graph_seconds(fn, device) for fn in candidates]
-    return times.index(min(times))
 
 
 def first_is_faster(

@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 
 from compiler_core.backends.torch.cuda.capability import triton_ready
-from compiler_core.backends.torch.fused.choice import by_rows, fastest_kernel
 from compiler_core.backends.torch.fused.dense import is_stored_weight
 from compiler_core.backends.torch.kernels import Kernel, TorchLowering
 from compiler_core.backends.torch.quant import quantize_codes
@@ -106,58 +105,49 @@ def triton_kernel(
     compute: torch.dtype,
     large: Kernel,
 ) -> Kernel | None:
-    """The fastest of the Triton GEMV, the fused Triton GEMM and ``large`` for each call size up to
-    ``TRITON_MAX_ROWS`` tokens, and ``large`` beyond; or None (with a warning) when neither Triton
-    kernel runs and agrees with ``large`` on a probe."""
+    """The fused Triton kernel for calls of up to ``TRITON_MAX_ROWS`` tokens and ``large`` beyond,
+    or None (with a warning) when the Triton kernel fails or disagrees with ``large`` on a probe."""
     from compiler_core.backends.torch.cuda.fp8_gemm import fp8_linear
-    from compiler_core.backends.torch.cuda.gemv import GEMV_MAX_ROWS, fp8_gemv
+    from compiler_core.backends.torch.cuda.timing import first_is_faster
 
-    def gemm(ctx, x: torch.Tensor) -> torch.Tensor:
+    def fused(ctx, x: torch.Tensor) -> torch.Tensor:
         return fp8_linear(x, weight, w_scale, a_scale, bias)
 
-    def gemv(ctx, x: torch.Tensor) -> torch.Tensor:
-        return fp8_gemv(x, weight, w_scale, a_scale, bias)
+    # Keyed by "one row?": whether the Triton kernel is taken there (both until measured below).
+    use_triton = {True: True, False: True}
 
-    def agrees(kernel: Kernel, probe: torch.Tensor) -> bool:
-        got, want = kernel(None, probe).float(), large(None, probe).float()
-        # Both round the same FP8 products once to the compute dtype; accumulation order differs.
-        return torch.allclose(got, want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))
+    def fp8_linear_kernel(ctx, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if rows > TRITON_MAX_ROWS or not use_triton[rows == 1]:
+            return large(ctx, x)
+        return fused(ctx, x)
 
     gen = torch.Generator(device=weight.device).manual_seed(0)
-
-    def probe_of(rows: int) -> torch.Tensor:  # activations that reach the quantization's whole range
-        return (torch.randn(rows, weight.shape[1], generator=gen, device=weight.device) * a_scale * 100).to(compute)
-
-    candidates = {"gemm": gemm, "gemv": gemv}
-    for label, kernel in list(candidates.items()):
-        # Compiles each small-M launch now, not inside a graph capture.
-        sizes = (1, GEMV_MAX_ROWS) if label == "gemv" else (1, TRITON_MAX_ROWS)
-        try:
-            ok = all(agrees(kernel, probe_of(rows)) for rows in sizes)
-        except Exception as exc:  # a Triton compile or launch failure on this GPU: keep the other kernels
-            warnings.warn(f"node {name}: the Triton FP8 {label} failed ({type(exc).__name__}: {exc})", stacklevel=3)
-            ok = False
-        else:
-            if not ok:
-                warnings.warn(f"node {name}: the Triton FP8 {label} disagrees with the reference", stacklevel=3)
-        if not ok:
-            del candidates[label]
-    if not candidates:
-        return None
     try:
-        # Which kernel is fastest on this GPU is measured once per call size: launch and
-        # quantization costs differ between them, and the GEMV runs only up to its few rows.
-        choices = {
-            rows: fastest_kernel(
-                [large] + [k for label, k in candidates.items() if label != "gemv" or rows <= GEMV_MAX_ROWS],
-                torch.randn(rows, weight.shape[1], device=weight.device).to(compute),
+        for rows in (1, TRITON_MAX_ROWS):  # compiles both small-M tilings now, not inside a graph capture
+            probe = (torch.randn(rows, weight.shape[1], generator=gen, device=weight.device) * a_scale * 100).to(
+                compute
             )
-            for rows in sorted({1, GEMV_MAX_ROWS, TRITON_MAX_ROWS})
-        }
-    except RuntimeError as exc:  # the timing's graph capture failed: keep the vendor kernel
-        warnings.warn(f"node {name}: timing the FP8 kernels failed ({exc}); not using Triton", stacklevel=3)
+            got, want = fp8_linear_kernel(None, probe).float(), large(None, probe).float()
+            # Both round the same FP8 products once to the compute dtype; accumulation order differs.
+            if not torch.allclose(got, want, rtol=2e-2, atol=2e-2 * float(want.abs().max())):
+                warnings.warn(
+                    f"node {name}: the Triton FP8 GEMM disagrees with the reference; not using it", stacklevel=3
+                )
+                return None
+        # Whether the fused kernel beats the other on this GPU is measured once, at one row and at
+        # a few (the vendor GEMM's launch and quantization costs differ between the two).
+        for one_row, rows in ((True, 1), (False, TRITON_MAX_ROWS)):
+            probe = torch.randn(rows, weight.shape[1], device=weight.device).to(compute)
+            use_triton[one_row] = first_is_faster(
+                lambda p=probe: fused(None, p), lambda p=probe: large(None, p), weight.device
+            )
+    except Exception as exc:  # a Triton compile, launch or capture failure on this GPU: keep the other kernels
+        warnings.warn(
+            f"node {name}: the Triton FP8 GEMM failed ({type(exc).__name__}: {exc}); not using it", stacklevel=3
+        )
         return None
-    return by_rows(large, choices)
+    return fp8_linear_kernel
 
 
 def _quantize(x: torch.Tensor, a_scale: torch.Tensor) -> torch.Tensor:

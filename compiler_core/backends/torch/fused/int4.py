@@ -36,7 +36,6 @@ import torch.nn.functional as F
 
 from compiler_core.backends.torch.cuda.capability import triton_ready
 from compiler_core.backends.torch.cuda.tiling import MIN_GROUP_SIZE
-from compiler_core.backends.torch.fused.choice import by_rows, fastest_kernel
 from compiler_core.backends.torch.fused.dense import dequantized_weight, is_int4_groups
 from compiler_core.backends.torch.kernels import Kernel, TorchLowering, dense_linear
 from compiler_core.backends.torch.quant import out_dtype_of
@@ -160,9 +159,10 @@ def int4_gemm(match: Match, low: TorchLowering) -> Kernel:
     # Not only in the CUDA branch: triton_ready is False on a CPU anyway, and the tests force it on
     # there, so that this hook-in runs under Triton's interpreter (against the dense fallback).
     if triton_ready(low.device) and dtype in TRITON_DTYPES and group_size >= MIN_GROUP_SIZE:
-        kernel = triton_int4_kernel(packed, scales, group_size, bias, name, fallback)
+        kernel = triton_int4_kernel(packed, scales, group_size, bias, name)
         if kernel is not None:
-            return kernel
+            one_row = torch.randn(1, 1, packed.shape[1] * 2, device=low.device).to(dtype)
+            return with_faster_gemv(kernel, fallback, one_row)
     return fallback
 
 
@@ -176,24 +176,16 @@ PREFILL_PROBE_ROWS = (128, 512)
 
 
 def triton_int4_kernel(
-    packed: torch.Tensor,
-    scales: torch.Tensor,
-    group_size: int,
-    bias: torch.Tensor | None,
-    name: str,
-    fallback: Kernel,
+    packed: torch.Tensor, scales: torch.Tensor, group_size: int, bias: torch.Tensor | None, name: str
 ) -> Kernel | None:
-    """The Triton INT4 kernels of one layer, or None (with a warning) if the GEMM fails or disagrees
+    """The Triton INT4 kernel of one layer, or None (with a warning) if it fails or disagrees
     with the reference dequantization on probe inputs (``scales`` in the compute dtype).
 
     Calls of at least the layer's prefill threshold (see :data:`PREFILL_PROBE_ROWS`; stored as the
     kernel's ``prefill_rows``, None for never) dequantize the weight with one Triton kernel into a
     temporary in the compute dtype (bit-exact with :func:`dequantize_in_dtype`, checked here) and
-    run cuBLAS on it. Calls of one row and of up to ``GEMV_MAX_ROWS`` take the fastest, timed at
-    load, of the Triton GEMM, the Triton GEMV (if it passes the same probes) and, at one row,
-    ``fallback`` (on CUDA, tinygemm's GEMV); other calls run the Triton INT4 GEMM.
+    run cuBLAS on it; smaller calls run the Triton INT4 GEMM.
     """
-    from compiler_core.backends.torch.cuda.gemv import GEMV_MAX_ROWS, int4_gemv
     from compiler_core.backends.torch.cuda.int4_gemm import dequantize_int4, int4_linear, prepare_int4_weight
 
     dtype = scales.dtype
@@ -203,56 +195,30 @@ def triton_int4_kernel(
     def int4_gemm_kernel(ctx, x: torch.Tensor) -> torch.Tensor:
         return int4_linear(x, weight, bias)
 
-    def gemv_kernel(ctx, x: torch.Tensor) -> torch.Tensor:
-        return int4_gemv(x, weight, bias)
-
     def dequant_kernel(ctx, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, dequantize_int4(weight, dtype), bias)
 
     dense = reference.float()
     gen = torch.Generator(device=packed.device).manual_seed(0)
-
-    def agrees(kernel: Kernel, label: str, rows_to_probe: tuple[int, ...]) -> bool:
-        try:
-            for rows in rows_to_probe:
-                probe = torch.randn(rows, weight.in_features, generator=gen, device=packed.device).to(dtype)
-                want = probe.float() @ dense.T
-                if bias is not None:
-                    want = want + bias.float()
-                got = kernel(None, probe).float()
-                if not torch.allclose(got, want, rtol=2e-2, atol=2e-2 * float(want.abs().max())):
-                    warnings.warn(
-                        f"{name}: the Triton int4 {label} disagrees with the reference; not using it", stacklevel=3
-                    )
-                    return False
-        except Exception as exc:  # a Triton compile or launch failure on this GPU: keep the other kernels
-            warnings.warn(
-                f"{name}: the Triton int4 {label} failed ({type(exc).__name__}: {exc}); not using it", stacklevel=3
-            )
-            return False
-        return True
-
-    if not agrees(int4_gemm_kernel, "GEMM", TRITON_PROBE_ROWS):
-        return None
-    gemv = gemv_kernel if agrees(gemv_kernel, "GEMV", (1, GEMV_MAX_ROWS)) else None
-    prefill_rows = prefill_threshold(weight, reference, int4_gemm_kernel, dequant_kernel, name)
     try:
-        few_rows = {
-            rows: fastest_kernel(
-                [k for k in (fallback if rows == 1 else None, int4_gemm_kernel, gemv) if k is not None],
-                torch.randn(1, rows, weight.in_features, device=packed.device).to(dtype),
-            )
-            for rows in sorted({1, GEMV_MAX_ROWS})
-        }
-    except RuntimeError as exc:  # the timing's graph capture failed: keep the checked Triton GEMM
-        warnings.warn(f"{name}: timing the few-row int4 kernels failed ({exc}); using the Triton GEMM", stacklevel=2)
-        few_rows = {}
-    below_prefill = by_rows(int4_gemm_kernel, few_rows)
+        for rows in TRITON_PROBE_ROWS:
+            probe = torch.randn(rows, weight.in_features, generator=gen, device=packed.device).to(dtype)
+            want = probe.float() @ dense.T
+            if bias is not None:
+                want = want + bias.float()
+            got = int4_gemm_kernel(None, probe).float()
+            if not torch.allclose(got, want, rtol=2e-2, atol=2e-2 * float(want.abs().max())):
+                warnings.warn(f"{name}: the Triton int4 GEMM disagrees with the reference; not using it", stacklevel=2)
+                return None
+    except Exception as exc:  # a Triton compile or launch failure on this GPU: keep the other kernels
+        warnings.warn(f"{name}: the Triton int4 GEMM failed ({type(exc).__name__}: {exc}); not using it", stacklevel=2)
+        return None
+    prefill_rows = prefill_threshold(weight, reference, int4_gemm_kernel, dequant_kernel, name)
 
     def int4_kernel(ctx, x: torch.Tensor) -> torch.Tensor:
         if prefill_rows is not None and x.numel() >= prefill_rows * x.shape[-1]:
             return dequant_kernel(ctx, x)
-        return below_prefill(ctx, x)
+        return int4_gemm_kernel(ctx, x)
 
     int4_kernel.prefill_rows = prefill_rows  # type: ignore[attr-defined]  # for tests and benchmarks
     return int4_kernel
@@ -276,6 +242,27 @@ def prefill_threshold(weight, reference: torch.Tensor, gemm: Kernel, dequant: Ke
     except Exception as exc:  # a compile, launch or capture failure: prefill keeps the Triton GEMM
         warnings.warn(f"{name}: the int4 prefill path failed ({type(exc).__name__}: {exc}); not using it", stacklevel=3)
     return None
+
+
+def with_faster_gemv(triton_kernel: Kernel, fallback: Kernel, probe: torch.Tensor) -> Kernel:
+    """``triton_kernel``, except for one-row calls when ``fallback`` (tinygemm's GEMV) is faster there.
+
+    Which GEMV wins at one row depends on the GPU and the shape; the Triton GEMM wins from a few
+    rows on (tinygemm collapses beyond), so only the one-row case is decided, by timing both once.
+    """
+    from compiler_core.backends.torch.cuda.timing import first_is_faster
+
+    try:
+        if first_is_faster(lambda: triton_kernel(None, probe), lambda: fallback(None, probe), probe.device):
+            return triton_kernel
+    except RuntimeError as exc:  # the timing's graph capture failed: keep the checked Triton kernel
+        warnings.warn(f"timing the one-row int4 kernels failed ({exc}); using the Triton GEMM", stacklevel=2)
+        return triton_kernel
+
+    def int4_kernel(ctx, x: torch.Tensor) -> torch.Tensor:
+        return (fallback if x.numel() == x.shape[-1] else triton_kernel)(ctx, x)
+
+    return int4_kernel
 
 
 def torch_cuda_kernel(
