@@ -207,6 +207,42 @@ def test_prefill_attention_builds_no_plan_per_length(registry):
     assert not [name for name in names if "cudnn" in name.lower()]
 
 
+def test_new_sequence_prompts_run_flash_attention_on_shared_kv_heads(registry):
+    """An unpadded prompt pass (new sequences) of an MQA model runs flash attention on its one KV
+    head as stored: no copy of K/V per query head, and no fall-back to the math kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    run = runner(registry, model_of(registry, "7b", "bfloat16"), CUDA, torch.bfloat16)
+    run.sessions[0].decode_mode = "dynamic"  # no graph: the profile sees the aten ops themselves
+    run.allocate(1, 64)
+    ids = torch.randint(0, VOCAB, (1, 33))
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof, torch.inference_mode():
+        run.last_logits(ids, torch.arange(33)[None], torch.ones_like(ids), 0, new_sequences=True)
+        torch.cuda.synchronize()
+    names = {event.name for event in prof.events()}
+    assert "aten::_scaled_dot_product_flash_attention" in names
+    assert "aten::repeat_interleave" not in names
+    assert "aten::_scaled_dot_product_attention_math" not in names
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(71, 1), (128, 8), (32, 8)])
+def test_flash_attention_takes_shared_kv_heads(heads, kv_heads):
+    """Flash attention alone (no other SDPA backend allowed) runs causal attention with shared KV
+    heads at Falcon's head size and gives the result of K/V repeated per query head."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    gen = torch.Generator(device=CUDA).manual_seed(heads)
+    q = torch.randn(2, heads, 100, 64, generator=gen, device=CUDA, dtype=torch.bfloat16)
+    k, v = (torch.randn(2, kv_heads, 100, 64, generator=gen, device=CUDA, dtype=torch.bfloat16) for _ in "kv")
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        got = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    groups = heads // kv_heads
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float().repeat_interleave(groups, 1), v.float().repeat_interleave(groups, 1), is_causal=True
+    )
+    assert relative_error(got.float(), want) < 1e-2
+
+
 def static_step(registry: Registry, model, device, dtype: torch.dtype, decode_mode: str = "static"):
     """(float32 logits, {slot: (k, v)} caches) after PROMPTS and one static decode step of ``model``
     on ``device`` in ``dtype``; the new token of each row is written at cache column ``width``."""

@@ -72,18 +72,24 @@ def test_new_sequences_attend_causally_to_their_own_tokens(variant, mode, engine
     mask = torch.ones_like(ids)
     runner.allocate(2, 64)
     causal: list[bool] = []
+    shared_kv: list[bool] = []  # K/V handed over with fewer heads than Q (not repeated per query head)
     sdpa = F.scaled_dot_product_attention
 
-    def recording(*args, **kwargs):
+    def recording(q, k, v, **kwargs):
         causal.append(kwargs.get("is_causal", False) and kwargs.get("attn_mask") is None)
-        return sdpa(*args, **kwargs)
+        shared_kv.append(kwargs.get("enable_gqa", False) and k.shape[1] < q.shape[1])
+        return sdpa(q, k, v, **kwargs)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
     masked = runner.last_logits(ids, positions_from_mask(mask), mask, 0)
     assert causal and not any(causal)
+    assert not any(shared_kv)  # the masked kernels take K/V repeated per query head
     causal.clear()
+    shared_kv.clear()
     own = runner.last_logits(ids, positions_from_mask(mask), mask, 0, new_sequences=True)
     assert causal and all(causal) == (variant != "rw") and any(causal) == (variant != "rw")
+    # 7b (MQA) and 40b (GQA) share KV heads: flash attention takes them unrepeated.
+    assert all(shared_kv) == (variant != "rw") and any(shared_kv) == (variant != "rw")
     torch.testing.assert_close(own, masked, rtol=1e-5, atol=1e-5)
 
 

@@ -352,11 +352,16 @@ def lower_attention(node: Node, low: TorchLowering) -> Kernel:
             with sdpa_kernel(SDPA_BACKENDS):
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
             return out.reshape(b, 1, nh * hd)
-        if groups > 1:
+        # Without a mask, flash attention takes shared KV heads as they are (enable_gqa); the masked
+        # kernels need them repeated per query head.
+        gqa = groups > 1 and mask is None
+        if groups > 1 and not gqa:
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
         with sdpa_kernel(SDPA_BACKENDS):
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=gqa
+            )
         return out.transpose(1, 2).reshape(b, s, nh * hd)
 
     return attention
