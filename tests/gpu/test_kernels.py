@@ -31,6 +31,7 @@ from compiler_core.backends.torch.cuda.int4_gemm import (  # noqa: E402
 )
 from compiler_core.backends.torch.cuda.residual_add import residual_add  # noqa: E402
 from compiler_core.backends.torch.cuda.rope_cache import rope_cache_write  # noqa: E402
+from compiler_core.backends.torch.cuda.splitk import TileLocks  # noqa: E402
 from compiler_core.backends.torch.cuda.tiling import Config  # noqa: E402
 from compiler_core.backends.torch.fused.int4 import dequantize_in_dtype  # noqa: E402
 from compiler_core.backends.torch.kernels import apply_rotary, rotary_tables  # noqa: E402
@@ -136,6 +137,44 @@ def test_dequantize_int4_is_bit_exact(device, group, dtype):
     packed = torch.randint(-128, 128, (n, k // 2), generator=gen, dtype=torch.int8)
     got = dequantize_int4(prepare_int4_weight(packed.to(device), scales.to(device), group), dtype).cpu()
     assert torch.equal(got, dequantize_in_dtype(packed, scales, group, dtype))
+
+
+@pytest.mark.parametrize("kernel", ["int4", "fp8"])
+def test_split_k_counters_return_to_zero_and_calls_repeat(device, kernel):
+    """The last split of each tile adds the partials and resets its counter: calls that share one
+    TileLocks (as a layer's do, CUDA-graph replays included) keep giving the float64 result, and
+    leave every counter at zero."""
+    gen = torch.Generator().manual_seed(5)
+    n, k, group = 72, 320, 32
+    if kernel == "int4":
+        codes, scales = quantize_groups(torch.randn(n, k, generator=gen), group, scale_dtype=torch.bfloat16)
+        packed = pack_int4(codes)
+        weight = prepare_int4_weight(packed.to(device), scales.to(device), group)
+        w = dequantize_packed(packed, scales, group, torch.float64)
+        config = Config(16, 32, 32, 5, 4, 2)  # 10 K tiles in 5 splits; 3 column tiles
+
+        def call(x, locks):
+            return int4_linear(x.to(device), weight, None, config, locks)
+
+        def reference(x):
+            return x.double() @ w.T
+    else:
+        _, wq, w_scale, x_scale, _ = fp8_case(1, n, k, torch.float32, gen)
+        config = Config(16, 32, 32, 5, 4, 2)
+
+        def call(x, locks):
+            return fp8_linear(*(t.to(device) for t in (x, wq, w_scale, x_scale)), None, config, locks)
+
+        def reference(x):
+            return numerics.quantize(x, x_scale).double() @ wq.double().T * (x_scale.double() * w_scale.double())
+
+    locks = TileLocks(device, tiles=4)  # fewer than a 2-row-block call needs: it grows
+    for m in (1, 3, 20, 1):
+        x = torch.randn(m, k, generator=gen)
+        got = call(x, locks).cpu()
+        assert relative_error(got, reference(x)) < FP8_FP32_TOL, m
+        assert not locks.counters.any()
+    assert locks.counters.numel() >= 6  # 3 column tiles x 2 row tiles at 20 rows
 
 
 def fp8_case(m: int, n: int, k: int, dtype: torch.dtype, gen: torch.Generator):

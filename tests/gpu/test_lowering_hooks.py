@@ -189,7 +189,7 @@ def test_int4_gemm_pattern_takes_the_triton_kernel_on_a_ragged_layer(registry, c
 
 
 def test_int4_gemm_pattern_keeps_the_dense_kernel_when_the_probe_disagrees(registry, counted, monkeypatch):
-    monkeypatch.setattr(int4_gemm, "int4_linear", lambda x, weight, bias=None: torch.zeros(*x.shape[:-1], 40))
+    monkeypatch.setattr(int4_gemm, "int4_linear", lambda x, weight, bias=None, **kw: torch.zeros(*x.shape[:-1], 40))
     codes, scales = quantize_groups(torch.randn(40, 96), 64, scale_dtype=torch.float32)
     weights = {"fc.weight": pack_int4(codes), "fc.weights_scaling_factor": scales, "fc.bias": torch.zeros(40)}
     weights["fc.prequant_scaling_factor"] = torch.ones(96)

@@ -6,7 +6,9 @@ nearest E4M3 code, times the E4M3 weight, accumulated in float32, times ``x_scal
 quantized in registers per tile: no separate quantization kernel and no FP8 copy of it in memory.
 
 On a GPU the tile product runs on the FP8 tensor cores (see :mod:`.dot` for the interpreter's
-form). Small M splits the K loop across programs (see :mod:`.tiling`).
+form). Small M splits the K loop across programs (see :mod:`.tiling`); the last split of a tile
+adds the partial sums (:mod:`.splitk`). A one-row call quantizes only its row, not the zero rows
+that pad it to the tensor cores' 16.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import triton.language as tl
 
 from compiler_core.backends.torch.cuda.capability import interpreting
 from compiler_core.backends.torch.cuda.dot import tile_dot
-from compiler_core.backends.torch.cuda.tiling import Config, config_for, resolve, sum_splits
+from compiler_core.backends.torch.cuda.splitk import TileLocks, store_tile
+from compiler_core.backends.torch.cuda.tiling import Config, config_for, resolve
 
 #: A constexpr: the kernels read it (Triton kernels see only constexpr globals).
 E4M3_MAX = tl.constexpr(448.0)
@@ -44,6 +47,12 @@ def round_to_e4m3(v):
 
 
 @triton.jit
+def quantize_e4m3(x, x_scale):
+    """``sat(x / x_scale)`` rounded to the nearest E4M3 code (IEEE division, ties to even), as float32."""
+    return round_to_e4m3(tl.clamp(tl.math.div_rn(x.to(tl.float32), x_scale), -E4M3_MAX, E4M3_MAX))
+
+
+@triton.jit
 def _fp8_gemm_kernel(
     x_ptr,
     w_ptr,
@@ -51,19 +60,23 @@ def _fp8_gemm_kernel(
     w_scale_ptr,
     bias_ptr,
     y_ptr,
+    part_ptr,
+    lock_ptr,
     M,
     N,
     K,
     stride_xm,
     stride_wn,
-    stride_ys,
     stride_ym,
     k_tiles,
     tiles_per_split,
+    n_splits,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    ONE_ROW: tl.constexpr,
+    SPLIT: tl.constexpr,
     WIDEN: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -81,16 +94,22 @@ def _fp8_gemm_kernel(
     for t in range(first, last):
         k = t * BLOCK_K + rk
         k_ok = k < K
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptr + rn[:, None] * stride_wn + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        xq = round_to_e4m3(tl.clamp(tl.math.div_rn(x.to(tl.float32), x_scale), -E4M3_MAX, E4M3_MAX)).to(tl.float8e4nv)
+        if ONE_ROW:
+            # One real row in the tile: quantize it alone (the division and rounding cost ~25
+            # instructions per element) and place it in the tile's first row, the others zero.
+            xq_row = quantize_e4m3(tl.load(x_ptr + k, mask=k_ok, other=0.0), x_scale)
+            xq = tl.where((rm == 0)[:, None], xq_row[None, :], 0.0).to(tl.float8e4nv)
+        else:
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            xq = quantize_e4m3(x, x_scale).to(tl.float8e4nv)
         acc += tile_dot(xq, tl.trans(w), WIDEN)
     acc = acc * (x_scale * tl.load(w_scale_ptr))
     if HAS_BIAS:
         # Only the first K split adds the bias: the splits' partial sums are added afterwards.
         acc += tl.load(bias_ptr + rn, mask=n_ok & (pid_k == 0), other=0.0).to(tl.float32)[None, :]
-    y = y_ptr + pid_k * stride_ys + rm[:, None] * stride_ym + rn[None, :]
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    lock = lock_ptr + pid_m * tl.num_programs(0) + pid_n
+    store_tile(acc, y_ptr, part_ptr, lock, rm, rn, M, N, stride_ym, pid_k, n_splits, SPLIT)
 
 
 def fp8_linear(
@@ -100,11 +119,13 @@ def fp8_linear(
     x_scale: torch.Tensor,
     bias: torch.Tensor | None = None,
     config: Config | None = None,
+    locks: TileLocks | None = None,
 ) -> torch.Tensor:
     """``sat(x / x_scale) @ weight.T * (x_scale * w_scale) (+ bias)`` in ``x``'s dtype.
 
     ``weight`` is float8_e4m3fn ``[out, in]`` (row-major), the scales float32 tensors of one element.
     ``config``: the launch (default: the tiling table's row; its ``block_k`` a power of two >= 16).
+    ``locks``: the split-K counters the caller keeps for this weight (default: fresh ones).
     """
     lead = x.shape[:-1]
     n, k = weight.shape
@@ -116,7 +137,7 @@ def fp8_linear(
         config = config_for("fp8", m, n, k)
     k_tiles = -(-k // config.block_k)
     tiling = resolve(config, m, n, k_tiles, config.block_k, x.device)
-    y = tiling.output(m, n, x)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     _fp8_gemm_kernel[tiling.grid(m, n)](
         x2,
         weight,
@@ -124,21 +145,25 @@ def fp8_linear(
         w_scale,
         bias if bias is not None else y,
         y,
+        tiling.partials(m, n, y),
+        (locks or TileLocks(x.device)).for_tiles(tiling.tiles(m, n)),
         m,
         n,
         k,
         x2.stride(0),
         weight.stride(0),
         y.stride(0),
-        y.stride(1),
         k_tiles,
         tiling.tiles_per_split,
+        tiling.split_k,
         BLOCK_M=tiling.block_m,
         BLOCK_N=tiling.block_n,
         HAS_BIAS=bias is not None,
         BLOCK_K=tiling.block_k,
+        ONE_ROW=m == 1,
+        SPLIT=tiling.split_k > 1,
         WIDEN=interpreting(),
         num_warps=tiling.num_warps,
         num_stages=tiling.num_stages,
     )
-    return sum_splits(y, x.dtype).reshape(*lead, n)
+    return y.reshape(*lead, n)

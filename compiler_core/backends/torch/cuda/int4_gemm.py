@@ -21,7 +21,8 @@ The GEMM has two forms, chosen per launch by the tiling table (:mod:`.tiling`, `
 (A variant that built the floats from bit patterns and split the activation into even and odd
 columns, to avoid integer-to-float conversions and the interleave, measured slower on an H200 at
 every M: see docs/PERFORMANCE.md.)
-Small M splits the K loop across programs; the partial sums are added in float32 afterwards.
+Small M splits the K loop across programs; the last split of each output tile adds the partial
+sums in float32 (:mod:`.splitk`).
 
 :func:`dequantize_int4` writes the dense weight in the compute dtype with one kernel, bit-exact
 with ``dequantize_in_dtype``: prefill calls (compute-bound) run it and then cuBLAS.
@@ -38,7 +39,8 @@ import triton.language as tl
 
 from compiler_core.backends.torch.cuda.capability import interpreting
 from compiler_core.backends.torch.cuda.dot import tile_dot
-from compiler_core.backends.torch.cuda.tiling import MIN_GROUP_SIZE, Config, config_for, resolve, sum_splits
+from compiler_core.backends.torch.cuda.splitk import TileLocks, store_tile
+from compiler_core.backends.torch.cuda.tiling import MIN_GROUP_SIZE, Config, config_for, resolve
 
 #: Columns of the dense weight one dequantization program writes per row block (at least one group).
 DEQUANT_BLOCK_K = 128
@@ -119,6 +121,8 @@ def _int4_gemm_kernel(
     s_ptr,
     bias_ptr,
     y_ptr,
+    part_ptr,
+    lock_ptr,
     M,
     N,
     K,
@@ -126,16 +130,17 @@ def _int4_gemm_kernel(
     stride_xm,
     stride_wn,
     stride_sn,
-    stride_ys,
     stride_ym,
     k_tiles,
     tiles_per_split,
+    n_splits,
     GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SCALE_CODES: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    SPLIT: tl.constexpr,
     WIDEN: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -173,8 +178,8 @@ def _int4_gemm_kernel(
     if HAS_BIAS:
         # Only the first K split adds the bias: the splits' partial sums are added afterwards.
         acc += tl.load(bias_ptr + rn, mask=n_ok & (pid_k == 0), other=0.0).to(tl.float32)[None, :]
-    y = y_ptr + pid_k * stride_ys + rm[:, None] * stride_ym + rn[None, :]
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    lock = lock_ptr + pid_m * tl.num_programs(0) + pid_n
+    store_tile(acc, y_ptr, part_ptr, lock, rm, rn, M, N, stride_ym, pid_k, n_splits, SPLIT)
 
 
 def check_config(config: Config, group_size: int) -> None:
@@ -185,10 +190,15 @@ def check_config(config: Config, group_size: int) -> None:
 
 
 def int4_linear(
-    x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None = None, config: Config | None = None
+    x: torch.Tensor,
+    weight: Int4Weight,
+    bias: torch.Tensor | None = None,
+    config: Config | None = None,
+    locks: TileLocks | None = None,
 ) -> torch.Tensor:
     """``x @ W.T (+ bias)`` for the int4 weight ``W``; ``x [..., in_features]`` in bfloat16, float16 or float32
-    (group size at least :data:`MIN_GROUP_SIZE`). ``config``: the launch (default: the tiling table's)."""
+    (group size at least :data:`MIN_GROUP_SIZE`). ``config``: the launch (default: the tiling table's).
+    ``locks``: the split-K counters the caller keeps for this weight (default: fresh ones)."""
     if weight.group_size < MIN_GROUP_SIZE:
         raise ValueError(f"group size {weight.group_size} is below the kernel's minimum {MIN_GROUP_SIZE}")
     lead = x.shape[:-1]
@@ -202,13 +212,15 @@ def int4_linear(
     block_k = config.block_k or weight.group_size
     k_tiles = -(-weight.padded_in // block_k)
     tiling = resolve(config, m, n, k_tiles, block_k, x.device)
-    y = tiling.output(m, n, x)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     _int4_gemm_kernel[tiling.grid(m, n)](
         x2,
         weight.packed,
         weight.scales,
         bias if bias is not None else y,
         y,
+        tiling.partials(m, n, y),
+        (locks or TileLocks(x.device)).for_tiles(tiling.tiles(m, n)),
         m,
         n,
         weight.in_features,
@@ -217,20 +229,21 @@ def int4_linear(
         weight.packed.stride(0),
         weight.scales.stride(0),
         y.stride(0),
-        y.stride(1),
         k_tiles,
         tiling.tiles_per_split,
+        tiling.split_k,
         GROUP=weight.group_size,
         BLOCK_M=tiling.block_m,
         BLOCK_N=tiling.block_n,
         BLOCK_K=block_k,
         SCALE_CODES=config.block_k > 0,
         HAS_BIAS=bias is not None,
+        SPLIT=tiling.split_k > 1,
         WIDEN=interpreting(),
         num_warps=tiling.num_warps,
         num_stages=tiling.num_stages,
     )
-    return sum_splits(y, x.dtype).reshape(*lead, n)
+    return y.reshape(*lead, n)
 
 
 @triton.jit

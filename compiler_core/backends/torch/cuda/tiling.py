@@ -2,8 +2,9 @@
 
 Small-M GEMMs (decode) are weight-streaming problems: one tile of rows and a narrow column block
 per program leaves most multiprocessors idle for the qkv and dense shapes, so the K loop is split
-across programs until there are a few programs per multiprocessor, and the partial sums are added
-afterwards. Large-M GEMMs (prefill) are compute-bound and take square tiles without a split.
+across programs until there are a few programs per multiprocessor, and the last split of each
+output tile adds the partial sums (:mod:`.splitk`). Large-M GEMMs (prefill) are compute-bound and
+take square tiles without a split.
 
 :data:`TABLE` is the only place launch parameters are kept: ``TABLE[kernel][size class]`` is a
 list of ``(largest M, Config)`` rows, the first row whose M bound covers the call wins. The size
@@ -71,17 +72,15 @@ class Tiling:
         """(column blocks, row blocks, K splits) of an [m, n] output."""
         return (-(-n // self.block_n), -(-m // self.block_m), self.split_k)
 
-    def output(self, m: int, n: int, x: torch.Tensor) -> torch.Tensor:
-        """The kernel's output ``[split_k, m, n]``: in ``x``'s dtype without a split, else the splits'
-        float32 partial sums (see :func:`sum_splits`)."""
-        dtype = x.dtype if self.split_k == 1 else torch.float32
-        return torch.empty((self.split_k, m, n), dtype=dtype, device=x.device)
+    def tiles(self, m: int, n: int) -> int:
+        """Output tiles of an [m, n] output (each split-K counter guards one)."""
+        blocks_n, blocks_m, _ = self.grid(m, n)
+        return blocks_n * blocks_m
 
-
-def sum_splits(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The ``[m, n]`` result of a :meth:`Tiling.output`: its one split, or the partial sums added in
-    float32 and rounded once to ``dtype``."""
-    return y[0] if y.shape[0] == 1 else y.sum(0).to(dtype)
+    def partials(self, m: int, n: int, y: torch.Tensor) -> torch.Tensor:
+        """The splits' float32 partial sums ``[split_k, m, n]`` (see :mod:`.splitk`); ``y`` itself,
+        unused, without a split."""
+        return y if self.split_k == 1 else torch.empty((self.split_k, m, n), dtype=torch.float32, device=y.device)
 
 
 # Measured on one NVIDIA H200 by bench/gpu_tune.py (falcon-7b's linears, 2026-12-02; the search and

@@ -108,10 +108,13 @@ def triton_kernel(
     """The fused Triton kernel for calls of up to ``TRITON_MAX_ROWS`` tokens and ``large`` beyond,
     or None (with a warning) when the Triton kernel fails or disagrees with ``large`` on a probe."""
     from compiler_core.backends.torch.cuda.fp8_gemm import fp8_linear
+    from compiler_core.backends.torch.cuda.splitk import TileLocks
     from compiler_core.backends.torch.cuda.timing import first_is_faster
 
+    locks = TileLocks(weight.device)
+
     def fused(ctx, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, weight, w_scale, a_scale, bias)
+        return fp8_linear(x, weight, w_scale, a_scale, bias, locks=locks)
 
     # Keyed by "one row?": whether the Triton kernel is taken there (both until measured below).
     use_triton = {True: True, False: True}

@@ -187,13 +187,15 @@ def triton_int4_kernel(
     run cuBLAS on it; smaller calls run the Triton INT4 GEMM.
     """
     from compiler_core.backends.torch.cuda.int4_gemm import dequantize_int4, int4_linear, prepare_int4_weight
+    from compiler_core.backends.torch.cuda.splitk import TileLocks
 
     dtype = scales.dtype
     weight = prepare_int4_weight(packed, scales, group_size)
     reference = dequantize_in_dtype(packed, scales, group_size, dtype)
+    locks = TileLocks(packed.device)
 
     def int4_gemm_kernel(ctx, x: torch.Tensor) -> torch.Tensor:
-        return int4_linear(x, weight, bias)
+        return int4_linear(x, weight, bias, locks=locks)
 
     def dequant_kernel(ctx, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, dequantize_int4(weight, dtype), bias)
