@@ -29,6 +29,7 @@ pytestmark = pytest.mark.skipif(
 
 from compiler_core.backends.torch import kernels  # noqa: E402
 from compiler_core.backends.torch.cuda import (  # noqa: E402
+    channel_scale,
     decode_attention,
     fp8_gemm,
     int4_gemm,
@@ -37,6 +38,7 @@ from compiler_core.backends.torch.cuda import (  # noqa: E402
     timing,
 )
 from compiler_core.backends.torch.executor import GraphExecutor  # noqa: E402
+from compiler_core.backends.torch.fused import channel_scale as channel_scale_pattern  # noqa: E402
 from compiler_core.backends.torch.fused import fp8, int4, residual  # noqa: E402
 from compiler_core.formats.checkpoint_config import CheckpointConfig, QuantConfig  # noqa: E402
 from compiler_core.ir import Graph, GraphBuilder  # noqa: E402
@@ -48,7 +50,7 @@ engines = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(engines)
 
 #: The modules whose lowerings check ``triton_ready`` (each imports it by name).
-HOOKED = (kernels, fp8, int4, residual)
+HOOKED = (kernels, fp8, int4, residual, channel_scale_pattern)
 
 
 def force_triton(monkeypatch, ready: bool) -> None:
@@ -68,6 +70,7 @@ def counted(monkeypatch) -> Counter:
         (residual_add, "residual_add"),
         (int4_gemm, "int4_linear"),
         (int4_gemm, "dequantize_int4"),
+        (channel_scale, "channel_scale"),
     )
     for module, name in wrapped_kernels:
         original = getattr(module, name)
@@ -97,6 +100,8 @@ def test_engine_takes_the_triton_kernels_and_matches_the_reference(registry, cou
     fast_logits, fast_tokens = small_engine_run(registry, monkeypatch, qformat)
     assert counted[kernel] > 0 and counted["decode_attention"] > 0
     assert counted["rope_cache_write"] == counted["decode_attention"]  # every static step's layers
+    if qformat == "int4_awq":  # the MLP's second linear has a pre-quantization scale
+        assert counted["channel_scale"] > 0
 
     force_triton(monkeypatch, False)
     counted.clear()
@@ -177,7 +182,10 @@ def test_int4_gemm_pattern_takes_the_triton_kernel_on_a_ragged_layer(registry, c
         "fc.bias": torch.randn(40).bfloat16(),
     }
     executor = GraphExecutor(registry, awq_layer("bfloat16", 40, 96, 64), weights, "cpu")
-    assert [step.fused for step in executor.steps if step.fused is not None] == [int4.INT4_GEMM]
+    assert [step.fused for step in executor.steps if step.fused is not None] == [
+        channel_scale_pattern.CHANNEL_SCALE,
+        int4.INT4_GEMM,
+    ]
     assert counted["int4_linear"] == len(int4.TRITON_PROBE_ROWS)  # the load-time probes
     x = torch.randn(3, 5, 96).bfloat16()
     (got,) = executor.run({"x": x}, ForwardContext.for_prompt(torch.ones(3, 5, dtype=torch.long))).values()

@@ -1,4 +1,4 @@
-"""The Triton LayerNorm and FP8 activation quantization against torch, and their hook-ins.
+"""The Triton LayerNorm, FP8 activation quantization and channel scale against torch, and their hook-ins.
 
 Like test_kernels.py these run on a CUDA GPU when there is one, else under Triton's interpreter
 (conftest.py). The LayerNorm is compared with ``F.layer_norm`` in float64 (its statistics are
@@ -16,6 +16,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed: the Trit
 
 from compiler_core.backends.torch import kernels  # noqa: E402
 from compiler_core.backends.torch.cuda import layer_norm as triton_ln  # noqa: E402
+from compiler_core.backends.torch.cuda.channel_scale import channel_scale  # noqa: E402
 from compiler_core.backends.torch.cuda.fp8_quant import quantize_e4m3  # noqa: E402
 from compiler_core.backends.torch.fused import fp8  # noqa: E402
 from compiler_core.ir import GraphBuilder  # noqa: E402
@@ -131,3 +132,20 @@ def test_activation_quantizer_takes_the_kernel_only_when_it_agrees(monkeypatch):
     with pytest.warns(UserWarning, match="disagrees"):
         quantize = fp8.activation_quantizer(scale, torch.float32)
     assert torch.equal(quantize(x).view(torch.uint8), want)
+
+
+@pytest.mark.parametrize("shape", [(1, 4544), (3, 5, 1000), (2, 71), (1025, 96)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_channel_scale_is_torchs_product(device, shape, dtype):
+    """``x * scale`` over the last axis, bit for bit torch's product (every element written: the
+    output is compared everywhere)."""
+    gen = torch.Generator().manual_seed(shape[-1])
+    x = (torch.randn(shape, generator=gen) * 3).to(dtype)
+    scale = (torch.rand(shape[-1], generator=gen) * 2 + 0.1).to(dtype)
+    got = channel_scale(x.to(device), scale.to(device)).cpu()
+    assert torch.equal(got, x * scale)
+
+
+def test_channel_scale_refuses_what_it_does_not_compute(device):
+    with pytest.raises(ValueError, match="channel_scale needs"):
+        channel_scale(torch.ones(2, 8, device=device), torch.ones(8, dtype=torch.float64, device=device))

@@ -12,6 +12,8 @@ one. A pattern's kernel must compute what those nodes compute (tests compare the
   GEMM (tinygemm) for decode on other GPUs (and at one row where it measured faster).
 * :mod:`.residual`: ``add(x, add(a, b))`` (Falcon's parallel-attention residual) as one Triton
   elementwise kernel on sm_89+, the two torch adds elsewhere.
+* :mod:`.channel_scale`: an INT4-AWQ layer's pre-quantization scale as a vectorized Triton kernel
+  on sm_89+, torch's broadcast multiply elsewhere.
 
 The Triton kernels themselves live in :mod:`compiler_core.backends.torch.cuda`; the patterns take
 them behind its ``triton_ready`` check, after a probe against the other kernel.
@@ -25,9 +27,10 @@ its own ``FusedPattern`` for ``"torch"`` from its ``register_lowerings``.
 
 from __future__ import annotations
 
+from compiler_core.backends.torch.fused.channel_scale import CHANNEL_SCALE
 from compiler_core.backends.torch.fused.dense import DEQUANTIZED_GEMM
 from compiler_core.backends.torch.fused.fp8 import FP8_GEMM
 from compiler_core.backends.torch.fused.int4 import INT4_GEMM
 from compiler_core.backends.torch.fused.residual import RESIDUAL_ADD
 
-PATTERNS = (FP8_GEMM, INT4_GEMM, DEQUANTIZED_GEMM, RESIDUAL_ADD)
+PATTERNS = (FP8_GEMM, INT4_GEMM, DEQUANTIZED_GEMM, RESIDUAL_ADD, CHANNEL_SCALE)
