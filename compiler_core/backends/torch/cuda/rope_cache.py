@@ -12,12 +12,12 @@ in the kernel, so the step stays capturable in a CUDA graph), and writes the rot
 contiguous ``[b, nh, hd]`` tensor, the layout :func:`.decode_attention.decode_attention` reads.
 
 It computes what the torch path computes, bit for bit: the same cos/sin tables (the ones the
-forward pass memoises), each product and the sum rounded to the activation dtype as torch's
-eager ops round them, the FP8 encoding of :meth:`compiler_core.runtime.context.CacheSlot._encode`
-(float32 true division, saturation to +-448, round to nearest even). Roundings to bfloat16 and
-E4M3 are done in float32 arithmetic (:mod:`.rounding`, ``round_to_e4m3``) because Triton's
-interpreter truncates (bfloat16) or rounds ties away (float8) in its own conversions; on a GPU the
-conversions that follow are then exact.
+forward pass memoises), the rotation of :func:`.rotary.rotate` (each product and the sum rounded
+to the activation dtype as torch's eager ops round them), the FP8 encoding of
+:meth:`compiler_core.runtime.context.CacheSlot._encode` (float32 true division, saturation to
++-448, round to nearest even). Roundings to bfloat16 and E4M3 are done in float32 arithmetic
+(:mod:`.rounding`, ``round_to_e4m3``) because Triton's interpreter truncates (bfloat16) or rounds
+ties away (float8) in its own conversions; on a GPU the conversions that follow are then exact.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from compiler_core.backends.torch.cuda.fp8_gemm import E4M3_MAX, round_to_e4m3
+from compiler_core.backends.torch.cuda.rotary import partner_channels, rotate
 from compiler_core.backends.torch.cuda.rounding import rounded
 
 
@@ -76,16 +77,10 @@ def _rope_cache_kernel(
         # channel half <= i < rot_dim with x[i - half]; channels from rot_dim on pass through.
         half = rot_dim // 2
         in_rot = (rd < rot_dim) & (head < num_heads + num_kv)
-        partner = tl.where(rd < half, rd + half, rd - half)
-        xp = tl.load(base + partner * stride_xd, mask=in_rot, other=0.0).to(tl.float32)
-        xp = tl.where(rd < half, -xp, xp)
+        xp = tl.load(base + partner_channels(rd, half) * stride_xd, mask=in_rot, other=0.0).to(tl.float32)
         c = tl.load(cos_ptr + row * stride_cb + rd * stride_cd, mask=in_rot, other=0.0).to(tl.float32)
         s = tl.load(sin_ptr + row * stride_cb + rd * stride_cd, mask=in_rot, other=0.0).to(tl.float32)
-        # Each product of two activation-dtype values is exact in float32; rounding it (and the
-        # sum) to the activation dtype is what torch's three eager kernels do.
-        a = rounded(y * c, dtype).to(tl.float32)
-        b = rounded(xp * s, dtype).to(tl.float32)
-        y = tl.where(in_rot, rounded(a + b, dtype).to(tl.float32), y)
+        y = rotate(y, xp, c, s, rd < half, in_rot, dtype)
     if head < num_heads:
         tl.store(q_ptr + row * stride_qb + head * head_dim + rd, rounded(y, dtype), mask=d_ok)
     else:

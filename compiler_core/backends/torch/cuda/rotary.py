@@ -5,9 +5,9 @@ rotate-half's negate and concatenate, ``* sin``, the sum), each reading and writ
 tensor: on an H200, 2.3 ms of a 1024-token falcon-7b prompt pass (32 layers), far below the memory
 bandwidth. :func:`rotary` reads the fused projection once and writes the rotated heads once.
 
-It computes what the torch path computes, bit for bit, with the roundings of
-:mod:`.rope_cache` (each product and the sum rounded to the activation dtype as torch's eager ops
-round them, no fused multiply-adds).
+It computes what the torch path computes, bit for bit: :func:`rotate` (shared with
+:mod:`.rope_cache`) rounds each product and the sum to the activation dtype as torch's eager ops
+round them, and the kernel runs without fused multiply-adds.
 """
 
 from __future__ import annotations
@@ -20,6 +20,27 @@ from compiler_core.backends.torch.cuda.rounding import rounded
 
 #: Tokens per program: a [BLOCK_T, head_dim] tile of one head.
 BLOCK_T = 16
+
+
+@triton.jit
+def partner_channels(rd, half):
+    """The rotate-half partner of each channel ``rd`` below ``2 * half``: ``i + half`` for the lower
+    half, ``i - half`` for the upper."""
+    return tl.where(rd < half, rd + half, rd - half)
+
+
+@triton.jit
+def rotate(y, partners, cos, sin, lower_half, in_rot, DTYPE: tl.constexpr):
+    """float32 ``y * cos + rotate_half(y) * sin`` where ``in_rot``, ``y`` elsewhere, rounded as torch's
+    eager ops round it (each product and the sum to ``DTYPE``; the caller launches without fused
+    multiply-adds). ``partners``: ``y``'s rotate-half partners (:func:`partner_channels`) as float32,
+    negated here for the ``lower_half`` channels."""
+    xp = tl.where(lower_half, -partners, partners)
+    # Each product of two activation-dtype values is exact in float32; rounding it (and the sum)
+    # to the activation dtype is what torch's three eager kernels do.
+    a = rounded(y * cos, DTYPE).to(tl.float32)
+    b = rounded(xp * sin, DTYPE).to(tl.float32)
+    return tl.where(in_rot, rounded(a + b, DTYPE).to(tl.float32), y)
 
 
 @triton.jit
@@ -59,15 +80,11 @@ def _rotary_kernel(
     # channel half <= i < rot_dim with x[i - half]; channels from rot_dim on pass through.
     half = rot_dim // 2
     in_rot = t_ok[:, None] & (rd < rot_dim)[None, :]
-    partner = tl.where(rd < half, rd + half, rd - half)
-    xp = tl.load(base + partner[None, :] * stride_xd, mask=in_rot, other=0.0).to(tl.float32)
-    xp = tl.where((rd < half)[None, :], -xp, xp)
+    xp = tl.load(base + partner_channels(rd, half)[None, :] * stride_xd, mask=in_rot, other=0.0).to(tl.float32)
     table = row * stride_cb + rt[:, None] * stride_cs + rd[None, :] * stride_cd
     c = tl.load(cos_ptr + table, mask=in_rot, other=0.0).to(tl.float32)
     s = tl.load(sin_ptr + table, mask=in_rot, other=0.0).to(tl.float32)
-    a = rounded(y * c, dtype).to(tl.float32)
-    b = rounded(xp * s, dtype).to(tl.float32)
-    y = tl.where(in_rot, rounded(a + b, dtype).to(tl.float32), y)
+    y = rotate(y, xp, c, s, (rd < half)[None, :], in_rot, dtype)
     out = out_ptr + row * stride_ob + head * stride_oh + rt[:, None] * stride_os + rd[None, :]
     tl.store(out, rounded(y, dtype), mask=ok)
 
