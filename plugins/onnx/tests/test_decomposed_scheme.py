@@ -127,7 +127,7 @@ def fp8_case():
         "fc.activation_scaling_factor": torch.tensor([3.0 / 448]),
         "fc.bias": torch.randn(OUT, generator=gen),
     }
-    return one_node_graph("fp8_linear", params), weights, ("torch:fp8_gemm", "onnx:dequantized_matmul")
+    return one_node_graph("fp8_linear", params), weights, (["torch:fp8_gemm"], "onnx:dequantized_matmul")
 
 
 def awq_case():
@@ -142,12 +142,14 @@ def awq_case():
         "fc.prequant_scaling_factor": torch.rand(IN, generator=gen) + 0.5,
         "fc.bias": torch.randn(OUT, generator=gen),
     }
-    return one_node_graph("awq_linear", params, group_size=16), weights, ("torch:int4_gemm", "onnx:dequantized_matmul")
+    # The pre-quantization scale is a step of its own on torch (channel_scale), before the INT4 GEMM.
+    patterns = ["torch:channel_scale", "torch:int4_gemm"]
+    return one_node_graph("awq_linear", params, group_size=16), weights, (patterns, "onnx:dequantized_matmul")
 
 
 @pytest.mark.parametrize("case", [fp8_case, awq_case], ids=["fp8", "int4_awq"])
 def test_fused_patterns_are_taken_and_give_the_decomposition_result(registry, case, tmp_path):
-    graph, weights, (torch_pattern, onnx_pattern) = case()
+    graph, weights, (torch_patterns, onnx_pattern) = case()
     if graph.nodes[0].op not in registry.ops:
         pytest.skip(f"the plugin that registers {graph.nodes[0].op} is not loaded")
     validate(graph, registry.ops)
@@ -157,7 +159,7 @@ def test_fused_patterns_are_taken_and_give_the_decomposition_result(registry, ca
 
     fused_y, fused_run = torch_output(registry, graph, weights, x)
     plain_y, plain_run = torch_output(registry, graph, weights, x, unfused)
-    assert [f"torch:{s.fused.name}" for s in fused_run.steps if s.fused] == [torch_pattern]
+    assert [f"torch:{s.fused.name}" for s in fused_run.steps if s.fused] == torch_patterns
     assert not any(s.fused for s in plain_run.steps) and plain_run.steps[-1].root.op == "matmul"
     np.testing.assert_allclose(fused_y, plain_y, rtol=1e-5, atol=1e-5)
 
