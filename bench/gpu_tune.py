@@ -49,21 +49,26 @@ GROUP, TINY_GROUP = 128, 32
 #: Values each parameter is searched over (the table's current value is tried first).
 SEARCH: dict[str, dict[str, tuple[int, ...]]] = {
     "int4": {
+        "swap_ab": (False, True),
         "block_k": (0, 128, 256, 64),
-        "split_k": (0, 1, 2, 4, 8, 16),
         "block_n": (64, 32, 128),
+        "split_k": (0, 1, 2, 4, 8, 16),
         "num_warps": (4, 8),
         "num_stages": (3, 4, 2, 5),
     },
     "fp8": {
+        "swap_ab": (False, True),
         "block_k": (128, 256, 64),
-        "split_k": (0, 1, 2, 4, 8, 16),
         "block_n": (64, 32, 128),
+        "split_k": (0, 1, 2, 4, 8, 16),
         "num_warps": (4, 8),
         "num_stages": (3, 4, 2, 5),
     },
 }
-TINY_SEARCH = {"int4": {"block_k": (0, 16, 64)}, "fp8": {"block_k": (32, 64)}}
+TINY_SEARCH = {
+    "int4": {"block_k": (0, 16, 64), "swap_ab": (False, True)},
+    "fp8": {"block_k": (32, 64), "swap_ab": (False, True)},
+}
 #: Relative error (Frobenius) a candidate may have against the float32 reference: bfloat16 outputs
 #: are rounded once from a float32 accumulator (see tests/gpu/test_kernels.py).
 TOLERANCE = 1e-2
@@ -183,9 +188,13 @@ class Sweep:
             return f"{type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}"
 
 
+#: Row tiles a search starts from (16 is tl.dot's minimum); larger M start from the table's row.
+ROW_TILES = (16, 32, 64, 128)
+
+
 def block_m_of(m: int) -> int:
-    """The row tile of M rows: the smallest of 16 / 32 / 64 that holds them (16 is tl.dot's minimum)."""
-    return next(b for b in (16, 32, 64) if m <= b)
+    """The row tile of M rows: the smallest of :data:`ROW_TILES` that holds them."""
+    return next(b for b in ROW_TILES if m <= b)
 
 
 def descend(sweep: Sweep, linear: Linear, kernel: str, m: int, start, search, deadline: float):
@@ -252,7 +261,8 @@ def prefill_rows(linears: list[Linear], rows: tuple[int, ...], timing: bool) -> 
 
 def config_literal(config) -> str:
     c = config
-    return f"Config({c.block_m}, {c.block_n}, {c.block_k}, {c.split_k}, {c.num_warps}, {c.num_stages})"
+    swap = ", swap_ab=True" if c.swap_ab else ""
+    return f"Config({c.block_m}, {c.block_n}, {c.block_k}, {c.split_k}, {c.num_warps}, {c.num_stages}{swap})"
 
 
 def sweep_class(
@@ -269,9 +279,10 @@ def sweep_class(
                 clock["left"] -= 1
                 share = (clock["end"] - time.perf_counter()) / max(1, clock["left"])
                 table = config_for(kernel, m, linear.out, linear.inp)
-                start = replace(table, block_m=block_m_of(m)) if m <= 64 else table
+                start = replace(table, block_m=block_m_of(m)) if m <= ROW_TILES[-1] else table
                 # Row tiles below the one that holds all M rows are tried last (more row blocks re-read the weight).
-                fields = {**search[kernel], "block_m": tuple(b for b in (16, 32) if b < block_m_of(m))}
+                smaller = tuple(b for b in ROW_TILES[:2] if b < start.block_m) if m <= ROW_TILES[-1] else ()
+                fields = {**search[kernel], "block_m": smaller}
                 best, best_us = descend(sweep, linear, kernel, m, start, fields, time.perf_counter() + share)
                 row = {
                     "kernel": kernel,

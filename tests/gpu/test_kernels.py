@@ -89,13 +89,16 @@ def test_int4_ragged_padding_is_zero_weight(device):
 
 #: (config, group): both INT4 GEMM forms (block_k 0: one group per tile, rescaled in float32; else
 #: codes scaled in registers) with K tiles of several groups, exactly one and part of one, explicit
-#: and automatic split-K, row tiles smaller than M.
+#: and automatic split-K, row tiles smaller than M, in both operand orders.
 INT4_CONFIGS = [
     (Config(16, 32, 0, 2, 4, 2), 32),
     (Config(16, 32, 128, 0, 4, 2), 32),
     (Config(32, 16, 64, 3, 4, 2), 64),
     (Config(16, 32, 32, 1, 4, 2), 128),
     (Config(64, 32, 256, 1, 4, 2), 128),
+    (Config(16, 32, 0, 2, 4, 2, swap_ab=True), 32),
+    (Config(32, 16, 64, 3, 4, 2, swap_ab=True), 64),
+    (Config(16, 64, 32, 1, 4, 2, swap_ab=True), 128),
 ]
 #: M from 1 to 70 (across 16-, 32- and 64-row tiles and past them).
 INT4_ROWS = (1, 2, 3, 7, 16, 17, 31, 33, 64, 70)
@@ -197,6 +200,26 @@ def test_fp8_linear(device, m, n, k, dtype):
     want = want + bias.double()
     assert got.shape == (m, n) and got.dtype == dtype
     assert relative_error(got, want) < (BF16_TOL if dtype == torch.bfloat16 else FP8_FP32_TOL)
+
+
+#: FP8 launches in both operand orders, with split-K (explicit, automatic, none) and row tiles below M.
+FP8_CONFIGS = [
+    Config(16, 32, 64, 3, 4, 2),
+    Config(16, 32, 64, 3, 4, 2, swap_ab=True),
+    Config(32, 64, 32, 0, 4, 2, swap_ab=True),
+    Config(16, 16, 128, 1, 4, 2, swap_ab=True),
+]
+
+
+@pytest.mark.parametrize("config", FP8_CONFIGS)
+def test_fp8_linear_configs(device, config):
+    """Every launch form against float64 at M across the row tiles, N off the column tile."""
+    gen = torch.Generator().manual_seed(config.block_k + config.split_k)
+    for m in (1, 2, 17, 33):
+        x, wq, w_scale, x_scale, bias = fp8_case(m, 40, 200, torch.float32, gen)
+        got = fp8_linear(*(t.to(device) for t in (x, wq, w_scale, x_scale, bias)), config).cpu()
+        want = numerics.quantize(x, x_scale).double() @ wq.double().T * (x_scale.double() * w_scale.double())
+        assert relative_error(got, want + bias.double()) < FP8_FP32_TOL, (m, config)
 
 
 @triton.jit

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from compiler_core.backends.torch.cuda.capability import interpreting
-from compiler_core.backends.torch.cuda.dot import tile_dot
+from compiler_core.backends.torch.cuda.dot import linear_acc, linear_dot, output_tile, per_column
 from compiler_core.backends.torch.cuda.splitk import TileLocks, store_tile
 from compiler_core.backends.torch.cuda.tiling import Config, config_for, resolve
 
@@ -77,6 +77,7 @@ def _fp8_gemm_kernel(
     BLOCK_K: tl.constexpr,
     ONE_ROW: tl.constexpr,
     SPLIT: tl.constexpr,
+    SWAP: tl.constexpr,
     WIDEN: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -88,7 +89,7 @@ def _fp8_gemm_kernel(
     m_ok = rm < M
     n_ok = rn < N
     x_scale = tl.load(x_scale_ptr)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = linear_acc(BLOCK_M, BLOCK_N, SWAP)
     first = pid_k * tiles_per_split
     last = tl.minimum(first + tiles_per_split, k_tiles)
     for t in range(first, last):
@@ -103,13 +104,13 @@ def _fp8_gemm_kernel(
         else:
             x = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             xq = quantize_e4m3(x, x_scale).to(tl.float8e4nv)
-        acc += tile_dot(xq, tl.trans(w), WIDEN)
+        acc += linear_dot(xq, w, WIDEN, SWAP)
     acc = acc * (x_scale * tl.load(w_scale_ptr))
     if HAS_BIAS:
         # Only the first K split adds the bias: the splits' partial sums are added afterwards.
-        acc += tl.load(bias_ptr + rn, mask=n_ok & (pid_k == 0), other=0.0).to(tl.float32)[None, :]
+        acc += per_column(tl.load(bias_ptr + rn, mask=n_ok & (pid_k == 0), other=0.0).to(tl.float32), SWAP)
     lock = lock_ptr + pid_m * tl.num_programs(0) + pid_n
-    store_tile(acc, y_ptr, part_ptr, lock, rm, rn, M, N, stride_ym, pid_k, n_splits, SPLIT)
+    store_tile(output_tile(acc, SWAP), y_ptr, part_ptr, lock, rm, rn, M, N, stride_ym, pid_k, n_splits, SPLIT)
 
 
 def fp8_linear(
@@ -162,6 +163,7 @@ def fp8_linear(
         BLOCK_K=tiling.block_k,
         ONE_ROW=m == 1,
         SPLIT=tiling.split_k > 1,
+        SWAP=config.swap_ab,
         WIDEN=interpreting(),
         num_warps=tiling.num_warps,
         num_stages=tiling.num_stages,

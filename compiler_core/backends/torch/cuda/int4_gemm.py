@@ -18,10 +18,9 @@ The GEMM has two forms, chosen per launch by the tiling table (:mod:`.tiling`, `
   float32 rescale of the accumulator disappears. ``block_k`` must be a multiple of the group
   size or divide it.
 
-(A variant that built the floats from bit patterns and split the activation into even and odd
-columns, to avoid integer-to-float conversions and the interleave, measured slower on an H200 at
-every M: see docs/PERFORMANCE.md.)
-Small M splits the K loop across programs; the last split of each output tile adds the partial
+Codes become floats by their bit patterns, not by integer-to-float conversions (see
+:func:`_unpack`). Either operand order of the tile product is a launch parameter (``swap_ab``, see
+:mod:`.dot`). Small M splits the K loop across programs; the last split of each output tile adds the partial
 sums in float32 (:mod:`.splitk`).
 
 :func:`dequantize_int4` writes the dense weight in the compute dtype with one kernel, bit-exact
@@ -38,7 +37,7 @@ import triton
 import triton.language as tl
 
 from compiler_core.backends.torch.cuda.capability import interpreting
-from compiler_core.backends.torch.cuda.dot import tile_dot
+from compiler_core.backends.torch.cuda.dot import linear_acc, linear_dot, output_tile, per_column
 from compiler_core.backends.torch.cuda.splitk import TileLocks, store_tile
 from compiler_core.backends.torch.cuda.tiling import MIN_GROUP_SIZE, Config, config_for, resolve
 
@@ -75,11 +74,26 @@ def prepare_int4_weight(packed: torch.Tensor, scales: torch.Tensor, group_size: 
     return Int4Weight(padded.contiguous(), scales.float().contiguous(), in_features, group_size)
 
 
+#: float32 2**23 + 8 as bits: OR-ed (here XOR-ed) with a nibble whose sign bit is flipped (code + 8,
+#: 0..15), its mantissa holds that nibble, and subtracting 2**23 + 8 leaves the code exactly.
+MAGIC_BITS = tl.constexpr(0x4B000008)
+MAGIC = tl.constexpr(8388616.0)
+
+
 @triton.jit
 def _unpack(p):
-    """int8 bytes ``[R, C]`` -> int32 codes ``[R, 2C]`` (low nibble first), sign-extended."""
-    p = p.to(tl.int32)  # sign-extends the byte: its high nibble is then p >> 4 (arithmetic)
-    return tl.interleave((p << 28) >> 28, p >> 4)
+    """int8 bytes ``[R, C]`` -> float32 codes ``[R, 2C]`` (low nibble first, each in [-8, 7]).
+
+    Built from bit patterns rather than by integer-to-float conversions, which Hopper issues at a
+    quarter of the float rate: in an H200 sweep (docs/PERFORMANCE.md) this was up to 11% faster
+    with the weight as the left operand (``swap_ab``) and within 6% either way without. XOR with
+    ``MAGIC_BITS`` flips the nibble's sign bit (two's complement code -> code + 8) and sets the
+    exponent of 2**23 in one logical operation.
+    """
+    q = p.to(tl.int32)
+    low = ((q & 0xF) ^ MAGIC_BITS).to(tl.float32, bitcast=True)
+    high = (((q >> 4) & 0xF) ^ MAGIC_BITS).to(tl.float32, bitcast=True)
+    return tl.interleave(low, high) - MAGIC
 
 
 @triton.jit
@@ -141,6 +155,7 @@ def _int4_gemm_kernel(
     SCALE_CODES: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr,
+    SWAP: tl.constexpr,
     WIDEN: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -153,7 +168,7 @@ def _int4_gemm_kernel(
     m_ok = rm < M
     n_ok = rn < N
     groups = K_PADDED // GROUP
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = linear_acc(BLOCK_M, BLOCK_N, SWAP)
     first = pid_k * tiles_per_split
     last = tl.minimum(first + tiles_per_split, k_tiles)
     for t in range(first, last):
@@ -166,20 +181,20 @@ def _int4_gemm_kernel(
             mask=n_ok[:, None] & (b[None, :] < K_PADDED // 2),
             other=0,
         )
-        codes = _unpack(p).to(tl.float32)
+        codes = _unpack(p)
         if SCALE_CODES:
             # (code * scale) is exact in float32 (a 4-bit times a bf16/fp16 significand); the cast
             # rounds it once, as dequantize_in_dtype does.
             w = _cast(_scaled(codes, s_ptr, rn, n_ok, stride_sn, k0, groups, GROUP, BLOCK_K), x.dtype, WIDEN)
-            acc += tile_dot(x, tl.trans(w), WIDEN)
+            acc += linear_dot(x, w, WIDEN, SWAP)
         else:
             scale = tl.load(s_ptr + rn * stride_sn + t, mask=n_ok, other=0.0)
-            acc += tile_dot(x, tl.trans(codes.to(x.dtype)), WIDEN) * scale[None, :]
+            acc += linear_dot(x, codes.to(x.dtype), WIDEN, SWAP) * per_column(scale, SWAP)
     if HAS_BIAS:
         # Only the first K split adds the bias: the splits' partial sums are added afterwards.
-        acc += tl.load(bias_ptr + rn, mask=n_ok & (pid_k == 0), other=0.0).to(tl.float32)[None, :]
+        acc += per_column(tl.load(bias_ptr + rn, mask=n_ok & (pid_k == 0), other=0.0).to(tl.float32), SWAP)
     lock = lock_ptr + pid_m * tl.num_programs(0) + pid_n
-    store_tile(acc, y_ptr, part_ptr, lock, rm, rn, M, N, stride_ym, pid_k, n_splits, SPLIT)
+    store_tile(output_tile(acc, SWAP), y_ptr, part_ptr, lock, rm, rn, M, N, stride_ym, pid_k, n_splits, SPLIT)
 
 
 def check_config(config: Config, group_size: int) -> None:
@@ -239,6 +254,7 @@ def int4_linear(
         SCALE_CODES=config.block_k > 0,
         HAS_BIAS=bias is not None,
         SPLIT=tiling.split_k > 1,
+        SWAP=config.swap_ab,
         WIDEN=interpreting(),
         num_warps=tiling.num_warps,
         num_stages=tiling.num_stages,
@@ -271,7 +287,7 @@ def _int4_dequant_kernel(
     b = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
     b_ok = b[None, :] < K_PADDED // 2
     p = tl.load(w_ptr + rn[:, None] * stride_wn + b[None, :], mask=n_ok[:, None] & b_ok, other=0)
-    codes = _unpack(p).to(tl.float32)
+    codes = _unpack(p)
     w = _scaled(codes, s_ptr, rn, n_ok, stride_sn, k0, K_PADDED // GROUP, GROUP, BLOCK_K)
     # Exact in float32, rounded once by the cast: dequantize_in_dtype's rounding.
     w = _cast(w, out_ptr.dtype.element_ty, EXACT_BF16)

@@ -45,6 +45,7 @@ class Config:
     a power of two >= 16 means the codes are scaled into the compute dtype in registers, so one
     tile may span several groups or part of one. ``split_k``: K splits, 0 = automatic
     (:data:`PROGRAMS_PER_SM` programs per multiprocessor, capped at :data:`MAX_AUTO_SPLIT`).
+    ``swap_ab``: the weight tile as the tile product's left operand (see :mod:`.dot`).
     """
 
     block_m: int
@@ -53,6 +54,7 @@ class Config:
     split_k: int
     num_warps: int
     num_stages: int
+    swap_ab: bool = False
 
 
 @dataclass(frozen=True)
