@@ -85,42 +85,42 @@ class Tiling:
         return y if self.split_k == 1 else torch.empty((self.split_k, m, n), dtype=torch.float32, device=y.device)
 
 
-# Measured on one NVIDIA H200 by bench/gpu_tune.py (falcon-7b's linears, 2026-12-02; the search and
-# its table are in docs/PERFORMANCE.md): "small" from qkv/dense, "large" from fc/proj. Rows above 64
-# (prefill) keep the square tiles measured before the sweep; INT4 prefill mostly takes the
-# dequantize + cuBLAS path instead (fused/int4.py). The FP8 one-row rows are from a second sweep
-# (same card, M 1 / 8 / 32), after the splits' sum moved into the kernel and one-row calls stopped
-# quantizing their padding rows: qkv 13.9 -> 11.1 us, fc 34.9 -> 27.8, proj 31.7 -> 26.3.
+# Measured on one NVIDIA H200 by bench/gpu_tune.py (falcon-7b's linears; the searches and their
+# tables are in docs/PERFORMANCE.md): "small" from qkv/dense, "large" from fc/proj. The decode rows
+# (M <= 128) come from the 2026-12-02 session-9 sweeps, which searched the operand order
+# (swap_ab) as well; the FP8 rows from 17 to 64 rows and the rows above 128 (prefill) are older.
+# INT4 prefill above 128 rows mostly takes the dequantize + cuBLAS path instead (fused/int4.py), and
+# FP8 above 16 rows cuBLASLt (fused/fp8.py).
 TABLE: dict[str, dict[str, tuple[tuple[int, Config], ...]]] = {
     "int4": {
         "small": (
-            (2, Config(16, 64, 0, 8, 4, 3)),
-            (8, Config(16, 64, 128, 8, 4, 3)),
-            (16, Config(16, 64, 0, 8, 4, 3)),
-            (32, Config(32, 64, 128, 8, 4, 3)),
+            (16, Config(16, 64, 0, 8, 4, 3, swap_ab=True)),
+            (32, Config(32, 64, 0, 8, 4, 3, swap_ab=True)),
             (64, Config(64, 64, 128, 8, 4, 3)),
+            (128, Config(128, 64, 256, 4, 4, 3, swap_ab=True)),
             (ANY_M, Config(128, 128, 0, 1, 8, 3)),
         ),
         "large": (
-            (1, Config(16, 64, 0, 16, 4, 3)),
-            (8, Config(16, 64, 128, 16, 4, 3)),
-            (16, Config(16, 64, 0, 16, 4, 3)),
-            (32, Config(32, 64, 256, 4, 4, 2)),
-            (64, Config(64, 64, 128, 0, 4, 4)),
+            (16, Config(16, 64, 0, 16, 4, 3, swap_ab=True)),
+            (32, Config(32, 64, 256, 8, 4, 3, swap_ab=True)),
+            (64, Config(64, 128, 0, 0, 4, 3, swap_ab=True)),
+            (128, Config(128, 64, 256, 0, 4, 3, swap_ab=True)),
             (ANY_M, Config(128, 128, 0, 1, 8, 3)),
         ),
     },
     "fp8": {
         "small": (
-            (1, Config(16, 128, 256, 8, 4, 3)),
+            (1, Config(16, 128, 256, 8, 4, 3, swap_ab=True)),
+            (4, Config(16, 128, 64, 16, 8, 3, swap_ab=True)),
+            (16, Config(16, 128, 128, 8, 8, 3)),
             (32, Config(16, 128, 64, 8, 4, 3)),
             (64, Config(64, 128, 64, 8, 8, 5)),
             (ANY_M, Config(128, 128, 128, 1, 8, 3)),
         ),
         "large": (
-            (1, Config(16, 64, 256, 0, 4, 3)),
-            (4, Config(16, 128, 128, 16, 8, 5)),
-            (16, Config(16, 64, 128, 16, 4, 3)),
+            (1, Config(16, 64, 256, 4, 4, 3, swap_ab=True)),
+            (4, Config(16, 128, 64, 0, 8, 3, swap_ab=True)),
+            (16, Config(16, 64, 128, 8, 4, 3, swap_ab=True)),
             (32, Config(16, 128, 64, 16, 4, 3)),
             (64, Config(64, 128, 64, 4, 8, 5)),
             (ANY_M, Config(128, 128, 128, 1, 8, 3)),
