@@ -186,14 +186,16 @@ def test_int4_gemm_pattern_takes_the_triton_kernel_on_a_ragged_layer(registry, c
         channel_scale_pattern.CHANNEL_SCALE,
         int4.INT4_GEMM,
     ]
-    assert counted["int4_linear"] == len(int4.TRITON_PROBE_ROWS)  # the load-time probes
+    probes = int4.triton_probe_rows(40, 96)
+    assert probes == (1, 16, 32, 64, 128, 129)  # one row, then each row of the tiling table
+    assert counted["int4_linear"] == len(probes)  # the load-time probes
     x = torch.randn(3, 5, 96).bfloat16()
     (got,) = executor.run({"x": x}, ForwardContext.for_prompt(torch.ones(3, 5, dtype=torch.long))).values()
     scaled = (x * weights["fc.prequant_scaling_factor"]).double()  # the channel_scale step, in bfloat16
     want = scaled @ dequantize_packed(weights["fc.weight"], scales, 64, torch.float64).T + weights["fc.bias"].double()
     assert got.shape == (3, 5, 40)
     assert engines.relative_error(got, want) < 1e-2
-    assert counted["int4_linear"] == len(int4.TRITON_PROBE_ROWS) + 1
+    assert counted["int4_linear"] == len(probes) + 1
 
 
 def test_int4_gemm_pattern_keeps_the_dense_kernel_when_the_probe_disagrees(registry, counted, monkeypatch):

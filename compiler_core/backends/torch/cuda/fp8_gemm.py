@@ -137,7 +137,7 @@ def fp8_linear(
     if config is None:
         config = config_for("fp8", m, n, k)
     k_tiles = -(-k // config.block_k)
-    tiling = resolve(config, m, n, k_tiles, config.block_k, x.device)
+    tiling = resolve(config, m, n, k_tiles, config.block_k, x.device, x_bytes=x.element_size(), w_bits=8)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     _fp8_gemm_kernel[tiling.grid(m, n)](
         x2,

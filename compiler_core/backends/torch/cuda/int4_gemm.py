@@ -226,7 +226,7 @@ def int4_linear(
     check_config(config, weight.group_size)
     block_k = config.block_k or weight.group_size
     k_tiles = -(-weight.padded_in // block_k)
-    tiling = resolve(config, m, n, k_tiles, block_k, x.device)
+    tiling = resolve(config, m, n, k_tiles, block_k, x.device, x_bytes=x.element_size(), w_bits=4)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     _int4_gemm_kernel[tiling.grid(m, n)](
         x2,

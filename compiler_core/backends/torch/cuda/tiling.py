@@ -139,6 +139,14 @@ def config_for(kernel: str, m: int, n: int, k: int) -> Config:
     return next(config for max_m, config in TABLE[kernel][size_class(n, k)] if m <= max_m)
 
 
+def row_bounds(kernel: str, n: int, k: int) -> tuple[int, ...]:
+    """One M per :data:`TABLE` row of ``kernel`` for an [*, k] x [k, n] GEMM (each row's bound, the
+    last row's as one past the row before it): calls of these sizes compile every launch the
+    table can pick, which the lowerings do at load rather than inside a graph capture."""
+    bounds = [max_m for max_m, _ in TABLE[kernel][size_class(n, k)]]
+    return (*bounds[:-1], bounds[-2] + 1 if len(bounds) > 1 else 1)
+
+
 def multiprocessors(device: torch.device) -> int:
     """The device's multiprocessor count (:data:`INTERPRETER_SMS` off CUDA)."""
     if device.type != "cuda":
@@ -146,8 +154,31 @@ def multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def resolve(config: Config, m: int, n: int, k_tiles: int, block_k: int, device: torch.device) -> Tiling:
-    """The launch of ``config`` for an [m, n] output whose K loop has ``k_tiles`` tiles of ``block_k``.
+#: Bytes per activation element the table's rows were measured with (bfloat16).
+TUNED_ACTIVATION_BYTES = 2
+
+
+def pipeline_stages(config: Config, block_k: int, x_bytes: int, w_bits: int) -> int:
+    """``config``'s pipeline depth for activations of ``x_bytes`` per element and weights of ``w_bits``.
+
+    Each stage buffers one activation and one weight tile in shared memory. With wider activations
+    than the table was measured with (float32 engines), the depth drops so that the buffers take at
+    most what the measured row's did: a 128-row, 256-deep float32 tile at the row's 3 stages needed
+    340 KiB on an H200, which has 227.
+    """
+
+    def stage_bytes(activation_bytes: int) -> int:
+        return config.block_m * block_k * activation_bytes + config.block_n * block_k * w_bits // 8
+
+    measured = config.num_stages * stage_bytes(TUNED_ACTIVATION_BYTES)
+    return max(1, min(config.num_stages, measured // stage_bytes(x_bytes)))
+
+
+def resolve(
+    config: Config, m: int, n: int, k_tiles: int, block_k: int, device: torch.device, *, x_bytes: int, w_bits: int
+) -> Tiling:
+    """The launch of ``config`` for an [m, n] output whose K loop has ``k_tiles`` tiles of ``block_k``,
+    with activations of ``x_bytes`` per element and weights of ``w_bits`` (see :func:`pipeline_stages`).
 
     An automatic split-K (0) aims at :data:`PROGRAMS_PER_SM` programs per multiprocessor; any
     split is capped at ``k_tiles`` (one tile per split at least).
@@ -158,4 +189,5 @@ def resolve(config: Config, m: int, n: int, k_tiles: int, block_k: int, device: 
         split = max(1, min(MAX_AUTO_SPLIT, PROGRAMS_PER_SM * multiprocessors(device) // blocks))
     per_split = -(-k_tiles // max(1, min(split, k_tiles)))
     split = -(-k_tiles // per_split)  # every split then holds at least one tile and writes its partials
-    return Tiling(config.block_m, config.block_n, block_k, split, per_split, config.num_warps, config.num_stages)
+    stages = pipeline_stages(config, block_k, x_bytes, w_bits)
+    return Tiling(config.block_m, config.block_n, block_k, split, per_split, config.num_warps, stages)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from compiler_core.backends.torch.cuda.capability import triton_ready
-from compiler_core.backends.torch.cuda.tiling import MIN_GROUP_SIZE
+from compiler_core.backends.torch.cuda.tiling import MIN_GROUP_SIZE, row_bounds
 from compiler_core.backends.torch.fused.dense import dequantized_weight, is_int4_groups
 from compiler_core.backends.torch.kernels import Kernel, TorchLowering, dense_linear
 from compiler_core.backends.torch.quant import out_dtype_of
@@ -139,8 +139,10 @@ def tinygemm_matmul(
     return matmul
 
 
-#: Probe sizes: one per tiling of the Triton GEMM (decode, small batch, prefill), compiled at lowering time.
-TRITON_PROBE_ROWS = (1, 32, 128)
+def triton_probe_rows(out_features: int, in_features: int) -> tuple[int, ...]:
+    """The probe sizes of one layer's Triton GEMM: one row, and one call per row of the tiling table
+    (each compiles and checks a launch the table can pick, at lowering time)."""
+    return tuple(sorted({1, *row_bounds("int4", out_features, in_features)}))
 
 
 def int4_gemm(match: Match, low: TorchLowering) -> Kernel:
@@ -203,7 +205,7 @@ def triton_int4_kernel(
     dense = reference.float()
     gen = torch.Generator(device=packed.device).manual_seed(0)
     try:
-        for rows in TRITON_PROBE_ROWS:
+        for rows in triton_probe_rows(weight.out_features, weight.in_features):
             probe = torch.randn(rows, weight.in_features, generator=gen, device=packed.device).to(dtype)
             want = probe.float() @ dense.T
             if bias is not None:

@@ -1,0 +1,63 @@
+"""The tiling table's launch plans: pipeline depth by operand width, and probe sizes that reach every row."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compiler_core.backends.torch.cuda.tiling import (
+    TABLE,
+    Config,
+    config_for,
+    pipeline_stages,
+    resolve,
+    row_bounds,
+)
+
+#: (kernel, weight bits, (out, in) of each size class): falcon-7b's qkv and fc shapes.
+KERNELS = [("int4", 4), ("fp8", 8)]
+SHAPES = [(4672, 4544), (18176, 4544)]
+
+
+def rows_of_table():
+    for kernel, w_bits in KERNELS:
+        for size, rows in TABLE[kernel].items():
+            for _, config in rows:
+                yield pytest.param(kernel, w_bits, config, id=f"{kernel}-{size}-{config}")
+
+
+def effective_block_k(kernel: str, config: Config) -> int:
+    return config.block_k or 128  # an INT4 row of block_k 0 runs one group (falcon's 128) per K tile
+
+
+@pytest.mark.parametrize(("kernel", "w_bits", "config"), rows_of_table())
+def test_float32_activations_buffer_no_more_than_the_measured_row(kernel, w_bits, config):
+    block_k = effective_block_k(kernel, config)
+
+    def buffered(x_bytes: int, stages: int) -> int:
+        return stages * (config.block_m * block_k * x_bytes + config.block_n * block_k * w_bits // 8)
+
+    for x_bytes in (2, 4):
+        stages = pipeline_stages(config, block_k, x_bytes, w_bits)
+        assert 1 <= stages <= config.num_stages
+        if x_bytes == 2:
+            assert stages == config.num_stages  # 16-bit activations launch the row as measured
+        elif stages > 1:
+            assert buffered(4, stages) <= buffered(2, config.num_stages)
+
+
+def test_the_row_that_overflowed_an_h200_in_float32_drops_to_one_stage():
+    # 128 x 256 float32 activation tiles: 340 KiB of shared memory at 3 stages on an H200 (227 KiB there).
+    config = Config(128, 64, 256, 4, 4, 3, swap_ab=True)
+    tiling = resolve(config, 128, 4672, 18, 256, torch.device("cpu"), x_bytes=4, w_bits=4)
+    assert tiling.num_stages == 1
+    assert resolve(config, 128, 4672, 18, 256, torch.device("cpu"), x_bytes=2, w_bits=4).num_stages == 3
+
+
+@pytest.mark.parametrize(("kernel", "w_bits"), KERNELS)
+@pytest.mark.parametrize(("n", "k"), SHAPES)
+def test_row_bounds_reach_every_row_of_the_table(kernel, w_bits, n, k):
+    bounds = row_bounds(kernel, n, k)
+    assert list(bounds) == sorted(set(bounds))
+    every_m = {config_for(kernel, m, n, k) for m in range(1, 2 * bounds[-1])}
+    assert {config_for(kernel, m, n, k) for m in bounds} == every_m
