@@ -8,9 +8,9 @@ the same function (the GPU's accumulation order aside).
 The GEMMs' tile product ``x @ w.T`` can run in either operand order (``SWAP``, a launch
 parameter of :mod:`.tiling`). With the weight tile as the left operand, the tensor cores' row
 dimension is the weight's 64+ output columns instead of the activation's 16 or 32 padded rows:
-on an H200 that made the decode-sized INT4 GEMMs 5-25% faster and the row-128 ones up to 2x
-(docs/PERFORMANCE.md). The accumulator is then kept transposed, ``[BLOCK_N, BLOCK_M]``, and
-turned once, before the store.
+on an H200 that made the INT4 GEMMs at 1 to 32 rows up to 13% faster and the FP8 ones at one
+row up to 10% (docs/PERFORMANCE.md). The accumulator is then kept transposed,
+``[BLOCK_N, BLOCK_M]``, and turned once, before the store.
 """
 
 from __future__ import annotations

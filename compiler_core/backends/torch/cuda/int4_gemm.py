@@ -85,8 +85,9 @@ def _unpack(p):
     """int8 bytes ``[R, C]`` -> float32 codes ``[R, 2C]`` (low nibble first, each in [-8, 7]).
 
     Built from bit patterns rather than by integer-to-float conversions, which Hopper issues at a
-    quarter of the float rate: in an H200 sweep (docs/PERFORMANCE.md) this was up to 11% faster
-    with the weight as the left operand (``swap_ab``) and within 6% either way without. XOR with
+    quarter of the float rate. In an H200 sweep (docs/PERFORMANCE.md), with the weight as the left
+    operand (``swap_ab``), this was faster at most decode sizes (by up to 14%) and 16% slower at
+    one (qkv, 128 rows); in the other operand order it was within 7% either way. XOR with
     ``MAGIC_BITS`` flips the nibble's sign bit (two's complement code -> code + 8) and sets the
     exponent of 2**23 in one logical operation.
     """
