@@ -14,9 +14,11 @@ CPU). From the same weights the run builds
 
 and measures, for each at every ``--batch``: decode tokens/s = batch x (N - 1) / (time(N new
 tokens) - time(1 new token)) with prompt ``--prompt_len`` and N = ``--new_tokens``, best of
-``--repeat`` with the spread (worst / best); and at batch 1 the prefill of ``--prefill_len``
-tokens (time to first token: the first pass of that length, what a one-off prompt waits, and the
-best and worst of ``--repeat`` after a second pass, which on CUDA captures modelc's graph of it).
+``--repeat`` with the spread (worst / best); and at batch 1 the prefill of each of
+``--prefill_len``'s prompt lengths (time to first token: the first pass of that length, what a
+one-off prompt waits, and the best and worst of ``--repeat`` after a second pass, which on CUDA
+captures modelc's graph of it). The default lengths are the issue's two: 128 tokens (INT4 against
+bf16) and 1024 (bf16 and FP8 time to first token).
 A modelc side named with the suffix
 ``_no_triton`` (``bf16_no_triton``, ...) is the same engine built with ``MODELC_TRITON=0``: the
 kernels before the Triton fast path. The floor is the weight-read limit: engine weight bytes /
@@ -179,11 +181,22 @@ def decode_speed(gen, prompts: list[list[int]], args) -> dict[str, float]:
     return {"tok_s": max(valid), "worst_tok_s": min(valid)}
 
 
-def prefill_ms(gen, vocab: int, args) -> dict[str, float]:
-    """Time to the first token of one ``--prefill_len``-token prompt, in ms: its first pass, then the
-    best and worst of ``--repeat`` after an untimed second one (modelc captures a prompt shape's
-    CUDA graph at its second use, so the repeats are replays)."""
-    prompt = torch.randint(100, vocab, (1, args.prefill_len), generator=torch.Generator().manual_seed(7)).tolist()
+def prompt_lengths(spec: str) -> list[int]:
+    """``--prefill_len``'s prompt lengths: comma-separated positive integers, or 0 / empty for none."""
+    try:
+        lengths = [int(v) for v in spec.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not comma-separated integers: {spec!r}") from None
+    if any(n < 0 for n in lengths):
+        raise argparse.ArgumentTypeError(f"a negative prompt length in {spec!r}")
+    return [n for n in lengths if n > 0]
+
+
+def prefill_ms(gen, vocab: int, length: int, args) -> dict[str, float]:
+    """Time to the first token of one ``length``-token prompt, in ms: its first pass, then the best
+    and worst of ``--repeat`` after an untimed second one (modelc captures a prompt shape's CUDA
+    graph at its second use, so the repeats are replays)."""
+    prompt = torch.randint(100, vocab, (1, length), generator=torch.Generator().manual_seed(7)).tolist()
     first = 1e3 * timed(lambda: gen(prompt, 1), args.device)
     gen(prompt, 1)
     times = [1e3 * timed(lambda: gen(prompt, 1), args.device) for _ in range(args.repeat)]
@@ -199,8 +212,8 @@ def measure_side(name: str, gen, weight_bytes: int, vocab: int, args) -> dict[st
         prompts = torch.randint(100, vocab, (batch, args.prompt_len), generator=torch.Generator().manual_seed(batch))
         row["decode"][batch] = decode_speed(gen, prompts.tolist(), args)
         print(f"#   {name} batch {batch}: {row['decode'][batch]['tok_s']:.1f} tok/s", flush=True)
-    if args.prefill_len and name != "hf_compiled":  # a new prompt length would recompile it
-        row["prefill"] = prefill_ms(gen, vocab, args)
+    if name != "hf_compiled":  # a new prompt length would recompile it
+        row["prefill"] = {length: prefill_ms(gen, vocab, length, args) for length in args.prefill_len}
     return row
 
 
@@ -336,7 +349,8 @@ def table(result: dict[str, Any]) -> str:
     bf16 = next((r for r in result["rows"] if r["side"] == "bf16" and "decode" in r), None)
     head = "| side | weights GiB | floor steps/s |"
     head += "".join(f" batch {b} tok/s (worst) |" for b in batches)
-    head += " vs bf16 at batch 1 | prefill ms (worst; first pass) |"
+    lengths = result["prefill_lengths"]
+    head += " vs bf16 at batch 1 |" + "".join(f" prefill {n} ms (worst; first pass) |" for n in lengths)
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in result["rows"]:
         if "error" in r:
@@ -348,8 +362,9 @@ def table(result: dict[str, Any]) -> str:
             line += f" {d['tok_s']:.1f} ({d['worst_tok_s']:.1f}) |" if d else " - |"
         ratio = bf16 and 1 in r["decode"] and 1 in bf16["decode"]
         line += f" {r['decode'][1]['tok_s'] / bf16['decode'][1]['tok_s']:.2f}x |" if ratio else " - |"
-        p = r.get("prefill")
-        line += f" {p['ms']:.1f} ({p['worst_ms']:.1f}; {p['first_ms']:.1f}) |" if p else " - |"
+        for n in lengths:
+            p = r.get("prefill", {}).get(n)
+            line += f" {p['ms']:.1f} ({p['worst_ms']:.1f}; {p['first_ms']:.1f}) |" if p else " - |"
         lines.append(line)
     return "\n".join(lines)
 
@@ -362,7 +377,9 @@ def main() -> None:
     parser.add_argument("--compiled_batch", default="1", help="batch sizes of the hf_compiled side")
     parser.add_argument("--prompt_len", type=int, default=128)
     parser.add_argument("--new_tokens", type=int, default=128)
-    parser.add_argument("--prefill_len", type=int, default=1024, help="0: no prefill measurement")
+    parser.add_argument(
+        "--prefill_len", type=prompt_lengths, default="128,1024", help="comma-separated prompt lengths; 0: no prefill"
+    )
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument(
         "--sides",
@@ -386,6 +403,7 @@ def main() -> None:
         "device": card,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "args": {k: str(v) for k, v in vars(args).items()},
+        "prefill_lengths": args.prefill_len,
         "copy_bandwidth": copy_bandwidth(args.device),
         "rows": [],
     }

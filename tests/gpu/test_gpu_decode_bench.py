@@ -20,7 +20,7 @@ SIDES = ("bf16", "fp8_kv", "int4_awq", "int4_awq_no_triton", "hf_eager")
 def test_gpu_decode_runs_on_cpu(tmp_path):
     out = tmp_path / "result.json"
     args = ["--device", "cpu", "--shape", "overhead", "--sides", ",".join(SIDES), "--batch", "1,2"]
-    args += ["--new_tokens", "3", "--repeat", "1", "--prefill_len", "16", "--json", str(out)]
+    args += ["--new_tokens", "3", "--repeat", "1", "--prefill_len", "8,16", "--json", str(out)]
     proc = subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
@@ -28,9 +28,18 @@ def test_gpu_decode_runs_on_cpu(tmp_path):
     for row in result["rows"]:
         assert "error" not in row, row
         assert set(row["decode"]) == {"1", "2"}  # JSON keys of the batch sizes
-        assert row["prefill"]["ms"] > 0 and row["prefill"]["first_ms"] > 0
+        assert set(row["prefill"]) == {"8", "16"}  # one timing per prompt length
+        assert all(p["ms"] > 0 and p["first_ms"] > 0 for p in row["prefill"].values())
         assert row["weight_bytes"] > 0
     assert all(f"| {side} |" in proc.stdout for side in SIDES)
+    assert "prefill 8 ms" in proc.stdout and "prefill 16 ms" in proc.stdout
+
+
+def test_gpu_decode_rejects_a_bad_prompt_length():
+    args = ["--device", "cpu", "--shape", "tiny", "--prefill_len", "128,abc"]
+    proc = subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2
+    assert "--prefill_len" in proc.stderr and "'128,abc'" in proc.stderr and "Traceback" not in proc.stderr
 
 
 MODES = {"step": ["--steps", "2", "--prompt_len", "8"], "prefill": ["--prefill_len", "24"]}
