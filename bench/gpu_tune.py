@@ -8,12 +8,13 @@ K tile, split-K, warps, stages) next to cuBLAS bf16 ``F.linear`` and, for FP8, q
 (failing or uncompilable configurations are skipped and counted).
 
 The grid is searched coordinate-wise from the table's current row (each parameter in turn over
-its values, the others held at the best so far), since the full product does not fit in a few
-minutes of compiles. Each (kernel, linear, M) gets an equal share of what is left of
-``--budget_s``; when it is spent the best so far is kept. The winners of the two linears of a
-size class (``tiling.size_class``) are then timed on each other, and the configuration with the
-least total time is suggested for that class. Times are CUDA-graph replays rotating through
-weight copies larger than the L2 (as ``bench/gpu_decode.py``'s per-linear table).
+its values, the operand order together with the K tile, the others held at the best so far),
+since the full product does not fit in a few minutes of compiles. Each (kernel, linear, M) gets
+an equal share of what is left of ``--budget_s``; when it is spent the best so far is kept. The
+winners of the two linears of a size class (``tiling.size_class``) are then timed on each other,
+and the configuration with the least total time is suggested for that class. Times are
+CUDA-graph replays rotating through weight copies larger than the L2 (as
+``bench/gpu_decode.py``'s per-linear table).
 
 It also times the INT4 prefill choice (``int4_linear`` against ``dequantize_int4`` + cuBLAS) at
 128, 512 and 1024 rows.
@@ -27,6 +28,7 @@ On a CPU (``--tiny``, Triton's interpreter) nothing is timed: the candidates are
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -46,19 +48,21 @@ FALCON_7B = {"qkv": (4672, 4544), "dense": (4544, 4544), "fc": (18176, 4544), "p
 #: Interpreter-sized stand-ins (a ragged last group of 16 in the 80-wide rows at group 32).
 TINY = {"qkv": (40, 80), "dense": (24, 80)}
 GROUP, TINY_GROUP = 128, 32
-#: Values each parameter is searched over (the table's current value is tried first).
-SEARCH: dict[str, dict[str, tuple[int, ...]]] = {
+#: Values each parameter is searched over (the table's current value is tried first). A tuple of
+#: names is searched jointly over the product of its values: the operand order and the K tile
+#: interact (at qkv, 32 rows, the weight-left form won only with another K tile, which a one-by-one
+#: search never reached).
+ORDER_AND_K = ("swap_ab", "block_k")
+SEARCH: dict[str, dict[str | tuple[str, ...], tuple[Any, ...]]] = {
     "int4": {
-        "swap_ab": (False, True),
-        "block_k": (0, 128, 256, 64),
+        ORDER_AND_K: tuple(itertools.product((False, True), (0, 128, 256, 64))),
         "block_n": (64, 32, 128),
         "split_k": (0, 1, 2, 4, 8, 16),
         "num_warps": (4, 8),
         "num_stages": (3, 4, 2, 5),
     },
     "fp8": {
-        "swap_ab": (False, True),
-        "block_k": (128, 256, 64),
+        ORDER_AND_K: tuple(itertools.product((False, True), (128, 256, 64))),
         "block_n": (64, 32, 128),
         "split_k": (0, 1, 2, 4, 8, 16),
         "num_warps": (4, 8),
@@ -66,8 +70,8 @@ SEARCH: dict[str, dict[str, tuple[int, ...]]] = {
     },
 }
 TINY_SEARCH = {
-    "int4": {"block_k": (0, 16, 64), "swap_ab": (False, True)},
-    "fp8": {"block_k": (32, 64), "swap_ab": (False, True)},
+    "int4": {ORDER_AND_K: tuple(itertools.product((False, True), (0, 16, 64)))},
+    "fp8": {ORDER_AND_K: tuple(itertools.product((False, True), (32, 64)))},
 }
 #: Relative error (Frobenius) a candidate may have against the float32 reference: bfloat16 outputs
 #: are rounded once from a float32 accumulator (see tests/gpu/test_kernels.py).
@@ -207,7 +211,8 @@ def descend(sweep: Sweep, linear: Linear, kernel: str, m: int, start, search, de
         for value in values:
             if time.perf_counter() > deadline:
                 return best, best_us
-            candidate = replace(best or start, **{field: value})
+            changes = dict(zip(field, value, strict=True)) if isinstance(field, tuple) else {field: value}
+            candidate = replace(best or start, **changes)
             us = sweep.measure(linear, kernel, m, candidate)
             if us is not None and (best_us is None or us < best_us):
                 best, best_us = candidate, us
