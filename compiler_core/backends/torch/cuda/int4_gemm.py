@@ -19,9 +19,9 @@ The GEMM has two forms, chosen per launch by the tiling table (:mod:`.tiling`, `
   size or divide it.
 
 Codes become floats by their bit patterns, not by integer-to-float conversions (see
-:func:`_unpack`). Either operand order of the tile product is a launch parameter (``swap_ab``, see
-:mod:`.dot`). Small M splits the K loop across programs; the last split of each output tile adds the partial
-sums in float32 (:mod:`.splitk`).
+:func:`_unpack`). Either operand order of the tile product is a launch parameter (``swap_ab``,
+see :mod:`.dot`). Small M splits the K loop across programs; the last split of each output tile
+adds the partial sums in float32 (:mod:`.splitk`).
 
 :func:`dequantize_int4` writes the dense weight in the compute dtype with one kernel, bit-exact
 with ``dequantize_in_dtype``: prefill calls (compute-bound) run it and then cuBLAS.
@@ -74,8 +74,9 @@ def prepare_int4_weight(packed: torch.Tensor, scales: torch.Tensor, group_size: 
     return Int4Weight(padded.contiguous(), scales.float().contiguous(), in_features, group_size)
 
 
-#: float32 2**23 + 8 as bits: OR-ed (here XOR-ed) with a nibble whose sign bit is flipped (code + 8,
-#: 0..15), its mantissa holds that nibble, and subtracting 2**23 + 8 leaves the code exactly.
+#: The bits of float32 2**23 + 8 (:data:`MAGIC`). XOR-ed with a code's nibble, they flip the
+#: nibble's sign bit (code -> code + 8, in 0..15) and set the exponent of 2**23 above it, so the
+#: float is 2**23 + code + 8, and subtracting :data:`MAGIC` leaves the code exactly.
 MAGIC_BITS = tl.constexpr(0x4B000008)
 MAGIC = tl.constexpr(8388616.0)
 
@@ -87,9 +88,8 @@ def _unpack(p):
     Built from bit patterns rather than by integer-to-float conversions, which Hopper issues at a
     quarter of the float rate. In an H200 sweep (docs/PERFORMANCE.md), with the weight as the left
     operand (``swap_ab``), this was faster at most decode sizes (by up to 14%) and 16% slower at
-    one (qkv, 128 rows); in the other operand order it was within 7% either way. XOR with
-    ``MAGIC_BITS`` flips the nibble's sign bit (two's complement code -> code + 8) and sets the
-    exponent of 2**23 in one logical operation.
+    one (qkv, 128 rows); in the other operand order it was within 7% either way. One logical
+    operation per code (the XOR with :data:`MAGIC_BITS`) and one subtraction replace the conversion.
     """
     q = p.to(tl.int32)
     low = ((q & 0xF) ^ MAGIC_BITS).to(tl.float32, bitcast=True)
