@@ -35,6 +35,7 @@ from compiler_core.backends.torch.cuda import (  # noqa: E402
     int4_gemm,
     residual_add,
     rope_cache,
+    tiling,
     timing,
 )
 from compiler_core.backends.torch.executor import GraphExecutor  # noqa: E402
@@ -186,7 +187,7 @@ def test_int4_gemm_pattern_takes_the_triton_kernel_on_a_ragged_layer(registry, c
         channel_scale_pattern.CHANNEL_SCALE,
         int4.INT4_GEMM,
     ]
-    probes = int4.triton_probe_rows(40, 96)
+    probes = tiling.probe_rows("int4", 40, 96)
     assert probes == (1, 16, 32, 64, 128, 129)  # one row, then each row of the tiling table
     assert counted["int4_linear"] == len(probes)  # the load-time probes
     x = torch.randn(3, 5, 96).bfloat16()

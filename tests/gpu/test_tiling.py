@@ -10,8 +10,8 @@ from compiler_core.backends.torch.cuda.tiling import (
     Config,
     config_for,
     pipeline_stages,
+    probe_rows,
     resolve,
-    row_bounds,
 )
 
 #: (kernel, weight bits, (out, in) of each size class): falcon-7b's qkv and fc shapes.
@@ -56,8 +56,8 @@ def test_the_row_that_overflowed_an_h200_in_float32_drops_to_one_stage():
 
 @pytest.mark.parametrize(("kernel", "w_bits"), KERNELS)
 @pytest.mark.parametrize(("n", "k"), SHAPES)
-def test_row_bounds_reach_every_row_of_the_table(kernel, w_bits, n, k):
-    bounds = row_bounds(kernel, n, k)
+def test_probe_rows_reach_every_row_of_the_table(kernel, w_bits, n, k):
+    bounds = probe_rows(kernel, n, k)
     assert list(bounds) == sorted(set(bounds))
     every_m = {config_for(kernel, m, n, k) for m in range(1, 2 * bounds[-1])}
     assert {config_for(kernel, m, n, k) for m in bounds} == every_m

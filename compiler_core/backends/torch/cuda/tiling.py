@@ -139,12 +139,14 @@ def config_for(kernel: str, m: int, n: int, k: int) -> Config:
     return next(config for max_m, config in TABLE[kernel][size_class(n, k)] if m <= max_m)
 
 
-def row_bounds(kernel: str, n: int, k: int) -> tuple[int, ...]:
-    """One M per :data:`TABLE` row of ``kernel`` for an [*, k] x [k, n] GEMM (each row's bound, the
-    last row's as one past the row before it): calls of these sizes compile every launch the
-    table can pick, which the lowerings do at load rather than inside a graph capture."""
+def probe_rows(kernel: str, n: int, k: int, max_rows: int = ANY_M) -> tuple[int, ...]:
+    """The M of a lowering's load-time probes of ``kernel`` for an [*, k] x [k, n] GEMM, up to
+    ``max_rows``: one row (the FP8 GEMM's one-row form compiles on its own) and one M per
+    :data:`TABLE` row (each row's bound, the last row's as one past the row before it). Calls of
+    these sizes compile every launch the table can pick, at load rather than inside a graph capture."""
     bounds = [max_m for max_m, _ in TABLE[kernel][size_class(n, k)]]
-    return (*bounds[:-1], bounds[-2] + 1 if len(bounds) > 1 else 1)
+    last = bounds[-2] + 1 if len(bounds) > 1 else 1
+    return tuple(sorted({1, *(m for m in (*bounds[:-1], last) if m <= max_rows)}))
 
 
 def multiprocessors(device: torch.device) -> int:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from compiler_core.backends.torch.cuda.capability import triton_ready
-from compiler_core.backends.torch.cuda.tiling import row_bounds
+from compiler_core.backends.torch.cuda.tiling import probe_rows
 from compiler_core.backends.torch.fused.dense import is_stored_weight
 from compiler_core.backends.torch.kernels import Kernel, TorchLowering
 from compiler_core.backends.torch.quant import quantize_codes
@@ -129,7 +129,7 @@ def triton_kernel(
     gen = torch.Generator(device=weight.device).manual_seed(0)
     try:
         # Compiles every small-M launch of the table now, not inside a graph capture.
-        for rows in sorted({1, *(r for r in row_bounds("fp8", *weight.shape) if r <= TRITON_MAX_ROWS)}):
+        for rows in probe_rows("fp8", *weight.shape, max_rows=TRITON_MAX_ROWS):
             probe = (torch.randn(rows, weight.shape[1], generator=gen, device=weight.device) * a_scale * 100).to(
                 compute
             )

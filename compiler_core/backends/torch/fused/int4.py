@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from compiler_core.backends.torch.cuda.capability import triton_ready
-from compiler_core.backends.torch.cuda.tiling import MIN_GROUP_SIZE, row_bounds
+from compiler_core.backends.torch.cuda.tiling import MIN_GROUP_SIZE, probe_rows
 from compiler_core.backends.torch.fused.dense import dequantized_weight, is_int4_groups
 from compiler_core.backends.torch.kernels import Kernel, TorchLowering, dense_linear
 from compiler_core.backends.torch.quant import out_dtype_of
@@ -139,12 +139,6 @@ def tinygemm_matmul(
     return matmul
 
 
-def triton_probe_rows(out_features: int, in_features: int) -> tuple[int, ...]:
-    """The probe sizes of one layer's Triton GEMM: one row, and one call per row of the tiling table
-    (each compiles and checks a launch the table can pick, at lowering time)."""
-    return tuple(sorted({1, *row_bounds("int4", out_features, in_features)}))
-
-
 def int4_gemm(match: Match, low: TorchLowering) -> Kernel:
     """The kernel of ``matmul(x, dequantize(int4 weight in groups))``: the Triton INT4 GEMM where it is
     ready and passes its probes, else the device's other kernel (see the module docstring)."""
@@ -205,7 +199,7 @@ def triton_int4_kernel(
     dense = reference.float()
     gen = torch.Generator(device=packed.device).manual_seed(0)
     try:
-        for rows in triton_probe_rows(weight.out_features, weight.in_features):
+        for rows in probe_rows("int4", weight.out_features, weight.in_features):
             probe = torch.randn(rows, weight.in_features, generator=gen, device=packed.device).to(dtype)
             want = probe.float() @ dense.T
             if bias is not None:
