@@ -284,9 +284,10 @@ def sweep_class(
                 clock["left"] -= 1
                 share = (clock["end"] - time.perf_counter()) / max(1, clock["left"])
                 table = config_for(kernel, m, linear.out, linear.inp)
-                start = replace(table, block_m=block_m_of(m)) if m <= ROW_TILES[-1] else table
+                decode_sized = m <= ROW_TILES[-1]
+                start = replace(table, block_m=block_m_of(m)) if decode_sized else table
                 # Row tiles below the one that holds all M rows are tried last (more row blocks re-read the weight).
-                smaller = tuple(b for b in ROW_TILES[:2] if b < start.block_m) if m <= ROW_TILES[-1] else ()
+                smaller = tuple(b for b in ROW_TILES[:2] if b < start.block_m) if decode_sized else ()
                 fields = {**search[kernel], "block_m": smaller}
                 best, best_us = descend(sweep, linear, kernel, m, start, fields, time.perf_counter() + share)
                 row = {
