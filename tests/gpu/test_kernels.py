@@ -59,7 +59,7 @@ def large(shapes):
 
 
 @pytest.mark.parametrize(("m", "n", "k", "group"), INT4_SHAPES + large(INT4_LARGE))
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_int4_linear(device, m, n, k, group, dtype):
     gen = torch.Generator().manual_seed(m * 1000 + n + k)
     codes, scales = quantize_groups(torch.randn(n, k, generator=gen), group, scale_dtype=torch.bfloat16)
@@ -70,7 +70,7 @@ def test_int4_linear(device, m, n, k, group, dtype):
     got = int4_linear(x.to(device), weight, bias.to(device)).cpu()
     want = x.double() @ dequantize_packed(packed, scales, group, torch.float64).T + bias.double()
     assert got.shape == (m, n) and got.dtype == dtype
-    assert relative_error(got, want) < (BF16_TOL if dtype == torch.bfloat16 else FP32_TOL)
+    assert relative_error(got, want) < (FP32_TOL if dtype == torch.float32 else BF16_TOL)
 
 
 def test_int4_ragged_padding_is_zero_weight(device):
@@ -121,6 +121,21 @@ def test_int4_linear_configs(device, config, group, dtype):
         want = x.double() @ w.T + bias.double()
         assert got.shape == (m, n) and got.dtype == dtype
         assert relative_error(got, want) < (BF16_TOL if dtype == torch.bfloat16 else FP32_TOL), (m, config)
+
+
+@pytest.mark.parametrize(("config", "group"), INT4_CONFIGS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_int4_linear_of_the_identity_is_the_dequantized_weight(device, config, group, dtype):
+    """Bit for bit: with one nonzero product per output, the GEMM returns each weight exactly as
+    dequantize_in_dtype rounds it, so every code, scale and rounding in registers is checked."""
+    n, k = 40, 3 * group + group // 2
+    gen = torch.Generator().manual_seed(7 * group + config.block_n)
+    codes, scales = quantize_groups(torch.randn(n, k, generator=gen), group, scale_dtype=dtype)
+    packed = pack_int4(codes)
+    weight = prepare_int4_weight(packed.to(device), scales.to(device), group)
+    eye = torch.eye(k, dtype=dtype)
+    got = int4_linear(eye.to(device), weight, None, config).cpu()
+    assert torch.equal(got, dequantize_in_dtype(packed, scales, group, dtype).T)
 
 
 def test_int4_linear_rejects_unusable_k_tiles(device):

@@ -110,7 +110,7 @@ def _fp8_gemm_kernel(
         # Only the first K split adds the bias: the splits' partial sums are added afterwards.
         acc += per_column(tl.load(bias_ptr + rn, mask=n_ok & (pid_k == 0), other=0.0).to(tl.float32), SWAP)
     lock = lock_ptr + pid_m * tl.num_programs(0) + pid_n
-    store_tile(output_tile(acc, SWAP), y_ptr, part_ptr, lock, rm, rn, M, N, stride_ym, pid_k, n_splits, SPLIT)
+    store_tile(output_tile(acc, SWAP), y_ptr, part_ptr, lock, rm, rn, M, N, stride_ym, pid_k, n_splits, SPLIT, WIDEN)
 
 
 def fp8_linear(

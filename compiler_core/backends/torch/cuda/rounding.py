@@ -32,3 +32,14 @@ def rounded(v, DTYPE: tl.constexpr):
     else:
         out = v.to(DTYPE)  # float16: the interpreter's numpy cast rounds to nearest even too
     return out
+
+
+@triton.jit
+def cast(v, DTYPE: tl.constexpr, INTERPRETED: tl.constexpr):
+    """float32 ``v`` as ``DTYPE``, rounded to nearest even: a plain cast on a GPU, which rounds so,
+    and :func:`rounded` under the interpreter (``INTERPRETED``), where the plain cast does not."""
+    if INTERPRETED:
+        out = rounded(v, DTYPE)
+    else:
+        out = v.to(DTYPE)
+    return out

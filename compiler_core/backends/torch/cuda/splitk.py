@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from compiler_core.backends.torch.cuda.rounding import cast
+
 #: Output tiles a :class:`TileLocks` holds counters for at first (16 KiB; falcon-7b's widest decode
 #: GEMM has 18176 / 64 = 284 tiles per row block). A larger call grows them, which the load-time
 #: probes of the lowerings do before any graph capture.
@@ -40,8 +42,23 @@ class TileLocks:
 
 
 @triton.jit
-def store_tile(acc, y_ptr, part_ptr, lock_ptr, rm, rn, M, N, stride_ym, pid_k, n_splits, SPLIT: tl.constexpr):
-    """Store the float32 tile ``acc`` (rows ``rm``, columns ``rn``) of a GEMM's output, rounded to its dtype.
+def store_tile(
+    acc,
+    y_ptr,
+    part_ptr,
+    lock_ptr,
+    rm,
+    rn,
+    M,
+    N,
+    stride_ym,
+    pid_k,
+    n_splits,
+    SPLIT: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+):
+    """Store the float32 tile ``acc`` (rows ``rm``, columns ``rn``) of a GEMM's output, rounded to
+    nearest even in its dtype (under the interpreter too: ``INTERPRETED``, see :func:`.rounding.cast`).
 
     With ``SPLIT`` (``n_splits > 1``) ``acc`` is split ``pid_k``'s partial sum: it goes to
     ``part_ptr [n_splits, M, N]`` (float32), and the last split of the tile to arrive on
@@ -50,7 +67,7 @@ def store_tile(acc, y_ptr, part_ptr, lock_ptr, rm, rn, M, N, stride_ym, pid_k, n
     mask = (rm < M)[:, None] & (rn < N)[None, :]
     out = y_ptr + rm[:, None] * stride_ym + rn[None, :]
     if not SPLIT:
-        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(out, cast(acc, y_ptr.dtype.element_ty, INTERPRETED), mask=mask)
     else:
         part = part_ptr + rm[:, None] * N + rn[None, :]
         tl.store(part + pid_k * M * N, acc, mask=mask)
@@ -62,5 +79,5 @@ def store_tile(acc, y_ptr, part_ptr, lock_ptr, rm, rn, M, N, stride_ym, pid_k, n
             total = tl.zeros_like(acc)
             for s in range(0, n_splits):
                 total += tl.load(part + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.store(out, total.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.store(out, cast(total, y_ptr.dtype.element_ty, INTERPRETED), mask=mask)
             tl.atomic_xchg(lock_ptr, 0, sem="relaxed", scope="gpu")
