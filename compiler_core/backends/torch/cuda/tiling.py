@@ -86,9 +86,10 @@ class Tiling:
 
 
 # Measured on one NVIDIA H200 by bench/gpu_tune.py (falcon-7b's linears; the searches and their
-# tables are in docs/PERFORMANCE.md): "small" from qkv/dense, "large" from fc/proj. The decode rows
-# (M <= 128) come from the 2026-12-02 session-9 sweeps, which searched the operand order
-# (swap_ab) as well; the FP8 rows from 17 to 64 rows and the rows above 128 (prefill) are older.
+# tables are in docs/PERFORMANCE.md): "small" from qkv/dense, "large" from fc/proj. The INT4 decode
+# rows (M <= 128) come from the session-10 sweep, after the codes were built in pairs; the FP8
+# decode rows from the session-9 sweeps (both searched the operand order, swap_ab); the FP8 rows
+# from 17 to 64 rows and the rows above 128 (prefill) are older.
 # INT4 prefill above 128 rows mostly takes the dequantize + cuBLAS path instead (fused/int4.py), and
 # FP8 above 16 rows cuBLASLt (fused/fp8.py).
 TABLE: dict[str, dict[str, tuple[tuple[int, Config], ...]]] = {
@@ -96,15 +97,15 @@ TABLE: dict[str, dict[str, tuple[tuple[int, Config], ...]]] = {
         "small": (
             (16, Config(16, 64, 0, 8, 4, 3, swap_ab=True)),
             (32, Config(32, 64, 0, 8, 4, 3, swap_ab=True)),
-            (64, Config(64, 64, 128, 8, 4, 3)),
-            (128, Config(128, 64, 256, 4, 4, 3, swap_ab=True)),
+            (64, Config(64, 64, 64, 0, 4, 3, swap_ab=True)),
+            (128, Config(128, 64, 0, 2, 4, 3, swap_ab=True)),
             (ANY_M, Config(128, 128, 0, 1, 8, 3)),
         ),
         "large": (
-            (16, Config(16, 64, 0, 16, 4, 3, swap_ab=True)),
-            (32, Config(32, 64, 256, 8, 4, 3, swap_ab=True)),
-            (64, Config(64, 128, 0, 0, 4, 3, swap_ab=True)),
-            (128, Config(128, 64, 256, 0, 4, 3, swap_ab=True)),
+            (16, Config(16, 64, 0, 0, 4, 3, swap_ab=True)),
+            (32, Config(32, 64, 0, 0, 4, 3, swap_ab=True)),
+            (64, Config(64, 64, 0, 0, 4, 3, swap_ab=True)),
+            (128, Config(128, 64, 0, 0, 4, 3, swap_ab=True)),
             (ANY_M, Config(128, 128, 0, 1, 8, 3)),
         ),
     },
