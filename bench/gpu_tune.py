@@ -49,23 +49,24 @@ FALCON_7B = {"qkv": (4672, 4544), "dense": (4544, 4544), "fc": (18176, 4544), "p
 TINY = {"qkv": (40, 80), "dense": (24, 80)}
 GROUP, TINY_GROUP = 128, 32
 #: Values each parameter is searched over (the table's current value is tried first). A tuple of
-#: names is searched jointly over the product of its values: the operand order and the K tile
-#: interact (at qkv, 32 rows, the weight-left form won only with another K tile, which a one-by-one
-#: search never reached).
+#: names is searched jointly over the product of its values, for pairs that interact: the operand
+#: order and the K tile (at qkv, 32 rows, the weight-left form won only with another K tile, which
+#: a one-by-one search never reached), and the column tile and the warps (a 256-column tile needs
+#: 8 warps to hold its accumulator; it reads each activation tile for 4x the weight columns of a
+#: 64-column one, which matters from a few dozen rows on).
 ORDER_AND_K = ("swap_ab", "block_k")
+TILE_AND_WARPS = ("block_n", "num_warps")
 SEARCH: dict[str, dict[str | tuple[str, ...], tuple[Any, ...]]] = {
     "int4": {
         ORDER_AND_K: tuple(itertools.product((False, True), (0, 128, 256, 64))),
-        "block_n": (64, 32, 128),
+        TILE_AND_WARPS: tuple(itertools.product((64, 32, 128, 256), (4, 8))),
         "split_k": (0, 1, 2, 4, 8, 16),
-        "num_warps": (4, 8),
         "num_stages": (3, 4, 2, 5),
     },
     "fp8": {
         ORDER_AND_K: tuple(itertools.product((False, True), (128, 256, 64))),
-        "block_n": (64, 32, 128),
+        TILE_AND_WARPS: tuple(itertools.product((64, 32, 128, 256), (4, 8))),
         "split_k": (0, 1, 2, 4, 8, 16),
-        "num_warps": (4, 8),
         "num_stages": (3, 4, 2, 5),
     },
 }
