@@ -104,7 +104,7 @@ TABLE: dict[str, dict[str, tuple[tuple[int, Config], ...]]] = {
         "large": (
             (16, Config(16, 64, 0, 0, 4, 3, swap_ab=True)),
             (32, Config(32, 64, 0, 0, 4, 3, swap_ab=True)),
-            (64, Config(64, 64, 0, 0, 4, 3, swap_ab=True)),
+            (64, Config(64, 64, 64, 0, 4, 3, swap_ab=True)),
             (128, Config(128, 64, 0, 0, 4, 3, swap_ab=True)),
             (ANY_M, Config(128, 128, 0, 1, 8, 3)),
         ),
