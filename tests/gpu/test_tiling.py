@@ -61,3 +61,12 @@ def test_probe_rows_reach_every_row_of_the_table(kernel, w_bits, n, k):
     assert list(bounds) == sorted(set(bounds))
     every_m = {config_for(kernel, m, n, k) for m in range(1, 2 * bounds[-1])}
     assert {config_for(kernel, m, n, k) for m in bounds} == every_m
+
+
+@pytest.mark.parametrize(("blocks", "split"), [(6, 3), (7, 2), (16, 1), (40, 1), (1, 16)])
+def test_automatic_split_k_is_nearest_to_the_programs_per_multiprocessor(blocks, split):
+    """On the CPU (4 multiprocessors assumed) the aim is 16 programs: 6 column blocks split 3 ways
+    (18 programs), not 2 (12); 7 blocks split 2 ways; the split stays within 1 and the cap."""
+    config = Config(16, 64, 64, 0, 4, 3)
+    tiling = resolve(config, 1, blocks * 64, 64, 64, torch.device("cpu"), x_bytes=2, w_bits=4)
+    assert (tiling.grid(1, blocks * 64)[0], tiling.split_k) == (blocks, split)

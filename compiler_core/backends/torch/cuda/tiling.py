@@ -183,13 +183,15 @@ def resolve(
     """The launch of ``config`` for an [m, n] output whose K loop has ``k_tiles`` tiles of ``block_k``,
     with activations of ``x_bytes`` per element and weights of ``w_bits`` (see :func:`pipeline_stages`).
 
-    An automatic split-K (0) aims at :data:`PROGRAMS_PER_SM` programs per multiprocessor; any
-    split is capped at ``k_tiles`` (one tile per split at least).
+    An automatic split-K (0) takes the split nearest to :data:`PROGRAMS_PER_SM` programs per
+    multiprocessor (rounding down instead left falcon-7b's fc at 64 rows, 284 column blocks on an
+    H200's 132 multiprocessors, unsplit: 56.9 us, against 47.7 us split in two); any split is
+    capped at ``k_tiles`` (one tile per split at least).
     """
     split = config.split_k
     if split == 0:
         blocks = -(-n // config.block_n) * -(-m // config.block_m)
-        split = max(1, min(MAX_AUTO_SPLIT, PROGRAMS_PER_SM * multiprocessors(device) // blocks))
+        split = max(1, min(MAX_AUTO_SPLIT, round(PROGRAMS_PER_SM * multiprocessors(device) / blocks)))
     per_split = -(-k_tiles // max(1, min(split, k_tiles)))
     split = -(-k_tiles // per_split)  # every split then holds at least one tile and writes its partials
     stages = pipeline_stages(config, block_k, x_bytes, w_bits)
