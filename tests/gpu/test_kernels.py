@@ -80,7 +80,7 @@ def test_int4_ragged_padding_is_zero_weight(device):
     scales[:, -1] = 1e4  # a huge last-group scale would amplify any nonzero padded code
     packed = pack_int4(codes)
     weight = prepare_int4_weight(packed.to(device), scales.to(device), group)
-    assert weight.packed.shape == (n, 3 * group // 2)
+    assert weight.padded_in == 128  # 3 groups of 32, padded to a layout block of 128 codes
     x = torch.randn(2, k)
     got = int4_linear(x.to(device), weight).cpu()
     want = x.double() @ dequantize_packed(packed, scales, group, torch.float64).T
