@@ -86,13 +86,13 @@ class Tiling:
 
 
 # Measured on one NVIDIA H200 by bench/gpu_tune.py (falcon-7b's linears; the searches and their
-# tables are in docs/PERFORMANCE.md): "small" from qkv/dense, "large" from fc/proj. The INT4 decode
-# rows (M <= 128) come from the session-10 sweep, after the codes were built in pairs, except the
-# 64-row rows: in the word layout (.int4_layout) the scaled 64-deep K tile the sweep chose there
-# took 1.3-1.4x its old time, and the one-group form it lost to by 10% in the byte layout is
-# taken instead (not yet timed in the word layout); the FP8
-# decode rows from the session-9 sweeps (both searched the operand order, swap_ab); the FP8 rows
-# from 17 to 64 rows and the rows above 128 (prefill) are older.
+# tables are in docs/PERFORMANCE.md): "small" from qkv/dense, "large" from fc/proj.
+# - INT4 decode rows (M <= 128): the session-10 sweep, after the codes were built in pairs. The
+#   64-row rows are the exception: in the word layout (.int4_layout) the scaled 64-deep K tile
+#   the sweep chose there took 1.3-1.4x its old time, so they take the one-group form, which lost
+#   to it by 10% in the byte layout (not yet timed in the word layout).
+# - FP8 decode rows: the session-9 sweeps (both sweeps searched the operand order, swap_ab).
+# - The FP8 rows from 17 to 64 rows and the rows above 128 (prefill) are older.
 # INT4 prefill above 128 rows mostly takes the dequantize + cuBLAS path instead (fused/int4.py), and
 # FP8 above 16 rows cuBLASLt (fused/fp8.py).
 TABLE: dict[str, dict[str, tuple[tuple[int, Config], ...]]] = {
