@@ -56,17 +56,20 @@ GROUP, TINY_GROUP = 128, 32
 #: 64-column one, which matters from a few dozen rows on).
 ORDER_AND_K = ("swap_ab", "block_k")
 TILE_AND_WARPS = ("block_n", "num_warps")
+#: The split and, for the automatic one (0), its programs per multiprocessor (a fixed split keeps
+#: the default aim, which it does not use).
+SPLIT = ("split_k", "programs_per_sm")
 SEARCH: dict[str, dict[str | tuple[str, ...], tuple[Any, ...]]] = {
     "int4": {
         ORDER_AND_K: tuple(itertools.product((False, True), (0, 128, 256, 64))),
         TILE_AND_WARPS: tuple(itertools.product((64, 32, 128, 256), (4, 8))),
-        "split_k": (0, 1, 2, 4, 8, 16),
+        SPLIT: ((0, 4), (0, 2), (0, 8), *((split, 4) for split in (1, 2, 4, 8, 16))),
         "num_stages": (3, 4, 2, 5),
     },
     "fp8": {
         ORDER_AND_K: tuple(itertools.product((False, True), (128, 256, 64))),
         TILE_AND_WARPS: tuple(itertools.product((64, 32, 128, 256), (4, 8))),
-        "split_k": (0, 1, 2, 4, 8, 16),
+        SPLIT: ((0, 4), (0, 2), (0, 8), *((split, 4) for split in (1, 2, 4, 8, 16))),
         "num_stages": (3, 4, 2, 5),
     },
 }
@@ -267,8 +270,11 @@ def prefill_rows(linears: list[Linear], rows: tuple[int, ...], timing: bool) -> 
 
 def config_literal(config) -> str:
     c = config
+    from compiler_core.backends.torch.cuda.tiling import PROGRAMS_PER_SM
+
     swap = ", swap_ab=True" if c.swap_ab else ""
-    return f"Config({c.block_m}, {c.block_n}, {c.block_k}, {c.split_k}, {c.num_warps}, {c.num_stages}{swap})"
+    aim = f", programs_per_sm={c.programs_per_sm}" if c.programs_per_sm != PROGRAMS_PER_SM else ""
+    return f"Config({c.block_m}, {c.block_n}, {c.block_k}, {c.split_k}, {c.num_warps}, {c.num_stages}{swap}{aim})"
 
 
 def sweep_class(
@@ -301,10 +307,16 @@ def sweep_class(
                     "table_us": sweep.measure(linear, kernel, m, table),
                     **baseline_us(linear, kernel, m, timing),
                 }
-                out.append(row)
-                winners.append(best)
                 text = " | ".join(f"{k}: {v:.1f}" if isinstance(v, float) else f"{k}: {v}" for k, v in row.items())
                 print(f"# [{time.perf_counter() - clock['start']:.0f} s] {text}", flush=True)
+                # Every candidate's time or failure, so that a search can be read, not only its winner.
+                row["tried"] = {
+                    config_literal(c): v
+                    for (k, name, rows_of, c), v in sweep.results.items()
+                    if (k, name, rows_of) == (kernel, linear.name, m)
+                }
+                out.append(row)
+                winners.append(best)
             # The class's suggestion: the winner with the least total time over its linears.
             totals = {}
             for config in {w for w in winners if w is not None}:

@@ -22,7 +22,7 @@ pytest.importorskip("triton", reason="triton is not installed: the Triton kernel
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
-def test_gpu_tune_runs_on_cpu(tmp_path):
+def test_gpu_tune_runs_on_cpu(tmp_path, monkeypatch):
     out = tmp_path / "tune.json"
     args = [sys.executable, str(BENCH / "gpu_tune.py"), "--device", "cpu", "--tiny", "--json", str(out)]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
@@ -30,6 +30,16 @@ def test_gpu_tune_runs_on_cpu(tmp_path):
     result = json.loads(out.read_text())
     assert {(r["kernel"], r["m"]) for r in result["rows"]} == {(k, m) for k in ("int4", "fp8") for m in (1, 3)}
     assert all(r["best"] is not None for r in result["rows"]), result["rows"]
+    # Each row lists its search: the winner among the candidates, every candidate a time or a reason.
+    monkeypatch.syspath_prepend(str(BENCH))
+    import gpu_tune
+
+    from compiler_core.backends.torch.cuda.tiling import Config
+
+    for row in result["rows"]:
+        best = gpu_tune.config_literal(Config(**row["best"]))
+        assert best in row["tried"] and isinstance(row["tried"][best], float), row
+        assert len(row["tried"]) > 1 and all(isinstance(v, float | str) for v in row["tried"].values())
     assert len(result["prefill"]) == 4 and all(isinstance(r["int4 dequant + cuBLAS"], float) for r in result["prefill"])
     assert "TABLE = {" in proc.stdout and result["suggested_table"] in proc.stdout
 

@@ -70,3 +70,12 @@ def test_automatic_split_k_is_nearest_to_the_programs_per_multiprocessor(blocks,
     config = Config(16, 64, 64, 0, 4, 3)
     tiling = resolve(config, 1, blocks * 64, 64, 64, torch.device("cpu"), x_bytes=2, w_bits=4)
     assert (tiling.grid(1, blocks * 64)[0], tiling.split_k) == (blocks, split)
+
+
+@pytest.mark.parametrize(("programs_per_sm", "blocks", "split"), [(2, 3, 3), (2, 8, 1), (1, 1, 4), (8, 4, 8)])
+def test_a_row_sets_its_own_automatic_split_aim(programs_per_sm, blocks, split):
+    """The aim is the row's: 2 per multiprocessor on the CPU's 4 is 8 programs, so 3 column blocks
+    split 3 ways (9), 8 blocks not at all; 1 per multiprocessor splits one block 4 ways."""
+    config = Config(16, 64, 64, 0, 4, 3, programs_per_sm=programs_per_sm)
+    tiling = resolve(config, 1, blocks * 64, 64, 64, torch.device("cpu"), x_bytes=2, w_bits=4)
+    assert (tiling.grid(1, blocks * 64)[0], tiling.split_k) == (blocks, split)

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-#: Programs per multiprocessor an automatic split-K plan aims for (enough loads in flight to stream memory).
+#: Programs per multiprocessor an automatic split-K plan aims for unless its row says otherwise
+#: (enough loads in flight to stream memory).
 PROGRAMS_PER_SM = 4
 #: Multiprocessors assumed under the interpreter (small, so that tests exercise split-K).
 INTERPRETER_SMS = 4
@@ -44,8 +45,12 @@ class Config:
     one group per K tile with the partial sum rescaled per group in float32 (the original form);
     a power of two >= 16 means the codes are scaled into the compute dtype in registers, so one
     tile may span several groups or part of one. ``split_k``: K splits, 0 = automatic
-    (:data:`PROGRAMS_PER_SM` programs per multiprocessor, capped at :data:`MAX_AUTO_SPLIT`).
+    (``programs_per_sm`` programs per multiprocessor, capped at :data:`MAX_AUTO_SPLIT`).
     ``swap_ab``: the weight tile as the tile product's left operand (see :mod:`.dot`).
+    ``programs_per_sm``: the automatic split's aim. It is a row's own because the best one
+    depends on how many programs of that tile a multiprocessor holds at once: the 64-row INT4
+    tile (3 per multiprocessor on an H200) was fastest at about 2 on all four falcon-7b linears,
+    whose column blocks differ 4x, while the 16-row rows were tuned at 4.
     """
 
     block_m: int
@@ -55,6 +60,7 @@ class Config:
     num_warps: int
     num_stages: int
     swap_ab: bool = False
+    programs_per_sm: int = PROGRAMS_PER_SM
 
 
 @dataclass(frozen=True)
@@ -88,9 +94,8 @@ class Tiling:
 # Measured on one NVIDIA H200 by bench/gpu_tune.py (falcon-7b's linears; the searches and their
 # tables are in docs/PERFORMANCE.md): "small" from qkv/dense, "large" from fc/proj.
 # - INT4 decode rows (M <= 128): the session-10 sweep, after the codes were built in pairs. The
-#   64-row rows are the exception: in the word layout (.int4_layout) the scaled 64-deep K tile
-#   the sweep chose there took 1.3-1.4x its old time, so they take the one-group form, which lost
-#   to it by 10% in the byte layout (not yet timed in the word layout).
+#   64-row rows are from session 11, in the word layout (.int4_layout): the one-group K tile, split
+#   to about 2 programs per multiprocessor (the best split of each linear: fc 1, the others 4).
 # - FP8 decode rows: the session-9 sweeps (both sweeps searched the operand order, swap_ab).
 # - The FP8 rows from 17 to 64 rows and the rows above 128 (prefill) are older.
 # INT4 prefill above 128 rows mostly takes the dequantize + cuBLAS path instead (fused/int4.py), and
@@ -100,14 +105,14 @@ TABLE: dict[str, dict[str, tuple[tuple[int, Config], ...]]] = {
         "small": (
             (16, Config(16, 64, 0, 8, 4, 3, swap_ab=True)),
             (32, Config(32, 64, 0, 8, 4, 3, swap_ab=True)),
-            (64, Config(64, 64, 0, 0, 4, 3, swap_ab=True)),
+            (64, Config(64, 64, 0, 0, 4, 3, swap_ab=True, programs_per_sm=2)),
             (128, Config(128, 64, 0, 2, 4, 3, swap_ab=True)),
             (ANY_M, Config(128, 128, 0, 1, 8, 3)),
         ),
         "large": (
             (16, Config(16, 64, 0, 0, 4, 3, swap_ab=True)),
             (32, Config(32, 64, 0, 0, 4, 3, swap_ab=True)),
-            (64, Config(64, 64, 0, 0, 4, 3, swap_ab=True)),
+            (64, Config(64, 64, 0, 0, 4, 3, swap_ab=True, programs_per_sm=2)),
             (128, Config(128, 64, 0, 0, 4, 3, swap_ab=True)),
             (ANY_M, Config(128, 128, 0, 1, 8, 3)),
         ),
@@ -186,15 +191,15 @@ def resolve(
     """The launch of ``config`` for an [m, n] output whose K loop has ``k_tiles`` tiles of ``block_k``,
     with activations of ``x_bytes`` per element and weights of ``w_bits`` (see :func:`pipeline_stages`).
 
-    An automatic split-K (0) takes the split nearest to :data:`PROGRAMS_PER_SM` programs per
+    An automatic split-K (0) takes the split nearest to ``config.programs_per_sm`` programs per
     multiprocessor (rounding down instead left falcon-7b's fc at 64 rows, 284 column blocks on an
-    H200's 132 multiprocessors, unsplit: 56.9 us, against 47.7 us split in two); any split is
-    capped at ``k_tiles`` (one tile per split at least).
+    H200's 132 multiprocessors, unsplit: 56.9 us, against 47.7 us split in two, at 4 programs per
+    multiprocessor); any split is capped at ``k_tiles`` (one tile per split at least).
     """
     split = config.split_k
     if split == 0:
         blocks = -(-n // config.block_n) * -(-m // config.block_m)
-        split = max(1, min(MAX_AUTO_SPLIT, round(PROGRAMS_PER_SM * multiprocessors(device) / blocks)))
+        split = max(1, min(MAX_AUTO_SPLIT, round(config.programs_per_sm * multiprocessors(device) / blocks)))
     per_split = -(-k_tiles // max(1, min(split, k_tiles)))
     split = -(-k_tiles // per_split)  # every split then holds at least one tile and writes its partials
     stages = pipeline_stages(config, block_k, x_bytes, w_bits)
