@@ -40,8 +40,10 @@ def plan_lowering(
 
     For each node, in this order of preference: a fused pattern of the backend that matches it
     and the producers it folds in; the backend's lowering of the node's op; the op's
-    decomposition, whose nodes are planned the same way. A node none of these covers is an
-    error naming the node, its op and the backend. ``keep`` holds the values read outside
+    decomposition, whose nodes are planned the same way. Nodes that only a decomposition lowers
+    are decomposed before any pattern is matched, so a pattern may take parts of neighbouring
+    composite ops together. A node none of these covers is an error naming the node, its op and
+    the backend. ``keep`` holds the values read outside
     ``nodes`` (default: the graph's outputs and whatever the graph's other nodes read); a fused
     pattern never folds away a node whose output is kept.
     """
@@ -51,9 +53,43 @@ def plan_lowering(
     return _plan(list(nodes), graph, backend, table, keep, depth=0)
 
 
+def _decompose(node: Node, graph: Graph, backend: str, table: LoweringTable, depth: int) -> list[Node]:
+    """The parts of ``node`` by its op's decomposition (which must exist): errors for a cycle or an
+    output the parts do not make."""
+    if depth >= MAX_DECOMPOSITION_DEPTH:
+        raise ModelcError(
+            f"node {node.name}: op {node.op!r} decomposes more than {MAX_DECOMPOSITION_DEPTH} levels deep "
+            f"for the {backend} backend (does a decomposition produce the op it decomposes?)"
+        )
+    parts = list(table.decomposition(node.op).fn(node, graph))
+    made = {v for part in parts for v in part.outputs}
+    missing = [v for v in node.outputs if v not in made]
+    if missing:
+        raise ModelcError(f"node {node.name}: the decomposition of op {node.op!r} does not produce {missing[0]!r}")
+    return parts
+
+
+def _expand(nodes: list[Node], graph: Graph, backend: str, table: LoweringTable, depth: int) -> list[Node]:
+    """``nodes`` with every node that only a decomposition can lower replaced by its parts, recursively.
+
+    Fused patterns then match across the edges of composite ops: an INT4 linear's GEMM and the GELU
+    that reads it are parts of two different nodes until both are expanded. A node whose op roots
+    a fused pattern of the backend is left whole, so that pattern can still take it.
+    """
+    roots = {fused.pattern.op for fused in table.fused_patterns(backend)}
+    out: list[Node] = []
+    for node in nodes:
+        if node.op in roots or table.lowering(node.op, backend) is not None or table.decomposition(node.op) is None:
+            out.append(node)
+        else:
+            out += _expand(_decompose(node, graph, backend, table, depth), graph, backend, table, depth + 1)
+    return out
+
+
 def _plan(
     nodes: list[Node], graph: Graph, backend: str, table: LoweringTable, keep: set[str], depth: int
 ) -> list[LoweringStep]:
+    nodes = _expand(nodes, graph, backend, table, depth)
     matches = _fused_matches(nodes, table.fused_patterns(backend), keep)
     folded = {id(n) for fused, match in matches.values() for n in match.nodes if n is not match.root}
     steps: list[LoweringStep] = []
@@ -69,19 +105,10 @@ def _plan(
         if lowering is not None:
             steps.append(LoweringStep(node, (node,), node.inputs, node.outputs, functools.partial(lowering.fn, node)))
             continue
-        decomposition = table.decomposition(node.op)
-        if decomposition is None:
+        if table.decomposition(node.op) is None:
             raise ModelcError(f"node {node.name}: no plugin lowers op {node.op!r} for the {backend} backend")
-        if depth >= MAX_DECOMPOSITION_DEPTH:
-            raise ModelcError(
-                f"node {node.name}: op {node.op!r} decomposes more than {MAX_DECOMPOSITION_DEPTH} levels deep "
-                f"for the {backend} backend (does a decomposition produce the op it decomposes?)"
-            )
-        parts = list(decomposition.fn(node, graph))
-        made = {v for part in parts for v in part.outputs}
-        missing = [v for v in node.outputs if v not in made]
-        if missing:
-            raise ModelcError(f"node {node.name}: the decomposition of op {node.op!r} does not produce {missing[0]!r}")
+        # A fused pattern's root op that the pattern did not take here.
+        parts = _decompose(node, graph, backend, table, depth)
         steps += _plan(parts, graph, backend, table, set(node.outputs) | keep, depth + 1)
     return steps
 

@@ -118,6 +118,35 @@ def test_decomposition_is_used_only_where_the_backend_has_no_lowering_and_cycles
         plan_lowering(graph.nodes, graph, "toy", looping)
 
 
+def test_a_fused_pattern_matches_across_the_edge_of_a_decomposed_op():
+    """A composite op's last part and the op that reads it fuse (as an INT4 linear's GEMM and the
+    GELU after it do); a composite op that roots a pattern itself is taken whole, and where that
+    pattern does not match it is still decomposed."""
+
+    def as_sum(node, graph):
+        (x,) = node.inputs
+        return [Node(node.name, "add", (x, x), node.outputs)]
+
+    g = GraphBuilder("toy")
+    doubled = g.add("double", ["x"], name="twice")
+    y = g.add("relu", [doubled], name="act")
+    graph = g.build(["x"], [y], attrs={"dtype": "float32"})
+    relu_of_sum = FusedPattern(
+        "relu_of_sum", "toy", Pattern("relu", (Pattern("add"),)), lambda match, low: ("fused", match.inputs)
+    )
+    base = [Lowering("add", "toy", relu_kernel), Lowering("relu", "toy", relu_kernel), Decomposition("double", as_sum)]
+    (step,) = plan_lowering(graph.nodes, graph, "toy", LoweringTable([*base, relu_of_sum]))
+    assert step.fused is relu_of_sum and [n.name for n in step.nodes] == ["twice", "act"]
+    assert step.inputs == ("x",) and step.outputs == graph.outputs
+
+    whole = FusedPattern("double", "toy", Pattern("double"), lambda match, low: "whole")
+    steps = plan_lowering(graph.nodes, graph, "toy", LoweringTable([*base, relu_of_sum, whole]))
+    assert [(s.root.name, s.fused) for s in steps] == [("twice", whole), ("act", None)]
+    picky = FusedPattern("double", "toy", Pattern("double", where=lambda node: False), lambda match, low: "whole")
+    steps = plan_lowering(graph.nodes, graph, "toy", LoweringTable([*base, picky]))
+    assert [(s.root.name, s.root.op, s.fused) for s in steps] == [("twice", "add", None), ("act", "relu", None)]
+
+
 def test_executor_receives_its_table_and_a_plugin_op_declared_by_decomposition_runs():
     """An op with no torch code: it decomposes into core primitives (per-channel int8 weight)."""
 

@@ -23,6 +23,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed: the Trit
 import triton.language as tl  # noqa: E402
 
 from compiler_core.backends.torch.cuda.decode_attention import decode_attention  # noqa: E402
+from compiler_core.backends.torch.cuda.epilogue import Epilogue  # noqa: E402
 from compiler_core.backends.torch.cuda.fp8_gemm import fp8_linear, round_to_e4m3  # noqa: E402
 from compiler_core.backends.torch.cuda.int4_gemm import (  # noqa: E402
     dequantize_int4,
@@ -235,6 +236,51 @@ def test_fp8_linear_configs(device, config):
         got = fp8_linear(*(t.to(device) for t in (x, wq, w_scale, x_scale, bias)), config).cpu()
         want = numerics.quantize(x, x_scale).double() @ wq.double().T * (x_scale.double() * w_scale.double())
         assert relative_error(got, want + bias.double()) < FP8_FP32_TOL, (m, config)
+
+
+#: GEMM epilogues: each GELU form, with and without a column scale, and a column scale alone.
+EPILOGUES = [("none", True), ("tanh", False), ("none", False), ("", True)]
+#: One launch with split-K (the last split applies the epilogue to the sum) and one without.
+EPILOGUE_CONFIGS = {
+    "int4": [Config(16, 32, 0, 3, 4, 2, swap_ab=True), Config(16, 64, 64, 1, 4, 2)],
+    "fp8": [Config(16, 32, 64, 3, 4, 2, swap_ab=True), Config(16, 64, 64, 1, 4, 2)],
+}
+
+
+@pytest.mark.parametrize(("activation", "scaled"), EPILOGUES)
+@pytest.mark.parametrize("kernel", ["int4", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gemm_epilogue_is_the_gelu_and_column_scale_of_the_output(device, kernel, activation, scaled, dtype):
+    """``column_scale * gelu(x @ W.T + bias)`` in the GEMM's store, against float64, for every form."""
+    n, k, group = 40, 176, 32  # 40 columns: off the column tiles; 176 = 5.5 groups
+    gen = torch.Generator().manual_seed(len(activation) + 2 * scaled)
+    column_scale = (torch.rand(n, generator=gen) + 0.5).to(dtype) if scaled else None
+    epilogue = Epilogue(activation, None if column_scale is None else column_scale.to(device))
+    if kernel == "int4":
+        codes, scales = quantize_groups(torch.randn(n, k, generator=gen), group, scale_dtype=torch.bfloat16)
+        weight = prepare_int4_weight(pack_int4(codes).to(device), scales.to(dtype).to(device), group)
+        w = dequantize_packed(pack_int4(codes), scales, group, torch.float64)
+        bias = torch.randn(n, generator=gen).to(dtype)
+    for config in EPILOGUE_CONFIGS[kernel]:
+        for m in (1, 17):
+            if kernel == "int4":
+                x = torch.randn(m, k, generator=gen).to(dtype)
+                got = int4_linear(x.to(device), weight, bias.to(device), config, epilogue=epilogue).cpu()
+                want = x.double() @ w.T + bias.double()
+                tol = BF16_TOL if dtype == torch.bfloat16 else FP32_TOL
+            else:
+                x, wq, w_scale, x_scale, bias = fp8_case(m, n, k, dtype, gen)
+                operands = (t.to(device) for t in (x, wq, w_scale, x_scale, bias))
+                got = fp8_linear(*operands, config, epilogue=epilogue).cpu()
+                want = numerics.quantize(x, x_scale).double() @ wq.double().T * (x_scale.double() * w_scale.double())
+                want = want + bias.double()
+                tol = BF16_TOL if dtype == torch.bfloat16 else FP8_FP32_TOL
+            if activation:
+                want = torch.nn.functional.gelu(want, approximate=activation)
+            if column_scale is not None:
+                want = want * column_scale.double()
+            assert got.shape == (m, n) and got.dtype == dtype
+            assert relative_error(got, want) < tol, (m, config)
 
 
 @triton.jit

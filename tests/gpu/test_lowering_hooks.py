@@ -101,8 +101,8 @@ def test_engine_takes_the_triton_kernels_and_matches_the_reference(registry, cou
     fast_logits, fast_tokens = small_engine_run(registry, monkeypatch, qformat)
     assert counted[kernel] > 0 and counted["decode_attention"] > 0
     assert counted["rope_cache_write"] == counted["decode_attention"]  # every static step's layers
-    if qformat == "int4_awq":  # the MLP's second linear has a pre-quantization scale
-        assert counted["channel_scale"] > 0
+    if qformat == "int4_awq":  # the MLP's second linear's pre-quantization scale: in fc's store
+        assert counted["channel_scale"] == 0
 
     force_triton(monkeypatch, False)
     counted.clear()
@@ -197,6 +197,50 @@ def test_int4_gemm_pattern_takes_the_triton_kernel_on_a_ragged_layer(registry, c
     assert got.shape == (3, 5, 40)
     assert engines.relative_error(got, want) < 1e-2
     assert counted["int4_linear"] == len(probes) + 1
+
+
+def awq_mlp(dtype: str, width: int, hidden: int, group: int, approximate: str) -> Graph:
+    """Falcon's MLP, ``proj(gelu(fc(x)))``, in INT4-AWQ with pre-quantization scales."""
+    g = GraphBuilder("awq_mlp")
+    fc = g.param("fc.weight", [hidden, width], dtype)
+    proj = g.param("proj.weight", [width, hidden], dtype)
+    h = g.add("linear", ["x"], name="fc", params={"weight": fc}, parallel="column")
+    a = g.add("gelu", [h], name="act", approximate=approximate)
+    y = g.add("linear", [a], name="proj", params={"weight": proj}, parallel="row")
+    graph = g.build(["x"], [y], attrs={"dtype": dtype})
+    quantization = awq_quantization(QuantConfig(), group, [], ["fc", "proj"])
+    return transform_graph(graph, CheckpointConfig("test", dtype, Mapping(), {}, quantization))
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_the_gelu_and_the_next_linears_scale_run_in_the_int4_gemms_store(registry, counted, approximate):
+    """One step for fc + GELU + proj's pre-quantization scale, whose Triton kernel takes both as its
+    epilogue (no GELU or channel_scale kernel of its own; fc's own scale has one), and the MLP
+    matches float64."""
+    width, hidden, group = 96, 160, 32
+    gen = torch.Generator().manual_seed(3)
+    weights = {}
+    for name, shape in (("fc", (hidden, width)), ("proj", (width, hidden))):
+        codes, scales = quantize_groups(torch.randn(*shape, generator=gen), group, scale_dtype=torch.bfloat16)
+        weights[f"{name}.weight"], weights[f"{name}.weights_scaling_factor"] = pack_int4(codes), scales
+    for name, features in (("fc", width), ("proj", hidden)):
+        weights[f"{name}.prequant_scaling_factor"] = (torch.rand(features, generator=gen) + 0.5).bfloat16()
+    executor = GraphExecutor(registry, awq_mlp("bfloat16", width, hidden, group, approximate), weights, "cpu")
+    fused = [step.fused.name for step in executor.steps if step.fused is not None]
+    assert fused == ["channel_scale", "int4_gemm+gelu+channel_scale", "int4_gemm"]
+    counted.clear()
+    x = torch.randn(2, 3, width, generator=gen).bfloat16()
+    (got,) = executor.run({"x": x}, ForwardContext.for_prompt(torch.ones(2, 3, dtype=torch.long))).values()
+    assert counted["int4_linear"] == 2 and counted["channel_scale"] == 1
+
+    def dense(name):
+        w = weights[f"{name}.weight"]
+        return dequantize_packed(w, weights[f"{name}.weights_scaling_factor"], group, torch.float64)
+
+    scaled = (x * weights["fc.prequant_scaling_factor"]).double()  # the channel_scale step, in bfloat16
+    hidden_act = torch.nn.functional.gelu(scaled @ dense("fc").T, approximate=approximate)
+    want = (hidden_act * weights["proj.prequant_scaling_factor"].double()) @ dense("proj").T
+    assert engines.relative_error(got, want) < 1e-2
 
 
 def test_int4_gemm_pattern_keeps_the_dense_kernel_when_the_probe_disagrees(registry, counted, monkeypatch):

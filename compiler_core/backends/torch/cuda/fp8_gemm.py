@@ -19,6 +19,7 @@ import triton.language as tl
 
 from compiler_core.backends.torch.cuda.capability import interpreting
 from compiler_core.backends.torch.cuda.dot import linear_acc, linear_dot, output_tile, per_column
+from compiler_core.backends.torch.cuda.epilogue import NONE, Epilogue
 from compiler_core.backends.torch.cuda.splitk import TileLocks, store_tile
 from compiler_core.backends.torch.cuda.tiling import Config, config_for, resolve
 
@@ -62,6 +63,7 @@ def _fp8_gemm_kernel(
     y_ptr,
     part_ptr,
     lock_ptr,
+    scale_ptr,
     M,
     N,
     K,
@@ -79,6 +81,8 @@ def _fp8_gemm_kernel(
     SPLIT: tl.constexpr,
     SWAP: tl.constexpr,
     WIDEN: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    COLUMN_SCALE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -110,7 +114,25 @@ def _fp8_gemm_kernel(
         # Only the first K split adds the bias: the splits' partial sums are added afterwards.
         acc += per_column(tl.load(bias_ptr + rn, mask=n_ok & (pid_k == 0), other=0.0).to(tl.float32), SWAP)
     lock = lock_ptr + pid_m * tl.num_programs(0) + pid_n
-    store_tile(output_tile(acc, SWAP), y_ptr, part_ptr, lock, rm, rn, M, N, stride_ym, pid_k, n_splits, SPLIT, WIDEN)
+    tile = output_tile(acc, SWAP)
+    store_tile(
+        tile,
+        y_ptr,
+        part_ptr,
+        lock,
+        rm,
+        rn,
+        M,
+        N,
+        stride_ym,
+        pid_k,
+        n_splits,
+        SPLIT,
+        WIDEN,
+        scale_ptr,
+        ACTIVATION,
+        COLUMN_SCALE,
+    )
 
 
 def fp8_linear(
@@ -121,12 +143,14 @@ def fp8_linear(
     bias: torch.Tensor | None = None,
     config: Config | None = None,
     locks: TileLocks | None = None,
+    epilogue: Epilogue = NONE,
 ) -> torch.Tensor:
     """``sat(x / x_scale) @ weight.T * (x_scale * w_scale) (+ bias)`` in ``x``'s dtype.
 
     ``weight`` is float8_e4m3fn ``[out, in]`` (row-major), the scales float32 tensors of one element.
     ``config``: the launch (default: the tiling table's row; its ``block_k`` a power of two >= 16).
     ``locks``: the split-K counters the caller keeps for this weight (default: fresh ones).
+    ``epilogue``: applied to the output before its rounding (:mod:`.epilogue`).
     """
     lead = x.shape[:-1]
     n, k = weight.shape
@@ -148,6 +172,7 @@ def fp8_linear(
         y,
         tiling.partials(m, n, y),
         (locks or TileLocks(x.device)).for_tiles(tiling.tiles(m, n)),
+        epilogue.scale_operand(n, y),
         m,
         n,
         k,
@@ -165,6 +190,8 @@ def fp8_linear(
         SPLIT=tiling.split_k > 1,
         SWAP=config.swap_ab,
         WIDEN=interpreting(),
+        ACTIVATION=epilogue.activation,
+        COLUMN_SCALE=epilogue.column_scale is not None,
         num_warps=tiling.num_warps,
         num_stages=tiling.num_stages,
     )

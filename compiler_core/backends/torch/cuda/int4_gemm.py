@@ -40,6 +40,7 @@ import triton.language as tl
 
 from compiler_core.backends.torch.cuda.capability import interpreting
 from compiler_core.backends.torch.cuda.dot import linear_acc, linear_dot, output_tile, per_column
+from compiler_core.backends.torch.cuda.epilogue import NONE, Epilogue
 from compiler_core.backends.torch.cuda.int4_layout import (
     BLOCK_CODES,
     load_tile_words,
@@ -116,6 +117,7 @@ def _int4_gemm_kernel(
     y_ptr,
     part_ptr,
     lock_ptr,
+    scale_ptr,
     M,
     N,
     K,
@@ -137,6 +139,8 @@ def _int4_gemm_kernel(
     SPLIT: tl.constexpr,
     SWAP: tl.constexpr,
     WIDEN: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    COLUMN_SCALE: tl.constexpr,
     PAIRED: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -174,7 +178,25 @@ def _int4_gemm_kernel(
         # Only the first K split adds the bias: the splits' partial sums are added afterwards.
         acc += per_column(tl.load(bias_ptr + rn, mask=n_ok & (pid_k == 0), other=0.0).to(tl.float32), SWAP)
     lock = lock_ptr + pid_m * tl.num_programs(0) + pid_n
-    store_tile(output_tile(acc, SWAP), y_ptr, part_ptr, lock, rm, rn, M, N, stride_ym, pid_k, n_splits, SPLIT, WIDEN)
+    tile = output_tile(acc, SWAP)
+    store_tile(
+        tile,
+        y_ptr,
+        part_ptr,
+        lock,
+        rm,
+        rn,
+        M,
+        N,
+        stride_ym,
+        pid_k,
+        n_splits,
+        SPLIT,
+        WIDEN,
+        scale_ptr,
+        ACTIVATION,
+        COLUMN_SCALE,
+    )
 
 
 def check_config(config: Config, group_size: int) -> None:
@@ -190,10 +212,12 @@ def int4_linear(
     bias: torch.Tensor | None = None,
     config: Config | None = None,
     locks: TileLocks | None = None,
+    epilogue: Epilogue = NONE,
 ) -> torch.Tensor:
     """``x @ W.T (+ bias)`` for the int4 weight ``W``; ``x [..., in_features]`` in bfloat16, float16 or float32
     (group size at least :data:`MIN_GROUP_SIZE`). ``config``: the launch (default: the tiling table's).
-    ``locks``: the split-K counters the caller keeps for this weight (default: fresh ones)."""
+    ``locks``: the split-K counters the caller keeps for this weight (default: fresh ones).
+    ``epilogue``: applied to the output before its rounding (:mod:`.epilogue`)."""
     if weight.group_size < MIN_GROUP_SIZE:
         raise ValueError(f"group size {weight.group_size} is below the kernel's minimum {MIN_GROUP_SIZE}")
     lead = x.shape[:-1]
@@ -216,6 +240,7 @@ def int4_linear(
         y,
         tiling.partials(m, n, y),
         (locks or TileLocks(x.device)).for_tiles(tiling.tiles(m, n)),
+        epilogue.scale_operand(n, y),
         m,
         n,
         weight.in_features,
@@ -237,6 +262,8 @@ def int4_linear(
         SPLIT=tiling.split_k > 1,
         SWAP=config.swap_ab,
         WIDEN=interpreting(),
+        ACTIVATION=epilogue.activation,
+        COLUMN_SCALE=epilogue.column_scale is not None,
         PAIRED=x.dtype in PAIRED_DTYPES and not interpreting(),
         num_warps=tiling.num_warps,
         num_stages=tiling.num_stages,

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from compiler_core.backends.torch.cuda.epilogue import finish
 from compiler_core.backends.torch.cuda.rounding import cast
 
 #: Output tiles a :class:`TileLocks` holds counters for at first (16 KiB; falcon-7b's widest decode
@@ -56,9 +57,13 @@ def store_tile(
     n_splits,
     SPLIT: tl.constexpr,
     INTERPRETED: tl.constexpr,
+    scale_ptr,
+    ACTIVATION: tl.constexpr,
+    COLUMN_SCALE: tl.constexpr,
 ):
-    """Store the float32 tile ``acc`` (rows ``rm``, columns ``rn``) of a GEMM's output, rounded to
-    nearest even in its dtype (under the interpreter too: ``INTERPRETED``, see :func:`.rounding.cast`).
+    """Store the float32 tile ``acc`` (rows ``rm``, columns ``rn``) of a GEMM's output, after its
+    epilogue (:func:`.epilogue.finish` with ``scale_ptr``, ``ACTIVATION``, ``COLUMN_SCALE``), rounded
+    to nearest even in its dtype (under the interpreter too: ``INTERPRETED``, see :func:`.rounding.cast`).
 
     With ``SPLIT`` (``n_splits > 1``) ``acc`` is split ``pid_k``'s partial sum: it goes to
     ``part_ptr [n_splits, M, N]`` (float32), and the last split of the tile to arrive on
@@ -67,6 +72,7 @@ def store_tile(
     mask = (rm < M)[:, None] & (rn < N)[None, :]
     out = y_ptr + rm[:, None] * stride_ym + rn[None, :]
     if not SPLIT:
+        acc = finish(acc, rn, N, scale_ptr, ACTIVATION, COLUMN_SCALE)
         tl.store(out, cast(acc, y_ptr.dtype.element_ty, INTERPRETED), mask=mask)
     else:
         part = part_ptr + rm[:, None] * N + rn[None, :]
@@ -79,5 +85,6 @@ def store_tile(
             total = tl.zeros_like(acc)
             for s in range(0, n_splits):
                 total += tl.load(part + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+            total = finish(total, rn, N, scale_ptr, ACTIVATION, COLUMN_SCALE)
             tl.store(out, cast(total, y_ptr.dtype.element_ty, INTERPRETED), mask=mask)
             tl.atomic_xchg(lock_ptr, 0, sem="relaxed", scope="gpu")

@@ -14,6 +14,8 @@ one. A pattern's kernel must compute what those nodes compute (tests compare the
   elementwise kernel on sm_89+, the two torch adds elsewhere.
 * :mod:`.channel_scale`: an INT4-AWQ layer's pre-quantization scale as a vectorized Triton kernel
   on sm_89+, torch's broadcast multiply elsewhere.
+* :mod:`.epilogue`: the FP8 and INT4 GEMMs with the GELU and / or channel scale that read their
+  output, which their Triton kernels apply before storing it.
 
 The Triton kernels themselves live in :mod:`compiler_core.backends.torch.cuda`; the patterns take
 them behind its ``triton_ready`` check, after a probe against the other kernel.
@@ -29,8 +31,8 @@ from __future__ import annotations
 
 from compiler_core.backends.torch.fused.channel_scale import CHANNEL_SCALE
 from compiler_core.backends.torch.fused.dense import DEQUANTIZED_GEMM
-from compiler_core.backends.torch.fused.fp8 import FP8_GEMM
-from compiler_core.backends.torch.fused.int4 import INT4_GEMM
+from compiler_core.backends.torch.fused.fp8 import FP8_GEMMS
+from compiler_core.backends.torch.fused.int4 import INT4_GEMMS
 from compiler_core.backends.torch.fused.residual import RESIDUAL_ADD
 
-PATTERNS = (FP8_GEMM, INT4_GEMM, DEQUANTIZED_GEMM, RESIDUAL_ADD, CHANNEL_SCALE)
+PATTERNS = (*FP8_GEMMS, *INT4_GEMMS, DEQUANTIZED_GEMM, RESIDUAL_ADD, CHANNEL_SCALE)

@@ -28,8 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from compiler_core.backends.torch.cuda.capability import triton_ready
+from compiler_core.backends.torch.cuda.epilogue import NONE, Epilogue
 from compiler_core.backends.torch.cuda.tiling import probe_rows
 from compiler_core.backends.torch.fused.dense import is_stored_weight
+from compiler_core.backends.torch.fused.epilogue import GEMM, epilogue_of, with_epilogue, with_epilogues
 from compiler_core.backends.torch.kernels import Kernel, TorchLowering
 from compiler_core.backends.torch.quant import quantize_codes
 from compiler_core.ir import Node
@@ -59,15 +61,16 @@ def _same_activation_scale(match: Match) -> bool:
 
 def fp8_gemm(match: Match, low: TorchLowering) -> Kernel:
     """The kernel of one FP8 GEMM (see the module docstring)."""
-    weight_node = match.node("weight")
+    gemm, weight_node = match.node(GEMM), match.node("weight")
     weight = low.param(weight_node, "quantized")
-    bias = low.param(match.root, "bias")
+    bias = low.param(gemm, "bias")
     w_scale = low.param(weight_node, "scale").float().reshape(())
     a_scale = low.param(match.node("quantize"), "scale").float().reshape(())
     compute = low.compute_dtype
-    large = vendor_kernel(match.root.name, weight, bias, w_scale, a_scale, compute)
+    epilogue = epilogue_of(match, low)
+    large = with_epilogue(vendor_kernel(gemm.name, weight, bias, w_scale, a_scale, compute), epilogue)
     if triton_ready(weight.device):
-        small = triton_kernel(match.root.name, weight, bias, w_scale, a_scale, compute, large)
+        small = triton_kernel(gemm.name, weight, bias, w_scale, a_scale, compute, large, epilogue)
         if small is not None:
             return small
     return large
@@ -105,9 +108,11 @@ def triton_kernel(
     a_scale: torch.Tensor,
     compute: torch.dtype,
     large: Kernel,
+    epilogue: Epilogue = NONE,
 ) -> Kernel | None:
-    """The fused Triton kernel for calls of up to ``TRITON_MAX_ROWS`` tokens and ``large`` beyond,
-    or None (with a warning) when the Triton kernel fails or disagrees with ``large`` on a probe."""
+    """The fused Triton kernel (``epilogue`` after the GEMM) for calls of up to ``TRITON_MAX_ROWS``
+    tokens and ``large`` (which applies it too) beyond, or None (with a warning) when the Triton
+    kernel fails or disagrees with ``large`` on a probe."""
     from compiler_core.backends.torch.cuda.fp8_gemm import fp8_linear
     from compiler_core.backends.torch.cuda.splitk import TileLocks
     from compiler_core.backends.torch.cuda.timing import first_is_faster
@@ -115,7 +120,7 @@ def triton_kernel(
     locks = TileLocks(weight.device)
 
     def fused(ctx, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, weight, w_scale, a_scale, bias, locks=locks)
+        return fp8_linear(x, weight, w_scale, a_scale, bias, locks=locks, epilogue=epilogue)
 
     # Keyed by "one row?": whether the Triton kernel is taken there (both until measured below).
     use_triton = {True: True, False: True}
@@ -231,7 +236,10 @@ FP8_GEMM = FusedPattern(
             ),
             Pattern("dequantize", where=lambda n: is_stored_weight(n) and _fp8_per_tensor(n), name="weight"),
         ),
+        name=GEMM,
     ),
     fp8_gemm,
     check=_same_activation_scale,
 )
+#: The FP8 GEMM and its forms with a GELU and / or a channel scale after it.
+FP8_GEMMS = with_epilogues(FP8_GEMM)

@@ -35,8 +35,10 @@ import torch
 import torch.nn.functional as F
 
 from compiler_core.backends.torch.cuda.capability import triton_ready
+from compiler_core.backends.torch.cuda.epilogue import NONE, Epilogue
 from compiler_core.backends.torch.cuda.tiling import MIN_GROUP_SIZE, probe_rows
 from compiler_core.backends.torch.fused.dense import dequantized_weight, is_int4_groups
+from compiler_core.backends.torch.fused.epilogue import GEMM, epilogue_of, with_epilogue, with_epilogues
 from compiler_core.backends.torch.kernels import Kernel, TorchLowering, dense_linear
 from compiler_core.backends.torch.quant import out_dtype_of
 from compiler_core.formats.int4 import scale_groups_, unpack_int4
@@ -142,20 +144,22 @@ def tinygemm_matmul(
 def int4_gemm(match: Match, low: TorchLowering) -> Kernel:
     """The kernel of ``matmul(x, dequantize(int4 weight in groups))``: the Triton INT4 GEMM where it is
     ready and passes its probes, else the device's other kernel (see the module docstring)."""
-    node, bias = match.node("weight"), low.param(match.root, "bias")
+    gemm, node = match.node(GEMM), match.node("weight")
+    bias = low.param(gemm, "bias")
     dtype = out_dtype_of(node, low)
     packed = low.param(node, "quantized")
     scales = low.param(node, "scale").to(dtype)
     group_size = int(node.attrs["block_size"])
-    name = match.root.name
+    epilogue = epilogue_of(match, low)
     if low.device.type == "cpu":
         fallback = dense_linear(dequantized_weight(node, low), bias)
     else:
-        fallback = torch_cuda_kernel(packed, scales, group_size, bias, dtype, name)
+        fallback = torch_cuda_kernel(packed, scales, group_size, bias, dtype, gemm.name)
+    fallback = with_epilogue(fallback, epilogue)
     # Not only in the CUDA branch: triton_ready is False on a CPU anyway, and the tests force it on
     # there, so that this hook-in runs under Triton's interpreter (against the dense fallback).
     if triton_ready(low.device) and dtype in TRITON_DTYPES and group_size >= MIN_GROUP_SIZE:
-        kernel = triton_int4_kernel(packed, scales, group_size, bias, name)
+        kernel = triton_int4_kernel(packed, scales, group_size, bias, gemm.name, epilogue)
         if kernel is not None:
             one_row = torch.randn(1, 1, packed.shape[1] * 2, device=low.device).to(dtype)
             return with_faster_gemv(kernel, fallback, one_row)
@@ -172,10 +176,16 @@ PREFILL_PROBE_ROWS = (128, 512)
 
 
 def triton_int4_kernel(
-    packed: torch.Tensor, scales: torch.Tensor, group_size: int, bias: torch.Tensor | None, name: str
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None,
+    name: str,
+    epilogue: Epilogue = NONE,
 ) -> Kernel | None:
-    """The Triton INT4 kernel of one layer, or None (with a warning) if it fails or disagrees
-    with the reference dequantization on probe inputs (``scales`` in the compute dtype).
+    """The Triton INT4 kernel of one layer (``epilogue`` after the GEMM), or None (with a warning) if
+    it fails or disagrees with the reference dequantization on probe inputs (``scales`` in the
+    compute dtype).
 
     Calls of at least the layer's prefill threshold (see :data:`PREFILL_PROBE_ROWS`; stored as the
     kernel's ``prefill_rows``, None for never) dequantize the weight with one Triton kernel into a
@@ -191,10 +201,10 @@ def triton_int4_kernel(
     locks = TileLocks(packed.device)
 
     def int4_gemm_kernel(ctx, x: torch.Tensor) -> torch.Tensor:
-        return int4_linear(x, weight, bias, locks=locks)
+        return int4_linear(x, weight, bias, locks=locks, epilogue=epilogue)
 
     def dequant_kernel(ctx, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, dequantize_int4(weight, dtype), bias)
+        return epilogue.apply(F.linear(x, dequantize_int4(weight, dtype), bias))
 
     dense = reference.float()
     gen = torch.Generator(device=packed.device).manual_seed(0)
@@ -204,6 +214,7 @@ def triton_int4_kernel(
             want = probe.float() @ dense.T
             if bias is not None:
                 want = want + bias.float()
+            want = epilogue.apply(want)
             got = int4_gemm_kernel(None, probe).float()
             if not torch.allclose(got, want, rtol=2e-2, atol=2e-2 * float(want.abs().max())):
                 warnings.warn(f"{name}: the Triton int4 GEMM disagrees with the reference; not using it", stacklevel=2)
@@ -288,6 +299,8 @@ def torch_cuda_kernel(
 INT4_GEMM = FusedPattern(
     "int4_gemm",
     "torch",
-    Pattern("matmul", (None, Pattern("dequantize", where=is_int4_groups, name="weight"))),
+    Pattern("matmul", (None, Pattern("dequantize", where=is_int4_groups, name="weight")), name=GEMM),
     int4_gemm,
 )
+#: The INT4 GEMM and its forms with a GELU and / or a channel scale after it.
+INT4_GEMMS = with_epilogues(INT4_GEMM)
