@@ -381,25 +381,6 @@ def test_decode_attention(device, batch, heads, kv_heads, head_dim, length, cach
     assert relative_error(got, want) < (ATTENTION_BF16_TOL if dtype == torch.bfloat16 else FP32_TOL)
 
 
-def test_decode_attention_merges_in_its_last_split_and_resets_the_counters(device):
-    """The last split of each (row, KV head) merges the partials and resets its counter: calls that
-    share one TileLocks (as a layer's decode steps do, CUDA-graph replays included) keep giving the
-    reference result, across batch sizes that need more counters, and leave every counter at zero."""
-    gen = torch.Generator().manual_seed(11)
-    heads, kv_heads, head_dim, length = 8, 2, 32, 700  # 11 blocks of 64: several splits per head
-    locks = TileLocks(device, tiles=2)  # fewer than a 3-row call needs: it grows
-    for batch in (1, 3, 1):
-        q = torch.randn(batch, heads, head_dim, generator=gen)
-        k, v = (torch.randn(batch, kv_heads, length, head_dim, generator=gen) for _ in range(2))
-        mask = torch.ones(batch, length, dtype=torch.long)
-        mask[:, :9] = 0
-        args = (q, k, v, mask)
-        got = decode_attention(*(t.to(device) for t in args), 0.125, None, None, locks).cpu()
-        assert relative_error(got, attention_reference(q, k, v, mask, 0.125)) < FP32_TOL, batch
-        assert not locks.counters.any()
-    assert locks.counters.numel() >= 6  # 3 rows x 2 KV heads
-
-
 #: (batch, tokens, heads of Q and K, head_dim, rotary dim): falcon-7b's 71 + 1 heads of 64, a
 #: token count off the 16-token tile, partial rotary, a head_dim not a power of two, MHA at 128.
 ROTARY_SHAPES = [(1, 37, 72, 64, 64), (3, 16, 6, 80, 80), (2, 5, 10, 64, 32), (1, 3, 8, 128, 128)]

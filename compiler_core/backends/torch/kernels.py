@@ -273,7 +273,7 @@ def lower_attention(node: Node, low: TorchLowering) -> Kernel:
         alibi_key = ("alibi", offset, nh)
         alibi = (slopes.to(low.device), float(a.get("alibi_scale", 1.0)), compute)
     groups = nh // nkv
-    fast_decode = fast_rope_cache = fast_rotary = merge_locks = None
+    fast_decode = fast_rope_cache = fast_rotary = None
     if alibi is None and triton_ready(low.device):
         # The Triton decode kernel reads the static cache as stored (an FP8 one too); ALiBi's
         # additive bias is not part of it. Before it, one Triton kernel rotates Q and K, writes
@@ -283,9 +283,6 @@ def lower_attention(node: Node, low: TorchLowering) -> Kernel:
         from compiler_core.backends.torch.cuda.decode_attention import decode_attention as fast_decode
         from compiler_core.backends.torch.cuda.rope_cache import rope_cache_write as fast_rope_cache
         from compiler_core.backends.torch.cuda.rotary import rotary as fast_rotary
-        from compiler_core.backends.torch.cuda.splitk import TileLocks
-
-        merge_locks = TileLocks(low.device)
 
     def tables(ctx: ForwardContext, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         key = (*rope_key, dtype)
@@ -299,7 +296,7 @@ def lower_attention(node: Node, low: TorchLowering) -> Kernel:
             cache = ctx.cache.slots[slot]
             cos, sin = tables(ctx, qkv.dtype) if kind == "rope" else (None, None)
             q = fast_rope_cache(qkv, cos, sin, cache.k, cache.v, ctx.start_index, nh, nkv, hd, cache.scale)
-            out = fast_decode(q, cache.k, cache.v, ctx.attention_mask, scale, cache.scale, ctx.start_index, merge_locks)
+            out = fast_decode(q, cache.k, cache.v, ctx.attention_mask, scale, cache.scale, ctx.start_index)
             return out.view(b, 1, nh * hd)  # decode_attention's output is contiguous: a view, no copy
         if kind == "rope":
             cos, sin = tables(ctx, qkv.dtype)

@@ -4,9 +4,8 @@ A KV head's query heads are the rows of one tile (MQA/GQA without repeating K or
 71 query heads read its single KV head once), so each score block is a tensor-core product. A
 float8 cache is read as stored and dequantized in registers (``code * kv_scale``, rounded to the
 query dtype as the cache's own read does), never as a whole-cache copy per step. The cache length
-is split across programs (flash-decoding) so that batch 1 fills the GPU; the last split of each
-(row, KV head) to finish merges the splits' partial softmaxes, counted in on an arrival counter
-as the split-K GEMMs do (:mod:`.splitk`), so a step takes one launch per layer, not two.
+is split across programs (flash-decoding) so that batch 1 fills the GPU; a second kernel merges
+the splits' partial softmaxes.
 
 The mask is the static decode step's: ``[batch, cache_len]``, nonzero for the slots a row may
 attend (its real tokens so far). Given the step's write offset (a device tensor, as the captured
@@ -23,14 +22,13 @@ import triton.language as tl
 
 from compiler_core.backends.torch.cuda.capability import interpreting
 from compiler_core.backends.torch.cuda.dot import tile_dot
-from compiler_core.backends.torch.cuda.splitk import TileLocks
 from compiler_core.backends.torch.cuda.tiling import PROGRAMS_PER_SM, multiprocessors
 
 BLOCK_L = 64
 
 
 @triton.jit
-def _decode_attention(
+def _decode_attention_split(
     q_ptr,
     k_ptr,
     v_ptr,
@@ -39,15 +37,11 @@ def _decode_attention(
     last_column_ptr,
     acc_ptr,
     ml_ptr,
-    lock_ptr,
-    out_ptr,
     groups,
     head_dim,
     cache_len,
     blocks_per_split,
     softmax_scale,
-    stride_ob,
-    stride_oh,
     stride_qb,
     stride_qh,
     stride_kb,
@@ -119,48 +113,38 @@ def _decode_attention(
     tl.store(acc_ptr + (base + rh)[:, None] * BLOCK_D + rd[None, :], acc)
     tl.store(ml_ptr + (base + rh) * 2, m_i)
     tl.store(ml_ptr + (base + rh) * 2 + 1, l_i)
-    # Every thread's partials are stored before this split counts itself in (release), and the
-    # last split reads the others' only after its count (acquire).
-    tl.debug_barrier()
-    arrived = tl.atomic_add(lock_ptr + pid_bh, 1, sem="acq_rel", scope="gpu")
-    if arrived == splits - 1:
-        _merge(
-            acc_ptr, ml_ptr, out_ptr, pid_bh, b, kv, groups, head_dim, splits, stride_ob, stride_oh, BLOCK_H, BLOCK_D
-        )
-        tl.atomic_xchg(lock_ptr + pid_bh, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
-def _merge(
+def _decode_attention_merge(
     acc_ptr,
     ml_ptr,
     out_ptr,
-    pid_bh,
-    b,
-    kv,
     groups,
     head_dim,
     splits,
     stride_ob,
     stride_oh,
+    NUM_KV: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """The splits' partial softmaxes of one (row, KV head), in split order, into its heads' output."""
+    pid_bh = tl.program_id(0)
+    b = pid_bh // NUM_KV
+    kv = pid_bh % NUM_KV
     rh = tl.arange(0, BLOCK_H)
     rd = tl.arange(0, BLOCK_D)
     m_max = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
     for split in range(0, splits):
-        row = (pid_bh * splits + split) * BLOCK_H + rh
-        m_max = tl.maximum(m_max, tl.load(ml_ptr + row * 2, cache_modifier=".cg"))
+        m_max = tl.maximum(m_max, tl.load(ml_ptr + ((pid_bh * splits + split) * BLOCK_H + rh) * 2))
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
     total = tl.zeros((BLOCK_H,), dtype=tl.float32)
     out = tl.zeros((BLOCK_H, BLOCK_D), dtype=tl.float32)
     for split in range(0, splits):
         row = (pid_bh * splits + split) * BLOCK_H + rh
-        weight = tl.exp(tl.load(ml_ptr + row * 2, cache_modifier=".cg") - m_max)
-        total += tl.load(ml_ptr + row * 2 + 1, cache_modifier=".cg") * weight
-        out += tl.load(acc_ptr + row[:, None] * BLOCK_D + rd[None, :], cache_modifier=".cg") * weight[:, None]
+        weight = tl.exp(tl.load(ml_ptr + row * 2) - m_max)
+        total += tl.load(ml_ptr + row * 2 + 1) * weight
+        out += tl.load(acc_ptr + row[:, None] * BLOCK_D + rd[None, :]) * weight[:, None]
     out = out / total[:, None]
     h_ok = rh < groups
     d_ok = rd < head_dim
@@ -176,7 +160,6 @@ def decode_attention(
     softmax_scale: float,
     kv_scale: torch.Tensor | None = None,
     last_column: torch.Tensor | None = None,
-    locks: TileLocks | None = None,
 ) -> torch.Tensor:
     """softmax(q K^T * scale, masked) V for one query token per row.
 
@@ -184,9 +167,7 @@ def decode_attention(
     (the query dtype, or float8_e4m3fn with ``kv_scale``); ``mask [batch, cache_len]`` (nonzero =
     attend). Query head ``h`` reads KV head ``h // (heads / kv_heads)``. ``last_column``, a device
     tensor [1] (a static decode step's write offset), bounds the columns read: those after it are
-    treated as masked without being loaded. ``locks``: the merge's arrival counters, which the
-    caller keeps (one per layer, made at load, so a captured step finds them zero; default: fresh
-    ones). Returns ``[batch, heads, head_dim]`` in the query dtype.
+    treated as masked without being loaded. Returns ``[batch, heads, head_dim]`` in the query dtype.
     """
     batch, heads, head_dim = q.shape
     num_kv, cache_len = k_cache.shape[1], k_cache.shape[2]
@@ -203,8 +184,7 @@ def decode_attention(
     if q.stride(-1) != 1:
         q = q.contiguous()
     quantized = kv_scale is not None
-    out = torch.empty((batch, heads, head_dim), dtype=q.dtype, device=q.device)
-    _decode_attention[(batch * num_kv, splits)](
+    _decode_attention_split[(batch * num_kv, splits)](
         q,
         k_cache,
         v_cache,
@@ -213,15 +193,11 @@ def decode_attention(
         q if last_column is None else last_column,
         acc,
         ml,
-        (locks or TileLocks(q.device)).for_tiles(batch * num_kv),
-        out,
         groups,
         head_dim,
         cache_len,
         per_split,
         softmax_scale,
-        out.stride(0),
-        out.stride(1),
         q.stride(0),
         q.stride(1),
         k_cache.stride(0),
@@ -240,5 +216,20 @@ def decode_attention(
         BOUNDED=last_column is not None,
         num_warps=4,
         num_stages=2,
+    )
+    out = torch.empty((batch, heads, head_dim), dtype=q.dtype, device=q.device)
+    _decode_attention_merge[(batch * num_kv,)](
+        acc,
+        ml,
+        out,
+        groups,
+        head_dim,
+        splits,
+        out.stride(0),
+        out.stride(1),
+        NUM_KV=num_kv,
+        BLOCK_H=block_h,
+        BLOCK_D=block_d,
+        num_warps=4,
     )
     return out

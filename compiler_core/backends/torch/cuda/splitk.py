@@ -28,8 +28,7 @@ INITIAL_TILES = 4096
 
 
 class TileLocks:
-    """The arrival counters of one kernel's split work on one device (all zero between launches):
-    a GEMM's split-K output tiles, or decode attention's (row, KV head) pairs."""
+    """The arrival counters of one GEMM's split-K output tiles on one device (all zero between launches)."""
 
     def __init__(self, device: torch.device, tiles: int = INITIAL_TILES) -> None:
         self.counters = torch.zeros(tiles, dtype=torch.int32, device=device)
