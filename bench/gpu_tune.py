@@ -269,9 +269,9 @@ def prefill_rows(linears: list[Linear], rows: tuple[int, ...], timing: bool) -> 
 
 
 def config_literal(config) -> str:
-    c = config
     from compiler_core.backends.torch.cuda.tiling import PROGRAMS_PER_SM
 
+    c = config
     swap = ", swap_ab=True" if c.swap_ab else ""
     aim = f", programs_per_sm={c.programs_per_sm}" if c.programs_per_sm != PROGRAMS_PER_SM else ""
     return f"Config({c.block_m}, {c.block_n}, {c.block_k}, {c.split_k}, {c.num_warps}, {c.num_stages}{swap}{aim})"

@@ -4,8 +4,9 @@ An MLP's first linear is read by a GELU, and in an INT4-AWQ engine the GELU's ou
 per channel before the next linear (``channel_scale``). Run as their own kernels these are two
 launches per layer that each read and write the activation: at one row a decode step of
 falcon-7b spent about as long in them as in a small GEMM. Here the GEMM's last store applies
-them (:func:`finish`, called by :func:`.splitk.store_tile`), and :class:`Epilogue` says which, as
-the fused lowering found them in the graph (``compiler_core.backends.torch.fused.epilogue``).
+them (:func:`.splitk.finish`, called by :func:`.splitk.store_tile`), and :class:`Epilogue` says
+which, as the fused lowering found them in the graph (``compiler_core.backends.torch.fused.epilogue``).
+This module imports no Triton: the fused lowerings use it on every device.
 
 The fused form rounds once, after the GELU and the scale; the unfused ops round the GEMM's output,
 the GELU's and the product's. The two agree to a few units in the last place of the dtype.
@@ -17,8 +18,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 #: ``Epilogue.activation`` values: torch's ``F.gelu`` ``approximate`` argument, "" for none.
 ACTIVATIONS = ("", "none", "tanh")
@@ -61,17 +60,3 @@ class Epilogue:
 
 #: The epilogue of a GEMM that has none.
 NONE = Epilogue()
-
-
-@triton.jit
-def finish(acc, rn, N, scale_ptr, ACTIVATION: tl.constexpr, COLUMN_SCALE: tl.constexpr):
-    """The epilogue on the float32 tile ``acc`` (columns ``rn`` of ``N``), in float32."""
-    if ACTIVATION == "none":
-        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
-    elif ACTIVATION == "tanh":
-        # tanh(u) = 2 sigmoid(2u) - 1: Triton has the sigmoid (an exp2) on every target.
-        inner = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
-        acc = acc * tl.sigmoid(2.0 * inner)
-    if COLUMN_SCALE:
-        acc = acc * tl.load(scale_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    return acc

@@ -8,6 +8,9 @@ arrives last reads the tile's partials back in split order (so the result does n
 which program came last), adds them in float32, rounds once to the output dtype and stores the
 tile, then resets the counter to zero for the next launch.
 
+The tile's last store also applies the GEMM's epilogue (:func:`finish`: a GELU and / or a column
+scale, see :mod:`.epilogue`), after the sum and before the one rounding.
+
 The counters live in a :class:`TileLocks` the caller keeps (one per layer, made at load), so a
 launch inside a CUDA graph finds them zero without a memset of its own.
 """
@@ -18,7 +21,6 @@ import torch
 import triton
 import triton.language as tl
 
-from compiler_core.backends.torch.cuda.epilogue import finish
 from compiler_core.backends.torch.cuda.rounding import cast
 
 #: Output tiles a :class:`TileLocks` holds counters for at first (16 KiB; falcon-7b's widest decode
@@ -62,7 +64,7 @@ def store_tile(
     COLUMN_SCALE: tl.constexpr,
 ):
     """Store the float32 tile ``acc`` (rows ``rm``, columns ``rn``) of a GEMM's output, after its
-    epilogue (:func:`.epilogue.finish` with ``scale_ptr``, ``ACTIVATION``, ``COLUMN_SCALE``), rounded
+    epilogue (:func:`finish` with ``scale_ptr``, ``ACTIVATION``, ``COLUMN_SCALE``), rounded
     to nearest even in its dtype (under the interpreter too: ``INTERPRETED``, see :func:`.rounding.cast`).
 
     With ``SPLIT`` (``n_splits > 1``) ``acc`` is split ``pid_k``'s partial sum: it goes to
@@ -88,3 +90,17 @@ def store_tile(
             total = finish(total, rn, N, scale_ptr, ACTIVATION, COLUMN_SCALE)
             tl.store(out, cast(total, y_ptr.dtype.element_ty, INTERPRETED), mask=mask)
             tl.atomic_xchg(lock_ptr, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def finish(acc, rn, N, scale_ptr, ACTIVATION: tl.constexpr, COLUMN_SCALE: tl.constexpr):
+    """An :class:`.epilogue.Epilogue` on the float32 tile ``acc`` (columns ``rn`` of ``N``), in float32."""
+    if ACTIVATION == "none":
+        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+    elif ACTIVATION == "tanh":
+        # tanh(u) = 2 sigmoid(2u) - 1: Triton has the sigmoid (an exp2) on every target.
+        inner = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
+        acc = acc * tl.sigmoid(2.0 * inner)
+    if COLUMN_SCALE:
+        acc = acc * tl.load(scale_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    return acc
