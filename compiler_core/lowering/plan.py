@@ -43,9 +43,9 @@ def plan_lowering(
     decomposition, whose nodes are planned the same way. Nodes that only a decomposition lowers
     are decomposed before any pattern is matched, so a pattern may take parts of neighbouring
     composite ops together. A node none of these covers is an error naming the node, its op and
-    the backend. ``keep`` holds the values read outside
-    ``nodes`` (default: the graph's outputs and whatever the graph's other nodes read); a fused
-    pattern never folds away a node whose output is kept.
+    the backend. ``keep`` holds the values read outside ``nodes`` (default: the graph's outputs
+    and whatever the graph's other nodes read); a fused pattern never folds away a node whose
+    output is kept.
     """
     if keep is None:
         inside = {id(n) for n in nodes}
